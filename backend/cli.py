@@ -1,0 +1,229 @@
+"""Command line: `python -m backend.cli COMMAND --help`.
+
+Every failure a user can fix ends in one `error: ...` line on stderr and exit status 2.
+"""
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from backend.core.config import Settings, get_settings
+from backend.core.errors import AppError
+from backend.datasets import DATASETS
+
+
+def _service(settings: Settings):  # noqa: ANN202 - lazy import keeps `--help` fast
+    from backend.service import SearchService
+
+    return SearchService(settings)
+
+
+def cmd_init_db(args: argparse.Namespace, settings: Settings) -> None:
+    from backend.db import migrate
+    from backend.db.session import describe, get_engine
+
+    engine = get_engine()
+    revision = migrate.upgrade(engine)
+    where = f"embedded PostgreSQL in {settings.data_dir / 'pgdata'}" if settings.uses_embedded_db else describe(engine.url)
+    print(f"database ready at schema revision {revision} ({where})")
+
+
+def _require_schema() -> None:
+    from backend.db import migrate
+    from backend.db.session import get_engine
+
+    current = migrate.current_revision(get_engine())
+    if current != migrate.head_revision():
+        raise AppError(f"database schema is at {current or 'nothing'}, not {migrate.head_revision()}: run init-db first")
+
+
+def cmd_populate(args: argparse.Namespace, settings: Settings) -> None:
+    from backend.datasets import load_dataset
+    from backend.db.session import get_engine
+    from backend.embedding.registry import create_embedder
+    from backend.ingest import ingest
+
+    _require_schema()
+    dataset = load_dataset(args.dataset, args.source, args.split, args.num_images, settings)
+    embedder = create_embedder(settings)
+    report = ingest(dataset, embedder, get_engine(), settings.max_image_pixels, batch_size=args.batch_size, progress=not args.quiet)
+    print(
+        f"{report.added} images added, {report.already_stored} already stored, {report.invalid} unreadable, "
+        f"{report.skipped_files} non-image files skipped; {report.images_per_second:.1f} images/s ({report.model})"
+    )
+    for line in report.errors:
+        print(f"  skipped: {line}", file=sys.stderr)
+
+
+def cmd_build_index(args: argparse.Namespace, settings: Settings) -> None:
+    _require_schema()
+    service = _service(settings)
+    index = service.ensure_index(force_rebuild=True)
+    print(f"index for {service.model}: {index.ntotal} vectors in {len(index.category_ids)} categories, {service.index_origin}")
+
+
+def cmd_rebuild_prototypes(args: argparse.Namespace, settings: Settings) -> None:
+    _require_schema()
+    service = _service(settings)
+    print(f"{service.rebuild_prototypes()} prototypes recomputed for {service.model}")
+
+
+def cmd_search(args: argparse.Namespace, settings: Settings) -> None:
+    from backend.imaging import decode_image
+
+    _require_schema()
+    images = []
+    for path in args.images:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise AppError(f"{path}: cannot read ({exc.strerror})") from exc
+        images.append(decode_image(data, settings.max_image_pixels, name=str(path)).rgb)
+    service = _service(settings)
+    use_prototypes = settings.use_prototype_filtering if args.use_prototypes is None else args.use_prototypes
+    top = args.top_categories or settings.default_top_categories
+    results = service.search(images, args.limit or settings.default_search_limit, top, use_prototypes)
+    for path, result in zip(args.images, results, strict=True):
+        if args.json:
+            print(json.dumps({"query": str(path), **_result_dict(result)}))
+            continue
+        mode = f"two-stage, top {top} categories" if use_prototypes else "exact"
+        print(f"{path}  ({mode}; scanned {result.vectors_scanned}/{result.vectors_total} vectors; {result.timings_ms['total']:.1f} ms)")
+        ranking = ", ".join(f"{c.category}{'*' if c.searched else ''} {c.score:.3f}" for c in result.categories[:5])
+        print(f"  categories: {ranking}")
+        for hit in result.results:
+            print(f"  {hit.rank:>3}. image {hit.image_id:<8} {hit.category or '-':<14} cosine {hit.score:.4f}")
+
+
+def _result_dict(result) -> dict:  # noqa: ANN001
+    return {
+        "results": [asdict(h) for h in result.results],
+        "categories": [{"category": c.category, "score": c.score, "searched": c.searched} for c in result.categories],
+        "searched_categories": result.searched_categories,
+        "use_prototypes": result.use_prototypes,
+        "vectors_scanned": result.vectors_scanned,
+        "vectors_total": result.vectors_total,
+        "timings_ms": result.timings_ms,
+    }
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> None:
+    _require_schema()
+    service = _service(settings)
+    service.ensure_index()  # loads the saved index, or rebuilds it if the database moved on
+    status = service.status()
+    if args.json:
+        print(json.dumps(status))
+        return
+    db = status["database"]
+    print(f"model     {status['model']['id']} on {status['model']['device']}")
+    print(f"images    {db['images']} ({db['vectors_for_model']} with {status['model']['id']} vectors)")
+    idx = status["index"]
+    print(f"index     {idx['type']}: {idx['vectors']} vectors, {'current' if idx['current'] else 'stale or not loaded'} ({idx['origin']})")
+    for cat in db["categories"]:
+        print(f"  {cat['name']:<20} {cat['images']:>7} images ({cat['labelled']} labelled)")
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
+    import uvicorn
+
+    uvicorn.run(
+        "backend.api.main:create_app", factory=True, host=args.host or settings.api_host,
+        port=args.port or settings.api_port, log_level="info",
+    )
+
+
+def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> None:
+    from backend.evaluation import run_evaluation
+
+    run_evaluation(args, settings)
+
+
+def cmd_benchmark(args: argparse.Namespace, settings: Settings) -> None:
+    from benchmarks.run import run_benchmarks
+
+    run_benchmarks(args, settings)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m backend.cli", description="Image similarity search")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, func: Callable, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        return p
+
+    command("init-db", cmd_init_db, "create or upgrade the database schema (alembic upgrade head)")
+
+    p = command("populate", cmd_populate, "embed and store a labelled dataset")
+    p.add_argument("--dataset", choices=DATASETS, default="cifar10")
+    p.add_argument("--source", type=Path, help="local dataset folder (CIFAR10_DIR / FASHION_MNIST_DIR by default)")
+    p.add_argument("--split", choices=("train", "test", "all"), default="train")
+    p.add_argument("--num-images", type=int, help="at most N images, balanced over categories")
+    p.add_argument("--batch-size", type=int, default=128, help="images per transaction")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    command("build-index", cmd_build_index, "rebuild the FAISS index from the stored vectors")
+    command("rebuild-prototypes", cmd_rebuild_prototypes, "recompute category prototypes from stored vectors")
+
+    p = command("search", cmd_search, "find images similar to the given image files")
+    p.add_argument("images", nargs="+", type=Path)
+    p.add_argument("--limit", type=int, help="results per query (default DEFAULT_SEARCH_LIMIT)")
+    p.add_argument("--top-categories", type=int, help="categories searched in stage 2 (default 3)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--no-prototypes", dest="use_prototypes", action="store_false", default=None,
+                       help="exact search over all vectors")
+    group.add_argument("--prototypes", dest="use_prototypes", action="store_true", help="two-stage search")
+    p.add_argument("--json", action="store_true", help="one JSON object per query image per line")
+
+    p = command("status", cmd_status, "catalogue, model and index state")
+    p.add_argument("--json", action="store_true")
+
+    p = command("serve", cmd_serve, "start the HTTP API and web page")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+
+    p = command("evaluate", cmd_evaluate, "retrieval quality of exact and two-stage search on a labelled dataset")
+    p.add_argument("--dataset", choices=DATASETS, default="cifar10")
+    p.add_argument("--source", type=Path)
+    p.add_argument("--catalogue-size", type=int, help="train-split images in the catalogue (default: all)")
+    p.add_argument("--queries", type=int, help="test-split query images (default: all)")
+    p.add_argument("--model", help="embedding model (default MODEL_NAME)")
+    p.add_argument("--json", action="store_true")
+
+    p = command("benchmark", cmd_benchmark, "embedding, search, index, HTTP and ingestion speed")
+    p.add_argument("--quick", action="store_true", help="small sizes, under a minute")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--sections", help="comma-separated subset: embed,search,build,http,ingest")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        settings = get_settings()
+        args.func(args, settings)
+    except AppError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
+        print(f"error: invalid setting: {problems}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""ResNet-18/50 from torchvision: pretrained weights via its weights API, or a local MODEL_WEIGHTS file."""
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from backend.core.errors import ModelUnavailable
+from backend.embedding.base import Embedder
+
+_DIMS = {"resnet18": 512, "resnet50": 2048}
+_IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32) * 255
+_IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32) * 255
+
+RANDOM_WEIGHTS = "random"  # tests only: never chosen silently, and recorded in the model id
+
+
+class ResNetEmbedder(Embedder):
+    default_image_size = 224
+
+    def __init__(self, name: str, weights: str | None, image_size: int | None, device: str, batch_size: int) -> None:
+        self.name = name
+        self.dim = _DIMS[name]
+        self._weights = weights
+        super().__init__(image_size, device, batch_size)
+
+    @property
+    def weights_id(self) -> str:
+        if self._weights == RANDOM_WEIGHTS:
+            return RANDOM_WEIGHTS
+        if self._weights:
+            path = Path(self._weights)
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12] if path.is_file() else "missing"
+            return f"file-{digest}"
+        return "imagenet1k"
+
+    def _load(self) -> torch.nn.Module:
+        import torchvision.models as tvm
+
+        builder = getattr(tvm, self.name)
+        if self._weights == RANDOM_WEIGHTS:
+            model = builder(weights=None)
+        elif self._weights:
+            path = Path(self._weights)
+            if not path.is_file():
+                raise ModelUnavailable(f"{self.name}: MODEL_WEIGHTS file not found: {path}")
+            model = builder(weights=None)
+            try:
+                model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            except Exception as exc:
+                raise ModelUnavailable(f"{self.name}: MODEL_WEIGHTS {path} is not a {self.name} state dict: {exc}") from exc
+        else:
+            weights = tvm.get_model_weights(self.name).DEFAULT
+            try:
+                model = builder(weights=weights)  # downloads into the torch cache the first time
+            except Exception as exc:
+                raise ModelUnavailable(
+                    f"{self.name}: could not obtain pretrained weights ({type(exc).__name__}: {exc}). "
+                    f"Remedy: run once with network access to fill the torch cache, or download "
+                    f"{weights.url} and set MODEL_WEIGHTS=/path/to/that/file, "
+                    "or use MODEL_NAME=efficientnet_lite0 (weights ship with pip)"
+                ) from exc
+        model.fc = torch.nn.Identity()
+        return model
+
+    def _normalise_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        return (pixels.astype(np.float32) - _IMAGENET_MEAN) / _IMAGENET_STD
+
+    def _features(self, model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        return model(batch)

@@ -1,0 +1,22 @@
+"""Alembic environment: uses the connection the app passes in, or the app's configured database."""
+
+from alembic import context
+
+from backend.db.models import Base
+
+connection = context.config.attributes.get("connection")
+
+
+def run(conn) -> None:  # noqa: ANN001 - alembic passes a SQLAlchemy Connection
+    context.configure(connection=conn, target_metadata=Base.metadata, transaction_per_migration=True)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+if connection is not None:
+    run(connection)
+else:
+    from backend.db.session import get_engine
+
+    with get_engine().begin() as conn:
+        run(conn)
