@@ -12,7 +12,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from backend.core.errors import NotFound
+from backend.core.errors import NotFound, Unprocessable
 from backend.db.models import Category, Embedding, Image, Prototype
 from backend.imaging import DecodedImage
 
@@ -67,7 +67,7 @@ def category_by_name(session: Session, name: str) -> Category:
     category = session.scalar(select(Category).where(Category.name == name))
     if category is None:
         known = ", ".join(sorted(category_ids(session))) or "none yet"
-        raise NotFound(f"unknown category {name!r} (known: {known})")
+        raise Unprocessable(f"unknown category {name!r} (known: {known})")
     return category
 
 

@@ -203,16 +203,21 @@ class SearchService:
             )
         return out
 
-    def rank_categories(self, images: list[PILImage.Image]) -> list[list[CategoryScore]]:
+    def rank_categories(self, images: list[PILImage.Image]) -> tuple[list[list[CategoryScore]], dict[str, float]]:
+        """Stage 1 only: every category ranked by its prototype's cosine similarity."""
+        t0 = time.perf_counter()
         queries = self.embed(images)
         index = self.ensure_index()
+        t1 = time.perf_counter()
         with self._lock.read():
             scores, lists = index.rank_categories(queries)
             ids = index.category_ids
-        return [
+        t2 = time.perf_counter()
+        rankings = [
             [CategoryScore(ids[lst], self._name(ids[lst]) or "", float(s), False) for s, lst in zip(sr, lr, strict=True) if lst >= 0]
             for sr, lr in zip(scores, lists, strict=True)
         ]
+        return rankings, {"embed": _ms(t1 - t0), "prototypes": _ms(t2 - t1), "total": _ms(t2 - t0)}
 
     def similar_to(self, image_id: int, limit: int, top_categories: int, use_prototypes: bool) -> SearchResult:
         with session_scope(self.engine) as session:

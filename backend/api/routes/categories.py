@@ -1,0 +1,56 @@
+"""Categories and browsing the catalogue."""
+
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Query
+from sqlalchemy import func, select
+
+from backend import catalogue
+from backend.api.deps import ServiceDep
+from backend.api.schemas import CategoryOut, ImageInfo, ImagePage
+from backend.core.errors import NotFound
+from backend.db.models import Image
+from backend.db.session import session_scope
+
+router = APIRouter(prefix="/categories", tags=["categories"])
+
+
+@router.get("", response_model=list[CategoryOut])
+def list_categories(service: ServiceDep) -> list[CategoryOut]:
+    """Every category with its image count and how many of those carry a given (not predicted) label."""
+    with session_scope(service.engine) as session:
+        return [CategoryOut(id=c, name=n, images=i, labelled=g) for c, n, i, g in catalogue.category_counts(session)]
+
+
+@router.post("", response_model=CategoryOut, status_code=201)
+def create_category(
+    service: ServiceDep, name: Annotated[str, Body(embed=True, min_length=1, max_length=200)]
+) -> CategoryOut:
+    """Create an (empty) category so uploads can be labelled with it."""
+    with session_scope(service.engine) as session:
+        cid = catalogue.ensure_categories(session, [name.strip()])[name.strip()]
+    return next(c for c in list_categories(service) if c.id == cid)
+
+
+@router.get("/{category_id}/images", response_model=ImagePage)
+def category_images(
+    category_id: int,
+    service: ServiceDep,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+) -> ImagePage:
+    """One page of a category's images, newest id last."""
+    with session_scope(service.engine) as session:
+        counts = {c: (n, i, g) for c, n, i, g in catalogue.category_counts(session)}
+        if category_id not in counts:
+            raise NotFound(f"category {category_id} not found")
+        name, images, given = counts[category_id]
+        total = session.scalar(select(func.count()).select_from(Image).where(Image.category_id == category_id)) or 0
+        rows = session.scalars(
+            select(Image).where(Image.category_id == category_id).order_by(Image.id).offset(offset).limit(limit)
+        ).all()
+        items = [ImageInfo.of(img) for img in rows]
+    return ImagePage(
+        category=CategoryOut(id=category_id, name=name, images=images, labelled=given),
+        total=total, offset=offset, limit=limit, items=items,
+    )

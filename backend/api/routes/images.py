@@ -1,0 +1,103 @@
+"""Upload, fetch, describe and delete images."""
+
+from collections import OrderedDict
+from threading import Lock
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Request, Response, UploadFile
+
+from backend import catalogue
+from backend.api.deps import ServiceDep, SettingsDep
+from backend.api.schemas import ImageInfo, UploadResponse
+from backend.api.uploads import read_image
+from backend.db.session import session_scope
+from backend.imaging import CONTENT_TYPES, make_thumbnail
+
+router = APIRouter(prefix="", tags=["images"])
+
+# Image ids are never reused and stored bytes never change, so cached bytes never go stale.
+IMMUTABLE = "public, max-age=31536000, immutable"
+
+
+class _ThumbnailCache:
+    def __init__(self, size: int = 2048) -> None:
+        self._items: OrderedDict[int, bytes] = OrderedDict()
+        self._size = size
+        self._lock = Lock()
+
+    def get(self, key: int) -> bytes | None:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+            return self._items.get(key)
+
+    def put(self, key: int, value: bytes) -> None:
+        with self._lock:
+            self._items[key] = value
+            if len(self._items) > self._size:
+                self._items.popitem(last=False)
+
+
+_thumbnails = _ThumbnailCache()
+
+
+def _not_modified(request: Request, etag: str) -> bool:
+    return request.headers.get("if-none-match") == etag
+
+
+@router.post("/upload", response_model=UploadResponse, status_code=201)
+def upload(
+    service: ServiceDep,
+    settings: SettingsDep,
+    response: Response,
+    file: Annotated[UploadFile, File(description="image file")],
+    category: Annotated[str | None, Form(description="existing category; predicted from prototypes if absent")] = None,
+    description: Annotated[str | None, Form(max_length=2000)] = None,
+) -> UploadResponse:
+    """Store an image with its embedding; it is searchable at once. Exact duplicates are not stored twice."""
+    image = read_image(file, settings)
+    result = service.upload(image, (category or "").strip() or None, description)
+    if result.duplicate:
+        response.status_code = 200
+    return UploadResponse(
+        image_id=result.image_id, duplicate=result.duplicate, category=result.category, label_given=result.label_given,
+        category_score=result.category_score, url=f"/images/{result.image_id}",
+        thumbnail_url=f"/images/{result.image_id}/thumbnail",
+    )
+
+
+@router.get("/images/{image_id}", response_class=Response, responses={200: {"content": {"image/*": {}}}})
+def image_bytes(image_id: int, service: ServiceDep, request: Request) -> Response:
+    """The original bytes, as uploaded."""
+    with session_scope(service.engine) as session:
+        image = catalogue.get_image(session, image_id)
+        etag = f'"{image.sha256}"'
+        if _not_modified(request, etag):
+            return Response(status_code=304, headers={"ETag": etag, "Cache-Control": IMMUTABLE})
+        data, fmt = image.data, image.format
+    return Response(data, media_type=CONTENT_TYPES.get(fmt, "application/octet-stream"),
+                    headers={"ETag": etag, "Cache-Control": IMMUTABLE})
+
+
+@router.get("/images/{image_id}/thumbnail", response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})
+def thumbnail(image_id: int, service: ServiceDep) -> Response:
+    """A JPEG of at most 160 px a side."""
+    data = _thumbnails.get(image_id)
+    if data is None:
+        with session_scope(service.engine) as session:
+            data = make_thumbnail(catalogue.get_image(session, image_id).data)
+        _thumbnails.put(image_id, data)
+    return Response(data, media_type="image/jpeg", headers={"Cache-Control": IMMUTABLE})
+
+
+@router.get("/images/{image_id}/info", response_model=ImageInfo)
+def info(image_id: int, service: ServiceDep) -> ImageInfo:
+    with session_scope(service.engine) as session:
+        return ImageInfo.of(catalogue.get_image(session, image_id))
+
+
+@router.delete("/images/{image_id}")
+def delete(image_id: int, service: ServiceDep) -> dict:
+    """Delete the image, its embeddings and its share of the prototype; the index is updated."""
+    image = service.delete(image_id)
+    return {"deleted": image.id}

@@ -1,0 +1,121 @@
+"""Response bodies of the HTTP API."""
+
+from datetime import datetime
+
+from pydantic import BaseModel
+
+from backend.db.models import Image
+from backend.service import SearchResult
+
+
+class ImageInfo(BaseModel):
+    id: int
+    category: str | None
+    label_given: bool
+    width: int
+    height: int
+    format: str
+    size_bytes: int
+    sha256: str
+    source: str | None
+    description: str | None
+    created_at: datetime
+    url: str
+    thumbnail_url: str
+
+    @classmethod
+    def of(cls, image: Image) -> "ImageInfo":
+        return cls(
+            id=image.id,
+            category=image.category.name if image.category else None,
+            label_given=image.label_given,
+            width=image.width,
+            height=image.height,
+            format=image.format,
+            size_bytes=image.size_bytes,
+            sha256=image.sha256,
+            source=image.source,
+            description=image.description,
+            created_at=image.created_at,
+            url=f"/images/{image.id}",
+            thumbnail_url=f"/images/{image.id}/thumbnail",
+        )
+
+
+class SearchHit(BaseModel):
+    image_id: int
+    rank: int
+    category: str | None
+    label_given: bool
+    score: float  # cosine similarity
+    url: str
+    thumbnail_url: str
+
+
+class CategoryScoreOut(BaseModel):
+    category_id: int
+    category: str
+    score: float  # cosine similarity of the query to the category prototype
+    searched: bool
+
+
+class SearchResponse(BaseModel):
+    results: list[SearchHit]
+    categories: list[CategoryScoreOut]
+    searched_categories: list[str]
+    use_prototypes: bool
+    top_categories: int | None
+    limit: int
+    vectors_scanned: int
+    vectors_total: int
+    timings_ms: dict[str, float]
+
+    @classmethod
+    def of(cls, result: SearchResult, limit: int) -> "SearchResponse":
+        return cls(
+            results=[
+                SearchHit(
+                    image_id=h.image_id, rank=h.rank, category=h.category, label_given=h.label_given, score=h.score,
+                    url=f"/images/{h.image_id}", thumbnail_url=f"/images/{h.image_id}/thumbnail",
+                )
+                for h in result.results
+            ],
+            categories=[CategoryScoreOut(**vars(c)) for c in result.categories],
+            searched_categories=result.searched_categories,
+            use_prototypes=result.use_prototypes,
+            top_categories=result.top_categories,
+            limit=limit,
+            vectors_scanned=result.vectors_scanned,
+            vectors_total=result.vectors_total,
+            timings_ms=result.timings_ms,
+        )
+
+
+class PrototypeResponse(BaseModel):
+    categories: list[CategoryScoreOut]
+    timings_ms: dict[str, float]
+
+
+class UploadResponse(BaseModel):
+    image_id: int
+    duplicate: bool  # true: these exact bytes were stored before, as image_id
+    category: str | None
+    label_given: bool
+    category_score: float | None  # prototype similarity when the category was predicted
+    url: str
+    thumbnail_url: str
+
+
+class CategoryOut(BaseModel):
+    id: int
+    name: str
+    images: int
+    labelled: int
+
+
+class ImagePage(BaseModel):
+    category: CategoryOut
+    total: int
+    offset: int
+    limit: int
+    items: list[ImageInfo]

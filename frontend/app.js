@@ -1,0 +1,230 @@
+// The search page: plain JS against the JSON API, no build step.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+let queryFile = null;
+let browseState = null;
+
+function showError(message) {
+  const box = $("error");
+  box.textContent = message;
+  box.hidden = !message;
+}
+
+async function api(path, options = {}) {
+  let response;
+  try {
+    response = await fetch(path, options);
+  } catch (err) {
+    throw new Error(`server unreachable: ${err.message}`);
+  }
+  const body = response.headers.get("content-type")?.includes("json") ? await response.json() : null;
+  if (!response.ok) {
+    throw new Error((body && body.detail) || `${response.status} ${response.statusText}`);
+  }
+  return body;
+}
+
+function clampInput(input, lo, hi) {
+  const value = Math.round(Number(input.value));
+  const clamped = Number.isFinite(value) ? Math.min(hi, Math.max(lo, value)) : lo;
+  input.value = clamped;
+  return clamped;
+}
+
+function setQuery(file) {
+  if (!file) return;
+  queryFile = file;
+  const preview = $("query-preview");
+  preview.src = URL.createObjectURL(file);
+  preview.hidden = false;
+  $("drop-hint").textContent = file.name;
+  $("search-btn").disabled = false;
+  $("prototypes-btn").disabled = false;
+}
+
+function card(hit) {
+  const div = document.createElement("a");
+  div.className = "card";
+  div.href = hit.url;
+  div.target = "_blank";
+  div.dataset.testid = "result";
+  div.innerHTML = `<img loading="lazy" alt="">
+    <div class="meta"><span class="cat"></span><span class="score"></span></div>`;
+  div.querySelector("img").src = hit.thumbnail_url;
+  div.querySelector(".cat").textContent = (hit.category ?? "—") + (hit.label_given === false ? " (predicted)" : "");
+  if (hit.score !== undefined) {
+    div.querySelector(".score").textContent = `#${hit.rank} · cos ${hit.score.toFixed(3)}`;
+  }
+  return div;
+}
+
+function renderCategories(categories) {
+  const list = $("categories");
+  list.innerHTML = "";
+  for (const c of categories) {
+    const li = document.createElement("li");
+    li.className = c.searched ? "searched" : "";
+    li.dataset.testid = "category";
+    li.innerHTML = `<span class="name"></span><span class="bar"><span></span></span><span class="val"></span>`;
+    li.querySelector(".name").textContent = c.category + (c.searched ? " ✓" : "");
+    li.querySelector(".bar span").style.width = `${Math.max(0, c.score) * 100}%`;
+    li.querySelector(".val").textContent = c.score.toFixed(3);
+    list.appendChild(li);
+  }
+}
+
+function renderTimings(timings, extra = "") {
+  const parts = Object.entries(timings).map(([k, v]) => `${k} ${v.toFixed(1)} ms`);
+  $("timings").textContent = parts.join(" · ") + extra;
+}
+
+async function runSearch() {
+  if (!queryFile) return;
+  showError("");
+  const limit = clampInput($("limit"), 1, 50);
+  const top = clampInput($("top-categories"), 1, 10);
+  const useProto = $("use-prototypes").checked;
+  const form = new FormData();
+  form.append("file", queryFile);
+  const params = new URLSearchParams({ limit, top_categories: top, use_prototypes: useProto });
+  $("results").innerHTML = '<p class="muted">Searching…</p>';
+  try {
+    const data = await api(`/search?${params}`, { method: "POST", body: form });
+    $("results-title").textContent =
+      `Results (${data.use_prototypes ? `two-stage, top ${data.top_categories} categories` : "exact"}; ` +
+      `scanned ${data.vectors_scanned} of ${data.vectors_total} vectors)`;
+    const grid = $("results");
+    grid.innerHTML = "";
+    if (!data.results.length) grid.innerHTML = '<p class="muted">No images found.</p>';
+    data.results.forEach((hit) => grid.appendChild(card(hit)));
+    renderCategories(data.categories);
+    renderTimings(data.timings_ms);
+  } catch (err) {
+    $("results").innerHTML = "";
+    showError(`Search failed: ${err.message}`);
+  }
+}
+
+async function runPrototypes() {
+  if (!queryFile) return;
+  showError("");
+  const form = new FormData();
+  form.append("file", queryFile);
+  try {
+    const data = await api("/search/prototypes", { method: "POST", body: form });
+    renderCategories(data.categories);
+    renderTimings(data.timings_ms);
+    $("results-title").textContent = "Results (prototypes only)";
+    $("results").innerHTML = '<p class="muted">Category ranking only: see the list on the left.</p>';
+  } catch (err) {
+    showError(`Prototype search failed: ${err.message}`);
+  }
+}
+
+async function loadCategories() {
+  const cats = await api("/categories");
+  const select = $("upload-category");
+  const chosen = select.value;
+  select.length = 1;
+  const chips = $("category-list");
+  chips.innerHTML = "";
+  for (const c of cats) {
+    select.add(new Option(`${c.name} (${c.images})`, c.name));
+    const chip = document.createElement("button");
+    chip.className = "chip";
+    chip.dataset.testid = "category-chip";
+    chip.textContent = `${c.name} · ${c.images}`;
+    chip.onclick = () => browse(c.id, 0);
+    chips.appendChild(chip);
+  }
+  select.value = chosen;
+}
+
+async function browse(categoryId, offset) {
+  showError("");
+  try {
+    const page = await api(`/categories/${categoryId}/images?offset=${offset}&limit=40`);
+    const grid = $("browse");
+    if (offset === 0) grid.innerHTML = "";
+    page.items.forEach((img) => {
+      const c = card({ ...img, rank: 0 });
+      c.title = `image ${img.id}: click to search with it`;
+      c.onclick = (ev) => { ev.preventDefault(); similarTo(img.id); };
+      grid.appendChild(c);
+    });
+    browseState = { categoryId, offset: offset + page.items.length, total: page.total };
+    $("browse-more").hidden = browseState.offset >= page.total;
+  } catch (err) {
+    showError(`Browsing failed: ${err.message}`);
+  }
+}
+
+async function similarTo(imageId) {
+  const limit = clampInput($("limit"), 1, 50);
+  const top = clampInput($("top-categories"), 1, 10);
+  const params = new URLSearchParams({ limit, top_categories: top, use_prototypes: $("use-prototypes").checked });
+  try {
+    const data = await api(`/images/${imageId}/similar?${params}`);
+    $("results-title").textContent = `Similar to image ${imageId}`;
+    const grid = $("results");
+    grid.innerHTML = "";
+    data.results.forEach((hit) => grid.appendChild(card(hit)));
+    renderCategories(data.categories);
+    renderTimings(data.timings_ms);
+    window.scrollTo({ top: 0, behavior: "smooth" });
+  } catch (err) {
+    showError(`Search failed: ${err.message}`);
+  }
+}
+
+async function upload(event) {
+  event.preventDefault();
+  showError("");
+  const file = $("upload-file").files[0];
+  if (!file) return;
+  const form = new FormData();
+  form.append("file", file);
+  if ($("upload-category").value) form.append("category", $("upload-category").value);
+  if ($("upload-description").value) form.append("description", $("upload-description").value);
+  try {
+    const r = await api("/upload", { method: "POST", body: form });
+    const how = r.label_given ? "" : ` (predicted, prototype similarity ${r.category_score.toFixed(3)})`;
+    $("upload-result").textContent = r.duplicate
+      ? `Already stored as image ${r.image_id} (${r.category}).`
+      : `Stored as image ${r.image_id} in ${r.category}${how}.`;
+    await Promise.all([loadCategories(), loadStatus()]);
+  } catch (err) {
+    showError(`Upload failed: ${err.message}`);
+  }
+}
+
+async function loadStatus() {
+  try {
+    const s = await api("/status");
+    $("status-line").textContent =
+      `${s.database.images} images · ${s.database.categories.length} categories · ${s.model.id} on ${s.model.device}`;
+    $("status").textContent = JSON.stringify(
+      { model: s.model, index: s.index, images: s.database.images, uptime_s: s.uptime_s }, null, 2);
+    $("use-prototypes").defaultChecked = s.settings.use_prototype_filtering;
+  } catch (err) {
+    $("status-line").textContent = "status unavailable";
+    showError(`Status failed: ${err.message}`);
+  }
+}
+
+function init() {
+  const zone = $("dropzone");
+  $("query-file").addEventListener("change", (e) => setQuery(e.target.files[0]));
+  ["dragenter", "dragover"].forEach((t) => zone.addEventListener(t, (e) => { e.preventDefault(); zone.classList.add("over"); }));
+  ["dragleave", "drop"].forEach((t) => zone.addEventListener(t, () => zone.classList.remove("over")));
+  zone.addEventListener("drop", (e) => { e.preventDefault(); setQuery(e.dataTransfer.files[0]); });
+  $("search-btn").addEventListener("click", runSearch);
+  $("prototypes-btn").addEventListener("click", runPrototypes);
+  $("upload-form").addEventListener("submit", upload);
+  $("browse-more").addEventListener("click", () => browseState && browse(browseState.categoryId, browseState.offset));
+  loadStatus();
+  loadCategories().catch((err) => showError(`Categories failed: ${err.message}`));
+}
+
+init();
