@@ -177,7 +177,7 @@ def image_vector(session: Session, image_id: int, model: str) -> np.ndarray | No
 
 def delete_image(session: Session, image_id: int) -> Image:
     """Delete an image, its embeddings (all models) and its share of the prototype sums."""
-    image = session.scalars(select(Image).where(Image.id == image_id).with_for_update()).first()
+    image = session.scalars(select(Image).where(Image.id == image_id).with_for_update(of=Image)).first()
     if image is None:
         raise NotFound(f"image {image_id} not found")
     if image.label_given and image.category_id is not None:
