@@ -49,6 +49,7 @@ def to_bytes(vector: np.ndarray) -> bytes:
 
 # --- categories -----------------------------------------------------------------------------------
 
+
 def ensure_categories(session: Session, names: Iterable[str]) -> dict[str, int]:
     names = sorted(set(names))
     if names:
@@ -89,6 +90,7 @@ def category_counts(session: Session) -> list[tuple[int, str, int, int]]:
 
 # --- images and embeddings ------------------------------------------------------------------------
 
+
 def existing_by_sha(session: Session, shas: Iterable[str]) -> dict[str, int]:
     shas = list(set(shas))
     if not shas:
@@ -115,7 +117,9 @@ def add_images(session: Session, model: str, items: Sequence[NewImage], vectors:
     ]
     if not rows:
         return []
-    ids = list(session.scalars(insert(Image).values(rows).returning(Image.id), execution_options={"sort_by_parameter_order": True}))
+    ids = list(
+        session.scalars(insert(Image).values(rows).returning(Image.id), execution_options={"sort_by_parameter_order": True})
+    )
     dim = vectors.shape[1]
     session.execute(
         insert(Embedding),
@@ -181,9 +185,7 @@ def delete_image(session: Session, image_id: int) -> Image:
     if image is None:
         raise NotFound(f"image {image_id} not found")
     if image.label_given and image.category_id is not None:
-        for model, raw in session.execute(
-            select(Embedding.model, Embedding.vector).where(Embedding.image_id == image_id)
-        ):
+        for model, raw in session.execute(select(Embedding.model, Embedding.vector).where(Embedding.image_id == image_id)):
             vec = np.frombuffer(raw, dtype=VECTOR_DTYPE)
             _update_prototypes(session, model, len(vec), [(image.category_id, vec)], sign=-1)
     session.execute(delete(Embedding).where(Embedding.image_id == image_id))
@@ -197,6 +199,7 @@ def images_missing_embedding(session: Session, model: str) -> list[int]:
 
 
 # --- bulk reads for the index ---------------------------------------------------------------------
+
 
 def load_vectors(session: Session, model: str) -> StoredVectors:
     query = (
@@ -243,8 +246,7 @@ def rebuild_prototypes(session: Session, model: str) -> int:
         .where(Embedding.model == model, Image.label_given, Image.category_id.is_not(None))
     )
     contributions = (
-        (cid, np.frombuffer(raw, dtype=VECTOR_DTYPE))
-        for cid, raw in session.execute(query.execution_options(yield_per=10_000))
+        (cid, np.frombuffer(raw, dtype=VECTOR_DTYPE)) for cid, raw in session.execute(query.execution_options(yield_per=10_000))
     )
     dim = session.scalar(select(Embedding.dim).where(Embedding.model == model).limit(1))
     if dim is None:

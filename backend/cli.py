@@ -18,7 +18,7 @@ from backend.core.errors import AppError
 from backend.datasets import DATASETS
 
 
-def _service(settings: Settings):  # noqa: ANN202 - lazy import keeps `--help` fast
+def _service(settings: Settings):
     from backend.service import SearchService
 
     return SearchService(settings)
@@ -52,7 +52,9 @@ def cmd_populate(args: argparse.Namespace, settings: Settings) -> None:
     _require_schema()
     dataset = load_dataset(args.dataset, args.source, args.split, args.num_images, settings)
     embedder = create_embedder(settings)
-    report = ingest(dataset, embedder, get_engine(), settings.max_image_pixels, batch_size=args.batch_size, progress=not args.quiet)
+    report = ingest(
+        dataset, embedder, get_engine(), settings.max_image_pixels, batch_size=args.batch_size, progress=not args.quiet
+    )
     print(
         f"{report.added} images added, {report.already_stored} already stored, {report.invalid} unreadable, "
         f"{report.skipped_files} non-image files skipped; {report.images_per_second:.1f} images/s ({report.model})"
@@ -94,14 +96,17 @@ def cmd_search(args: argparse.Namespace, settings: Settings) -> None:
             print(json.dumps({"query": str(path), **_result_dict(result)}))
             continue
         mode = f"two-stage, top {top} categories" if use_prototypes else "exact"
-        print(f"{path}  ({mode}; scanned {result.vectors_scanned}/{result.vectors_total} vectors; {result.timings_ms['total']:.1f} ms)")
+        print(
+            f"{path}  ({mode}; scanned {result.vectors_scanned}/{result.vectors_total} vectors; "
+            f"{result.timings_ms['total']:.1f} ms)"
+        )
         ranking = ", ".join(f"{c.category}{'*' if c.searched else ''} {c.score:.3f}" for c in result.categories[:5])
         print(f"  categories: {ranking}")
         for hit in result.results:
             print(f"  {hit.rank:>3}. image {hit.image_id:<8} {hit.category or '-':<14} cosine {hit.score:.4f}")
 
 
-def _result_dict(result) -> dict:  # noqa: ANN001
+def _result_dict(result) -> dict:
     return {
         "results": [asdict(h) for h in result.results],
         "categories": [{"category": c.category, "score": c.score, "searched": c.searched} for c in result.categories],
@@ -125,7 +130,10 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> None:
     print(f"model     {status['model']['id']} on {status['model']['device']}")
     print(f"images    {db['images']} ({db['vectors_for_model']} with {status['model']['id']} vectors)")
     idx = status["index"]
-    print(f"index     {idx['type']}: {idx['vectors']} vectors, {'current' if idx['current'] else 'stale or not loaded'} ({idx['origin']})")
+    print(
+        f"index     {idx['type']}: {idx['vectors']} vectors, "
+        f"{'current' if idx['current'] else 'stale or not loaded'} ({idx['origin']})"
+    )
     for cat in db["categories"]:
         print(f"  {cat['name']:<20} {cat['images']:>7} images ({cat['labelled']} labelled)")
 
@@ -134,8 +142,11 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
     import uvicorn
 
     uvicorn.run(
-        "backend.api.main:create_app", factory=True, host=args.host or settings.api_host,
-        port=args.port or settings.api_port, log_level="info",
+        "backend.api.main:create_app",
+        factory=True,
+        host=args.host or settings.api_host,
+        port=args.port or settings.api_port,
+        log_level="info",
     )
 
 
@@ -179,8 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="results per query (default DEFAULT_SEARCH_LIMIT)")
     p.add_argument("--top-categories", type=int, help="categories searched in stage 2 (default 3)")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--no-prototypes", dest="use_prototypes", action="store_false", default=None,
-                       help="exact search over all vectors")
+    group.add_argument(
+        "--no-prototypes", dest="use_prototypes", action="store_false", default=None, help="exact search over all vectors"
+    )
     group.add_argument("--prototypes", dest="use_prototypes", action="store_true", help="two-stage search")
     p.add_argument("--json", action="store_true", help="one JSON object per query image per line")
 

@@ -30,7 +30,16 @@ DATASETS = ("cifar10", "fashion-mnist", "folder")
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 FASHION_MNIST_CLASSES = (
-    "t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot",
+    "t-shirt/top",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
 )
 
 
@@ -90,6 +99,7 @@ def _array_samples(prefix: str, images: np.ndarray, labels: np.ndarray, names: l
 
 # --- CIFAR-10 -------------------------------------------------------------------------------------
 
+
 def _download_cifar10(dest: Path) -> Path:
     archive = dest / "cifar-10-python.tar.gz"
     dest.mkdir(parents=True, exist_ok=True)
@@ -144,6 +154,7 @@ def load_cifar10(directory: Path, split: Split) -> list[Sample]:
 
 # --- Fashion-MNIST --------------------------------------------------------------------------------
 
+
 def _read_idx(path: Path) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:
@@ -174,6 +185,7 @@ def load_fashion_mnist(directory: Path, split: Split) -> list[Sample]:
 
 # --- category folders -----------------------------------------------------------------------------
 
+
 def load_folder(root: Path) -> tuple[list[Sample], int]:
     """`root/<category>/**/<image>`; files that are not images by suffix are counted and skipped."""
     if not root.is_dir():
@@ -193,9 +205,7 @@ def load_folder(root: Path) -> tuple[list[Sample], int]:
     return samples, skipped
 
 
-def load_dataset(
-    name: str, source: Path | None, split: Split, num_images: int | None, settings: Settings
-) -> Dataset:
+def load_dataset(name: str, source: Path | None, split: Split, num_images: int | None, settings: Settings) -> Dataset:
     skipped = 0
     if name == "cifar10":
         samples = load_cifar10(find_cifar10(source, settings), split)

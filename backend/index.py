@@ -42,7 +42,9 @@ class TwoStageIndex:
     # --- building ---------------------------------------------------------------------------
 
     @classmethod
-    def build(cls, model: str, dim: int, category_ids: list[int], stored: StoredVectors, prototypes: PrototypeMatrix) -> "TwoStageIndex":
+    def build(
+        cls, model: str, dim: int, category_ids: list[int], stored: StoredVectors, prototypes: PrototypeMatrix
+    ) -> "TwoStageIndex":
         index = cls(model, dim, sorted(category_ids))
         index.set_prototypes(prototypes)
         index.add(stored.ids, stored.category_ids, stored.vectors)

@@ -69,9 +69,7 @@ def _store_batch(engine: Engine, embedder: Embedder, decoded: list[tuple[Sample,
         try:
             with session_scope(engine) as session:
                 cats = catalogue.ensure_categories(session, {s.label for s, _ in fresh})
-                items = [
-                    catalogue.NewImage(img, cats[s.label], label_given=True, source=s.source) for s, img in fresh
-                ]
+                items = [catalogue.NewImage(img, cats[s.label], label_given=True, source=s.source) for s, img in fresh]
                 catalogue.add_images(session, embedder.model_id, items, vectors)
             report.added += len(fresh)
             return

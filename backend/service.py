@@ -139,9 +139,7 @@ class SearchService:
     def embed(self, images: list[PILImage.Image]) -> np.ndarray:
         return self.embedder.embed(images)
 
-    def search(
-        self, images: list[PILImage.Image], limit: int, top_categories: int, use_prototypes: bool
-    ) -> list[SearchResult]:
+    def search(self, images: list[PILImage.Image], limit: int, top_categories: int, use_prototypes: bool) -> list[SearchResult]:
         start = time.perf_counter()
         queries = self.embed(images)
         embed_s = time.perf_counter() - start
@@ -177,8 +175,8 @@ class SearchService:
         out = []
         for q in range(n):
             results: list[Hit] = []
-            for score, image_id in zip(hits.scores[q], hits.ids[q], strict=True):
-                image_id = int(image_id)
+            for score, raw_id in zip(hits.scores[q], hits.ids[q], strict=True):
+                image_id = int(raw_id)
                 if image_id < 0 or image_id == exclude or image_id not in meta or len(results) == limit:
                     continue
                 cid, given = meta[image_id]
@@ -197,8 +195,13 @@ class SearchService:
             timings["total"] = round(sum(timings.values()), 3)
             out.append(
                 SearchResult(
-                    results, categories, use_prototypes, top_categories if use_prototypes else None,
-                    int(hits.scanned[q]), total, timings,
+                    results,
+                    categories,
+                    use_prototypes,
+                    top_categories if use_prototypes else None,
+                    int(hits.scanned[q]),
+                    total,
+                    timings,
                 )
             )
         return out
@@ -214,7 +217,11 @@ class SearchService:
             ids = index.category_ids
         t2 = time.perf_counter()
         rankings = [
-            [CategoryScore(ids[lst], self._name(ids[lst]) or "", float(s), False) for s, lst in zip(sr, lr, strict=True) if lst >= 0]
+            [
+                CategoryScore(ids[lst], self._name(ids[lst]) or "", float(s), False)
+                for s, lst in zip(sr, lr, strict=True)
+                if lst >= 0
+            ]
             for sr, lr in zip(scores, lists, strict=True)
         ]
         return rankings, {"embed": _ms(t1 - t0), "prototypes": _ms(t2 - t1), "total": _ms(t2 - t0)}
@@ -321,9 +328,7 @@ class SearchService:
                 "images": sum(c[2] for c in counts),
                 "vectors_for_model": fingerprint["vectors"],
                 "vectors_by_model": dict(models),
-                "categories": [
-                    {"id": cid, "name": name, "images": n, "labelled": given} for cid, name, n, given in counts
-                ],
+                "categories": [{"id": cid, "name": name, "images": n, "labelled": given} for cid, name, n, given in counts],
             },
             "index": index_info,
             "settings": {

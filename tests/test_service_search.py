@@ -16,14 +16,14 @@ MIN_PRECISION_AT_10 = 0.50
 
 
 @pytest.fixture(scope="module")
-def service(catalogue_engine: Engine, embedder, tmp_path_factory) -> SearchService:  # noqa: ANN001
+def service(catalogue_engine: Engine, embedder, tmp_path_factory) -> SearchService:
     svc = SearchService(make_settings(tmp_path_factory.mktemp("data"), catalogue_engine), catalogue_engine, embedder)
     svc.ensure_index()
     return svc
 
 
 @pytest.fixture(scope="module")
-def stored(catalogue_engine: Engine, embedder):  # noqa: ANN001, ANN201
+def stored(catalogue_engine: Engine, embedder):
     with session_scope(catalogue_engine) as session:
         vectors = catalogue.load_vectors(session, embedder.model_id)
         names = {cid: name for name, cid in catalogue.category_ids(session).items()}
@@ -36,7 +36,7 @@ def brute_force(query: np.ndarray, vectors: np.ndarray, ids: np.ndarray, k: int)
     return ids[order], scores[order]
 
 
-def test_precision_at_10_well_above_chance(service: SearchService, query_vectors) -> None:  # noqa: ANN001
+def test_precision_at_10_well_above_chance(service: SearchService, query_vectors) -> None:
     queries, labels = query_vectors
     results = service.search_vectors(queries, limit=10, top_categories=3, use_prototypes=False)
     precision = np.mean([np.mean([h.category == lbl for h in r.results]) for r, lbl in zip(results, labels, strict=True)])
@@ -44,7 +44,7 @@ def test_precision_at_10_well_above_chance(service: SearchService, query_vectors
     assert precision >= MIN_PRECISION_AT_10
 
 
-def test_exact_search_equals_numpy_top_k(service: SearchService, stored, query_vectors) -> None:  # noqa: ANN001
+def test_exact_search_equals_numpy_top_k(service: SearchService, stored, query_vectors) -> None:
     vectors, _ = stored
     queries, _ = query_vectors
     results = service.search_vectors(queries[:25], limit=20, top_categories=3, use_prototypes=False)
@@ -58,7 +58,7 @@ def test_exact_search_equals_numpy_top_k(service: SearchService, stored, query_v
 
 
 @pytest.mark.parametrize("top", [1, 2, 3, 5])
-def test_two_stage_is_restricted_to_top_categories(service: SearchService, stored, query_vectors, top: int) -> None:  # noqa: ANN001
+def test_two_stage_is_restricted_to_top_categories(service: SearchService, stored, query_vectors, top: int) -> None:
     vectors, names = stored
     queries, _ = query_vectors
     results = service.search_vectors(queries, limit=10, top_categories=top, use_prototypes=True)
@@ -73,27 +73,26 @@ def test_two_stage_is_restricted_to_top_categories(service: SearchService, store
         assert result.vectors_scanned == sum(sizes[c] for c in searched) < result.vectors_total
         # And within them it is exact.
         mask = np.isin(vectors.category_ids, [cid for cid, n in names.items() if n in searched])
-        want_ids, want_scores = brute_force(q, vectors.vectors[mask], vectors.ids[mask], 10)
+        _, want_scores = brute_force(q, vectors.vectors[mask], vectors.ids[mask], 10)
         np.testing.assert_allclose([h.score for h in result.results], want_scores, atol=1e-5)
 
 
-def test_two_stage_recall_against_exact(service: SearchService, query_vectors) -> None:  # noqa: ANN001
+def test_two_stage_recall_against_exact(service: SearchService, query_vectors) -> None:
     queries, _ = query_vectors
     exact = service.search_vectors(queries, limit=10, top_categories=3, use_prototypes=False)
     recalls = {}
     for top in (1, 2, 3, 5, 10):
         two = service.search_vectors(queries, limit=10, top_categories=top, use_prototypes=True)
-        recalls[top] = np.mean([
-            len({h.image_id for h in a.results} & {h.image_id for h in b.results}) / 10
-            for a, b in zip(exact, two, strict=True)
-        ])
+        recalls[top] = np.mean(
+            [len({h.image_id for h in a.results} & {h.image_id for h in b.results}) / 10 for a, b in zip(exact, two, strict=True)]
+        )
     print("\nrecall@10 of two-stage vs exact: " + ", ".join(f"C={c}: {r:.3f}" for c, r in recalls.items()))
     assert recalls[10] == 1.0  # all categories probed is the exact search
     assert recalls[1] <= recalls[3] <= recalls[5] <= recalls[10]
     assert recalls[3] >= 0.6
 
 
-def test_prototype_ranking_puts_true_category_first_often(service: SearchService, query_vectors) -> None:  # noqa: ANN001
+def test_prototype_ranking_puts_true_category_first_often(service: SearchService, query_vectors) -> None:
     queries, labels = query_vectors
     results = service.search_vectors(queries, limit=1, top_categories=1, use_prototypes=True)
     top1 = np.mean([r.categories[0].category == lbl for r, lbl in zip(results, labels, strict=True)])
@@ -101,7 +100,7 @@ def test_prototype_ranking_puts_true_category_first_often(service: SearchService
     assert top1 >= 0.5
 
 
-def test_saved_index_is_reloaded_when_current(service: SearchService, catalogue_engine: Engine, embedder) -> None:  # noqa: ANN001
+def test_saved_index_is_reloaded_when_current(service: SearchService, catalogue_engine: Engine, embedder) -> None:
     again = SearchService(service.settings, catalogue_engine, embedder)
     index = again.ensure_index()
     assert again.index_origin == "loaded from cache"

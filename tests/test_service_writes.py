@@ -11,7 +11,8 @@ from sqlalchemy import Engine, func, select
 from backend import catalogue
 from backend.core.errors import InvalidInput, Unprocessable
 from backend.datasets import Dataset, Sample, balanced
-from backend.db.models import Embedding, Image as ImageRow, Prototype
+from backend.db.models import Embedding, Prototype
+from backend.db.models import Image as ImageRow
 from backend.db.session import session_scope
 from backend.imaging import decode_image
 from backend.ingest import ingest
@@ -34,12 +35,12 @@ def small(cifar_train: Dataset) -> Dataset:
 
 
 @pytest.fixture
-def service(engine: Engine, embedder, small: Dataset, tmp_path: Path) -> SearchService:  # noqa: ANN001
+def service(engine: Engine, embedder, small: Dataset, tmp_path: Path) -> SearchService:
     ingest(small, embedder, engine, max_pixels=10**7, progress=False)
     return SearchService(make_settings(tmp_path, engine), engine, embedder)
 
 
-def test_rerun_resumes_without_duplicates(engine: Engine, embedder, small: Dataset) -> None:  # noqa: ANN001
+def test_rerun_resumes_without_duplicates(engine: Engine, embedder, small: Dataset) -> None:
     first = Dataset("cifar10", small.samples[:25])
     assert ingest(first, embedder, engine, 10**7, batch_size=10, progress=False).added == 25
     report = ingest(small, embedder, engine, 10**7, batch_size=10, progress=False)
@@ -47,11 +48,11 @@ def test_rerun_resumes_without_duplicates(engine: Engine, embedder, small: Datas
     assert counts(engine) == (40, 40, 40)
 
 
-def test_failed_batch_leaves_database_unchanged(engine: Engine, embedder, small: Dataset, monkeypatch) -> None:  # noqa: ANN001
+def test_failed_batch_leaves_database_unchanged(engine: Engine, embedder, small: Dataset, monkeypatch) -> None:
     ingest(Dataset("cifar10", small.samples[:10]), embedder, engine, 10**7, progress=False)
     before = counts(engine)
 
-    def fail_after_insert(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def fail_after_insert(*args, **kwargs):
         raise RuntimeError("simulated crash while writing prototypes")
 
     monkeypatch.setattr(catalogue, "_update_prototypes", fail_after_insert)
@@ -60,7 +61,7 @@ def test_failed_batch_leaves_database_unchanged(engine: Engine, embedder, small:
     assert counts(engine) == before  # images and embeddings of the failed batch rolled back too
 
 
-def test_unreadable_files_are_counted_not_fatal(engine: Engine, embedder, small: Dataset) -> None:  # noqa: ANN001
+def test_unreadable_files_are_counted_not_fatal(engine: Engine, embedder, small: Dataset) -> None:
     junk = [Sample("cat", "junk-1", lambda: b"not an image"), Sample("cat", "junk-2", lambda: b"")]
     report = ingest(Dataset("x", small.samples[:5] + junk), embedder, engine, 10**7, progress=False)
     assert (report.added, report.invalid) == (5, 2)
@@ -96,7 +97,9 @@ def test_upload_with_category_is_searchable_at_once(service: SearchService, engi
     assert service.index_is_current()
 
 
-def test_upload_without_category_is_predicted_and_not_a_prototype(service: SearchService, engine: Engine, cifar_queries: Dataset) -> None:
+def test_upload_without_category_is_predicted_and_not_a_prototype(
+    service: SearchService, engine: Engine, cifar_queries: Dataset
+) -> None:
     image = decode_image(cifar_queries.samples[0].load(), 10**7)
     before = counts(engine)
     result = service.upload(image, None)
@@ -119,7 +122,7 @@ def test_unknown_category_is_refused_and_nothing_stored(service: SearchService, 
     assert counts(engine) == before
 
 
-def test_upload_without_category_into_empty_catalogue_is_refused(engine: Engine, embedder, tmp_path: Path) -> None:  # noqa: ANN001
+def test_upload_without_category_into_empty_catalogue_is_refused(engine: Engine, embedder, tmp_path: Path) -> None:
     service = SearchService(make_settings(tmp_path, engine), engine, embedder)
     with pytest.raises(InvalidInput, match="no category prototypes yet"):
         service.upload(decode_image(png(Image.new("RGB", (40, 40), "red")), 10**7), None)
@@ -143,7 +146,9 @@ def test_delete_updates_database_prototypes_and_index(service: SearchService, en
     assert service.index_is_current()
 
 
-def test_stale_cache_is_rebuilt_from_database_without_embedding(service: SearchService, engine: Engine, embedder, small: Dataset) -> None:  # noqa: ANN001
+def test_stale_cache_is_rebuilt_from_database_without_embedding(
+    service: SearchService, engine: Engine, embedder, small: Dataset
+) -> None:
     service.ensure_index()  # saved to disk, stamped with the current state
     ingest(Dataset("more", balanced(small.samples, 10)), embedder, engine, 10**7, progress=False)  # all duplicates
     again = SearchService(service.settings, engine, embedder)
@@ -153,7 +158,7 @@ def test_stale_cache_is_rebuilt_from_database_without_embedding(service: SearchS
         catalogue.delete_image(s, s.scalar(select(ImageRow.id).limit(1)))
     calls = []
     monkey = SearchService(service.settings, engine, embedder)
-    monkey.embed = lambda images: calls.append(images)  # type: ignore[method-assign]
+    monkey.embed = calls.append  # type: ignore[method-assign, assignment]
     index = monkey.ensure_index()
     assert monkey.index_origin.startswith("rebuilt from database") and not calls
     assert index.ntotal == 39

@@ -53,7 +53,7 @@ def create_app(settings: Settings | None = None, service: SearchService | None =
         return JSONResponse({"detail": "; ".join(problems), "errors": exc.errors()}, status_code=422)
 
     @app.middleware("http")
-    async def refuse_oversized_bodies(request: Request, call_next):  # noqa: ANN001, ANN202
+    async def refuse_oversized_bodies(request: Request, call_next):
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > settings.max_upload_size + MULTIPART_OVERHEAD:
             return JSONResponse(

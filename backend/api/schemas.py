@@ -75,8 +75,13 @@ class SearchResponse(BaseModel):
         return cls(
             results=[
                 SearchHit(
-                    image_id=h.image_id, rank=h.rank, category=h.category, label_given=h.label_given, score=h.score,
-                    url=f"/images/{h.image_id}", thumbnail_url=f"/images/{h.image_id}/thumbnail",
+                    image_id=h.image_id,
+                    rank=h.rank,
+                    category=h.category,
+                    label_given=h.label_given,
+                    score=h.score,
+                    url=f"/images/{h.image_id}",
+                    thumbnail_url=f"/images/{h.image_id}/thumbnail",
                 )
                 for h in result.results
             ],

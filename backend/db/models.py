@@ -13,7 +13,13 @@ from sqlalchemy import (
     Text,
     func,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, deferred, mapped_column, relationship
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    deferred,
+    mapped_column,
+    relationship,
+)
 
 
 class Base(DeclarativeBase):
@@ -41,9 +47,7 @@ class Image(Base):
     format: Mapped[str] = mapped_column(String(16))
     source: Mapped[str | None] = mapped_column(Text)
     description: Mapped[str | None] = mapped_column(Text)
-    category_id: Mapped[int | None] = mapped_column(
-        ForeignKey("categories.id", ondelete="RESTRICT"), index=True
-    )
+    category_id: Mapped[int | None] = mapped_column(ForeignKey("categories.id", ondelete="RESTRICT"), index=True)
     # True: the label was given by the user or dataset; False: predicted from the nearest prototype.
     label_given: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
@@ -54,9 +58,7 @@ class Image(Base):
 class Embedding(Base):
     __tablename__ = "embeddings"
 
-    image_id: Mapped[int] = mapped_column(
-        ForeignKey("images.id", ondelete="CASCADE"), primary_key=True
-    )
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
     model: Mapped[str] = mapped_column(String(128), primary_key=True, index=True)
     dim: Mapped[int] = mapped_column(Integer)
     vector: Mapped[bytes] = mapped_column(LargeBinary)  # float32, little endian, L2-normalised
@@ -68,9 +70,7 @@ class Prototype(Base):
     __tablename__ = "prototypes"
 
     model: Mapped[str] = mapped_column(String(128), primary_key=True)
-    category_id: Mapped[int] = mapped_column(
-        ForeignKey("categories.id", ondelete="CASCADE"), primary_key=True
-    )
+    category_id: Mapped[int] = mapped_column(ForeignKey("categories.id", ondelete="CASCADE"), primary_key=True)
     dim: Mapped[int] = mapped_column(Integer)
     vector_sum: Mapped[bytes] = mapped_column(LargeBinary)  # float64 sum: stays exact over updates
     count: Mapped[int] = mapped_column(Integer)

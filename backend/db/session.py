@@ -24,8 +24,7 @@ def _embedded_url(settings: Settings) -> URL:
             import pgserver
     except ImportError as exc:  # pragma: no cover - pgserver is in requirements.txt
         raise DatabaseUnavailable(
-            "no database configured and pgserver is not installed: pip install pgserver, "
-            "or set DATABASE_URL"
+            "no database configured and pgserver is not installed: pip install pgserver, or set DATABASE_URL"
         ) from exc
     pgdata = settings.data_dir / "pgdata"
     pgdata.parent.mkdir(parents=True, exist_ok=True)

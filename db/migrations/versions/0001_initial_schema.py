@@ -48,9 +48,7 @@ def upgrade() -> None:
     op.create_table(
         "prototypes",
         sa.Column("model", sa.String(128), primary_key=True),
-        sa.Column(
-            "category_id", sa.Integer, sa.ForeignKey("categories.id", ondelete="CASCADE"), primary_key=True
-        ),
+        sa.Column("category_id", sa.Integer, sa.ForeignKey("categories.id", ondelete="CASCADE"), primary_key=True),
         sa.Column("dim", sa.Integer, nullable=False),
         sa.Column("vector_sum", sa.LargeBinary, nullable=False),
         sa.Column("count", sa.Integer, nullable=False),

@@ -1,0 +1,102 @@
+"""The CLI as a user runs it: real processes, a real database, one clear error line on bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, func, select
+
+from backend.core.config import PROJECT_ROOT
+from backend.db.models import Image
+from backend.db.session import session_scope
+from tests.conftest import CIFAR_SUBSET
+
+
+def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "backend.cli", *args],
+        cwd=PROJECT_ROOT,
+        env={**os.environ, **env},
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.fixture
+def env(databases, tmp_path: Path) -> dict[str, str]:
+    name = f"imsrc_cli_{os.getpid()}_{tmp_path.name[-12:]}".replace("-", "_").lower()
+    from sqlalchemy import text
+
+    with databases.admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    databases.created.append(name)
+    url = databases.server_url.set(database=name).render_as_string(hide_password=False)
+    return {"DATABASE_URL": url, "DATA_DIR": str(tmp_path / "data"), "CIFAR10_DIR": str(CIFAR_SUBSET)}
+
+
+def image_count(url: str) -> int:
+    from sqlalchemy.engine import make_url
+
+    from backend.db.session import make_engine
+
+    engine: Engine = make_engine(make_url(url).set(drivername="postgresql+psycopg2"))
+    with session_scope(engine) as s:
+        n = s.scalar(select(func.count()).select_from(Image)) or 0
+    engine.dispose()
+    return n
+
+
+def test_end_to_end_populate_index_search(env: dict[str, str], tmp_path: Path, cifar_queries) -> None:
+    assert "run init-db first" in run(env, "populate", "--num-images", "10").stderr
+    r = run(env, "init-db")
+    assert r.returncode == 0 and "schema revision 0001" in r.stdout
+    r = run(env, "populate", "--dataset", "cifar10", "--split", "train", "--num-images", "60", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "60 images added" in r.stdout
+    r = run(env, "populate", "--dataset", "cifar10", "--split", "train", "--num-images", "60", "--quiet")
+    assert "0 images added, 60 already stored" in r.stdout  # rerun resumes, stores nothing twice
+    r = run(env, "build-index")
+    assert "60 vectors in 10 categories" in r.stdout
+
+    queries = []
+    for i, s in enumerate(cifar_queries.samples[:3]):
+        queries.append(tmp_path / f"q{i}.png")
+        queries[-1].write_bytes(s.load())
+    r = run(env, "search", *map(str, queries), "--limit", "4", "--top-categories", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [line["query"] for line in lines] == list(map(str, queries))
+    for line in lines:
+        assert len(line["results"]) == 4 and len(line["searched_categories"]) == 2
+        assert {h["category"] for h in line["results"]} <= set(line["searched_categories"])
+        assert set(line["results"][0]) >= {"image_id", "category", "score"} and "timings_ms" in line
+    exact = json.loads(run(env, "search", str(queries[0]), "--no-prototypes", "--json").stdout)
+    assert exact["vectors_scanned"] == exact["vectors_total"] == 60
+
+    status = json.loads(run(env, "status", "--json").stdout)
+    assert status["database"]["images"] == 60 and status["index"]["current"]
+
+
+@pytest.mark.parametrize(
+    ("extra_env", "args", "message"),
+    [
+        ({}, ["populate", "--dataset", "folder", "--source", "/does/not/exist"], "folder not found"),
+        ({}, ["populate", "--dataset", "cifar10", "--source", "/does/not/exist"], "no CIFAR-10 batches"),
+        ({"MODEL_NAME": "vgg16"}, ["status"], "MODEL_NAME"),
+        ({"DATABASE_URL": "postgresql://postgres@127.0.0.1:1/nothing"}, ["init-db"], "database unreachable"),
+        ({}, ["search", "setup.sh"], "not an image"),
+        ({}, ["search", "/no/such.png"], "cannot read"),
+    ],
+)
+def test_bad_input_is_one_line_and_changes_nothing(env: dict[str, str], extra_env: dict, args: list[str], message: str) -> None:
+    assert run(env, "init-db").returncode == 0
+    r = run({**env, **extra_env}, *args)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
+    assert image_count(env["DATABASE_URL"]) == 0

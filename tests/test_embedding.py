@@ -1,0 +1,44 @@
+"""Embedding models: the real pretrained Lite0, and the failure paths of the torchvision models."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from backend.core.errors import ConfigurationError, ModelUnavailable
+from backend.embedding.registry import create_embedder
+from backend.embedding.torchvision_models import ResNetEmbedder
+from tests.conftest import make_settings
+
+
+def test_lite0_vectors_are_normalised_deterministic_and_meaningful(embedder, cifar_queries) -> None:
+    from backend.imaging import decode_image
+
+    images = [decode_image(s.load(), 10**6).rgb for s in cifar_queries.samples[:12]]
+    a = embedder.embed(images)
+    b = embedder.embed(images[::-1])[::-1]
+    assert a.shape == (12, 1280) and a.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1, atol=1e-5)
+    np.testing.assert_allclose(a, b, atol=1e-4)  # batch order does not change a vector
+    assert embedder.model_id == "efficientnet_lite0/imagenet/224px"
+
+
+def test_any_size_and_mode_is_accepted(embedder) -> None:
+    out = embedder.embed([Image.new("RGB", (500, 90), "red"), Image.new("RGB", (7, 300), "blue")])
+    assert out.shape == (2, 1280)
+
+
+def test_random_weights_are_recorded_in_model_id(tmp_path) -> None:
+    model = ResNetEmbedder("resnet18", "random", None, "cpu", 4)
+    assert model.model_id == "resnet18/random/224px"
+    assert model.embed([Image.new("RGB", (64, 64), "green")]).shape == (1, 512)
+
+
+def test_missing_weights_file_names_the_remedy(tmp_path) -> None:
+    model = create_embedder(make_settings(tmp_path, model_name="resnet50", model_weights=str(tmp_path / "nope.pth")))
+    with pytest.raises(ModelUnavailable, match="MODEL_WEIGHTS file not found"):
+        model.load()
+
+
+def test_unknown_model_is_refused(tmp_path) -> None:
+    with pytest.raises(ConfigurationError, match="unknown model"):
+        create_embedder(make_settings(tmp_path), "vgg16")
