@@ -88,23 +88,25 @@ def evaluate_index(index: TwoStageIndex, catalogue: Embedded, queries: Embedded,
         if exact_ids is None:
             exact_ids = hits.ids
         rel = np.where(hits.ids >= 0, catalogue.labels[np.maximum(hits.ids, 0)] == q_labels[:, None], False)
-        rows.append({
-            "search": name,
-            "top_categories": top,
-            "precision@10": metrics.precision_at_k(rel, 10),
-            "recall@10": metrics.recall_at_k(rel, 10, n_relevant),
-            "mAP@10": metrics.average_precision_at_k(rel, 10, n_relevant),
-            "precision@100": metrics.precision_at_k(rel, 100),
-            "recall@100": metrics.recall_at_k(rel, 100, n_relevant),
-            "mAP@100": metrics.average_precision_at_k(rel, 100, n_relevant),
-            "MRR": metrics.mean_reciprocal_rank(rel),
-            "NDCG@10": metrics.ndcg_at_k(rel, 10, n_relevant),
-            "F1@10": metrics.f1_at_k(rel, 10, n_relevant),
-            "recall@10_vs_exact": metrics.overlap_recall(hits.ids, exact_ids, 10),
-            "fraction_scanned": float(np.mean(hits.scanned / index.ntotal)),
-            "latency_ms_p50": float(np.percentile(timings, 50) * 1000),
-            "latency_ms_p95": float(np.percentile(timings, 95) * 1000),
-        })
+        rows.append(
+            {
+                "search": name,
+                "top_categories": top,
+                "precision@10": metrics.precision_at_k(rel, 10),
+                "recall@10": metrics.recall_at_k(rel, 10, n_relevant),
+                "mAP@10": metrics.average_precision_at_k(rel, 10, n_relevant),
+                "precision@100": metrics.precision_at_k(rel, 100),
+                "recall@100": metrics.recall_at_k(rel, 100, n_relevant),
+                "mAP@100": metrics.average_precision_at_k(rel, 100, n_relevant),
+                "MRR": metrics.mean_reciprocal_rank(rel),
+                "NDCG@10": metrics.ndcg_at_k(rel, 10, n_relevant),
+                "F1@10": metrics.f1_at_k(rel, 10, n_relevant),
+                "recall@10_vs_exact": metrics.overlap_recall(hits.ids, exact_ids, 10),
+                "fraction_scanned": float(np.mean(hits.scanned / index.ntotal)),
+                "latency_ms_p50": float(np.percentile(timings, 50) * 1000),
+                "latency_ms_p95": float(np.percentile(timings, 95) * 1000),
+            }
+        )
     return {
         "catalogue_size": int(index.ntotal),
         "queries": len(q),
@@ -116,10 +118,21 @@ def evaluate_index(index: TwoStageIndex, catalogue: Embedded, queries: Embedded,
 
 
 def format_table(report: dict) -> str:
-    cols = ["precision@10", "recall@10", "mAP@10", "precision@100", "recall@100", "mAP@100", "MRR", "NDCG@10",
-            "F1@10", "recall@10_vs_exact", "fraction_scanned", "latency_ms_p50"]
-    short = ["P@10", "R@10", "mAP@10", "P@100", "R@100", "mAP@100", "MRR", "NDCG@10", "F1@10", "R@10/exact", "scanned",
-             "ms p50"]
+    cols = [
+        "precision@10",
+        "recall@10",
+        "mAP@10",
+        "precision@100",
+        "recall@100",
+        "mAP@100",
+        "MRR",
+        "NDCG@10",
+        "F1@10",
+        "recall@10_vs_exact",
+        "fraction_scanned",
+        "latency_ms_p50",
+    ]
+    short = ["P@10", "R@10", "mAP@10", "P@100", "R@100", "mAP@100", "MRR", "NDCG@10", "F1@10", "R@10/exact", "scanned", "ms p50"]
     lines = [
         f"{report['dataset']} with {report['model']}: {report['catalogue_size']} catalogue images, "
         f"{report['queries']} queries, {report['categories']} categories",

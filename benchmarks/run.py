@@ -68,6 +68,7 @@ def cifar_samples(settings: Settings, n: int, split: str = "train") -> Dataset:
 
 # --- embedding ------------------------------------------------------------------------------------
 
+
 def bench_embed(settings: Settings, quick: bool) -> list[dict]:
     from backend.embedding.base import Embedder
     from backend.embedding.efficientnet import EfficientNetLiteEmbedder
@@ -103,16 +104,24 @@ def bench_embed(settings: Settings, quick: bool) -> list[dict]:
         t = time.perf_counter()
         model.embed([decode_image(b, 10**7).rgb for b in raw[:n]])
         with_decode = n / (time.perf_counter() - t)
-        rows.append({
-            "model": model.model_id, "batch": batch, "input_px": model.image_size,
-            "images_per_s": round(model_only, 1), "images_per_s_with_decode": round(with_decode, 1),
-        })
-        print(f"  embed {model.model_id:<34} batch {batch:>3}: {model_only:7.1f} img/s, {with_decode:7.1f} with decode",
-              file=sys.stderr)
+        rows.append(
+            {
+                "model": model.model_id,
+                "batch": batch,
+                "input_px": model.image_size,
+                "images_per_s": round(model_only, 1),
+                "images_per_s_with_decode": round(with_decode, 1),
+            }
+        )
+        print(
+            f"  embed {model.model_id:<34} batch {batch:>3}: {model_only:7.1f} img/s, {with_decode:7.1f} with decode",
+            file=sys.stderr,
+        )
     return rows
 
 
 # --- search on synthetic clustered vectors -------------------------------------------------------
+
 
 def clustered(n: int, seed: int = 0, n_queries: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """n unit vectors in N_CATEGORIES clusters (balanced), plus queries drawn from the same clusters."""
@@ -128,13 +137,13 @@ def clustered(n: int, seed: int = 0, n_queries: int = 256) -> tuple[np.ndarray, 
     return x, labels, q / np.linalg.norm(q, axis=1, keepdims=True)
 
 
-def synthetic_index(x: np.ndarray, labels: np.ndarray):  # noqa: ANN201
+def synthetic_index(x: np.ndarray, labels: np.ndarray):
     from backend.evaluation import Embedded, build_index
 
     return build_index(Embedded(x, labels, [str(i) for i in range(N_CATEGORIES)]), "synthetic")
 
 
-def time_search(index, q: np.ndarray, top: int | None, singles: int) -> dict:  # noqa: ANN001
+def time_search(index, q: np.ndarray, top: int | None, singles: int) -> dict:
     _, ranked = index.rank_categories(q)
     lists = None if top is None else ranked[:, :top]
 
@@ -164,21 +173,30 @@ def bench_search(quick: bool, tops: tuple[int, ...] = (1, 2, 3, 5)) -> list[dict
         del x
         singles = 100 if quick or n >= 1_000_000 else 300
         exact = time_search(index, q, None, singles)
-        row = {"vectors": n, "build_vectors_per_s": round(n / build_s), "index_rss_mb": round(rss_mb() - before),
-               "exact": exact, "two_stage": {}}
+        row = {
+            "vectors": n,
+            "build_vectors_per_s": round(n / build_s),
+            "index_rss_mb": round(rss_mb() - before),
+            "exact": exact,
+            "two_stage": {},
+        }
         for top in tops:
             r = time_search(index, q, top, singles)
             r["speedup_p50"] = exact["p50"] / r["p50"]
             r["speedup_qps"] = r["qps"] / exact["qps"]
             row["two_stage"][top] = r
         rows.append(row)
-        print(f"  search {n:>9,} vectors: exact p50 {exact['p50']:.2f} ms, "
-              + ", ".join(f"C={c} x{r['speedup_p50']:.1f}" for c, r in row["two_stage"].items()), file=sys.stderr)
+        print(
+            f"  search {n:>9,} vectors: exact p50 {exact['p50']:.2f} ms, "
+            + ", ".join(f"C={c} x{r['speedup_p50']:.1f}" for c, r in row["two_stage"].items()),
+            file=sys.stderr,
+        )
         del index
     return rows
 
 
 # --- database-backed sections -------------------------------------------------------------------
+
 
 class TempDatabase:
     """A throwaway embedded PostgreSQL with the schema applied."""
@@ -224,20 +242,44 @@ def bench_build(quick: bool) -> list[dict]:
                 cats = list(ensure_categories(s, [f"c{i}" for i in range(N_CATEGORIES)]).values())
                 for start in range(0, n, 5000):
                     stop = min(n, start + 5000)
-                    ids = s.scalars(insert(Image).returning(Image.id), [
-                        {"sha256": f"{i:064x}", "data": b"", "size_bytes": 0, "width": 1, "height": 1, "format": "PNG",
-                         "category_id": cats[labels[i]], "label_given": True} for i in range(start, stop)
-                    ]).all()
-                    s.execute(insert(Embedding), [
-                        {"image_id": i, "model": model, "dim": DIM, "vector": to_bytes(v)}
-                        for i, v in zip(ids, x[start:stop], strict=True)
-                    ])
+                    ids = s.scalars(
+                        insert(Image).returning(Image.id),
+                        [
+                            {
+                                "sha256": f"{i:064x}",
+                                "data": b"",
+                                "size_bytes": 0,
+                                "width": 1,
+                                "height": 1,
+                                "format": "PNG",
+                                "category_id": cats[labels[i]],
+                                "label_given": True,
+                            }
+                            for i in range(start, stop)
+                        ],
+                    ).all()
+                    s.execute(
+                        insert(Embedding),
+                        [
+                            {"image_id": i, "model": model, "dim": DIM, "vector": to_bytes(v)}
+                            for i, v in zip(ids, x[start:stop], strict=True)
+                        ],
+                    )
                 sums = np.zeros((N_CATEGORIES, DIM))
                 np.add.at(sums, labels, x.astype(np.float64))
-                s.execute(insert(Prototype), [
-                    {"model": model, "category_id": cats[c], "dim": DIM, "vector_sum": sums[c].tobytes(),
-                     "count": int((labels == c).sum())} for c in range(N_CATEGORIES)
-                ])
+                s.execute(
+                    insert(Prototype),
+                    [
+                        {
+                            "model": model,
+                            "category_id": cats[c],
+                            "dim": DIM,
+                            "vector_sum": sums[c].tobytes(),
+                            "count": int((labels == c).sum()),
+                        }
+                        for c in range(N_CATEGORIES)
+                    ],
+                )
             del x
             service = SearchService.__new__(SearchService)  # no model needed to rebuild from stored vectors
             service.engine, service.embedder = db.engine, type("E", (), {"model_id": model, "dim": DIM})()
@@ -245,8 +287,15 @@ def bench_build(quick: bool) -> list[dict]:
             t = time.perf_counter()
             index = service._build_from_db()
             seconds = time.perf_counter() - t
-            rows.append({"vectors": n, "seconds": round(seconds, 2), "vectors_per_s": round(n / seconds),
-                         "rss_mb": round(rss_mb()), "rss_growth_mb": round(rss_mb() - before)})
+            rows.append(
+                {
+                    "vectors": n,
+                    "seconds": round(seconds, 2),
+                    "vectors_per_s": round(n / seconds),
+                    "rss_mb": round(rss_mb()),
+                    "rss_growth_mb": round(rss_mb() - before),
+                }
+            )
             print(f"  build from database, {n:,} vectors: {n / seconds:,.0f} vectors/s", file=sys.stderr)
             del index
     return rows
@@ -267,11 +316,43 @@ def bench_ingest(settings: Settings, quick: bool) -> dict:
     embed_only = len(images) / (time.perf_counter() - t)
     with TempDatabase() as db:
         report = ingest(dataset, embedder, db.engine, 10**7, progress=False)
-    result = {"images": report.added, "end_to_end_images_per_s": round(report.images_per_second, 1),
-              "embedding_only_images_per_s": round(embed_only, 1),
-              "overhead_pct": round(100 * (embed_only / report.images_per_second - 1), 1)}
+    result = {
+        "images": report.added,
+        "end_to_end_images_per_s": round(report.images_per_second, 1),
+        "embedding_only_images_per_s": round(embed_only, 1),
+        "overhead_pct": round(100 * (embed_only / report.images_per_second - 1), 1),
+    }
     print(f"  ingest: {result['end_to_end_images_per_s']} img/s end to end, {embed_only:.1f} embedding alone", file=sys.stderr)
     return result
+
+
+def _http_load(base: str, queries: list[bytes], clients: int, per_client: int) -> tuple[list[float], list[float], float]:
+    """`clients` threads, each posting `per_client` searches: (latencies, server embed+search times, wall time)."""
+    import httpx
+
+    latencies: list[float] = []
+    inner: list[float] = []
+    lock = threading.Lock()
+
+    def client(offset: int) -> None:
+        with httpx.Client(base_url=base, timeout=60) as http:
+            for i in range(per_client):
+                t = time.perf_counter()
+                r = http.post("/search?limit=10", files={"file": ("q.png", queries[(offset + i) % len(queries)])})
+                elapsed = time.perf_counter() - t
+                r.raise_for_status()
+                timings = r.json()["timings_ms"]
+                with lock:
+                    latencies.append(elapsed)
+                    inner.append((timings["embed"] + timings["prototypes"] + timings["search"]) / 1000)
+
+    threads = [threading.Thread(target=client, args=(c * 3,)) for c in range(clients)]
+    t = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return latencies, inner, time.perf_counter() - t
 
 
 def bench_http(settings: Settings, quick: bool) -> list[dict]:
@@ -287,8 +368,13 @@ def bench_http(settings: Settings, quick: bool) -> list[dict]:
         ingest(catalogue, embedder, db.engine, 10**7, progress=False)
         port = 8765
         env = {**os.environ, "DATABASE_URL": db.url.render_as_string(hide_password=False), "DATA_DIR": str(db.data_dir)}
-        proc = subprocess.Popen([sys.executable, "-m", "backend.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-                                cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "backend.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=PROJECT_ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         base = f"http://127.0.0.1:{port}"
         try:
             for _ in range(300):
@@ -300,34 +386,15 @@ def bench_http(settings: Settings, quick: bool) -> list[dict]:
             rows = []
             per_client = 8 if quick else 24
             for clients in (1, 2, 8):
-                latencies: list[float] = []
-                inner: list[float] = []
-                lock = threading.Lock()
-
-                def client(offset: int) -> None:
-                    with httpx.Client(base_url=base, timeout=60) as http:
-                        for i in range(per_client):
-                            body = queries[(offset + i) % len(queries)]
-                            t = time.perf_counter()
-                            r = http.post("/search?limit=10", files={"file": ("q.png", body)})
-                            elapsed = time.perf_counter() - t
-                            r.raise_for_status()
-                            timings = r.json()["timings_ms"]
-                            with lock:
-                                latencies.append(elapsed)
-                                inner.append((timings["embed"] + timings["prototypes"] + timings["search"]) / 1000)
-
                 with httpx.Client(base_url=base) as http:  # warm-up
                     http.post("/search", files={"file": ("q.png", queries[0])})
-                threads = [threading.Thread(target=client, args=(c * 3,)) for c in range(clients)]
-                t = time.perf_counter()
-                for th in threads:
-                    th.start()
-                for th in threads:
-                    th.join()
-                wall = time.perf_counter() - t
-                row = {"clients": clients, **percentiles(latencies), "requests_per_s": len(latencies) / wall,
-                       "end_to_end_over_embed_plus_search": float(np.mean(latencies) / np.mean(inner))}
+                latencies, inner, wall = _http_load(base, queries, clients, per_client)
+                row = {
+                    "clients": clients,
+                    **percentiles(latencies),
+                    "requests_per_s": len(latencies) / wall,
+                    "end_to_end_over_embed_plus_search": float(np.mean(latencies) / np.mean(inner)),
+                }
                 rows.append(row)
                 print(f"  http {clients} client(s): p50 {row['p50']:.1f} ms, {row['requests_per_s']:.1f} req/s", file=sys.stderr)
         finally:
@@ -338,42 +405,57 @@ def bench_http(settings: Settings, quick: bool) -> list[dict]:
 
 # --- report ---------------------------------------------------------------------------------------
 
+
 def print_report(report: dict) -> None:
     hw = report["hardware"]
-    print(f"machine: {hw['cpu']}, {hw['cores']} cores, {hw['memory_gb']} GB; torch {hw['torch']} "
-          f"({hw['torch_threads']} threads), faiss {hw['faiss']}; mode: {report['mode']}")
+    print(
+        f"machine: {hw['cpu']}, {hw['cores']} cores, {hw['memory_gb']} GB; torch {hw['torch']} "
+        f"({hw['torch_threads']} threads), faiss {hw['faiss']}; mode: {report['mode']}"
+    )
     if "embed" in report:
         print("\nembedding throughput (images/s)")
         print(f"  {'model':<36}{'batch':>6}{'px':>6}{'model only':>12}{'+ decode':>10}")
         for r in report["embed"]:
-            print(f"  {r['model']:<36}{r['batch']:>6}{r['input_px']:>6}{r['images_per_s']:>12.1f}"
-                  f"{r['images_per_s_with_decode']:>10.1f}")
+            print(
+                f"  {r['model']:<36}{r['batch']:>6}{r['input_px']:>6}{r['images_per_s']:>12.1f}"
+                f"{r['images_per_s_with_decode']:>10.1f}"
+            )
     if "search" in report:
         print(f"\nsearch latency (ms, one query, k=10) and throughput ({N_CATEGORIES} clustered categories, d={DIM})")
         print(f"  {'vectors':>9} {'search':<12}{'p50':>8}{'p95':>8}{'p99':>8}{'q/s':>9}{'scanned':>9}{'x p50':>7}{'x q/s':>7}")
         for r in report["search"]:
             ex = r["exact"]
-            print(f"  {r['vectors']:>9,} {'exact':<12}{ex['p50']:>8.2f}{ex['p95']:>8.2f}{ex['p99']:>8.2f}"
-                  f"{ex['qps']:>9.0f}{ex['fraction_scanned']:>9.2f}{1:>7.1f}{1:>7.1f}")
+            print(
+                f"  {r['vectors']:>9,} {'exact':<12}{ex['p50']:>8.2f}{ex['p95']:>8.2f}{ex['p99']:>8.2f}"
+                f"{ex['qps']:>9.0f}{ex['fraction_scanned']:>9.2f}{1:>7.1f}{1:>7.1f}"
+            )
             for c, t in r["two_stage"].items():
-                print(f"  {'':>9} {'C=' + str(c):<12}{t['p50']:>8.2f}{t['p95']:>8.2f}{t['p99']:>8.2f}{t['qps']:>9.0f}"
-                      f"{t['fraction_scanned']:>9.2f}{t['speedup_p50']:>7.1f}{t['speedup_qps']:>7.1f}")
+                print(
+                    f"  {'':>9} {'C=' + str(c):<12}{t['p50']:>8.2f}{t['p95']:>8.2f}{t['p99']:>8.2f}{t['qps']:>9.0f}"
+                    f"{t['fraction_scanned']:>9.2f}{t['speedup_p50']:>7.1f}{t['speedup_qps']:>7.1f}"
+                )
             print(f"  {'':>9} index memory {r['index_rss_mb']} MB, in-memory build {r['build_vectors_per_s']:,} vectors/s")
     if "build" in report:
         print("\nindex build from the database")
         for r in report["build"]:
-            print(f"  {r['vectors']:>9,} vectors: {r['seconds']:.2f} s, {r['vectors_per_s']:,} vectors/s, "
-                  f"process RSS {r['rss_mb']} MB (+{r['rss_growth_mb']} MB)")
+            print(
+                f"  {r['vectors']:>9,} vectors: {r['seconds']:.2f} s, {r['vectors_per_s']:,} vectors/s, "
+                f"process RSS {r['rss_mb']} MB (+{r['rss_growth_mb']} MB)"
+            )
     if "http" in report:
         print("\nHTTP POST /search end to end (Lite0, limit 10, two-stage C=3)")
         for r in report["http"]:
-            print(f"  {r['clients']} client(s): p50 {r['p50']:.1f} ms, p95 {r['p95']:.1f} ms, p99 {r['p99']:.1f} ms, "
-                  f"{r['requests_per_s']:.1f} req/s; end-to-end / (embed + search) = "
-                  f"{r['end_to_end_over_embed_plus_search']:.2f}")
+            print(
+                f"  {r['clients']} client(s): p50 {r['p50']:.1f} ms, p95 {r['p95']:.1f} ms, p99 {r['p99']:.1f} ms, "
+                f"{r['requests_per_s']:.1f} req/s; end-to-end / (embed + search) = "
+                f"{r['end_to_end_over_embed_plus_search']:.2f}"
+            )
     if "ingest" in report:
         r = report["ingest"]
-        print(f"\ningestion: {r['end_to_end_images_per_s']} images/s end to end (decode + embed + store) vs "
-              f"{r['embedding_only_images_per_s']} embedding alone ({r['images']} CIFAR-10 images)")
+        print(
+            f"\ningestion: {r['end_to_end_images_per_s']} images/s end to end (decode + embed + store) vs "
+            f"{r['embedding_only_images_per_s']} embedding alone ({r['images']} CIFAR-10 images)"
+        )
 
 
 def run_benchmarks(args: argparse.Namespace, settings: Settings) -> dict:

@@ -14,7 +14,12 @@ def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "DATA_DIR": str(tmp_path), "CIFAR10_DIR": str(CIFAR_SUBSET)}
     return subprocess.run(
         [sys.executable, "-m", "backend.cli", *args],
-        cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600, check=False,
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
 
 
