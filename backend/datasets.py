@@ -8,6 +8,7 @@ import gzip
 import hashlib
 import logging
 import pickle
+import shutil
 import tarfile
 import urllib.request
 from collections import defaultdict
@@ -105,7 +106,8 @@ def _download_cifar10(dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     try:
         log.info("downloading %s", CIFAR10_URL)
-        urllib.request.urlretrieve(CIFAR10_URL, archive)
+        with urllib.request.urlopen(CIFAR10_URL, timeout=30) as response, open(archive, "wb") as out:
+            shutil.copyfileobj(response, out, length=1 << 20)
     except OSError as exc:
         archive.unlink(missing_ok=True)
         raise DatasetUnavailable(

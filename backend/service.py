@@ -104,6 +104,8 @@ class SearchService:
 
     def ensure_index(self, force_rebuild: bool = False) -> TwoStageIndex:
         """Load the saved index if it matches the database, else rebuild it from stored vectors and save."""
+        if self._index is not None and not force_rebuild:
+            return self._index  # the common case, without taking the lock
         with self._build_lock:
             if self._index is not None and not force_rebuild:
                 return self._index

@@ -9,7 +9,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import threading
@@ -23,7 +22,8 @@ import psutil
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backend.core.config import PROJECT_ROOT, Settings, get_settings
+from backend.api.server_process import running_server
+from backend.core.config import Settings, get_settings
 from backend.datasets import Dataset, balanced, find_cifar10, load_cifar10
 
 SECTIONS = ("embed", "search", "build", "http", "ingest")
@@ -366,23 +366,8 @@ def bench_http(settings: Settings, quick: bool) -> list[dict]:
     with TempDatabase() as db:
         embedder = EfficientNetLiteEmbedder("efficientnet_lite0", None, "auto", settings.embed_batch_size)
         ingest(catalogue, embedder, db.engine, 10**7, progress=False)
-        port = 8765
         env = {**os.environ, "DATABASE_URL": db.url.render_as_string(hide_password=False), "DATA_DIR": str(db.data_dir)}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "backend.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=PROJECT_ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        base = f"http://127.0.0.1:{port}"
-        try:
-            for _ in range(300):
-                try:
-                    if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.3)
+        with running_server(env) as base:
             rows = []
             per_client = 8 if quick else 24
             for clients in (1, 2, 8):
@@ -397,9 +382,6 @@ def bench_http(settings: Settings, quick: bool) -> list[dict]:
                 }
                 rows.append(row)
                 print(f"  http {clients} client(s): p50 {row['p50']:.1f} ms, {row['requests_per_s']:.1f} req/s", file=sys.stderr)
-        finally:
-            proc.terminate()
-            proc.wait(10)
     return rows
 
 

@@ -70,3 +70,13 @@ def test_fashion_mnist_idx_files() -> None:
     assert len(test) == 10_000
     img = decode_image(test[0].load(), 10**6)
     assert (img.width, img.height) == (28, 28) and test[0].label == "ankle boot"
+
+
+def test_failed_cifar10_download_says_how_to_use_a_local_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import backend.datasets as datasets
+
+    monkeypatch.setattr(datasets, "CIFAR10_URL", "http://127.0.0.1:9/cifar-10-python.tar.gz")  # nothing listens there
+    settings = make_settings(tmp_path).model_copy(update={"cifar10_dir": None})
+    with pytest.raises(DatasetUnavailable, match=r"could not be downloaded.*CIFAR10_DIR"):
+        datasets.find_cifar10(None, settings)
+    assert not list((tmp_path / "cache").glob("*.tar.gz"))  # no half-downloaded archive left behind

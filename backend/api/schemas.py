@@ -8,6 +8,10 @@ from backend.db.models import Image
 from backend.service import SearchResult
 
 
+def image_urls(image_id: int) -> dict[str, str]:
+    return {"url": f"/images/{image_id}", "thumbnail_url": f"/images/{image_id}/thumbnail"}
+
+
 class ImageInfo(BaseModel):
     id: int
     category: str | None
@@ -37,8 +41,7 @@ class ImageInfo(BaseModel):
             source=image.source,
             description=image.description,
             created_at=image.created_at,
-            url=f"/images/{image.id}",
-            thumbnail_url=f"/images/{image.id}/thumbnail",
+            **image_urls(image.id),
         )
 
 
@@ -80,8 +83,7 @@ class SearchResponse(BaseModel):
                     category=h.category,
                     label_given=h.label_given,
                     score=h.score,
-                    url=f"/images/{h.image_id}",
-                    thumbnail_url=f"/images/{h.image_id}/thumbnail",
+                    **image_urls(h.image_id),
                 )
                 for h in result.results
             ],

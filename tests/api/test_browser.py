@@ -1,15 +1,11 @@
 """The web page in a real browser (Debian's chromium driven by Playwright) against a real server process."""
 
 import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
+from backend.api.server_process import running_server
 from backend.core.config import PROJECT_ROOT
 from backend.datasets import Dataset, balanced
 from backend.ingest import ingest
@@ -20,45 +16,17 @@ ARTIFACTS = PROJECT_ROOT / "test-artifacts"
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no browser at {CHROMIUM}")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(databases, embedder, cifar_train: Dataset, tmp_path_factory) -> str:
     engine = databases.new()
     ingest(Dataset("cifar10", balanced(cifar_train.samples, 100)), embedder, engine, 10**7, progress=False)
-    port = free_port()
     env = {
         **os.environ,
         "DATABASE_URL": engine.url.render_as_string(hide_password=False),
         "DATA_DIR": str(tmp_path_factory.mktemp("browser-data")),
     }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "backend.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=PROJECT_ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.3)
-        if proc.poll() is not None:
-            pytest.fail(f"server exited: {proc.stdout.read().decode()[-2000:]}")
-    else:
-        proc.kill()
-        pytest.fail("server did not start in 90 s")
-    yield base
-    proc.terminate()
-    proc.wait(10)
+    with running_server(env) as base:
+        yield base
 
 
 @pytest.fixture(scope="module")

@@ -93,8 +93,10 @@ def test_upload_then_fetch_similar_info_and_delete(client: TestClient, query_png
     similar = client.get(f"/images/{new['image_id']}/similar?limit=5").json()
     assert new["image_id"] not in [h["image_id"] for h in similar["results"]] and len(similar["results"]) == 5
 
+    assert client.get(f"/images/{new['image_id']}/thumbnail").status_code == 200
     assert client.delete(f"/images/{new['image_id']}").status_code == 200
     assert client.get(f"/images/{new['image_id']}").status_code == 404
+    assert client.get(f"/images/{new['image_id']}/thumbnail").status_code == 404
     assert image_count(client) == before
     assert client.get("/status").json()["index"]["current"]
 

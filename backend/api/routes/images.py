@@ -8,7 +8,7 @@ from fastapi import APIRouter, File, Form, Request, Response, UploadFile
 
 from backend import catalogue
 from backend.api.deps import ServiceDep, SettingsDep
-from backend.api.schemas import ImageInfo, UploadResponse
+from backend.api.schemas import ImageInfo, UploadResponse, image_urls
 from backend.api.uploads import read_image
 from backend.db.session import session_scope
 from backend.imaging import CONTENT_TYPES, make_thumbnail
@@ -30,6 +30,10 @@ class _ThumbnailCache:
             if key in self._items:
                 self._items.move_to_end(key)
             return self._items.get(key)
+
+    def discard(self, key: int) -> None:
+        with self._lock:
+            self._items.pop(key, None)
 
     def put(self, key: int, value: bytes) -> None:
         with self._lock:
@@ -65,8 +69,7 @@ def upload(
         category=result.category,
         label_given=result.label_given,
         category_score=result.category_score,
-        url=f"/images/{result.image_id}",
-        thumbnail_url=f"/images/{result.image_id}/thumbnail",
+        **image_urls(result.image_id),
     )
 
 
@@ -105,4 +108,5 @@ def info(image_id: int, service: ServiceDep) -> ImageInfo:
 def delete(image_id: int, service: ServiceDep) -> dict:
     """Delete the image, its embeddings and its share of the prototype; the index is updated."""
     image = service.delete(image_id)
+    _thumbnails.discard(image_id)
     return {"deleted": image.id}
