@@ -70,29 +70,34 @@ def cifar_samples(settings: Settings, n: int, split: str = "train") -> Dataset:
 
 
 def bench_embed(settings: Settings, quick: bool) -> list[dict]:
-    from backend.embedding.base import Embedder
+    from backend.embedding.base import Embedder, onnxruntime_available
     from backend.embedding.efficientnet import EfficientNetLiteEmbedder
     from backend.embedding.torchvision_models import ResNetEmbedder
     from backend.imaging import decode_image
 
-    def make(name: str, size: int | None, batch: int) -> Embedder:
-        if name.startswith("efficientnet"):
-            return EfficientNetLiteEmbedder(name, size, "auto", batch)
-        # Pretrained ResNet weights cannot be fetched offline; random weights cost the same compute.
-        return ResNetEmbedder(name, "random", size, "auto", batch)
+    onnx_dir = settings.cache_dir / "onnx"
 
+    def make(name: str, size: int | None, batch: int, runtime: str) -> Embedder:
+        if name.startswith("efficientnet"):
+            return EfficientNetLiteEmbedder(name, size, "auto", batch, runtime=runtime, onnx_dir=onnx_dir)
+        # Pretrained ResNet weights cannot be fetched offline; random weights cost the same compute.
+        return ResNetEmbedder(name, "random", size, "auto", batch, runtime=runtime, onnx_dir=onnx_dir)
+
+    runtime = "onnx" if onnxruntime_available() else "torch"
     if quick:
-        plan = [("efficientnet_lite0", 224, 8)]
+        plan = [("efficientnet_lite0", 224, 8, "torch"), ("efficientnet_lite0", 224, 8, runtime)]
     else:
-        plan = [(m, None, b) for m in ("efficientnet_lite0", "efficientnet_lite2", "resnet18", "resnet50") for b in (1, 8, 32)]
-        plan += [("efficientnet_lite0", s, 32) for s in (128, 160)]
+        models = ("efficientnet_lite0", "efficientnet_lite2", "resnet18", "resnet50")
+        plan = [(m, None, b, "torch") for m in models for b in (1, 8, 32)]
+        plan += [(m, None, b, runtime) for m in models for b in (1, 8, 32)]
+        plan += [("efficientnet_lite0", s, 32, runtime) for s in (128, 160)]
     samples = cifar_samples(settings, 64 if quick else 96).samples
     raw = [s.load() for s in samples]
     rows = []
     cache: dict[tuple, Embedder] = {}
-    for name, size, batch in plan:
-        model = cache.get((name, size)) or make(name, size, batch)
-        cache[(name, size)] = model
+    for name, size, batch, rt in plan:
+        model = cache.get((name, size, rt)) or make(name, size, batch, rt)
+        cache[(name, size, rt)] = model
         model.batch_size = batch
         model.load()
         n = min(len(raw), max(2 * batch, 24 if "lite2" in name or "50" in name else 48))
@@ -107,6 +112,7 @@ def bench_embed(settings: Settings, quick: bool) -> list[dict]:
         rows.append(
             {
                 "model": model.model_id,
+                "runtime": model.runtime,
                 "batch": batch,
                 "input_px": model.image_size,
                 "images_per_s": round(model_only, 1),
@@ -114,7 +120,7 @@ def bench_embed(settings: Settings, quick: bool) -> list[dict]:
             }
         )
         print(
-            f"  embed {model.model_id:<34} batch {batch:>3}: {model_only:7.1f} img/s, {with_decode:7.1f} with decode",
+            f"  embed {model.model_id:<34} {rt:<5} batch {batch:>3}: {model_only:7.1f} img/s, {with_decode:7.1f} with decode",
             file=sys.stderr,
         )
     return rows
@@ -302,12 +308,12 @@ def bench_build(quick: bool) -> list[dict]:
 
 
 def bench_ingest(settings: Settings, quick: bool) -> dict:
-    from backend.embedding.efficientnet import EfficientNetLiteEmbedder
+    from backend.embedding.registry import create_embedder
     from backend.imaging import decode_image
     from backend.ingest import ingest
 
     dataset = cifar_samples(settings, 64 if quick else 320)
-    embedder = EfficientNetLiteEmbedder("efficientnet_lite0", None, "auto", settings.embed_batch_size)
+    embedder = create_embedder(settings, "efficientnet_lite0")
     embedder.load()
     images = [decode_image(s.load(), 10**7).rgb for s in dataset.samples]
     embedder.embed(images[:8])
@@ -358,13 +364,13 @@ def _http_load(base: str, queries: list[bytes], clients: int, per_client: int) -
 def bench_http(settings: Settings, quick: bool) -> list[dict]:
     import httpx
 
-    from backend.embedding.efficientnet import EfficientNetLiteEmbedder
+    from backend.embedding.registry import create_embedder
     from backend.ingest import ingest
 
     catalogue = cifar_samples(settings, 100 if quick else 1000)
     queries = [s.load() for s in cifar_samples(settings, 20, "test").samples]
     with TempDatabase() as db:
-        embedder = EfficientNetLiteEmbedder("efficientnet_lite0", None, "auto", settings.embed_batch_size)
+        embedder = create_embedder(settings, "efficientnet_lite0")
         ingest(catalogue, embedder, db.engine, 10**7, progress=False)
         env = {**os.environ, "DATABASE_URL": db.url.render_as_string(hide_password=False), "DATA_DIR": str(db.data_dir)}
         with running_server(env) as base:
@@ -396,10 +402,10 @@ def print_report(report: dict) -> None:
     )
     if "embed" in report:
         print("\nembedding throughput (images/s)")
-        print(f"  {'model':<36}{'batch':>6}{'px':>6}{'model only':>12}{'+ decode':>10}")
+        print(f"  {'model':<36}{'runtime':>8}{'batch':>6}{'px':>6}{'model only':>12}{'+ decode':>10}")
         for r in report["embed"]:
             print(
-                f"  {r['model']:<36}{r['batch']:>6}{r['input_px']:>6}{r['images_per_s']:>12.1f}"
+                f"  {r['model']:<36}{r['runtime']:>8}{r['batch']:>6}{r['input_px']:>6}{r['images_per_s']:>12.1f}"
                 f"{r['images_per_s_with_decode']:>10.1f}"
             )
     if "search" in report:

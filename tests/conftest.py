@@ -82,9 +82,10 @@ def make_settings(tmp: Path, engine: Engine | None = None, **overrides: object) 
 
 
 @pytest.fixture(scope="session")
-def embedder() -> EfficientNetLiteEmbedder:
-    """The real pretrained EfficientNet-Lite0, loaded once for the whole session."""
-    model = EfficientNetLiteEmbedder("efficientnet_lite0", None, "cpu", 32)
+def embedder(tmp_path_factory: pytest.TempPathFactory) -> EfficientNetLiteEmbedder:
+    """The real pretrained EfficientNet-Lite0 (on ONNX Runtime, as the server runs it), loaded once."""
+    onnx_dir = tmp_path_factory.mktemp("onnx")
+    model = EfficientNetLiteEmbedder("efficientnet_lite0", None, "cpu", 32, runtime="onnx", onnx_dir=onnx_dir)
     model.load()
     return model
 

@@ -22,6 +22,18 @@ def test_lite0_vectors_are_normalised_deterministic_and_meaningful(embedder, cif
     assert embedder.model_id == "efficientnet_lite0/imagenet/224px"
 
 
+def test_onnx_runtime_matches_pytorch(embedder, cifar_queries) -> None:
+    from backend.embedding.efficientnet import EfficientNetLiteEmbedder
+    from backend.imaging import decode_image
+
+    assert embedder.runtime == "onnx"
+    torch_model = EfficientNetLiteEmbedder("efficientnet_lite0", None, "cpu", 8, runtime="torch")
+    images = [decode_image(s.load(), 10**6).rgb for s in cifar_queries.samples[:16]]
+    a, b = embedder.embed(images), torch_model.embed(images)
+    assert torch_model.model_id == embedder.model_id
+    assert np.abs(a - b).max() < 1e-4 and (a * b).sum(axis=1).min() > 0.99999
+
+
 def test_any_size_and_mode_is_accepted(embedder) -> None:
     out = embedder.embed([Image.new("RGB", (500, 90), "red"), Image.new("RGB", (7, 300), "blue")])
     assert out.shape == (2, 1280)

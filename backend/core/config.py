@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     embed_batch_size: int = Field(32, ge=1, le=1024)
     image_size: int | None = Field(None, ge=32, le=1024)  # model input side; None = the model's own
+    # auto: ONNX Runtime on CPU when installed (about 3x faster here), else PyTorch
+    embed_runtime: Literal["auto", "torch", "onnx"] = "auto"
 
     # Index and search
     faiss_index_type: Literal["flat"] = "flat"

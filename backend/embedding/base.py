@@ -1,14 +1,26 @@
-"""The embedding model interface: lazy loading, batched inference, L2-normalised float32 output."""
+"""The embedding model interface: lazy loading, batched inference, L2-normalised float32 output.
 
+Two runtimes compute the same function from the same weights: PyTorch, and on CPU (by default, when
+onnxruntime is installed) ONNX Runtime on a graph exported from the PyTorch model once and cached under
+DATA_DIR/cache/onnx. ONNX Runtime is about 3x faster here; its vectors match PyTorch's to ~1e-5, so both
+share one model id.
+"""
+
+import logging
+import os
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
 from backend.core.errors import ConfigurationError
+
+log = logging.getLogger(__name__)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -25,6 +37,25 @@ def l2_normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
+def onnxruntime_available() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class _Features(torch.nn.Module):
+    """The embedding function as one module, for export."""
+
+    def __init__(self, embedder: "Embedder", model: torch.nn.Module) -> None:
+        super().__init__()
+        self.embedder, self.model = embedder, model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embedder._features(self.model, x)
+
+
 class Embedder(ABC):
     """Subclasses build the network in `_load`; it runs on the first `embed` call, once per process."""
 
@@ -32,11 +63,20 @@ class Embedder(ABC):
     dim: int
     default_image_size: int
 
-    def __init__(self, image_size: int | None, device: str, batch_size: int) -> None:
+    def __init__(
+        self, image_size: int | None, device: str, batch_size: int, runtime: str = "torch", onnx_dir: Path | None = None
+    ) -> None:
         self.image_size = image_size or self.default_image_size
         self.device = resolve_device(device)
         self.batch_size = batch_size
+        if runtime == "auto":
+            runtime = "onnx" if self.device.type == "cpu" and onnx_dir is not None and onnxruntime_available() else "torch"
+        if runtime == "onnx" and (onnx_dir is None or not onnxruntime_available()):
+            raise ConfigurationError("EMBED_RUNTIME=onnx needs onnxruntime installed (pip install onnxruntime onnx)")
+        self.runtime = runtime
+        self.onnx_dir = onnx_dir
         self._model: torch.nn.Module | None = None
+        self._session: Any = None
         self._lock = threading.Lock()
 
     @property
@@ -60,19 +100,48 @@ class Embedder(ABC):
     def _normalise_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """(N, S, S, 3) uint8 -> float32 model input scaling."""
 
-    def load(self) -> torch.nn.Module:
+    def _torch_model(self) -> torch.nn.Module:
+        if self._model is None:
+            model = self._load().eval().to(self.device)
+            if self.device.type == "cpu":
+                # NHWC is about 2x faster for these conv nets on CPU (measured here).
+                model = model.to(memory_format=torch.channels_last)
+            self._model = model
+        return self._model
+
+    def _onnx_session(self) -> Any:
+        import onnxruntime as ort
+
+        assert self.onnx_dir is not None
+        path = self.onnx_dir / f"{self.model_id.replace('/', '_')}.onnx"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            example = torch.zeros(2, 3, self.image_size, self.image_size)
+            log.info("exporting %s to ONNX at %s", self.model_id, path)
+            with torch.inference_mode():
+                torch.onnx.export(
+                    _Features(self, self._torch_model().to(memory_format=torch.contiguous_format)),
+                    (example,), str(tmp), input_names=["pixels"], output_names=["features"],
+                    dynamic_axes={"pixels": {0: "batch"}, "features": {0: "batch"}}, dynamo=False,
+                )  # fmt: skip
+            os.replace(tmp, path)  # atomic: a concurrent process never reads a half-written graph
+            self._model = None  # the session replaces it
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def load(self) -> None:
         with self._lock:
-            if self._model is None:
-                model = self._load().eval().to(self.device)
-                if self.device.type == "cpu":
-                    # NHWC is about 2x faster for these conv nets on CPU (measured here).
-                    model = model.to(memory_format=torch.channels_last)
-                self._model = model
-            return self._model
+            if self.runtime == "onnx":
+                if self._session is None:
+                    self._session = self._onnx_session()
+            else:
+                self._torch_model()
 
     @property
     def loaded(self) -> bool:
-        return self._model is not None
+        return self._model is not None or self._session is not None
 
     def preprocess(self, img: Image.Image) -> np.ndarray:
         """RGB image -> (S, S, 3) uint8: shorter side resized to S, centre crop."""
@@ -83,16 +152,21 @@ class Embedder(ABC):
         left, top = (w - s) // 2, (h - s) // 2
         return np.asarray(img.crop((left, top, left + s, top + s)), dtype=np.uint8)
 
+    def _run(self, chunk: np.ndarray) -> np.ndarray:
+        """(n, S, S, 3) float32 -> (n, dim) features, on the chosen runtime."""
+        if self._session is not None:
+            return self._session.run(None, {"pixels": np.ascontiguousarray(chunk.transpose(0, 3, 1, 2))})[0]
+        with torch.inference_mode():
+            batch = torch.from_numpy(chunk).permute(0, 3, 1, 2).to(self.device)  # NHWC memory, NCHW view
+            return self._features(self._torch_model(), batch).float().cpu().numpy()
+
     def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """(N, S, S, 3) uint8 -> (N, dim) L2-normalised float32, in batches of `batch_size`."""
-        model = self.load()
+        self.load()
         out = np.empty((len(pixels), self.dim), dtype=np.float32)
-        with torch.inference_mode():
-            for start in range(0, len(pixels), self.batch_size):
-                chunk = self._normalise_pixels(pixels[start : start + self.batch_size])
-                batch = torch.from_numpy(chunk).permute(0, 3, 1, 2)  # NHWC memory, NCHW view
-                batch = batch.to(self.device)
-                out[start : start + len(chunk)] = self._features(model, batch).float().cpu().numpy()
+        for start in range(0, len(pixels), self.batch_size):
+            chunk = self._normalise_pixels(pixels[start : start + self.batch_size])
+            out[start : start + len(chunk)] = self._run(chunk)
         return l2_normalise(out)
 
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 import importlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,10 +21,10 @@ _VARIANTS = {
 class EfficientNetLiteEmbedder(Embedder):
     dim = 1280
 
-    def __init__(self, name: str, image_size: int | None, device: str, batch_size: int) -> None:
+    def __init__(self, name: str, image_size: int | None, device: str, batch_size: int, **runtime: Any) -> None:
         self.name = name
         self._arch, self._weights_pkg, self._weights_cls, self.default_image_size = _VARIANTS[name]
-        super().__init__(image_size, device, batch_size)
+        super().__init__(image_size, device, batch_size, **runtime)
 
     def _weights_path(self) -> Path:
         try:

@@ -12,10 +12,9 @@ MODEL_NAMES = ("efficientnet_lite0", "efficientnet_lite2", "resnet18", "resnet50
 def create_embedder(settings: Settings, model_name: str | None = None) -> Embedder:
     name = model_name or settings.model_name
     args = (settings.image_size, settings.device, settings.embed_batch_size)
-    if name.startswith("efficientnet_lite"):
-        if name not in MODEL_NAMES:
-            raise ConfigurationError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
-        return EfficientNetLiteEmbedder(name, *args)
+    runtime = {"runtime": settings.embed_runtime, "onnx_dir": settings.cache_dir / "onnx"}
+    if name in ("efficientnet_lite0", "efficientnet_lite2"):
+        return EfficientNetLiteEmbedder(name, *args, **runtime)
     if name in ("resnet18", "resnet50"):
-        return ResNetEmbedder(name, settings.model_weights, *args)
+        return ResNetEmbedder(name, settings.model_weights, *args, **runtime)
     raise ConfigurationError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}")

@@ -1,7 +1,9 @@
 """ResNet-18/50 from torchvision: pretrained weights via its weights API, or a local MODEL_WEIGHTS file."""
 
 import hashlib
+from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,13 +21,15 @@ RANDOM_WEIGHTS = "random"  # tests only: never chosen silently, and recorded in 
 class ResNetEmbedder(Embedder):
     default_image_size = 224
 
-    def __init__(self, name: str, weights: str | None, image_size: int | None, device: str, batch_size: int) -> None:
+    def __init__(
+        self, name: str, weights: str | None, image_size: int | None, device: str, batch_size: int, **runtime: Any
+    ) -> None:
         self.name = name
         self.dim = _DIMS[name]
         self._weights = weights
-        super().__init__(image_size, device, batch_size)
+        super().__init__(image_size, device, batch_size, **runtime)
 
-    @property
+    @cached_property
     def weights_id(self) -> str:
         if self._weights == RANDOM_WEIGHTS:
             return RANDOM_WEIGHTS
