@@ -9,6 +9,7 @@ share one model id.
 import logging
 import os
 import threading
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -119,7 +120,8 @@ class Embedder(ABC):
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
             example = torch.zeros(2, 3, self.image_size, self.image_size)
             log.info("exporting %s to ONNX at %s", self.model_id, path)
-            with torch.inference_mode():
+            with torch.inference_mode(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # exporter chatter about constant folding
                 torch.onnx.export(
                     _Features(self, self._torch_model().to(memory_format=torch.contiguous_format)),
                     (example,), str(tmp), input_names=["pixels"], output_names=["features"],
