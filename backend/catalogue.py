@@ -167,11 +167,13 @@ def get_image(session: Session, image_id: int) -> Image:
     return image
 
 
-def images_by_id(session: Session, ids: Iterable[int]) -> dict[int, Image]:
+def result_metadata(session: Session, ids: Iterable[int]) -> dict[int, tuple[int | None, bool]]:
+    """id -> (category id, label given) for search hits: three columns, no ORM objects, no join."""
     ids = list(ids)
     if not ids:
         return {}
-    return {img.id: img for img in session.scalars(select(Image).where(Image.id.in_(ids)))}
+    query = select(Image.id, Image.category_id, Image.label_given).where(Image.id.in_(ids))
+    return {image_id: (cid, given) for image_id, cid, given in session.execute(query)}
 
 
 def image_vector(session: Session, image_id: int, model: str) -> np.ndarray | None:

@@ -170,8 +170,7 @@ class SearchService:
             total = index.ntotal
             category_ids = index.category_ids
             with session_scope(self.engine) as session:
-                found = catalogue.images_by_id(session, {int(i) for i in hits.ids.ravel() if i >= 0})
-                meta = {i: (img.category_id, img.label_given) for i, img in found.items()}
+                meta = catalogue.result_metadata(session, {int(i) for i in hits.ids.ravel() if i >= 0})
             t3 = time.perf_counter()
         n = len(queries)
         out = []

@@ -3,6 +3,7 @@
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,11 +23,13 @@ def free_port() -> int:
 def running_server(env: dict[str, str], start_timeout_s: float = 120) -> Iterator[str]:
     """Start the server with `env`, wait until /health answers, yield its base URL, stop it afterwards."""
     port = free_port()
+    # The log goes to a file, not a pipe: an unread pipe fills up and would stall the server.
+    log = tempfile.TemporaryFile()
     proc = subprocess.Popen(
         [sys.executable, "-m", "backend.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
         cwd=PROJECT_ROOT,
         env=env,
-        stdout=subprocess.PIPE,
+        stdout=log,
         stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}"
@@ -34,7 +37,8 @@ def running_server(env: dict[str, str], start_timeout_s: float = 120) -> Iterato
         deadline = time.monotonic() + start_timeout_s
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {proc.stdout.read().decode()[-2000:]}")
+                log.seek(0)
+                raise RuntimeError(f"server exited: {log.read().decode(errors='replace')[-2000:]}")
             try:
                 if httpx.get(f"{base}/health", timeout=1).status_code == 200:
                     break
@@ -50,3 +54,4 @@ def running_server(env: dict[str, str], start_timeout_s: float = 120) -> Iterato
             proc.wait(15)
         except subprocess.TimeoutExpired:
             proc.kill()
+        log.close()
