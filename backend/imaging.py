@@ -13,6 +13,7 @@ from backend.core.errors import InvalidImage
 # Formats we store and serve; anything else Pillow can open is refused rather than guessed at.
 CONTENT_TYPES = {
     "JPEG": "image/jpeg",
+    "MPO": "image/jpeg",  # what Pillow calls many phone-camera JPEGs
     "PNG": "image/png",
     "GIF": "image/gif",
     "WEBP": "image/webp",

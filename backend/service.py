@@ -3,13 +3,15 @@
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image as PILImage
 from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from backend import catalogue
 from backend.core.config import Settings
@@ -23,6 +25,7 @@ from backend.imaging import DecodedImage
 from backend.index import TwoStageIndex
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def _ms(seconds: float) -> float:
@@ -131,6 +134,13 @@ class SearchService:
 
     def index_is_current(self) -> bool:
         return self._index is not None and self._index.state == self._fingerprint()
+
+    def refresh_if_stale(self) -> bool:
+        """Rebuild from the database when another process changed it; True if it did."""
+        if self.index_is_current():
+            return False
+        self.ensure_index(force_rebuild=True)
+        return True
 
     def _refresh_names(self) -> None:
         with session_scope(self.engine) as session:
@@ -264,41 +274,40 @@ class SearchService:
         if not index.has_categories([category_id]):
             index = self.ensure_index(force_rebuild=True)  # a category created since the index was built
         item = catalogue.NewImage(image, category_id, label_given=predicted_score is None, description=description)
-        with self._lock.write():
-            try:
-                with session_scope(self.engine) as session:
-                    (image_id,) = catalogue.add_images(session, self.model, [item], vector)
-                    prototypes = catalogue.load_prototypes(session, self.model)
-                    state = catalogue.state_fingerprint(session, self.model)
-            except IntegrityError:  # the same bytes were stored concurrently
-                with session_scope(self.engine) as session:
-                    stored = catalogue.get_image(session, catalogue.existing_by_sha(session, [image.sha256])[image.sha256])
-                    return UploadResult(stored.id, self._name(stored.category_id), stored.label_given, duplicate=True)
-            index.add(np.array([image_id]), np.array([category_id]), vector)
-            index.set_prototypes(prototypes)
-            index.state = state
+        try:
+            image_id = self._write(
+                lambda session: catalogue.add_images(session, self.model, [item], vector)[0],
+                lambda index, new_id: index.add(np.array([new_id]), np.array([category_id]), vector),
+            )
+        except IntegrityError:  # the same bytes were stored concurrently
+            with session_scope(self.engine) as session:
+                stored = catalogue.get_image(session, catalogue.existing_by_sha(session, [image.sha256])[image.sha256])
+                return UploadResult(stored.id, self._name(stored.category_id), stored.label_given, duplicate=True)
         return UploadResult(image_id, self._name(category_id), item.label_given, duplicate=False, category_score=predicted_score)
 
     def delete(self, image_id: int) -> Image:
-        index = self.ensure_index()
-        with self._lock.write():
-            with session_scope(self.engine) as session:
-                image = catalogue.delete_image(session, image_id)
-                prototypes = catalogue.load_prototypes(session, self.model)
-                state = catalogue.state_fingerprint(session, self.model)
-            index.remove(np.array([image_id]))
-            index.set_prototypes(prototypes)
-            index.state = state
-        return image
+        self.ensure_index()
+        return self._write(
+            lambda session: catalogue.delete_image(session, image_id),
+            lambda index, image: index.remove(np.array([image.id])),
+        )
 
     def rebuild_prototypes(self) -> int:
+        return self._write(lambda session: catalogue.rebuild_prototypes(session, self.model), lambda index, count: None)
+
+    def _write(self, change: Callable[[Session], T], update_index: Callable[[TwoStageIndex, T], object]) -> T:
+        """One database transaction and the matching in-memory index update, as one step for searches."""
         with self._lock.write():
             with session_scope(self.engine) as session:
-                count = catalogue.rebuild_prototypes(session, self.model)
+                result = change(session)
                 prototypes = catalogue.load_prototypes(session, self.model)
-            if self._index is not None:
-                self._index.set_prototypes(prototypes)
-        return count
+                state = catalogue.state_fingerprint(session, self.model)
+            index = self._index
+            if index is not None:
+                update_index(index, result)
+                index.set_prototypes(prototypes)
+                index.state = state
+        return result
 
     # --- status ----------------------------------------------------------------------------
 

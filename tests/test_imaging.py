@@ -64,3 +64,11 @@ def test_decompression_bomb_is_refused_before_decoding() -> None:
 def test_thumbnail_is_small_jpeg() -> None:
     thumb = Image.open(io.BytesIO(make_thumbnail(encode(Image.new("RGB", (640, 320), "red")), 160)))
     assert thumb.format == "JPEG" and thumb.size == (160, 80)
+
+
+def test_multi_picture_jpeg_from_cameras_is_accepted() -> None:
+    first, second = Image.new("RGB", (30, 20), "red"), Image.new("RGB", (30, 20), "blue")
+    buf = io.BytesIO()
+    first.save(buf, format="MPO", save_all=True, append_images=[second])
+    decoded = decode_image(buf.getvalue(), 10**6)
+    assert decoded.format == "MPO" and decoded.rgb.size == (30, 20)

@@ -162,3 +162,12 @@ def test_stale_cache_is_rebuilt_from_database_without_embedding(
     index = monkey.ensure_index()
     assert monkey.index_origin.startswith("rebuilt from database") and not calls
     assert index.ntotal == 39
+
+
+def test_search_on_an_empty_catalogue_returns_nothing(engine: Engine, embedder, tmp_path: Path) -> None:
+    service = SearchService(make_settings(tmp_path, engine), engine, embedder)
+    image = decode_image(png(Image.new("RGB", (40, 40), "red")), 10**7)
+    for use_prototypes in (True, False):
+        result = service.search([image.rgb], limit=5, top_categories=3, use_prototypes=use_prototypes)[0]
+        assert result.results == [] and result.vectors_total == 0
+    assert service.rank_categories([image.rgb])[0] == [[]]

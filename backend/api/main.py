@@ -1,5 +1,6 @@
 """The FastAPI application: `python -m backend.cli serve`, or `uvicorn backend.api.main:create_app --factory`."""
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -22,6 +23,19 @@ log = logging.getLogger(__name__)
 MULTIPART_OVERHEAD = 64 * 1024
 
 
+async def _refresh_index(service: SearchService, every_s: float) -> None:
+    """Pick up writes made by other processes (CLI populate, another server) without a restart."""
+    if every_s <= 0:
+        return
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            if await run_in_threadpool(service.refresh_if_stale):
+                log.info("index refreshed from the database: %s", service.index_origin)
+        except Exception:  # a database hiccup must not end the loop; the next round retries
+            log.exception("index refresh failed")
+
+
 def create_app(settings: Settings | None = None, service: SearchService | None = None) -> FastAPI:
     settings = settings or (service.settings if service else get_settings())
 
@@ -33,7 +47,9 @@ def create_app(settings: Settings | None = None, service: SearchService | None =
         await run_in_threadpool(svc.ensure_index)
         app.state.service = svc
         app.state.started = time.monotonic()
+        refresher = asyncio.create_task(_refresh_index(svc, settings.index_refresh_seconds))
         yield
+        refresher.cancel()
         await run_in_threadpool(svc.save_index)  # uploads since start are in the DB anyway; this saves a rebuild
 
     app = FastAPI(

@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     use_prototype_filtering: bool = True
     default_top_categories: int = Field(3, ge=1, le=10)
     default_search_limit: int = Field(10, ge=1, le=50)
+    # The server checks this often whether the database moved on without it (e.g. a CLI populate) and
+    # rebuilds its index from the stored vectors if so; 0 turns the check off.
+    index_refresh_seconds: float = Field(30.0, ge=0)
 
     # API
     api_host: str = "0.0.0.0"

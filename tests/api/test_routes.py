@@ -220,3 +220,20 @@ def test_concurrent_searches_and_uploads(client: TestClient, cifar_queries: Data
 def test_unreadable_request_path_is_json(client: TestClient, tmp_path: Path) -> None:
     r = client.get("/images/not-a-number")
     assert r.status_code == 422 and "image_id" in r.json()["detail"]
+
+
+def test_server_picks_up_images_stored_by_another_process(databases, embedder, cifar_train: Dataset, tmp_path: Path) -> None:
+    import time
+
+    engine: Engine = databases.new()
+    ingest(Dataset("cifar10", balanced(cifar_train.samples, 20)), embedder, engine, 10**7, progress=False)
+    settings = make_settings(tmp_path, engine, index_refresh_seconds=0.2)
+    with TestClient(create_app(service=SearchService(settings, engine, embedder))) as c:
+        assert c.get("/status").json()["index"]["vectors"] == 20
+        ingest(Dataset("cifar10", balanced(cifar_train.samples, 40)), embedder, engine, 10**7, progress=False)  # "the CLI"
+        deadline = time.monotonic() + 20
+        while c.get("/status").json()["index"]["vectors"] != 40 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        status = c.get("/status").json()
+        assert status["index"]["vectors"] == 40 and status["index"]["current"]
+        assert status["index"]["origin"].startswith("rebuilt from database")
