@@ -193,11 +193,7 @@ class SearchService:
                 cid, given = meta[image_id]
                 results.append(Hit(image_id, self._name(cid), given, float(score), len(results) + 1))
             chosen = set(searched[q].tolist()) if searched is not None else set(range(len(category_ids)))
-            categories = [
-                CategoryScore(category_ids[lst], self._name(category_ids[lst]) or "", float(s), int(lst) in chosen)
-                for s, lst in zip(cat_scores[q], cat_lists[q], strict=True)
-                if lst >= 0
-            ]
+            categories = self._ranking(category_ids, cat_scores[q], cat_lists[q], chosen)
             timings = {
                 "prototypes": _ms((t1 - t0) / n),
                 "search": _ms((t2 - t1) / n),
@@ -227,15 +223,16 @@ class SearchService:
             scores, lists = index.rank_categories(queries)
             ids = index.category_ids
         t2 = time.perf_counter()
-        rankings = [
-            [
-                CategoryScore(ids[lst], self._name(ids[lst]) or "", float(s), False)
-                for s, lst in zip(sr, lr, strict=True)
-                if lst >= 0
-            ]
-            for sr, lr in zip(scores, lists, strict=True)
-        ]
+        rankings = [self._ranking(ids, sr, lr, set()) for sr, lr in zip(scores, lists, strict=True)]
         return rankings, {"embed": _ms(t1 - t0), "prototypes": _ms(t2 - t1), "total": _ms(t2 - t0)}
+
+    def _ranking(self, category_ids: list[int], scores: np.ndarray, lists: np.ndarray, searched: set[int]) -> list[CategoryScore]:
+        """One query's stage-1 result as named categories, best first; `searched` holds list numbers."""
+        return [
+            CategoryScore(category_ids[lst], self._name(category_ids[lst]) or "", float(s), int(lst) in searched)
+            for s, lst in zip(scores, lists, strict=True)
+            if lst >= 0
+        ]
 
     def similar_to(self, image_id: int, limit: int, top_categories: int, use_prototypes: bool) -> SearchResult:
         with session_scope(self.engine) as session:
