@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
@@ -17,8 +18,11 @@ from backend.core.config import Settings, get_settings
 from backend.core.errors import AppError
 from backend.datasets import DATASETS
 
+if TYPE_CHECKING:  # the service pulls in torch and FAISS: imported lazily so `--help` stays fast
+    from backend.service import SearchResult, SearchService
 
-def _service(settings: Settings):
+
+def _service(settings: Settings) -> "SearchService":
     from backend.service import SearchService
 
     return SearchService(settings)
@@ -106,7 +110,7 @@ def cmd_search(args: argparse.Namespace, settings: Settings) -> None:
             print(f"  {hit.rank:>3}. image {hit.image_id:<8} {hit.category or '-':<14} cosine {hit.score:.4f}")
 
 
-def _result_dict(result) -> dict:
+def _result_dict(result: "SearchResult") -> dict:
     return {
         "results": [asdict(h) for h in result.results],
         "categories": [{"category": c.category, "score": c.score, "searched": c.searched} for c in result.categories],

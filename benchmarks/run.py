@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import psutil
@@ -25,6 +26,9 @@ if __package__ in (None, ""):
 from backend.api.server_process import running_server
 from backend.core.config import Settings, get_settings
 from backend.datasets import Dataset, balanced, find_cifar10, load_cifar10
+
+if TYPE_CHECKING:
+    from backend.index import TwoStageIndex
 
 SECTIONS = ("embed", "search", "build", "http", "ingest")
 DIM = 1280
@@ -152,7 +156,7 @@ def clustered(n: int, seed: int = 0, n_queries: int = 256) -> tuple[np.ndarray, 
     return x, labels, q / np.linalg.norm(q, axis=1, keepdims=True)
 
 
-def synthetic_index(x: np.ndarray, labels: np.ndarray):
+def synthetic_index(x: np.ndarray, labels: np.ndarray) -> "TwoStageIndex":
     from backend.evaluation import Embedded, build_index
 
     return build_index(Embedded(x, labels, [str(i) for i in range(N_CATEGORIES)]), "synthetic")

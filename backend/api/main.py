@@ -3,12 +3,12 @@
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
@@ -69,7 +69,7 @@ def create_app(settings: Settings | None = None, service: SearchService | None =
         return JSONResponse({"detail": "; ".join(problems), "errors": exc.errors()}, status_code=422)
 
     @app.middleware("http")
-    async def refuse_oversized_bodies(request: Request, call_next):
+    async def refuse_oversized_bodies(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > settings.max_upload_size + MULTIPART_OVERHEAD:
             return JSONResponse(
