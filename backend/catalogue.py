@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from sqlalchemy import delete, func, select
+from sqlalchemy import Numeric, delete, func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -258,14 +258,16 @@ def rebuild_prototypes(session: Session, model: str) -> int:
 
 
 def state_fingerprint(session: Session, model: str) -> dict[str, int]:
-    """What an index built for `model` must match to be current. Ids are never reused, so any
-    insert or delete changes the count, the max or the sum; label changes move the category sum."""
-    count, max_id, id_sum, cat_sum = session.execute(
+    """What an index built for `model` must match to be current. Ids are never reused, so inserts and
+    deletes move the count and the sums of ids and their squares; label changes move the category sum.
+    Every term is a sum, so one added or removed vector updates it without a scan (`fingerprint_change`)."""
+    image_id = Embedding.image_id.cast(Numeric)  # squares of large ids would overflow bigint
+    count, id_sum, square_sum, cat_sum = session.execute(
         select(
             func.count(Embedding.image_id),
-            func.coalesce(func.max(Embedding.image_id), 0),
-            func.coalesce(func.sum(Embedding.image_id), 0),
-            func.coalesce(func.sum(func.coalesce(Image.category_id, -1) * Embedding.image_id), 0),
+            func.coalesce(func.sum(image_id), 0),
+            func.coalesce(func.sum(image_id * image_id), 0),
+            func.coalesce(func.sum(func.coalesce(Image.category_id, -1) * image_id), 0),
         )
         .join(Image, Image.id == Embedding.image_id)
         .where(Embedding.model == model)
@@ -273,10 +275,22 @@ def state_fingerprint(session: Session, model: str) -> dict[str, int]:
     categories = session.scalar(select(func.count()).select_from(Category)) or 0
     return {
         "vectors": int(count),
-        "max_image_id": int(max_id),
         "image_id_sum": int(id_sum),
+        "image_id_square_sum": int(square_sum),
         "category_checksum": int(cat_sum),
         "categories": int(categories),
+    }
+
+
+def fingerprint_change(state: dict[str, int], image_id: int, category_id: int | None, sign: int) -> dict[str, int]:
+    """`state_fingerprint` after one vector is added (sign 1) or removed (sign -1)."""
+    category = -1 if category_id is None else category_id
+    return {
+        **state,
+        "vectors": state["vectors"] + sign,
+        "image_id_sum": state["image_id_sum"] + sign * image_id,
+        "image_id_square_sum": state["image_id_square_sum"] + sign * image_id * image_id,
+        "category_checksum": state["category_checksum"] + sign * category * image_id,
     }
 
 
