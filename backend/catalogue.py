@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from backend.core.errors import NotFound, Unprocessable
 from backend.db.models import Category, Embedding, Image, Prototype
 from backend.imaging import DecodedImage
+from backend.vectors import l2_normalise
 
 VECTOR_DTYPE = np.dtype("<f4")
 SUM_DTYPE = np.dtype("<f8")
@@ -232,8 +233,7 @@ def load_prototypes(session: Session, model: str) -> PrototypeMatrix:
     if not rows:
         return PrototypeMatrix(np.empty(0, np.int64), np.empty((0, 0), np.float32), np.empty(0, np.int64))
     sums = np.stack([np.frombuffer(raw, dtype=SUM_DTYPE) for _, raw, _ in rows])
-    norms = np.linalg.norm(sums, axis=1, keepdims=True)
-    vectors = (sums / np.maximum(norms, 1e-12)).astype(np.float32)
+    vectors = l2_normalise(sums)
     return PrototypeMatrix(
         np.asarray([r[0] for r in rows], dtype=np.int64), vectors, np.asarray([r[2] for r in rows], dtype=np.int64)
     )

@@ -22,6 +22,7 @@ from backend.embedding.base import Embedder
 from backend.embedding.registry import create_embedder
 from backend.imaging import decode_image
 from backend.index import TwoStageIndex
+from backend.vectors import l2_normalise
 
 TOP_C = (1, 2, 3, 5)
 
@@ -58,7 +59,7 @@ def build_index(catalogue: Embedded, model: str) -> TwoStageIndex:
     n_cat = len(catalogue.names)
     sums = np.zeros((n_cat, catalogue.vectors.shape[1]))
     np.add.at(sums, catalogue.labels, catalogue.vectors.astype(np.float64))
-    protos = (sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+    protos = l2_normalise(sums)
     prototypes = PrototypeMatrix(np.arange(n_cat), protos, np.bincount(catalogue.labels, minlength=n_cat))
     stored = StoredVectors(np.arange(len(catalogue.labels), dtype=np.int64), catalogue.labels, catalogue.vectors)
     return TwoStageIndex.build(model, catalogue.vectors.shape[1], list(range(n_cat)), stored, prototypes)

@@ -26,6 +26,7 @@ if __package__ in (None, ""):
 from backend.api.server_process import running_server
 from backend.core.config import Settings, get_settings
 from backend.datasets import Dataset, balanced, find_cifar10, load_cifar10
+from backend.vectors import l2_normalise
 
 if TYPE_CHECKING:
     from backend.index import TwoStageIndex
@@ -151,9 +152,9 @@ def clustered(n: int, seed: int = 0, n_queries: int = 256) -> tuple[np.ndarray, 
     for start in range(0, n, 100_000):  # in chunks: 1M x 1280 floats is 5 GB already
         stop = min(n, start + 100_000)
         chunk = centres[labels[start:stop]] + 1.5 * rng.standard_normal((stop - start, DIM), dtype=np.float32)
-        x[start:stop] = chunk / np.linalg.norm(chunk, axis=1, keepdims=True)
+        x[start:stop] = l2_normalise(chunk)
     q = centres[rng.integers(0, N_CATEGORIES, n_queries)] + 1.5 * rng.standard_normal((n_queries, DIM), dtype=np.float32)
-    return x, labels, q / np.linalg.norm(q, axis=1, keepdims=True)
+    return x, labels, l2_normalise(q)
 
 
 def synthetic_index(x: np.ndarray, labels: np.ndarray) -> "TwoStageIndex":

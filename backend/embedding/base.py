@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from backend.core.errors import ConfigurationError
+from backend.vectors import l2_normalise
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +31,6 @@ def resolve_device(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigurationError("DEVICE=cuda but no CUDA device is available (use DEVICE=auto or cpu)")
     return torch.device(device)
-
-
-def l2_normalise(x: np.ndarray) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=-1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)
 
 
 def onnxruntime_available() -> bool:
