@@ -1,51 +1,43 @@
-"""Reads and writes of the catalogue: categories, images, embeddings and prototype sums.
+"""Reads and writes of the catalogue: categories, images, embeddings, prototype sums and the change log.
 
-Functions take a Session and never commit: the caller's transaction decides what lands together.
+Functions take a Session and never commit: the caller's transaction decides what lands together. This is
+the only module that speaks SQL to the catalogue's tables.
 """
 
-from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 import numpy as np
-from sqlalchemy import Numeric, delete, func, select
+from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from backend.core.errors import NotFound, Unprocessable
-from backend.db.models import Category, Embedding, Image, Prototype
-from backend.imaging import DecodedImage
-from backend.vectors import l2_normalise
+from backend.db.models import CatalogueMeta, Category, DeletedEmbedding, Embedding, Image, Prototype
+from backend.imaging import ImageBytes
+from backend.vectors import SUM_DTYPE, VECTOR_DTYPE, PrototypeMatrix, StoredVectors, category_sums
 
-VECTOR_DTYPE = np.dtype("<f4")
-SUM_DTYPE = np.dtype("<f8")
+# The change numbers are handed out under this transaction-level advisory lock (see migration 0002). A
+# writer that also locks prototype rows takes it first, so every writer locks in the same order.
+CHANGE_LOCK = 7305104221
 
 
 @dataclass(frozen=True)
 class NewImage:
-    image: DecodedImage
+    image: ImageBytes
     category_id: int | None
     label_given: bool
     source: str | None = None
     description: str | None = None
 
 
-@dataclass(frozen=True)
-class StoredVectors:
-    ids: np.ndarray  # int64 image ids
-    category_ids: np.ndarray  # int64, -1 where the image has no category
-    vectors: np.ndarray  # (n, dim) float32, L2-normalised
-
-
-@dataclass(frozen=True)
-class PrototypeMatrix:
-    category_ids: np.ndarray  # int64
-    vectors: np.ndarray  # (n, dim) float32, L2-normalised means
-    counts: np.ndarray  # int64 given-label images behind each
-
-
 def to_bytes(vector: np.ndarray) -> bytes:
     return np.asarray(vector, dtype=VECTOR_DTYPE).tobytes()
+
+
+def lock_changes(session: Session) -> None:
+    session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CHANGE_LOCK})
 
 
 # --- categories -----------------------------------------------------------------------------------
@@ -122,41 +114,41 @@ def add_images(session: Session, model: str, items: Sequence[NewImage], vectors:
         session.scalars(insert(Image).values(rows).returning(Image.id), execution_options={"sort_by_parameter_order": True})
     )
     dim = vectors.shape[1]
+    given = [i for i, it in enumerate(items) if it.label_given and it.category_id is not None]
+    lock_changes(session)  # before the embeddings' triggers and the prototype row locks
     session.execute(
         insert(Embedding),
         [{"image_id": i, "model": model, "dim": dim, "vector": to_bytes(v)} for i, v in zip(ids, vectors, strict=True)],
     )
-    given = [(it.category_id, v) for it, v in zip(items, vectors, strict=True) if it.label_given and it.category_id is not None]
-    _update_prototypes(session, model, dim, given, sign=1)
+    _update_prototypes(session, model, [items[i].category_id for i in given], vectors[given], sign=1)  # type: ignore[misc]
     return ids
 
 
-def _update_prototypes(
-    session: Session, model: str, dim: int, contributions: Iterable[tuple[int, np.ndarray]], sign: int
-) -> None:
-    sums: dict[int, np.ndarray] = {}
-    counts: dict[int, int] = defaultdict(int)
-    for cid, vec in contributions:
-        sums[cid] = sums.get(cid, np.zeros(dim, dtype=SUM_DTYPE)) + vec.astype(SUM_DTYPE)
-        counts[cid] += 1
-    if not sums:
+def _update_prototypes(session: Session, model: str, category_ids: Sequence[int], vectors: np.ndarray, sign: int) -> None:
+    """Add (sign 1) or subtract (sign -1) `vectors` to their categories' running sums. The caller holds
+    CHANGE_LOCK, taken before these row locks."""
+    if len(category_ids) == 0:
         return
+    cats, sums, counts = category_sums(np.asarray(category_ids), vectors)
+    dim = vectors.shape[1]
+    by_category = {int(c): (s, int(n)) for c, s, n in zip(cats, sums, counts, strict=True)}
     zero = np.zeros(dim, dtype=SUM_DTYPE).tobytes()
     session.execute(
         insert(Prototype)
-        .values([{"model": model, "category_id": c, "dim": dim, "vector_sum": zero, "count": 0} for c in sorted(sums)])
+        .values([{"model": model, "category_id": c, "dim": dim, "vector_sum": zero, "count": 0} for c in sorted(by_category)])
         .on_conflict_do_nothing()
     )
     # Row locks (in a fixed order) serialise concurrent writers of the same prototype.
     locked = session.scalars(
         select(Prototype)
-        .where(Prototype.model == model, Prototype.category_id.in_(sorted(sums)))
+        .where(Prototype.model == model, Prototype.category_id.in_(sorted(by_category)))
         .order_by(Prototype.category_id)
         .with_for_update()
     ).all()
     for proto in locked:
-        total = np.frombuffer(proto.vector_sum, dtype=SUM_DTYPE) + sign * sums[proto.category_id]
-        proto.count += sign * counts[proto.category_id]
+        delta, n = by_category[proto.category_id]
+        total = np.frombuffer(proto.vector_sum, dtype=SUM_DTYPE) + sign * delta
+        proto.count += sign * n
         proto.vector_sum = (total if proto.count > 0 else np.zeros(dim, dtype=SUM_DTYPE)).tobytes()
     session.flush()
 
@@ -187,41 +179,40 @@ def delete_image(session: Session, image_id: int) -> Image:
     image = session.scalars(select(Image).where(Image.id == image_id).with_for_update(of=Image)).first()
     if image is None:
         raise NotFound(f"image {image_id} not found")
+    lock_changes(session)  # before the prototype row locks and the deletion log's trigger
     if image.label_given and image.category_id is not None:
         for model, raw in session.execute(select(Embedding.model, Embedding.vector).where(Embedding.image_id == image_id)):
-            vec = np.frombuffer(raw, dtype=VECTOR_DTYPE)
-            _update_prototypes(session, model, len(vec), [(image.category_id, vec)], sign=-1)
+            _update_prototypes(session, model, [image.category_id], np.frombuffer(raw, dtype=VECTOR_DTYPE)[None, :], sign=-1)
     session.execute(delete(Embedding).where(Embedding.image_id == image_id))
     session.execute(delete(Image).where(Image.id == image_id))
     return image
 
 
-def images_missing_embedding(session: Session, model: str) -> list[int]:
-    have = select(Embedding.image_id).where(Embedding.model == model)
-    return list(session.scalars(select(Image.id).where(Image.id.not_in(have)).order_by(Image.id)))
-
-
 # --- bulk reads for the index ---------------------------------------------------------------------
 
 
-def load_vectors(session: Session, model: str) -> StoredVectors:
-    query = (
+def _vectors(rows: Sequence[tuple[int, int | None, bytes]]) -> StoredVectors:
+    if not rows:
+        return StoredVectors.empty()
+    vectors = np.frombuffer(b"".join(raw for _, _, raw in rows), dtype=VECTOR_DTYPE).reshape(len(rows), -1)
+    return StoredVectors(
+        np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)),
+        np.fromiter((-1 if r[1] is None else r[1] for r in rows), dtype=np.int64, count=len(rows)),
+        vectors.astype(np.float32),
+    )
+
+
+def _vector_query(model: str):  # type: ignore[no-untyped-def]
+    return (
         select(Embedding.image_id, Image.category_id, Embedding.vector)
         .join(Image, Image.id == Embedding.image_id)
         .where(Embedding.model == model)
-        .order_by(Embedding.image_id)
     )
-    ids: list[int] = []
-    cats: list[int] = []
-    chunks: list[bytes] = []
-    dim = 0
-    for image_id, cid, raw in session.execute(query.execution_options(yield_per=10_000)):
-        ids.append(image_id)
-        cats.append(-1 if cid is None else cid)
-        chunks.append(raw)
-        dim = len(raw) // VECTOR_DTYPE.itemsize
-    vectors = np.frombuffer(b"".join(chunks), dtype=VECTOR_DTYPE).reshape(len(ids), dim) if ids else np.empty((0, 0), np.float32)
-    return StoredVectors(np.asarray(ids, dtype=np.int64), np.asarray(cats, dtype=np.int64), vectors.astype(np.float32))
+
+
+def load_vectors(session: Session, model: str) -> StoredVectors:
+    rows = session.execute(_vector_query(model).order_by(Embedding.image_id).execution_options(yield_per=10_000)).all()
+    return _vectors(rows)  # type: ignore[arg-type]
 
 
 def load_prototypes(session: Session, model: str) -> PrototypeMatrix:
@@ -231,68 +222,103 @@ def load_prototypes(session: Session, model: str) -> PrototypeMatrix:
         .order_by(Prototype.category_id)
     ).all()
     if not rows:
-        return PrototypeMatrix(np.empty(0, np.int64), np.empty((0, 0), np.float32), np.empty(0, np.int64))
-    sums = np.stack([np.frombuffer(raw, dtype=SUM_DTYPE) for _, raw, _ in rows])
-    vectors = l2_normalise(sums)
-    return PrototypeMatrix(
-        np.asarray([r[0] for r in rows], dtype=np.int64), vectors, np.asarray([r[2] for r in rows], dtype=np.int64)
+        return PrototypeMatrix.from_sums(np.empty(0), np.empty((0, 0)), np.empty(0))
+    return PrototypeMatrix.from_sums(
+        np.asarray([r[0] for r in rows]),
+        np.stack([np.frombuffer(raw, dtype=SUM_DTYPE) for _, raw, _ in rows]),
+        np.asarray([r[2] for r in rows]),
     )
 
 
 def rebuild_prototypes(session: Session, model: str) -> int:
     """Recompute every prototype of `model` from the stored given-label embeddings."""
+    lock_changes(session)
     session.execute(delete(Prototype).where(Prototype.model == model))
     query = (
         select(Image.category_id, Embedding.vector)
         .join(Image, Image.id == Embedding.image_id)
         .where(Embedding.model == model, Image.label_given, Image.category_id.is_not(None))
     )
-    contributions = (
-        (cid, np.frombuffer(raw, dtype=VECTOR_DTYPE)) for cid, raw in session.execute(query.execution_options(yield_per=10_000))
-    )
-    dim = session.scalar(select(Embedding.dim).where(Embedding.model == model).limit(1))
-    if dim is None:
-        return 0
-    _update_prototypes(session, model, dim, contributions, sign=1)
+    for part in session.execute(query.execution_options(yield_per=10_000)).partitions():
+        vectors = np.frombuffer(b"".join(raw for _, raw in part), dtype=VECTOR_DTYPE).reshape(len(part), -1)
+        _update_prototypes(session, model, [cid for cid, _ in part], vectors, sign=1)
     return session.scalar(select(func.count()).select_from(Prototype).where(Prototype.model == model)) or 0
-
-
-def state_fingerprint(session: Session, model: str) -> dict[str, int]:
-    """What an index built for `model` must match to be current. Ids are never reused, so inserts and
-    deletes move the count and the sums of ids and their squares; label changes move the category sum.
-    Every term is a sum, so one added or removed vector updates it without a scan (`fingerprint_change`)."""
-    image_id = Embedding.image_id.cast(Numeric)  # squares of large ids would overflow bigint
-    count, id_sum, square_sum, cat_sum = session.execute(
-        select(
-            func.count(Embedding.image_id),
-            func.coalesce(func.sum(image_id), 0),
-            func.coalesce(func.sum(image_id * image_id), 0),
-            func.coalesce(func.sum(func.coalesce(Image.category_id, -1) * image_id), 0),
-        )
-        .join(Image, Image.id == Embedding.image_id)
-        .where(Embedding.model == model)
-    ).one()
-    categories = session.scalar(select(func.count()).select_from(Category)) or 0
-    return {
-        "vectors": int(count),
-        "image_id_sum": int(id_sum),
-        "image_id_square_sum": int(square_sum),
-        "category_checksum": int(cat_sum),
-        "categories": int(categories),
-    }
-
-
-def fingerprint_change(state: dict[str, int], image_id: int, category_id: int | None, sign: int) -> dict[str, int]:
-    """`state_fingerprint` after one vector is added (sign 1) or removed (sign -1)."""
-    category = -1 if category_id is None else category_id
-    return {
-        **state,
-        "vectors": state["vectors"] + sign,
-        "image_id_sum": state["image_id_sum"] + sign * image_id,
-        "image_id_square_sum": state["image_id_square_sum"] + sign * image_id * image_id,
-        "category_checksum": state["category_checksum"] + sign * category * image_id,
-    }
 
 
 def model_ids(session: Session) -> list[tuple[str, int]]:
     return [tuple(r) for r in session.execute(select(Embedding.model, func.count()).group_by(Embedding.model))]  # type: ignore[misc]
+
+
+# --- the change log: what an index cache built at change number N must apply to be current ---------
+
+
+@dataclass(frozen=True)
+class CatalogueIdentity:
+    catalogue_id: str  # made at init-db; a copy of the database (backup restore) keeps it
+    system_identifier: str | None  # the PostgreSQL cluster's, where this role may read it
+    deletions_pruned_through: int  # deletions numbered up to here are gone from the log
+
+
+@dataclass(frozen=True)
+class Changes:
+    head: int  # the newest change number for the model; the state after applying these
+    added: StoredVectors  # inserted or re-stamped embeddings, in change order
+    removed: np.ndarray  # int64 image ids whose embedding left (or changed) since
+    prototypes_changed: bool
+
+
+def identity(session: Session) -> CatalogueIdentity:
+    meta = session.get(CatalogueMeta, 1)
+    if meta is None:
+        raise NotFound("the catalogue has no identity row: run init-db")
+    sysid = session.scalar(
+        text(
+            "SELECT CASE WHEN has_function_privilege('pg_control_system()', 'EXECUTE') "
+            "THEN (SELECT system_identifier::text FROM pg_control_system()) END"
+        )
+    )
+    return CatalogueIdentity(str(meta.catalogue_id), sysid, int(meta.deletions_pruned_through))
+
+
+def head(session: Session, model: str) -> int:
+    """The newest change number that concerns `model`'s index: three index look-ups. Pruned deletions
+    count as reflected, since a snapshot reflects every change committed before it."""
+    newest = [
+        select(func.max(table.seq)).where(table.model == model).scalar_subquery()
+        for table in (Embedding, DeletedEmbedding, Prototype)
+    ]
+    newest.append(select(CatalogueMeta.deletions_pruned_through).scalar_subquery())
+    return int(session.scalar(select(func.coalesce(func.greatest(*newest), 0))) or 0)
+
+
+def changes_since(session: Session, model: str, after: int) -> Changes:
+    """Everything `model`'s index must apply to move from change number `after` to the newest. Read in one
+    snapshot (a REPEATABLE READ session), so `head` is exactly the state these changes lead to."""
+    now = head(session, model)
+    if now <= after:
+        return Changes(after, StoredVectors.empty(), np.empty(0, np.int64), prototypes_changed=False)
+    added = session.execute(_vector_query(model).where(Embedding.seq > after).order_by(Embedding.seq)).all()
+    removed = session.scalars(
+        select(DeletedEmbedding.image_id).where(DeletedEmbedding.model == model, DeletedEmbedding.seq > after)
+    ).all()
+    protos = session.scalar(select(func.count()).where(Prototype.model == model, Prototype.seq > after)) or 0
+    return Changes(now, _vectors(added), np.asarray(removed, dtype=np.int64), prototypes_changed=protos > 0)  # type: ignore[arg-type]
+
+
+def prune_deletions(session: Session, before: datetime) -> int:
+    """Forget deletions logged before `before`; a cache older than that then rebuilds in full."""
+    lock_changes(session)
+    through = session.scalar(select(func.max(DeletedEmbedding.seq)).where(DeletedEmbedding.deleted_at < before))
+    if through is None:
+        return 0
+    gone = session.execute(delete(DeletedEmbedding).where(DeletedEmbedding.seq <= through)).rowcount  # type: ignore[attr-defined]
+    session.execute(
+        update(CatalogueMeta).values(deletions_pruned_through=func.greatest(CatalogueMeta.deletions_pruned_through, through))
+    )
+    return int(gone)
+
+
+def category_page(session: Session, category_id: int, offset: int, limit: int) -> Sequence[Image]:
+    return session.scalars(
+        select(Image).where(Image.category_id == category_id).order_by(Image.id).offset(offset).limit(limit)
+    ).all()

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
+from backend.core import search_params
 from backend.core.config import Settings, get_settings
 from backend.core.errors import AppError
 from backend.datasets import DATASETS
@@ -70,8 +71,8 @@ def cmd_populate(args: argparse.Namespace, settings: Settings) -> None:
 def cmd_build_index(args: argparse.Namespace, settings: Settings) -> None:
     _require_schema()
     service = _service(settings)
-    index = service.ensure_index(force_rebuild=True)
-    print(f"index for {service.model}: {index.ntotal} vectors in {len(index.category_ids)} categories, {service.index_origin}")
+    index = service.cache.rebuild("requested by build-index")
+    print(f"index for {service.model}: {index.ntotal} vectors in {len(index.category_ids)} categories, {service.cache.origin}")
 
 
 def cmd_rebuild_prototypes(args: argparse.Namespace, settings: Settings) -> None:
@@ -81,8 +82,10 @@ def cmd_rebuild_prototypes(args: argparse.Namespace, settings: Settings) -> None
 
 
 def cmd_search(args: argparse.Namespace, settings: Settings) -> None:
+    from backend.core.search_params import SearchParams
     from backend.imaging import decode_image
 
+    params = SearchParams.resolve(settings, args.limit, args.top_categories, args.use_prototypes)
     _require_schema()
     images = []
     for path in args.images:
@@ -92,14 +95,12 @@ def cmd_search(args: argparse.Namespace, settings: Settings) -> None:
             raise AppError(f"{path}: cannot read ({exc.strerror})") from exc
         images.append(decode_image(data, settings.max_image_pixels, name=str(path)).rgb)
     service = _service(settings)
-    use_prototypes = settings.use_prototype_filtering if args.use_prototypes is None else args.use_prototypes
-    top = args.top_categories or settings.default_top_categories
-    results = service.search(images, args.limit or settings.default_search_limit, top, use_prototypes)
+    results = service.search(images, params)
     for path, result in zip(args.images, results, strict=True):
         if args.json:
             print(json.dumps({"query": str(path), **_result_dict(result)}))
             continue
-        mode = f"two-stage, top {top} categories" if use_prototypes else "exact"
+        mode = f"two-stage, top {params.top_categories} categories" if params.use_prototypes else "exact"
         print(
             f"{path}  ({mode}; scanned {result.vectors_scanned}/{result.vectors_total} vectors; "
             f"{result.timings_ms['total']:.1f} ms)"
@@ -125,21 +126,17 @@ def _result_dict(result: "SearchResult") -> dict:
 def cmd_status(args: argparse.Namespace, settings: Settings) -> None:
     _require_schema()
     service = _service(settings)
-    service.ensure_index()  # loads the saved index, or rebuilds it if the database moved on
+    service.cache.get()  # loads the verified cache and applies later changes, or rebuilds from the database
     status = service.status()
     if args.json:
-        print(json.dumps(status))
+        print(status.model_dump_json())
         return
-    db = status["database"]
-    print(f"model     {status['model']['id']} on {status['model']['device']}")
-    print(f"images    {db['images']} ({db['vectors_for_model']} with {status['model']['id']} vectors)")
-    idx = status["index"]
-    print(
-        f"index     {idx['type']}: {idx['vectors']} vectors, "
-        f"{'current' if idx['current'] else 'stale or not loaded'} ({idx['origin']})"
-    )
-    for cat in db["categories"]:
-        print(f"  {cat['name']:<20} {cat['images']:>7} images ({cat['labelled']} labelled)")
+    db, idx = status.database, status.index
+    print(f"model     {status.model.id} on {status.model.device}")
+    print(f"images    {db.images} ({db.vectors_for_model} with {status.model.id} vectors)")
+    print(f"index     {idx.type}: {idx.vectors} vectors, {'current' if idx.current else 'stale or not loaded'} ({idx.origin})")
+    for cat in db.categories:
+        print(f"  {cat.name:<20} {cat.images:>7} images ({cat.labelled} labelled)")
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
@@ -161,9 +158,17 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def cmd_benchmark(args: argparse.Namespace, settings: Settings) -> None:
-    from benchmarks.run import run_benchmarks
+    """Forwards to benchmarks/run.py: the benchmarks are not part of the product."""
+    import subprocess
 
-    run_benchmarks(args, settings)
+    from backend.core.config import PROJECT_ROOT
+
+    script = PROJECT_ROOT / "benchmarks" / "run.py"
+    if not script.is_file():
+        raise AppError(f"{script} not found: the benchmarks ship with the source tree")
+    code = subprocess.call([sys.executable, str(script), *args.benchmark_args])
+    if code:
+        raise SystemExit(code)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,8 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("search", cmd_search, "find images similar to the given image files")
     p.add_argument("images", nargs="+", type=Path)
-    p.add_argument("--limit", type=int, help="results per query (default DEFAULT_SEARCH_LIMIT)")
-    p.add_argument("--top-categories", type=int, help="categories searched in stage 2 (default 3)")
+    p.add_argument("--limit", type=int, help=search_params.LIMIT_HELP)
+    p.add_argument("--top-categories", type=int, help=search_params.TOP_CATEGORIES_HELP)
     group = p.add_mutually_exclusive_group()
     group.add_argument(
         "--no-prototypes", dest="use_prototypes", action="store_false", default=None, help="exact search over all vectors"
@@ -215,15 +220,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="embedding model (default MODEL_NAME)")
     p.add_argument("--json", action="store_true")
 
-    p = command("benchmark", cmd_benchmark, "embedding, search, index, HTTP and ingestion speed")
-    p.add_argument("--quick", action="store_true", help="small sizes, under a minute")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--sections", help="comma-separated subset: embed,search,build,http,ingest")
+    command("benchmark", cmd_benchmark, "speed benchmarks: forwards its arguments to benchmarks/run.py (--help there)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "benchmark":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.benchmark_args = extra
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         settings = get_settings()

@@ -15,14 +15,13 @@ import numpy as np
 from tqdm import tqdm
 
 from backend import metrics
-from backend.catalogue import PrototypeMatrix, StoredVectors
 from backend.core.config import Settings
 from backend.datasets import Dataset, balanced, load_dataset
 from backend.embedding.base import Embedder
 from backend.embedding.registry import create_embedder
 from backend.imaging import decode_image
 from backend.index import TwoStageIndex
-from backend.vectors import l2_normalise
+from backend.vectors import PrototypeMatrix, StoredVectors
 
 TOP_C = (1, 2, 3, 5)
 
@@ -57,11 +56,8 @@ def embed_cached(dataset: Dataset, embedder: Embedder, settings: Settings, progr
 def build_index(catalogue: Embedded, model: str) -> TwoStageIndex:
     """The server's index over in-memory vectors; prototypes are the normalised category means."""
     n_cat = len(catalogue.names)
-    sums = np.zeros((n_cat, catalogue.vectors.shape[1]))
-    np.add.at(sums, catalogue.labels, catalogue.vectors.astype(np.float64))
-    protos = l2_normalise(sums)
-    prototypes = PrototypeMatrix(np.arange(n_cat), protos, np.bincount(catalogue.labels, minlength=n_cat))
     stored = StoredVectors(np.arange(len(catalogue.labels), dtype=np.int64), catalogue.labels, catalogue.vectors)
+    prototypes = PrototypeMatrix.of(catalogue.labels, catalogue.vectors)
     return TwoStageIndex.build(model, catalogue.vectors.shape[1], list(range(n_cat)), stored, prototypes)
 
 

@@ -24,12 +24,18 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".ti
 
 
 @dataclass(frozen=True)
-class DecodedImage:
+class ImageBytes:
+    """What the catalogue stores of an image."""
+
     data: bytes  # the original bytes, stored as given
     sha256: str
     format: str
     width: int  # after EXIF orientation
     height: int
+
+
+@dataclass(frozen=True)
+class DecodedImage(ImageBytes):
     rgb: Image.Image
 
 

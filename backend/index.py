@@ -6,16 +6,14 @@ the vectors in those categories. Probing every list is an exact search over all 
 Scores are inner products of L2-normalised vectors, i.e. cosine similarities.
 """
 
-import json
-import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import faiss
 import numpy as np
 from faiss import swig_ptr
 
-from backend.catalogue import PrototypeMatrix, StoredVectors
+from backend.vectors import PrototypeMatrix, StoredVectors
 
 
 @dataclass(frozen=True)
@@ -37,7 +35,6 @@ class TwoStageIndex:
         self.ivf.is_trained = True  # centroids are the prototypes we set, not k-means output
         self.prototype_counts = np.zeros(nlist, dtype=np.int64)
         self.quantizer.add(np.zeros((nlist, dim), dtype=np.float32))
-        self.state: dict[str, int] = {}
 
     # --- building ---------------------------------------------------------------------------
 
@@ -79,6 +76,26 @@ class TwoStageIndex:
     def has_categories(self, category_ids: list[int]) -> bool:
         return all(int(c) in self.list_of for c in category_ids)
 
+    def with_categories(self, category_ids: list[int]) -> "TwoStageIndex":
+        """A copy with lists for these categories too: entries and centroids are copied in memory, list by
+        list, so a new category costs a memory copy, not a rebuild from the database."""
+        grown = TwoStageIndex(self.model, self.dim, sorted(set(self.category_ids) | {int(c) for c in category_ids}))
+        centroids = np.zeros((grown.ivf.nlist, self.dim), dtype=np.float32)
+        counts = np.zeros(grown.ivf.nlist, dtype=np.int64)
+        old_centroids = self.quantizer.reconstruct_n(0, self.quantizer.ntotal)
+        for old_list, cid in enumerate(self.category_ids):
+            new_list = grown.list_of[cid]
+            centroids[new_list], counts[new_list] = old_centroids[old_list], self.prototype_counts[old_list]
+            size = self.ivf.get_list_size(old_list)
+            if size:
+                invlists = self.ivf.invlists
+                grown.ivf.invlists.add_entries(new_list, size, invlists.get_ids(old_list), invlists.get_codes(old_list))
+        grown.ivf.ntotal = self.ivf.ntotal
+        grown.quantizer.reset()
+        grown.quantizer.add(centroids)
+        grown.prototype_counts = counts
+        return grown
+
     # --- searching --------------------------------------------------------------------------
 
     @property
@@ -115,49 +132,37 @@ class TwoStageIndex:
         scanned = self.list_sizes()[lists].sum(axis=1)
         return SearchHits(scores, ids, scanned)
 
-    # --- persistence: the file is a cache, stamped with the database state it reflects ------
+    # --- serialisation (the cache file's format and checks live in backend/index_cache.py) ---
 
-    @staticmethod
-    def paths(directory: Path, model: str) -> tuple[Path, Path]:
-        slug = model.replace("/", "_")
-        return directory / f"{slug}.faiss", directory / f"{slug}.json"
-
-    def save(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        index_path, meta_path = self.paths(directory, self.model)
-        meta = {
+    def describe(self) -> dict:
+        return {
             "model": self.model,
             "dim": self.dim,
             "category_ids": self.category_ids,
             "prototype_counts": self.prototype_counts.tolist(),
-            "state": self.state,
         }
-        # Write-then-rename so a crash never leaves a half-written cache behind.
-        tmp_index, tmp_meta = index_path.with_suffix(".faiss.tmp"), meta_path.with_suffix(".json.tmp")
-        faiss.write_index(self.ivf, str(tmp_index))
-        tmp_meta.write_text(json.dumps(meta))
-        os.replace(tmp_index, index_path)
-        os.replace(tmp_meta, meta_path)
+
+    def write(self, sink: Callable[[bytes], object]) -> None:
+        faiss.write_index(self.ivf, faiss.PyCallbackIOWriter(sink))
 
     @classmethod
-    def load(cls, directory: Path, model: str) -> "TwoStageIndex | None":
-        index_path, meta_path = cls.paths(directory, model)
-        if not index_path.is_file() or not meta_path.is_file():
-            return None
+    def read(
+        cls, source: Callable[[int], bytes], model: str, dim: int, category_ids: list[int], prototype_counts: list[int]
+    ) -> "TwoStageIndex":
+        """The inverse of `write` + `describe`; raises ValueError when the bytes do not fit the description."""
         try:
-            meta = json.loads(meta_path.read_text())
-            ivf = faiss.read_index(str(index_path))  # already the concrete type; owns its quantizer
-        except (OSError, ValueError, RuntimeError):
-            return None  # unreadable cache: the caller rebuilds from the database
-        if meta.get("model") != model or not isinstance(ivf, faiss.IndexIVFFlat):
-            return None
+            ivf = faiss.read_index(faiss.PyCallbackIOReader(source))  # the concrete type; owns its quantizer
+        except RuntimeError as exc:
+            raise ValueError(f"not a FAISS index: {exc}") from exc
+        if not isinstance(ivf, faiss.IndexIVFFlat) or ivf.d != dim or ivf.nlist != max(1, len(category_ids)):
+            raise ValueError("the FAISS index does not match its description")
+        if len(prototype_counts) != ivf.nlist:
+            raise ValueError("prototype counts do not match the lists")
         index = cls.__new__(cls)
-        index.model = model
-        index.dim = int(meta["dim"])
-        index.category_ids = [int(c) for c in meta["category_ids"]]
+        index.model, index.dim = model, dim
+        index.category_ids = [int(c) for c in category_ids]
         index.list_of = {cid: i for i, cid in enumerate(index.category_ids)}
         index.ivf = ivf
         index.quantizer = faiss.downcast_index(ivf.quantizer)
-        index.prototype_counts = np.asarray(meta["prototype_counts"], dtype=np.int64)
-        index.state = dict(meta["state"])
+        index.prototype_counts = np.asarray(prototype_counts, dtype=np.int64)
         return index

@@ -1,28 +1,32 @@
-"""The search engine as one object: embedder + database + two-stage index, shared by the CLI and the API."""
+"""The search engine as one object: embedder + database + index cache; search, writes and status, shared by
+the CLI and the API. The index's lifecycle (load, verify, rebuild, follow changes, locking) is
+`backend.index_cache`'s."""
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from datetime import datetime
+from typing import Literal, TypeVar
 
 import numpy as np
 from PIL import Image as PILImage
+from pydantic import BaseModel
 from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from backend import catalogue
+from backend.core import search_params
 from backend.core.config import Settings
-from backend.core.errors import InvalidInput, NotFound, Unprocessable
-from backend.core.locks import ReadWriteLock
+from backend.core.errors import InvalidInput, NotFound
+from backend.core.search_params import SearchParams
 from backend.db.models import Image
 from backend.db.session import get_engine, session_scope
 from backend.embedding.base import Embedder
 from backend.embedding.registry import create_embedder
 from backend.imaging import DecodedImage
-from backend.index import TwoStageIndex
+from backend.index_cache import IndexCache
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -73,104 +77,96 @@ class UploadResult:
     category_score: float | None = None
 
 
+class ModelStatus(BaseModel):
+    id: str
+    name: str
+    dim: int
+    device: str
+    runtime: str
+    loaded: bool
+
+
+class CategoryCount(BaseModel):
+    id: int
+    name: str
+    images: int
+    labelled: int  # images whose label was given, not predicted
+
+
+class DatabaseStatus(BaseModel):
+    images: int
+    vectors_for_model: int
+    vectors_by_model: dict[str, int]
+    categories: list[CategoryCount]
+
+
+class RefreshStatus(BaseModel):
+    kind: Literal["none", "incremental", "full"]
+    added: int
+    removed: int
+    seconds: float
+    reason: str
+    at: datetime
+
+
+class IndexStatus(BaseModel):
+    type: str
+    loaded: bool
+    origin: str  # how the live index came to be: loaded from cache, rebuilt (and why)
+    vectors: int
+    categories: int
+    current: bool  # reflects every change committed to the database
+    watermark: int  # the newest database change it reflects
+    memory_bytes: int
+    refreshes: dict[str, int]  # incremental and full refreshes since start
+    last_refresh: RefreshStatus | None
+
+
+class SearchSettings(BaseModel):
+    use_prototype_filtering: bool
+    default_top_categories: int
+    default_search_limit: int
+    bounds: dict[str, dict[str, int]]
+
+
+class Status(BaseModel):
+    model: ModelStatus
+    database: DatabaseStatus
+    index: IndexStatus
+    settings: SearchSettings
+
+
 class SearchService:
     def __init__(self, settings: Settings, engine: Engine | None = None, embedder: Embedder | None = None) -> None:
         self.settings = settings
         self.engine = engine or get_engine()
         self.embedder = embedder or create_embedder(settings)
-        self._index: TwoStageIndex | None = None
-        self._lock = ReadWriteLock()
-        self._build_lock = threading.Lock()
+        self.cache = IndexCache(self.engine, self.embedder.model_id, self.embedder.dim, settings.index_dir)
         self._names: dict[int, str] = {}
-        self.index_origin = "not loaded"
 
     @property
     def model(self) -> str:
         return self.embedder.model_id
-
-    # --- the index as a cache of the database ----------------------------------------------
-
-    def _fingerprint(self) -> dict[str, int]:
-        with session_scope(self.engine) as session:
-            return catalogue.state_fingerprint(session, self.model)
-
-    def _build_from_db(self) -> TwoStageIndex:
-        """Never re-embeds: reads stored vectors and prototype sums."""
-        with session_scope(self.engine) as session:
-            state = catalogue.state_fingerprint(session, self.model)
-            stored = catalogue.load_vectors(session, self.model)
-            prototypes = catalogue.load_prototypes(session, self.model)
-            category_ids = sorted(catalogue.category_ids(session).values())
-        index = TwoStageIndex.build(self.model, self.embedder.dim, category_ids, stored, prototypes)
-        index.state = state
-        return index
-
-    def ensure_index(self, force_rebuild: bool = False) -> TwoStageIndex:
-        """Load the saved index if it matches the database, else rebuild it from stored vectors and save."""
-        if self._index is not None and not force_rebuild:
-            return self._index  # the common case, without taking the lock
-        with self._build_lock:
-            if self._index is not None and not force_rebuild:
-                return self._index
-            index = None if force_rebuild else TwoStageIndex.load(self.settings.index_dir, self.model)
-            if index is not None and index.state == self._fingerprint():
-                origin = "loaded from cache"
-            else:
-                start = time.perf_counter()
-                index = self._build_from_db()
-                index.save(self.settings.index_dir)
-                origin = f"rebuilt from database in {time.perf_counter() - start:.2f}s"
-            with self._lock.write():
-                self._index = index
-            self.index_origin = origin
-            self._refresh_names()
-            log.info("index for %s: %d vectors, %s", self.model, index.ntotal, origin)
-            return index
-
-    def save_index(self) -> None:
-        with self._lock.read():
-            if self._index is not None:
-                self._index.save(self.settings.index_dir)
-
-    def index_is_current(self) -> bool:
-        return self._index is not None and self._index.state == self._fingerprint()
-
-    def refresh_if_stale(self) -> bool:
-        """Rebuild from the database when another process changed it; True if it did."""
-        if self.index_is_current():
-            return False
-        self.ensure_index(force_rebuild=True)
-        return True
-
-    def _refresh_names(self) -> None:
-        with session_scope(self.engine) as session:
-            self._names = {cid: name for name, cid in catalogue.category_ids(session).items()}
 
     # --- search ----------------------------------------------------------------------------
 
     def embed(self, images: list[PILImage.Image]) -> np.ndarray:
         return self.embedder.embed(images)
 
-    def search(self, images: list[PILImage.Image], limit: int, top_categories: int, use_prototypes: bool) -> list[SearchResult]:
+    def search(self, images: list[PILImage.Image], params: SearchParams) -> list[SearchResult]:
         start = time.perf_counter()
         queries = self.embed(images)
         embed_s = time.perf_counter() - start
-        results = self.search_vectors(queries, limit, top_categories, use_prototypes)
+        results = self.search_vectors(queries, params)
         for r in results:
             r.timings_ms["embed"] = _ms(embed_s / len(results))
             r.timings_ms["total"] = round(r.timings_ms["total"] + r.timings_ms["embed"], 3)
         return results
 
-    def search_vectors(
-        self, queries: np.ndarray, limit: int, top_categories: int, use_prototypes: bool, exclude: int | None = None
-    ) -> list[SearchResult]:
-        if not 1 <= limit <= 1000:
-            raise Unprocessable("limit must be between 1 and 1000")
-        if not 1 <= top_categories:
-            raise Unprocessable("top_categories must be at least 1")
-        index = self.ensure_index()
+    def search_vectors(self, queries: np.ndarray, params: SearchParams, exclude: int | None = None) -> list[SearchResult]:
+        limit, top_categories, use_prototypes = params.limit, params.top_categories, params.use_prototypes
         k = limit + (1 if exclude is not None else 0)
-        with self._lock.read():
+        with self.cache.reading() as index:
             t0 = time.perf_counter()
             cat_scores, cat_lists = index.rank_categories(queries)
             t1 = time.perf_counter()
@@ -179,9 +175,9 @@ class SearchService:
             t2 = time.perf_counter()
             total = index.ntotal
             category_ids = index.category_ids
-            with session_scope(self.engine) as session:
-                meta = catalogue.result_metadata(session, {int(i) for i in hits.ids.ravel() if i >= 0})
-            t3 = time.perf_counter()
+        with session_scope(self.engine) as session:
+            meta = catalogue.result_metadata(session, {int(i) for i in hits.ids.ravel() if i >= 0})
+        t3 = time.perf_counter()
         n = len(queries)
         out = []
         for q in range(n):
@@ -217,9 +213,8 @@ class SearchService:
         """Stage 1 only: every category ranked by its prototype's cosine similarity."""
         t0 = time.perf_counter()
         queries = self.embed(images)
-        index = self.ensure_index()
         t1 = time.perf_counter()
-        with self._lock.read():
+        with self.cache.reading() as index:
             scores, lists = index.rank_categories(queries)
             ids = index.category_ids
         t2 = time.perf_counter()
@@ -234,22 +229,23 @@ class SearchService:
             if lst >= 0
         ]
 
-    def similar_to(self, image_id: int, limit: int, top_categories: int, use_prototypes: bool) -> SearchResult:
+    def similar_to(self, image_id: int, params: SearchParams) -> SearchResult:
         with session_scope(self.engine) as session:
             catalogue.get_image(session, image_id)
             vector = catalogue.image_vector(session, image_id, self.model)
         if vector is None:
             raise NotFound(f"image {image_id} has no {self.model} embedding (run build-index)")
-        return self.search_vectors(vector[None, :], limit, top_categories, use_prototypes, exclude=image_id)[0]
+        return self.search_vectors(vector[None, :], params, exclude=image_id)[0]
 
     def _name(self, category_id: int | None) -> str | None:
         if category_id is None or category_id < 0:
             return None
         if category_id not in self._names:
-            self._refresh_names()
+            with session_scope(self.engine) as session:
+                self._names = {cid: name for name, cid in catalogue.category_ids(session).items()}
         return self._names.get(category_id)
 
-    # --- writes: database first (one transaction), then the in-memory index -----------------
+    # --- writes: one database transaction, then the index follows before the answer -------------
 
     def upload(self, image: DecodedImage, category: str | None, description: str | None = None) -> UploadResult:
         with session_scope(self.engine) as session:
@@ -257,23 +253,17 @@ class SearchService:
                 return self._duplicate(session, image.sha256)
             category_id = catalogue.category_by_name(session, category).id if category else None
         vector = self.embed([image.rgb])
-        index = self.ensure_index()
         predicted_score = None
         if category_id is None:
-            with self._lock.read():
+            with self.cache.reading() as index:
                 if not index.prototype_counts.any():
                     raise InvalidInput("no category prototypes yet: give a category with the upload")
                 scores, lists = index.rank_categories(vector, top=1)
-            category_id = index.category_ids[int(lists[0, 0])]
+                category_id = index.category_ids[int(lists[0, 0])]
             predicted_score = float(scores[0, 0])
-        if not index.has_categories([category_id]):
-            index = self.ensure_index(force_rebuild=True)  # a category created since the index was built
         item = catalogue.NewImage(image, category_id, label_given=predicted_score is None, description=description)
         try:
-            image_id = self._write(
-                lambda session: catalogue.add_images(session, self.model, [item], vector)[0],
-                lambda index, new_id: self._add_to(index, new_id, category_id, vector),
-            )
+            image_id = self._write(lambda session: catalogue.add_images(session, self.model, [item], vector)[0])
         except IntegrityError:  # the same bytes were stored concurrently
             with session_scope(self.engine) as session:
                 return self._duplicate(session, image.sha256)
@@ -284,71 +274,59 @@ class SearchService:
         return UploadResult(stored.id, self._name(stored.category_id), stored.label_given, duplicate=True)
 
     def delete(self, image_id: int) -> Image:
-        self.ensure_index()
-        return self._write(lambda session: catalogue.delete_image(session, image_id), self._remove_from)
+        return self._write(lambda session: catalogue.delete_image(session, image_id))
 
     def rebuild_prototypes(self) -> int:
-        return self._write(lambda session: catalogue.rebuild_prototypes(session, self.model), lambda index, count: None)
+        return self._write(lambda session: catalogue.rebuild_prototypes(session, self.model))
 
-    @staticmethod
-    def _add_to(index: TwoStageIndex, image_id: int, category_id: int, vector: np.ndarray) -> None:
-        index.add(np.array([image_id]), np.array([category_id]), vector)
-        index.state = catalogue.fingerprint_change(index.state, image_id, category_id, +1)
-
-    @staticmethod
-    def _remove_from(index: TwoStageIndex, image: Image) -> None:
-        if index.remove(np.array([image.id])):  # an image without a vector of this model leaves it as it was
-            index.state = catalogue.fingerprint_change(index.state, image.id, image.category_id, -1)
-
-    def _write(self, change: Callable[[Session], T], update_index: Callable[[TwoStageIndex, T], object]) -> T:
-        """One database transaction and the matching in-memory index update, as one step for searches.
-        The index state is derived from the change rather than re-read: a full fingerprint scans every
-        vector (~0.1 s at 100k) and would block all searches for that long on each upload."""
-        with self._lock.write():
-            with session_scope(self.engine) as session:
-                result = change(session)
-                prototypes = catalogue.load_prototypes(session, self.model)
-            index = self._index
-            if index is not None:
-                update_index(index, result)
-                index.set_prototypes(prototypes)
+    def _write(self, change: Callable[[Session], T]) -> T:
+        """Commit the change, then bring the index up to date with the database (this change included)
+        before answering: an acknowledged write is searchable, whatever rebuild runs meanwhile."""
+        with session_scope(self.engine) as session:
+            result = change(session)
+        self.cache.after_write()
         return result
 
     # --- status ----------------------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> Status:
         with session_scope(self.engine) as session:
             counts = catalogue.category_counts(session)
-            fingerprint = catalogue.state_fingerprint(session, self.model)
-            models = catalogue.model_ids(session)
-        index = self._index
-        with self._lock.read():
-            index_info = {
-                "type": self.settings.faiss_index_type,
-                "loaded": index is not None,
-                "origin": self.index_origin,
-                "vectors": index.ntotal if index else 0,
-                "categories": len(index.category_ids) if index else 0,
-                "current": index is not None and index.state == fingerprint,
-            }
-        return {
-            "model": {
-                "id": self.model,
-                "name": self.embedder.name,
-                "dim": self.embedder.dim,
-                "device": str(self.embedder.device),
-                "loaded": self.embedder.loaded,
-            },
-            "database": {
-                "images": sum(c[2] for c in counts),
-                "vectors_for_model": fingerprint["vectors"],
-                "vectors_by_model": dict(models),
-                "categories": [{"id": cid, "name": name, "images": n, "labelled": given} for cid, name, n, given in counts],
-            },
-            "index": index_info,
-            "settings": {
-                "use_prototype_filtering": self.settings.use_prototype_filtering,
-                "default_top_categories": self.settings.default_top_categories,
-                "default_search_limit": self.settings.default_search_limit,
-            },
-        }
+            models = dict(catalogue.model_ids(session))
+        cache = self.cache
+        index = cache.loaded
+        last = cache.last_refresh
+        return Status(
+            model=ModelStatus(
+                id=self.model,
+                name=self.embedder.name,
+                dim=self.embedder.dim,
+                device=str(self.embedder.device),
+                runtime=self.embedder.runtime,
+                loaded=self.embedder.loaded,
+            ),
+            database=DatabaseStatus(
+                images=sum(c[2] for c in counts),
+                vectors_for_model=models.get(self.model, 0),
+                vectors_by_model=models,
+                categories=[CategoryCount(id=cid, name=name, images=n, labelled=given) for cid, name, n, given in counts],
+            ),
+            index=IndexStatus(
+                type=self.settings.faiss_index_type,
+                loaded=index is not None,
+                origin=cache.origin,
+                vectors=index.ntotal if index else 0,
+                categories=len(index.category_ids) if index else 0,
+                current=cache.is_current(),
+                watermark=cache.watermark,
+                memory_bytes=cache.memory_bytes(),
+                refreshes=dict(cache.refreshes),
+                last_refresh=RefreshStatus(**vars(last)) if last else None,
+            ),
+            settings=SearchSettings(
+                use_prototype_filtering=self.settings.use_prototype_filtering,
+                default_top_categories=self.settings.default_top_categories,
+                default_search_limit=self.settings.default_search_limit,
+                bounds=search_params.bounds(),
+            ),
+        )

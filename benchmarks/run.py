@@ -23,7 +23,7 @@ import psutil
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backend.api.server_process import running_server
+from tests.utils.server import running_server
 from backend.core.config import Settings, get_settings
 from backend.datasets import Dataset, balanced, find_cifar10, load_cifar10
 from backend.vectors import l2_normalise

@@ -8,22 +8,38 @@ import os
 import uuid
 import warnings
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import URL, make_url
 
-from backend.core.config import PROJECT_ROOT, Settings
 from backend.datasets import Dataset, balanced, load_cifar10
 from backend.db import migrate
 from backend.db.session import make_engine
 from backend.embedding.efficientnet import EfficientNetLiteEmbedder
+from backend.embedding.models import MODELS
+from tests.utils.settings import CATALOGUE_SIZE, CIFAR_SUBSET, QUERY_COUNT
 
-CIFAR_SUBSET = Path(os.environ.get("CIFAR10_SUBSET", PROJECT_ROOT.parent / "shared/datasets/cifar-10-subset/cifar-10-batches-py"))
-CATALOGUE_SIZE = 600  # train-split images in the shared catalogue: 60 per category
-QUERY_COUNT = 100  # test-split query images: 10 per category
+# Tests that need these fixtures are marked, so `pytest -m "not db and not model"` is the fast tier.
+_MARKS = {
+    "db": {"server_url", "databases", "engine", "catalogue_engine"},
+    "model": {"embedder", "query_vectors"},
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "db: needs a PostgreSQL server (embedded or TEST_DATABASE_URL)")
+    config.addinivalue_line("markers", "model: loads the real embedding weights")
+    config.addinivalue_line("markers", "browser: drives Chromium")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        for mark, fixtures in _MARKS.items():
+            if used & fixtures:
+                item.add_marker(mark)
 
 
 @pytest.fixture(scope="session")
@@ -76,16 +92,13 @@ def engine(databases: Databases) -> Iterator[Engine]:
     eng.dispose()
 
 
-def make_settings(tmp: Path, engine: Engine | None = None, **overrides: object) -> Settings:
-    url = engine.url.render_as_string(hide_password=False) if engine is not None else None
-    return Settings(_env_file=None, database_url=url, data_dir=tmp, cifar10_dir=CIFAR_SUBSET, **overrides)
-
-
 @pytest.fixture(scope="session")
 def embedder(tmp_path_factory: pytest.TempPathFactory) -> EfficientNetLiteEmbedder:
     """The real pretrained EfficientNet-Lite0 (on ONNX Runtime, as the server runs it), loaded once."""
     onnx_dir = tmp_path_factory.mktemp("onnx")
-    model = EfficientNetLiteEmbedder("efficientnet_lite0", None, "cpu", 32, runtime="onnx", onnx_dir=onnx_dir)
+    model = EfficientNetLiteEmbedder(
+        spec=MODELS["efficientnet_lite0"], device="cpu", batch_size=32, runtime="onnx", onnx_dir=onnx_dir
+    )
     model.load()
     return model
 

@@ -10,9 +10,10 @@ import pytest
 from sqlalchemy import Engine, func, select
 
 from backend.core.config import PROJECT_ROOT
+from backend.db import migrate
 from backend.db.models import Image
 from backend.db.session import session_scope
-from tests.conftest import CIFAR_SUBSET
+from tests.utils.settings import CIFAR_SUBSET
 
 
 def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
@@ -54,7 +55,7 @@ def image_count(url: str) -> int:
 def test_end_to_end_populate_index_search(env: dict[str, str], tmp_path: Path, cifar_queries) -> None:
     assert "run init-db first" in run(env, "populate", "--num-images", "10").stderr
     r = run(env, "init-db")
-    assert r.returncode == 0 and "schema revision 0001" in r.stdout
+    assert r.returncode == 0 and f"schema revision {migrate.head_revision()}" in r.stdout
     r = run(env, "populate", "--dataset", "cifar10", "--split", "train", "--num-images", "60", "--quiet")
     assert r.returncode == 0, r.stderr
     assert "60 images added" in r.stdout

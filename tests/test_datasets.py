@@ -13,7 +13,7 @@ from backend.datasets import (
     load_fashion_mnist,
 )
 from backend.imaging import decode_image
-from tests.conftest import CIFAR_SUBSET, make_settings
+from tests.utils.settings import CIFAR_SUBSET, make_settings
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 

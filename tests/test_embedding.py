@@ -3,11 +3,13 @@
 import numpy as np
 import pytest
 from PIL import Image
+from pydantic import ValidationError
 
 from backend.core.errors import ConfigurationError, ModelUnavailable
-from backend.embedding.registry import create_embedder
+from backend.embedding.models import MODEL_NAMES, MODELS
+from backend.embedding.registry import FAMILIES, create_embedder
 from backend.embedding.torchvision_models import ResNetEmbedder
-from tests.conftest import make_settings
+from tests.utils.settings import make_settings
 
 
 def test_lite0_vectors_are_normalised_deterministic_and_meaningful(embedder, cifar_queries) -> None:
@@ -27,7 +29,7 @@ def test_onnx_runtime_matches_pytorch(embedder, cifar_queries) -> None:
     from backend.imaging import decode_image
 
     assert embedder.runtime == "onnx"
-    torch_model = EfficientNetLiteEmbedder("efficientnet_lite0", None, "cpu", 8, runtime="torch")
+    torch_model = EfficientNetLiteEmbedder(spec=MODELS["efficientnet_lite0"], device="cpu", batch_size=8, runtime="torch")
     images = [decode_image(s.load(), 10**6).rgb for s in cifar_queries.samples[:16]]
     a, b = embedder.embed(images), torch_model.embed(images)
     assert torch_model.model_id == embedder.model_id
@@ -40,7 +42,7 @@ def test_any_size_and_mode_is_accepted(embedder) -> None:
 
 
 def test_random_weights_are_recorded_in_model_id(tmp_path) -> None:
-    model = ResNetEmbedder("resnet18", "random", None, "cpu", 4)
+    model = ResNetEmbedder(spec=MODELS["resnet18"], weights="random", device="cpu", batch_size=4)
     assert model.model_id == "resnet18/random/224px"
     assert model.embed([Image.new("RGB", (64, 64), "green")]).shape == (1, 512)
 
@@ -54,3 +56,17 @@ def test_missing_weights_file_names_the_remedy(tmp_path) -> None:
 def test_unknown_model_is_refused(tmp_path) -> None:
     with pytest.raises(ConfigurationError, match="unknown model"):
         create_embedder(make_settings(tmp_path), "vgg16")
+
+
+def test_unknown_model_setting_is_refused_at_start_up(tmp_path) -> None:
+    with pytest.raises(ValidationError, match="unknown model 'vgg16'"):
+        make_settings(tmp_path, model_name="vgg16")
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_every_model_in_the_table_builds_with_its_own_size_and_dimension(tmp_path, name: str) -> None:
+    model = create_embedder(make_settings(tmp_path, model_name=name, model_weights="random"))
+    spec = MODELS[name]
+    assert isinstance(model, FAMILIES[spec.family]) and not model.loaded  # lazy: nothing loaded yet
+    assert (model.name, model.dim, model.image_size) == (name, spec.dim, spec.input_size)
+    assert model.model_id.startswith(f"{name}/") and model.model_id.endswith(f"/{spec.input_size}px")

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from backend.core.config import PROJECT_ROOT
-from tests.conftest import CIFAR_SUBSET
+from tests.utils.settings import CIFAR_SUBSET
 
 
 def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:

@@ -1,12 +1,12 @@
 """The two-stage index on synthetic clustered vectors, checked against NumPy."""
 
-from pathlib import Path
+import io
 
 import numpy as np
 import pytest
 
-from backend.catalogue import PrototypeMatrix, StoredVectors
 from backend.index import TwoStageIndex
+from backend.vectors import PrototypeMatrix, StoredVectors
 
 DIM = 32
 
@@ -68,20 +68,45 @@ def test_fewer_vectors_than_k_pads_with_minus_one(data) -> None:
     assert (hits.ids[0, :n] >= 0).all() and (hits.ids[0, n:] == -1).all()
 
 
-def test_add_remove_and_save_load(data, tmp_path: Path) -> None:
+def test_add_remove_and_write_read(data) -> None:
     stored, _ = data
     index = build(data)
     new = np.ones((1, DIM), dtype=np.float32) / np.sqrt(DIM)
     index.add(np.array([5000]), np.array([12]), new)
     assert index.search(new, 1).ids[0, 0] == 5000
     assert index.remove(np.array([5000, 1000])) == 2 and index.ntotal == 899
-    index.state = {"vectors": 899}
-    index.save(tmp_path)
-    loaded = TwoStageIndex.load(tmp_path, "m")
-    assert loaded is not None and loaded.state == {"vectors": 899} and loaded.ntotal == 899
+    buf = io.BytesIO()
+    index.write(buf.write)
+    buf.seek(0)
+    loaded = TwoStageIndex.read(buf.read, **index.describe())
+    assert loaded.ntotal == 899
     q = stored.vectors[3:6]
     np.testing.assert_array_equal(loaded.search(q, 5).ids, index.search(q, 5).ids)
     np.testing.assert_array_equal(loaded.rank_categories(q)[1], index.rank_categories(q)[1])
-    assert TwoStageIndex.load(tmp_path, "other-model") is None
+    with pytest.raises(ValueError, match="does not match"):
+        buf.seek(0)
+        TwoStageIndex.read(buf.read, **{**index.describe(), "dim": DIM * 2})
     with pytest.raises(KeyError):
         index.add(np.array([1]), np.array([99]), new)
+
+
+def test_with_categories_keeps_every_entry_and_centroid(data) -> None:
+    stored, _ = data
+    index = build(data)
+    grown = index.with_categories([3, 99])  # one before every list, one after: list numbers shift
+    assert grown.category_ids == [3, 10, 11, 12, 13, 14, 15, 99] and grown.ntotal == index.ntotal
+    q = stored.vectors[:30]
+    np.testing.assert_array_equal(grown.search(q, 10).ids, index.search(q, 10).ids)
+    old_scores, old_lists = index.rank_categories(q)
+    new_scores, new_lists = grown.rank_categories(q)
+    for row in range(len(q)):  # the new, empty categories have zero centroids: leave them out to compare
+        kept = [
+            (grown.category_ids[i], s)
+            for i, s in zip(new_lists[row], new_scores[row], strict=True)
+            if grown.category_ids[i] not in (3, 99)
+        ]
+        assert [c for c, _ in kept] == [index.category_ids[i] for i in old_lists[row]]
+        np.testing.assert_allclose([s for _, s in kept], old_scores[row], atol=1e-6)
+    new = np.ones((1, DIM), dtype=np.float32) / np.sqrt(DIM)
+    grown.add(np.array([7000]), np.array([99]), new)
+    assert grown.search(new, 1, np.array([[grown.list_of[99]]])).ids[0, 0] == 7000

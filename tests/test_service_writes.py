@@ -1,6 +1,5 @@
 """Writes: ingestion (resume, dedup, atomic batches), upload, delete and prototype bookkeeping."""
 
-import io
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +9,7 @@ from sqlalchemy import Engine, func, select
 
 from backend import catalogue
 from backend.core.errors import InvalidInput, Unprocessable
+from backend.core.search_params import SearchParams
 from backend.datasets import Dataset, Sample, balanced
 from backend.db.models import Embedding, Prototype
 from backend.db.models import Image as ImageRow
@@ -17,7 +17,8 @@ from backend.db.session import session_scope
 from backend.imaging import decode_image
 from backend.ingest import ingest
 from backend.service import SearchService
-from tests.conftest import make_settings
+from tests.utils.images import png
+from tests.utils.settings import make_settings
 
 
 def counts(engine: Engine) -> tuple[int, int, int]:
@@ -79,12 +80,6 @@ def test_prototypes_are_exact_running_means(service: SearchService, engine: Engi
         np.testing.assert_allclose(vec, mean / np.linalg.norm(mean), atol=1e-6)
 
 
-def png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def test_upload_with_category_is_searchable_at_once(service: SearchService, engine: Engine, cifar_queries: Dataset) -> None:
     sample = next(s for s in cifar_queries.samples if s.label == "ship")
     image = decode_image(sample.load(), 10**7)
@@ -92,9 +87,9 @@ def test_upload_with_category_is_searchable_at_once(service: SearchService, engi
     result = service.upload(image, "ship", "a test ship")
     assert (result.duplicate, result.category, result.label_given) == (False, "ship", True)
     assert counts(engine) == (before[0] + 1, before[1] + 1, before[2] + 1)
-    hit = service.search([image.rgb], limit=1, top_categories=1, use_prototypes=False)[0].results[0]
+    hit = service.search([image.rgb], SearchParams(limit=1, top_categories=1, use_prototypes=False))[0].results[0]
     assert (hit.image_id, round(hit.score, 4)) == (result.image_id, 1.0)
-    assert service.index_is_current()
+    assert service.cache.is_current()
 
 
 def test_upload_without_category_is_predicted_and_not_a_prototype(
@@ -130,7 +125,7 @@ def test_upload_without_category_into_empty_catalogue_is_refused(engine: Engine,
 
 
 def test_delete_updates_database_prototypes_and_index(service: SearchService, engine: Engine, small: Dataset) -> None:
-    index = service.ensure_index()
+    index = service.cache.get()
     with session_scope(engine) as s:
         victim = s.scalar(select(ImageRow.id).order_by(ImageRow.id).limit(1))
         cid = s.get(ImageRow, victim).category_id
@@ -141,33 +136,17 @@ def test_delete_updates_database_prototypes_and_index(service: SearchService, en
     with session_scope(engine) as s:
         protos = catalogue.load_prototypes(s, service.model)
     assert protos.counts[list(protos.category_ids).index(cid)] == 3
-    results = service.search_vectors(np.eye(1, index.dim, dtype=np.float32), 50, 10, False)[0].results
+    results = service.search_vectors(
+        np.eye(1, index.dim, dtype=np.float32), SearchParams(limit=50, top_categories=10, use_prototypes=False)
+    )[0].results
     assert victim not in [h.image_id for h in results]
-    assert service.index_is_current()
-
-
-def test_stale_cache_is_rebuilt_from_database_without_embedding(
-    service: SearchService, engine: Engine, embedder, small: Dataset
-) -> None:
-    service.ensure_index()  # saved to disk, stamped with the current state
-    ingest(Dataset("more", balanced(small.samples, 10)), embedder, engine, 10**7, progress=False)  # all duplicates
-    again = SearchService(service.settings, engine, embedder)
-    again.ensure_index()
-    assert again.index_origin == "loaded from cache"
-    with session_scope(engine) as s:
-        catalogue.delete_image(s, s.scalar(select(ImageRow.id).limit(1)))
-    calls = []
-    monkey = SearchService(service.settings, engine, embedder)
-    monkey.embed = calls.append  # type: ignore[method-assign, assignment]
-    index = monkey.ensure_index()
-    assert monkey.index_origin.startswith("rebuilt from database") and not calls
-    assert index.ntotal == 39
+    assert service.cache.is_current()
 
 
 def test_search_on_an_empty_catalogue_returns_nothing(engine: Engine, embedder, tmp_path: Path) -> None:
     service = SearchService(make_settings(tmp_path, engine), engine, embedder)
     image = decode_image(png(Image.new("RGB", (40, 40), "red")), 10**7)
     for use_prototypes in (True, False):
-        result = service.search([image.rgb], limit=5, top_categories=3, use_prototypes=use_prototypes)[0]
+        result = service.search([image.rgb], SearchParams(limit=5, top_categories=3, use_prototypes=use_prototypes))[0]
         assert result.results == [] and result.vectors_total == 0
     assert service.rank_categories([image.rgb])[0] == [[]]

@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from backend.api.routes import categories, images, search, system
 from backend.core.config import PROJECT_ROOT, Settings, get_settings
 from backend.core.errors import AppError
+from backend.index_cache import prune_change_log
 from backend.service import SearchService
 
 log = logging.getLogger(__name__)
@@ -23,15 +24,23 @@ log = logging.getLogger(__name__)
 MULTIPART_OVERHEAD = 64 * 1024
 
 
-async def _refresh_index(service: SearchService, every_s: float) -> None:
-    """Pick up writes made by other processes (CLI populate, another server) without a restart."""
+PRUNE_EVERY_S = 3600.0
+
+
+async def _refresh_index(service: SearchService, settings: Settings) -> None:
+    """Follow writes made by other processes (CLI populate, workers, other servers) without a restart, and
+    now and then forget old deletions from the change log."""
+    every_s = settings.index_refresh_seconds
     if every_s <= 0:
         return
+    pruned_at = 0.0
     while True:
         await asyncio.sleep(every_s)
         try:
-            if await run_in_threadpool(service.refresh_if_stale):
-                log.info("index refreshed from the database: %s", service.index_origin)
+            await run_in_threadpool(service.cache.refresh)
+            if time.monotonic() - pruned_at > PRUNE_EVERY_S:
+                await run_in_threadpool(prune_change_log, service.engine, settings.change_log_retention_days)
+                pruned_at = time.monotonic()
         except Exception:  # a database hiccup must not end the loop; the next round retries
             log.exception("index refresh failed")
 
@@ -44,13 +53,13 @@ def create_app(settings: Settings | None = None, service: SearchService | None =
         svc = service or await run_in_threadpool(SearchService, settings)
         # Load the model and the index before the first request, off the event loop.
         await run_in_threadpool(svc.embedder.load)
-        await run_in_threadpool(svc.ensure_index)
+        await run_in_threadpool(svc.cache.get)
         app.state.service = svc
         app.state.started = time.monotonic()
-        refresher = asyncio.create_task(_refresh_index(svc, settings.index_refresh_seconds))
+        refresher = asyncio.create_task(_refresh_index(svc, settings))
         yield
         refresher.cancel()
-        await run_in_threadpool(svc.save_index)  # uploads since start are in the DB anyway; this saves a rebuild
+        await run_in_threadpool(svc.cache.save)  # the next start loads it and applies only later changes
 
     app = FastAPI(
         title="Image similarity search",

@@ -5,7 +5,7 @@ from datetime import datetime
 from pydantic import BaseModel
 
 from backend.db.models import Image
-from backend.service import SearchResult
+from backend.service import SearchResult, Status
 
 
 def image_urls(image_id: int) -> dict[str, str]:
@@ -126,3 +126,25 @@ class ImagePage(BaseModel):
     offset: int
     limit: int
     items: list[ImageInfo]
+
+
+class StatusOut(Status):
+    uptime_s: float
+
+
+class HealthOut(BaseModel):
+    status: str
+
+
+class RebuildOut(BaseModel):
+    vectors: int
+    categories: int
+    origin: str
+
+
+class PrototypesRebuilt(BaseModel):
+    prototypes: int
+
+
+class DeletedOut(BaseModel):
+    deleted: int

@@ -4,12 +4,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+from backend.core.search_params import LIMIT_MAX, LIMIT_MIN, TOP_CATEGORIES_MAX, TOP_CATEGORIES_MIN
+from backend.embedding.models import DEFAULT_MODEL, MODEL_NAMES
 
-ModelName = Literal["efficientnet_lite0", "efficientnet_lite2", "resnet18", "resnet50"]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 class Settings(BaseSettings):
@@ -28,7 +29,7 @@ class Settings(BaseSettings):
     data_dir: Path = PROJECT_ROOT / "data"
 
     # Embedding model
-    model_name: ModelName = "efficientnet_lite0"
+    model_name: str = DEFAULT_MODEL  # one of backend/embedding/models.py's MODELS
     model_weights: str | None = None  # local weights file (torchvision models); "random" only for tests
     device: Literal["auto", "cpu", "cuda"] = "auto"
     embed_batch_size: int = Field(32, ge=1, le=1024)
@@ -39,11 +40,14 @@ class Settings(BaseSettings):
     # Index and search
     faiss_index_type: Literal["flat"] = "flat"
     use_prototype_filtering: bool = True
-    default_top_categories: int = Field(3, ge=1, le=10)
-    default_search_limit: int = Field(10, ge=1, le=50)
-    # The server checks this often whether the database moved on without it (e.g. a CLI populate) and
-    # rebuilds its index from the stored vectors if so; 0 turns the check off.
-    index_refresh_seconds: float = Field(30.0, ge=0)
+    default_top_categories: int = Field(3, ge=TOP_CATEGORIES_MIN, le=TOP_CATEGORIES_MAX)
+    default_search_limit: int = Field(10, ge=LIMIT_MIN, le=LIMIT_MAX)
+    # The server checks this often whether other processes (a CLI populate, a worker, another server)
+    # changed the catalogue, and applies their changes to its index from the change log (a cheap look-up
+    # when nothing changed); 0 turns the check off.
+    index_refresh_seconds: float = Field(2.0, ge=0)
+    # Deletions stay in the change log this long; an index cache older than that is rebuilt in full.
+    change_log_retention_days: float = Field(7.0, gt=0)
 
     # API
     api_host: str = "0.0.0.0"
@@ -54,6 +58,13 @@ class Settings(BaseSettings):
     # Datasets
     cifar10_dir: Path | None = None
     fashion_mnist_dir: Path = Path("/usr/share/datasets/fashion-mnist")
+
+    @field_validator("model_name")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        if name not in MODEL_NAMES:
+            raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
+        return name
 
     @property
     def index_dir(self) -> Path:

@@ -1,16 +1,20 @@
 """ORM schema. The database is the source of truth; FAISS indexes are caches derived from it."""
 
+import uuid
 from datetime import datetime
 
 from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    FetchedValue,
     ForeignKey,
     Integer,
     LargeBinary,
+    SmallInteger,
     String,
     Text,
+    Uuid,
     func,
 )
 from sqlalchemy.orm import (
@@ -62,6 +66,8 @@ class Embedding(Base):
     model: Mapped[str] = mapped_column(String(128), primary_key=True, index=True)
     dim: Mapped[int] = mapped_column(Integer)
     vector: Mapped[bytes] = mapped_column(LargeBinary)  # float32, little endian, L2-normalised
+    # Change number, set by a trigger in commit order (migration 0002): index caches follow it.
+    seq: Mapped[int] = mapped_column(BigInteger, server_default=FetchedValue(), server_onupdate=FetchedValue())
 
 
 class Prototype(Base):
@@ -74,3 +80,26 @@ class Prototype(Base):
     dim: Mapped[int] = mapped_column(Integer)
     vector_sum: Mapped[bytes] = mapped_column(LargeBinary)  # float64 sum: stays exact over updates
     count: Mapped[int] = mapped_column(Integer)
+    seq: Mapped[int] = mapped_column(BigInteger, server_default=FetchedValue(), server_onupdate=FetchedValue())
+
+
+class DeletedEmbedding(Base):
+    """An embedding that left the catalogue, numbered like the changes, until pruned."""
+
+    __tablename__ = "deleted_embeddings"
+
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    model: Mapped[str] = mapped_column(String(128))
+    image_id: Mapped[int] = mapped_column(BigInteger)
+    deleted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class CatalogueMeta(Base):
+    """One row: which catalogue this database is (made at init-db) and how far deletions were pruned."""
+
+    __tablename__ = "catalogue_meta"
+
+    id: Mapped[int] = mapped_column(SmallInteger, primary_key=True, default=1)
+    catalogue_id: Mapped[uuid.UUID] = mapped_column(Uuid, server_default=FetchedValue())
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    deletions_pruned_through: Mapped[int] = mapped_column(BigInteger, server_default="0")

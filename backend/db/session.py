@@ -87,9 +87,12 @@ def _sessionmaker(engine: Engine) -> sessionmaker[Session]:
 
 
 @contextmanager
-def session_scope(engine: Engine | None = None) -> Iterator[Session]:
-    """One transaction: commits on success, rolls back on any error."""
+def session_scope(engine: Engine | None = None, *, snapshot: bool = False) -> Iterator[Session]:
+    """One transaction: commits on success, rolls back on any error. `snapshot`: a read-only REPEATABLE READ
+    transaction, so every query in it sees the database as of its first query."""
     session = _sessionmaker(engine or get_engine())()
+    if snapshot:
+        session.connection(execution_options={"isolation_level": "REPEATABLE READ", "postgresql_readonly": True})
     try:
         yield session
         session.commit()

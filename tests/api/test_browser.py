@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from backend.api.server_process import running_server
 from backend.core.config import PROJECT_ROOT
 from backend.datasets import Dataset, balanced
 from backend.ingest import ingest
+from tests.utils.server import running_server
 
 CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
 ARTIFACTS = PROJECT_ROOT / "test-artifacts"

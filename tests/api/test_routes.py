@@ -13,7 +13,7 @@ from backend.api.main import create_app
 from backend.datasets import Dataset, balanced
 from backend.ingest import ingest
 from backend.service import SearchService
-from tests.conftest import make_settings
+from tests.utils.settings import make_settings
 
 MAX_UPLOAD = 300_000
 

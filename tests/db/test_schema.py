@@ -1,19 +1,109 @@
 """Migrations and the catalogue's storage contract on a real PostgreSQL."""
 
+import threading
+import time
+
 import numpy as np
-from sqlalchemy import Engine, inspect
+from alembic import command
+from sqlalchemy import Engine, inspect, text, update
 
 from backend import catalogue
 from backend.db import migrate
+from backend.db.models import Image
 from backend.db.session import session_scope
 from backend.imaging import decode_image, encode_png
 
+MODEL = "m/test/8px"
+
 
 def test_migrations_create_schema_at_head(engine: Engine) -> None:
-    assert migrate.current_revision(engine) == migrate.head_revision() == "0001"
+    assert migrate.current_revision(engine) == migrate.head_revision() == "0002"
     tables = set(inspect(engine).get_table_names())
-    assert {"categories", "images", "embeddings", "prototypes", "alembic_version"} <= tables
-    assert migrate.upgrade(engine) == "0001"  # idempotent
+    assert {"categories", "images", "embeddings", "prototypes", "catalogue_meta", "deleted_embeddings"} <= tables
+    assert migrate.upgrade(engine) == "0002"  # idempotent
+
+
+def add(engine: Engine, n: int, category: str = "a", seed: int = 0) -> list[int]:
+    rng = np.random.default_rng(seed)
+    vectors = rng.normal(size=(n, 16)).astype(np.float32)
+    images = [decode_image(encode_png(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)), 10**6) for _ in range(n)]
+    with session_scope(engine) as s:
+        cid = catalogue.ensure_categories(s, [category])[category]
+        return catalogue.add_images(s, MODEL, [catalogue.NewImage(img, cid, True) for img in images], vectors)
+
+
+def test_each_database_is_a_catalogue_of_its_own(databases, engine: Engine) -> None:
+    other = databases.new()
+    with session_scope(engine) as a, session_scope(other) as b:
+        assert catalogue.identity(a).catalogue_id != catalogue.identity(b).catalogue_id
+    other.dispose()
+
+
+def test_upgrading_a_filled_0001_database_numbers_its_rows(engine: Engine) -> None:
+    config = migrate._config()
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0001")
+    with engine.begin() as conn:  # rows written by the old schema, with no change numbers
+        conn.execute(text("INSERT INTO categories (name) VALUES ('old')"))
+        conn.execute(
+            text(
+                "INSERT INTO images (sha256, data, size_bytes, width, height, format, category_id, label_given) "
+                "SELECT md5(g::text) || md5(g::text), '', 0, 1, 1, 'PNG', 1, true FROM generate_series(1, 5) g"
+            )
+        )
+        conn.execute(
+            text("INSERT INTO embeddings (image_id, model, dim, vector) SELECT id, :m, 1, '\\x00000000' FROM images"),
+            {"m": MODEL},
+        )
+    migrate.upgrade(engine)
+    with session_scope(engine, snapshot=True) as s:
+        changes = catalogue.changes_since(s, MODEL, 0)
+    assert changes.added.ids.tolist() == [1, 2, 3, 4, 5] and changes.head == 5
+
+
+def test_change_log_records_adds_deletes_and_relabels(engine: Engine) -> None:
+    ids = add(engine, 4)
+    with session_scope(engine, snapshot=True) as s:
+        start = catalogue.head(s, MODEL)
+    with session_scope(engine) as s:
+        catalogue.delete_image(s, ids[0])
+    with session_scope(engine) as s:  # a label change by hand: the trigger re-numbers its embedding
+        other = catalogue.ensure_categories(s, ["b"])["b"]
+        s.execute(update(Image).where(Image.id == ids[1]).values(category_id=other))
+    new = add(engine, 1, seed=1)
+    with session_scope(engine, snapshot=True) as s:
+        changes = catalogue.changes_since(s, MODEL, start)
+        assert catalogue.changes_since(s, MODEL, changes.head).added.ids.tolist() == []
+    assert sorted(changes.removed.tolist()) == [ids[0], ids[1]]
+    assert changes.added.ids.tolist() == [ids[1], *new] and changes.added.category_ids[0] == other
+    assert changes.prototypes_changed
+
+
+def test_change_numbers_follow_commit_order(engine: Engine) -> None:
+    """A writer that started numbering first but commits last must not be overtaken: the second writer
+    waits for the first to commit, so its numbers are larger and no reader skips the first's."""
+    add(engine, 1)
+    first_in = threading.Event()
+    seen: dict[str, int] = {}
+
+    def slow_writer() -> None:
+        with session_scope(engine) as s:
+            catalogue.lock_changes(s)
+            first_in.set()
+            time.sleep(0.5)
+            cid = catalogue.ensure_categories(s, ["slow"])["slow"]
+            img = decode_image(encode_png(np.full((8, 8, 3), 7, np.uint8)), 10**6)
+            seen["slow"] = catalogue.add_images(s, MODEL, [catalogue.NewImage(img, cid, True)], np.ones((1, 16), np.float32))[0]
+
+    thread = threading.Thread(target=slow_writer)
+    thread.start()
+    first_in.wait()
+    seen["fast"] = add(engine, 1, seed=2)[0]
+    thread.join()
+    with session_scope(engine) as s:
+        seq = dict(s.execute(text("SELECT image_id, seq FROM embeddings")).all())
+    assert seq[seen["slow"]] < seq[seen["fast"]]
 
 
 def test_vectors_round_trip_compactly(engine: Engine) -> None:

@@ -3,13 +3,11 @@
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Query
-from sqlalchemy import func, select
 
 from backend import catalogue
 from backend.api.deps import ServiceDep
 from backend.api.schemas import CategoryOut, ImageInfo, ImagePage
 from backend.core.errors import NotFound
-from backend.db.models import Image
 from backend.db.session import session_scope
 
 router = APIRouter(prefix="/categories", tags=["categories"])
@@ -43,14 +41,10 @@ def category_images(
         if category_id not in counts:
             raise NotFound(f"category {category_id} not found")
         name, images, given = counts[category_id]
-        total = session.scalar(select(func.count()).select_from(Image).where(Image.category_id == category_id)) or 0
-        rows = session.scalars(
-            select(Image).where(Image.category_id == category_id).order_by(Image.id).offset(offset).limit(limit)
-        ).all()
-        items = [ImageInfo.of(img) for img in rows]
+        items = [ImageInfo.of(img) for img in catalogue.category_page(session, category_id, offset, limit)]
     return ImagePage(
         category=CategoryOut(id=category_id, name=name, images=images, labelled=given),
-        total=total,
+        total=images,
         offset=offset,
         limit=limit,
         items=items,

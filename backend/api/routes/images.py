@@ -8,7 +8,7 @@ from fastapi import APIRouter, File, Form, Request, Response, UploadFile
 
 from backend import catalogue
 from backend.api.deps import ServiceDep, SettingsDep
-from backend.api.schemas import ImageInfo, UploadResponse, image_urls
+from backend.api.schemas import DeletedOut, ImageInfo, UploadResponse, image_urls
 from backend.api.uploads import read_image
 from backend.db.session import session_scope
 from backend.imaging import CONTENT_TYPES, make_thumbnail
@@ -105,8 +105,8 @@ def info(image_id: int, service: ServiceDep) -> ImageInfo:
 
 
 @router.delete("/images/{image_id}")
-def delete(image_id: int, service: ServiceDep) -> dict:
+def delete(image_id: int, service: ServiceDep) -> DeletedOut:
     """Delete the image, its embeddings and its share of the prototype; the index is updated."""
     image = service.delete(image_id)
     _thumbnails.discard(image_id)
-    return {"deleted": image.id}
+    return DeletedOut(deleted=image.id)

@@ -8,14 +8,16 @@ from fastapi import APIRouter, File, Query, UploadFile
 from backend.api.deps import ServiceDep, SettingsDep
 from backend.api.schemas import CategoryScoreOut, PrototypeResponse, SearchResponse
 from backend.api.uploads import read_image
+from backend.core import search_params as sp
+from backend.core.search_params import SearchParams
 
 router = APIRouter(tags=["search"])
 
-Limit = Annotated[int | None, Query(ge=1, le=50, description="number of results (default DEFAULT_SEARCH_LIMIT)")]
-TopCategories = Annotated[int | None, Query(ge=1, le=10, description="categories searched in stage 2 (default 3)")]
-UsePrototypes = Annotated[
-    bool | None, Query(description="two-stage search over the top categories (default USE_PROTOTYPE_FILTERING)")
+Limit = Annotated[int | None, Query(ge=sp.LIMIT_MIN, le=sp.LIMIT_MAX, description=sp.LIMIT_HELP)]
+TopCategories = Annotated[
+    int | None, Query(ge=sp.TOP_CATEGORIES_MIN, le=sp.TOP_CATEGORIES_MAX, description=sp.TOP_CATEGORIES_HELP)
 ]
+UsePrototypes = Annotated[bool | None, Query(description=sp.USE_PROTOTYPES_HELP)]
 
 
 @router.post("/search", response_model=SearchResponse)
@@ -28,11 +30,10 @@ def search(
     top_categories: TopCategories = None,
 ) -> SearchResponse:
     """Images most similar to the uploaded one, with cosine scores and per-stage timings."""
+    params = SearchParams.resolve(settings, limit, top_categories, use_prototypes)
     image = read_image(file, settings)
-    limit = limit or settings.default_search_limit
-    use = settings.use_prototype_filtering if use_prototypes is None else use_prototypes
-    (result,) = service.search([image.rgb], limit, top_categories or settings.default_top_categories, use)
-    return SearchResponse.of(result, limit)
+    (result,) = service.search([image.rgb], params)
+    return SearchResponse.of(result, params.limit)
 
 
 @router.post("/search/prototypes", response_model=PrototypeResponse)
@@ -55,7 +56,5 @@ def similar(
     top_categories: TopCategories = None,
 ) -> SearchResponse:
     """Search with a stored image as the query (the image itself is left out of the results)."""
-    limit = limit or settings.default_search_limit
-    use = settings.use_prototype_filtering if use_prototypes is None else use_prototypes
-    result = service.similar_to(image_id, limit, top_categories or settings.default_top_categories, use)
-    return SearchResponse.of(result, limit)
+    params = SearchParams.resolve(settings, limit, top_categories, use_prototypes)
+    return SearchResponse.of(service.similar_to(image_id, params), params.limit)

@@ -1,4 +1,4 @@
-"""Run `python -m backend.cli serve` as a child process (browser tests, HTTP benchmarks)."""
+"""Run `python -m backend.cli serve` as a child process (browser and cache tests, the HTTP benchmark)."""
 
 import socket
 import subprocess

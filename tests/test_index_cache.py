@@ -1,0 +1,326 @@
+"""The index cache against a real PostgreSQL with the real model: racing writers and rebuilds, cache files
+that must not be believed, concurrent saves, and following other processes' writes incrementally."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from sqlalchemy import Engine, func, select
+
+from backend import catalogue
+from backend.core.config import PROJECT_ROOT
+from backend.core.search_params import SearchParams
+from backend.datasets import Dataset, balanced
+from backend.db.models import Embedding
+from backend.db.session import session_scope
+from backend.imaging import decode_image
+from backend.index_cache import MAGIC, IndexCache, prune_change_log
+from backend.ingest import ingest
+from backend.service import SearchService
+from tests.utils.server import running_server
+from tests.utils.settings import CIFAR_SUBSET, make_settings
+
+EXACT_TOP1 = SearchParams(limit=1, top_categories=1, use_prototypes=False)
+EXACT_50 = SearchParams(limit=50, top_categories=1, use_prototypes=False)
+
+
+def vector_of(engine: Engine, model: str, image_id: int) -> np.ndarray:
+    with session_scope(engine) as s:
+        v = catalogue.image_vector(s, image_id, model)
+    assert v is not None
+    return v[None, :]
+
+
+def stored_count(engine: Engine, model: str) -> int:
+    with session_scope(engine) as s:
+        return s.scalar(select(func.count()).select_from(Embedding).where(Embedding.model == model)) or 0
+
+
+@pytest.fixture
+def service(engine: Engine, embedder, cifar_train: Dataset, tmp_path: Path) -> SearchService:
+    ingest(Dataset("cifar10", balanced(cifar_train.samples, 200)), embedder, engine, 10**7, progress=False)
+    svc = SearchService(make_settings(tmp_path, engine), engine, embedder)
+    svc.cache.get()
+    return svc
+
+
+def fresh(service: SearchService) -> SearchService:
+    """Another process's view: same database and DATA_DIR, nothing in memory."""
+    return SearchService(service.settings, service.engine, service.embedder)
+
+
+# --- never lose an acknowledged write ----------------------------------------------------------------
+
+
+def test_acknowledged_writes_survive_racing_rebuilds_and_refreshes(service: SearchService, engine: Engine, cifar_queries) -> None:
+    stop = threading.Event()
+    failures: list[BaseException] = []
+    rounds = {"rebuild": 0, "refresh": 0}
+
+    def loop(name: str, step) -> None:  # type: ignore[no-untyped-def]
+        try:
+            while not stop.is_set():
+                step()
+                rounds[name] += 1
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [
+        threading.Thread(target=loop, args=("rebuild", lambda: service.cache.rebuild("test race"))),
+        threading.Thread(target=loop, args=("refresh", service.cache.refresh)),
+    ]
+    for t in threads:
+        t.start()
+    uploaded, deleted = [], []
+    try:
+        for i, sample in enumerate(cifar_queries.samples[:40]):
+            result = service.upload(decode_image(sample.load(), 10**7), sample.label)
+            assert not result.duplicate
+            vec = vector_of(engine, service.model, result.image_id)
+            # Acknowledged: it is its own nearest neighbour from this moment on.
+            assert service.search_vectors(vec, EXACT_TOP1)[0].results[0].image_id == result.image_id
+            uploaded.append((result.image_id, vec))
+            if i % 4 == 3:  # and an acknowledged delete is never returned again
+                victim, victim_vec = uploaded.pop(0)
+                service.delete(victim)
+                deleted.append((victim, victim_vec))
+            for gone, gone_vec in deleted:
+                assert gone not in [h.image_id for h in service.search_vectors(gone_vec, EXACT_50)[0].results]
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not failures, failures
+    assert rounds["rebuild"] >= 3 and rounds["refresh"] >= 3, rounds  # the race really ran
+    for image_id, vec in uploaded:
+        assert service.search_vectors(vec, EXACT_TOP1)[0].results[0].image_id == image_id
+    assert service.cache.loaded is not None and service.cache.loaded.ntotal == stored_count(engine, service.model)
+    assert service.cache.is_current()
+
+
+# --- verify before believing ---------------------------------------------------------------------
+
+
+def test_a_foreign_databases_cache_is_not_believed(
+    service: SearchService, databases, embedder, cifar_train: Dataset, tmp_path: Path
+) -> None:
+    service.cache.save()
+    other = databases.new()  # a different catalogue whose images get the same ids
+    ingest(Dataset("cifar10", balanced(cifar_train.samples, 200)[::-1]), embedder, other, 10**7, progress=False)
+    there = SearchService(make_settings(tmp_path, other), other, embedder)  # same DATA_DIR, same file name
+    index = there.cache.get()
+    assert "catalogue_id" in there.cache.origin and there.cache.origin.startswith("rebuilt")
+    with session_scope(other) as s:
+        some_id = s.scalar(select(Embedding.image_id).order_by(Embedding.image_id.desc()).limit(1))
+    assert there.search_vectors(vector_of(other, there.model, some_id), EXACT_TOP1)[0].results[0].image_id == some_id
+    assert index.ntotal == 200
+    other.dispose()
+
+
+def test_changed_bytes_in_the_middle_are_detected(service: SearchService, caplog) -> None:
+    service.cache.save()
+    path = service.cache.path
+    raw = bytearray(path.read_bytes())
+    middle = len(raw) // 2
+    raw[middle : middle + 16] = bytes(16)  # zeros over part of the vectors: still a loadable FAISS index
+    path.write_bytes(bytes(raw))
+    again = fresh(service)
+    with caplog.at_level("WARNING"):
+        again.cache.get()
+    assert "checksum mismatch" in again.cache.origin
+    assert sum("not used" in r.message for r in caplog.records) == 1  # one log line saying why
+    assert again.cache.loaded is not None and again.cache.loaded.ntotal == 200
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        (b"", "truncated"),
+        (b"garbage" * 100, "not an index cache"),
+        (b"x" + json.dumps({"format": 2, "model": 5}).encode(), "wrong shape"),
+        (b"x" + json.dumps([1, 2, 3]).encode(), "wrong shape"),
+    ],
+)
+def test_unreadable_or_wrong_shape_cache_is_rebuilt(service: SearchService, content: bytes, reason: str) -> None:
+    if content.startswith(b"x"):  # a well-framed file whose header is valid JSON of the wrong shape
+        header = content[1:]
+        content = b"payload" + header + len(header).to_bytes(8, "little") + MAGIC
+    service.settings.index_dir.mkdir(parents=True, exist_ok=True)
+    service.cache.path.write_bytes(content)
+    again = fresh(service)
+    assert again.cache.get().ntotal == 200
+    assert reason in again.cache.origin
+
+
+def test_cli_status_survives_a_wrong_shape_cache(service: SearchService, engine: Engine, tmp_path: Path) -> None:
+    header = json.dumps({"format": 2, "catalogue_id": None}).encode()
+    service.cache.path.write_bytes(header + len(header).to_bytes(8, "little") + MAGIC)
+    env = {
+        **os.environ,
+        "DATABASE_URL": engine.url.render_as_string(hide_password=False),
+        "DATA_DIR": str(tmp_path),
+        "INDEX_REFRESH_SECONDS": "0",
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "backend.cli", "status", "--json"],
+        check=False,
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    index = json.loads(out.stdout)["index"]
+    assert index["vectors"] == 200 and index["current"] and "wrong shape" in index["origin"]
+
+
+def test_concurrent_saves_leave_one_valid_file(service: SearchService) -> None:
+    others = [fresh(service) for _ in range(3)]
+    for other in others:
+        other.cache.get()
+    caches = [service.cache, *(o.cache for o in others)] * 3
+    with ThreadPoolExecutor(len(caches)) as pool:
+        list(pool.map(lambda c: c.save(), caches))
+    leftovers = [p.name for p in service.settings.index_dir.iterdir() if p != service.cache.path]
+    assert leftovers == []
+    again = fresh(service)
+    assert again.cache.get().ntotal == 200 and again.cache.origin.startswith("loaded from cache")
+
+
+def test_a_cache_older_than_the_pruned_deletion_log_is_rebuilt(service: SearchService, engine: Engine) -> None:
+    service.cache.save()
+    with session_scope(engine) as s:
+        victim = s.scalar(select(Embedding.image_id).limit(1))
+        catalogue.delete_image(s, victim)
+    assert prune_change_log(engine, keep_days=-1) == 1  # every deletion logged so far is forgotten
+    again = fresh(service)
+    assert again.cache.get().ntotal == 199
+    assert "pruned" in again.cache.origin and again.cache.origin.startswith("rebuilt")
+
+
+# --- following other processes' writes ------------------------------------------------------------
+
+
+def test_a_saved_cache_is_loaded_and_brought_up_to_date(service: SearchService, engine: Engine, embedder, cifar_queries) -> None:
+    service.cache.save()
+    ingest(Dataset("more", cifar_queries.samples[:7]), embedder, engine, 10**7, progress=False)
+    with session_scope(engine) as s:
+        catalogue.delete_image(s, s.scalar(select(Embedding.image_id).order_by(Embedding.image_id).limit(1)))
+    again = fresh(service)
+    index = again.cache.get()
+    assert again.cache.origin.startswith("loaded from cache") and "7 added / 1 removed" in again.cache.origin
+    assert index.ntotal == 206 and again.cache.is_current()
+
+
+def run_python(code: str, engine: Engine, data_dir: Path) -> None:
+    """Run `code` in a separate Python process against the same database."""
+    env = {**os.environ, "DATABASE_URL": engine.url.render_as_string(hide_password=False), "DATA_DIR": str(data_dir)}
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=False, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+ANOTHER_WRITER = """
+import dataclasses
+from sqlalchemy import select
+from backend import catalogue
+from backend.datasets import Dataset, load_dataset
+from backend.db.models import Embedding
+from backend.db.session import get_engine, session_scope
+from backend.embedding.registry import create_embedder
+from backend.core.config import get_settings
+from backend.ingest import ingest
+settings = get_settings()
+engine = get_engine()
+with session_scope(engine) as s:  # delete the three oldest images
+    for image_id in s.scalars(select(Embedding.image_id).order_by(Embedding.image_id).limit(3)).all():
+        catalogue.delete_image(s, image_id)
+data = load_dataset("cifar10", None, "test", 30, settings)
+samples = [s for s in data.samples if s.label in ("cat", "ship")][:6]
+samples[:2] = [dataclasses.replace(s, label="brand-new-category") for s in samples[:2]]  # never seen by the server
+ingest(Dataset("x", samples), create_embedder(settings), engine, 10**7, progress=False)
+"""
+
+
+def test_another_processs_adds_and_deletes_are_followed_incrementally(
+    service: SearchService, engine: Engine, tmp_path: Path
+) -> None:
+    with session_scope(engine) as s:
+        oldest = s.scalars(select(Embedding.image_id).order_by(Embedding.image_id).limit(3)).all()
+        vectors = {i: vector_of(engine, service.model, i) for i in oldest}
+    full_before = service.cache.refreshes["full"]
+    shutil.copytree(service.embedder.onnx_dir, tmp_path / "other" / "cache" / "onnx")  # no second export
+    run_python(f"import os; os.environ['CIFAR10_DIR'] = {str(CIFAR_SUBSET)!r}\n" + ANOTHER_WRITER, engine, tmp_path / "other")
+    report = service.cache.refresh()
+    assert (report.kind, report.added, report.removed) == ("incremental", 6, 3)
+    assert service.cache.refreshes["full"] == full_before  # no full rebuild ran
+    assert service.cache.is_current()
+    index = service.cache.loaded
+    assert index is not None and index.ntotal == 203 == stored_count(engine, service.model)
+    for gone, vec in vectors.items():
+        assert gone not in [h.image_id for h in service.search_vectors(vec, EXACT_50)[0].results]
+    with session_scope(engine) as s:
+        newest = s.scalars(select(Embedding.image_id).order_by(Embedding.image_id.desc()).limit(6)).all()
+    for image_id in newest:  # the new category is searchable in stage 2 too
+        result = service.search_vectors(
+            vector_of(engine, service.model, image_id), SearchParams(limit=1, top_categories=3, use_prototypes=True)
+        )[0]
+        assert result.results[0].image_id == image_id
+    assert "brand-new-category" in {c.category for c in result.categories}
+
+
+def test_a_running_server_follows_another_process_without_a_full_rebuild(
+    engine: Engine, embedder, cifar_train: Dataset, cifar_queries, tmp_path: Path
+) -> None:
+    ingest(Dataset("cifar10", balanced(cifar_train.samples, 100)), embedder, engine, 10**7, progress=False)
+    shutil.copytree(embedder.onnx_dir, tmp_path / "cache" / "onnx")
+    env = {
+        **os.environ,
+        "DATABASE_URL": engine.url.render_as_string(hide_password=False),
+        "DATA_DIR": str(tmp_path),
+        "CIFAR10_DIR": str(CIFAR_SUBSET),
+        "INDEX_REFRESH_SECONDS": "0.3",
+    }
+    with running_server(env) as base, httpx.Client(base_url=base, timeout=30) as http:
+        start = http.get("/status").json()["index"]
+        assert start["vectors"] == 100
+        victim = http.get("/categories").json()[0]["id"]
+        first = http.get(f"/categories/{victim}/images?limit=1").json()["items"][0]
+        victim_bytes = http.get(first["url"]).content
+        run_python(
+            f"from backend import catalogue\nfrom backend.db.session import session_scope, get_engine\n"
+            f"with session_scope(get_engine()) as s: catalogue.delete_image(s, {first['id']})",
+            engine,
+            tmp_path,
+        )
+        out = subprocess.run(
+            [sys.executable, "-m", "backend.cli", "populate", "--split", "test", "--num-images", "20", "--quiet"],
+            check=False, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        deadline = time.monotonic() + 20
+        while (index := http.get("/status").json()["index"])["vectors"] != 119 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert index["vectors"] == 119 and index["current"]
+        assert index["refreshes"]["full"] == start["refreshes"]["full"] and index["refreshes"]["incremental"] >= 1
+        assert index["last_refresh"]["kind"] == "incremental"
+        hits = http.post("/search?limit=50&use_prototypes=false", files={"file": ("q.png", victim_bytes)}).json()["results"]
+        assert first["id"] not in [h["image_id"] for h in hits]
+        newest = cifar_queries.samples[0]  # among the 20 the CLI added: found as its own top-1
+        top = http.post("/search?limit=1&use_prototypes=false", files={"file": ("q.png", newest.load())}).json()["results"][0]
+        assert top["score"] > 0.9999
+
+
+def test_index_cache_has_no_index_before_first_use(engine: Engine, tmp_path: Path) -> None:
+    cache = IndexCache(engine, "m/none/0px", 8, tmp_path)
+    assert cache.loaded is None and not cache.is_current() and cache.memory_bytes() == 0
