@@ -2,7 +2,7 @@
 # Image similarity search: setup menu and non-interactive subcommands.
 #   ./setup.sh                 interactive menu
 #   ./setup.sh all [N]         fresh clone -> running server: install, init-db, populate N CIFAR-10 images, index, serve
-#   ./setup.sh install | init-db | populate [N] | build-index | serve | test | status
+#   ./setup.sh install | init-db | populate [N] | build-index | serve | test [PYTEST ARGS] | lint | status
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -46,6 +46,14 @@ build_index() { say "building prototypes and index"; cli rebuild-prototypes && c
 serve() {
   say "starting the server on http://${API_HOST:-0.0.0.0}:${API_PORT:-8000}/app (Ctrl-C stops it)"
   cli serve
+}
+
+lint() {
+  install_dev
+  say "lint, format and type checks"
+  "$PY" -m ruff check .
+  "$PY" -m ruff format --check .
+  "$PY" -m mypy backend
 }
 
 run_tests() {
@@ -97,6 +105,7 @@ case "$cmd" in
   build-index) build_index ;;
   serve|start) serve ;;
   test) run_tests "$@" ;;
+  lint) lint ;;
   status) cli status ;;
   all) all "$@" ;;
   -h|--help|help) sed -n '2,6p' "$0" ;;

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import numpy as np
-from sqlalchemy import delete, func, select, text, update
+from sqlalchemy import Row, delete, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -120,7 +120,7 @@ def add_images(session: Session, model: str, items: Sequence[NewImage], vectors:
         insert(Embedding),
         [{"image_id": i, "model": model, "dim": dim, "vector": to_bytes(v)} for i, v in zip(ids, vectors, strict=True)],
     )
-    _update_prototypes(session, model, [items[i].category_id for i in given], vectors[given], sign=1)  # type: ignore[misc]
+    _update_prototypes(session, model, [cid for i in given if (cid := items[i].category_id) is not None], vectors[given], sign=1)
     return ids
 
 
@@ -191,7 +191,7 @@ def delete_image(session: Session, image_id: int) -> Image:
 # --- bulk reads for the index ---------------------------------------------------------------------
 
 
-def _vectors(rows: Sequence[tuple[int, int | None, bytes]]) -> StoredVectors:
+def _vectors(rows: Sequence[Row[int, int | None, bytes]]) -> StoredVectors:
     if not rows:
         return StoredVectors.empty()
     vectors = np.frombuffer(b"".join(raw for _, _, raw in rows), dtype=VECTOR_DTYPE).reshape(len(rows), -1)
@@ -212,7 +212,7 @@ def _vector_query(model: str):  # type: ignore[no-untyped-def]
 
 def load_vectors(session: Session, model: str) -> StoredVectors:
     rows = session.execute(_vector_query(model).order_by(Embedding.image_id).execution_options(yield_per=10_000)).all()
-    return _vectors(rows)  # type: ignore[arg-type]
+    return _vectors(rows)
 
 
 def load_prototypes(session: Session, model: str) -> PrototypeMatrix:
@@ -241,7 +241,7 @@ def rebuild_prototypes(session: Session, model: str) -> int:
     )
     for part in session.execute(query.execution_options(yield_per=10_000)).partitions():
         vectors = np.frombuffer(b"".join(raw for _, raw in part), dtype=VECTOR_DTYPE).reshape(len(part), -1)
-        _update_prototypes(session, model, [cid for cid, _ in part], vectors, sign=1)
+        _update_prototypes(session, model, [cid for cid, _ in part if cid is not None], vectors, sign=1)
     return session.scalar(select(func.count()).select_from(Prototype).where(Prototype.model == model)) or 0
 
 
@@ -302,7 +302,7 @@ def changes_since(session: Session, model: str, after: int) -> Changes:
         select(DeletedEmbedding.image_id).where(DeletedEmbedding.model == model, DeletedEmbedding.seq > after)
     ).all()
     protos = session.scalar(select(func.count()).where(Prototype.model == model, Prototype.seq > after)) or 0
-    return Changes(now, _vectors(added), np.asarray(removed, dtype=np.int64), prototypes_changed=protos > 0)  # type: ignore[arg-type]
+    return Changes(now, _vectors(added), np.asarray(removed, dtype=np.int64), prototypes_changed=protos > 0)
 
 
 def prune_deletions(session: Session, before: datetime) -> int:

@@ -4,6 +4,7 @@ Every loader returns `Sample`s in a deterministic order, so a rerun of an interr
 sees the same images and skips the ones already stored.
 """
 
+import functools
 import gzip
 import hashlib
 import logging
@@ -93,7 +94,7 @@ def balanced(samples: list[Sample], n: int | None) -> list[Sample]:
 
 def _array_samples(prefix: str, images: np.ndarray, labels: np.ndarray, names: list[str], offset: int = 0) -> list[Sample]:
     return [
-        Sample(names[int(label)], f"{prefix}:{offset + i}", lambda img=img: encode_png(img))
+        Sample(names[int(label)], f"{prefix}:{offset + i}", functools.partial(encode_png, img))
         for i, (img, label) in enumerate(zip(images, labels, strict=True))
     ]
 

@@ -8,6 +8,7 @@ Scores are inner products of L2-normalised vectors, i.e. cosine similarities.
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import faiss
 import numpy as np
@@ -88,8 +89,9 @@ class TwoStageIndex:
             centroids[new_list], counts[new_list] = old_centroids[old_list], self.prototype_counts[old_list]
             size = self.ivf.get_list_size(old_list)
             if size:
-                invlists = self.ivf.invlists
-                grown.ivf.invlists.add_entries(new_list, size, invlists.get_ids(old_list), invlists.get_codes(old_list))
+                source, target = self.ivf.invlists, grown.ivf.invlists
+                assert source is not None and target is not None
+                target.add_entries(new_list, size, source.get_ids(old_list), source.get_codes(old_list))
         grown.ivf.ntotal = self.ivf.ntotal
         grown.quantizer.reset()
         grown.quantizer.add(centroids)
@@ -126,7 +128,7 @@ class TwoStageIndex:
         params.nprobe = lists.shape[1]  # per call, so concurrent searches with different C are safe
         params.max_codes = 0
         coarse = np.zeros(lists.shape, dtype=np.float32)
-        self.ivf.search_preassigned_c(
+        self.ivf.search_preassigned_c(  # type: ignore[attr-defined]
             n, swig_ptr(x), k, swig_ptr(lists), swig_ptr(coarse), swig_ptr(scores), swig_ptr(ids), False, params
         )
         scanned = self.list_sizes()[lists].sum(axis=1)
@@ -143,7 +145,7 @@ class TwoStageIndex:
         }
 
     def write(self, sink: Callable[[bytes], object]) -> None:
-        faiss.write_index(self.ivf, faiss.PyCallbackIOWriter(sink))
+        faiss.write_index(self.ivf, faiss.PyCallbackIOWriter(sink))  # type: ignore[attr-defined]
 
     @classmethod
     def read(
@@ -151,7 +153,7 @@ class TwoStageIndex:
     ) -> "TwoStageIndex":
         """The inverse of `write` + `describe`; raises ValueError when the bytes do not fit the description."""
         try:
-            ivf = faiss.read_index(faiss.PyCallbackIOReader(source))  # the concrete type; owns its quantizer
+            ivf = faiss.read_index(faiss.PyCallbackIOReader(source))  # type: ignore[attr-defined]  # owns its quantizer
         except RuntimeError as exc:
             raise ValueError(f"not a FAISS index: {exc}") from exc
         if not isinstance(ivf, faiss.IndexIVFFlat) or ivf.d != dim or ivf.nlist != max(1, len(category_ids)):
@@ -163,6 +165,6 @@ class TwoStageIndex:
         index.category_ids = [int(c) for c in category_ids]
         index.list_of = {cid: i for i, cid in enumerate(index.category_ids)}
         index.ivf = ivf
-        index.quantizer = faiss.downcast_index(ivf.quantizer)
+        index.quantizer = cast(faiss.IndexFlatIP, faiss.downcast_index(ivf.quantizer))
         index.prototype_counts = np.asarray(prototype_counts, dtype=np.int64)
         return index

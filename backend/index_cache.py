@@ -44,7 +44,7 @@ from backend.index import TwoStageIndex
 
 log = logging.getLogger(__name__)
 
-FORMAT = 2
+FORMAT: Literal[2] = 2
 MAGIC = b"\x00IMSRC-INDEX-CACHE-2\n"  # the file ends with: header JSON, its length (u64 LE), MAGIC
 _TRAILER = struct.Struct("<Q")
 _CHUNK = 1 << 20

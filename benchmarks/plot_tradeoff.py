@@ -17,8 +17,9 @@ from backend import metrics
 from backend.core.config import PROJECT_ROOT, get_settings
 from backend.datasets import load_dataset
 from backend.embedding.registry import create_embedder
-from backend.evaluation import build_index, embed_cached
-from benchmarks.run import clustered, synthetic_index, time_search
+from backend.evaluation import Embedded, build_index, embed_cached
+from benchmarks.harness import N_CATEGORIES, clustered
+from benchmarks.sections.search import time_search
 
 
 def main() -> None:
@@ -39,7 +40,7 @@ def main() -> None:
     ]
 
     x, labels, q = clustered(args.vectors)
-    synth = synthetic_index(x, labels)
+    synth = build_index(Embedded(x, labels, [str(i) for i in range(N_CATEGORIES)]), "synthetic")
     del x
     exact_p50 = time_search(synth, q, None, 200)["p50"]
     speedup = [exact_p50 / time_search(synth, q, c, 200)["p50"] for c in range(1, n_cat + 1)]

@@ -4,6 +4,8 @@
 const $ = (id) => document.getElementById(id);
 let queryFile = null;
 let browseState = null;
+// Replaced by the server's own bounds (GET /status, settings.bounds) as soon as the page loads.
+let bounds = { limit: { min: 1, max: 50 }, top_categories: { min: 1, max: 10 } };
 
 function showError(message) {
   const box = $("error");
@@ -25,7 +27,8 @@ async function api(path, options = {}) {
   return body;
 }
 
-function clampInput(input, lo, hi) {
+function clampInput(input, name) {
+  const lo = bounds[name].min, hi = bounds[name].max;
   const value = Math.round(Number(input.value));
   const clamped = Number.isFinite(value) ? Math.min(hi, Math.max(lo, value)) : lo;
   input.value = clamped;
@@ -82,8 +85,8 @@ function renderTimings(timings, extra = "") {
 async function runSearch() {
   if (!queryFile) return;
   showError("");
-  const limit = clampInput($("limit"), 1, 50);
-  const top = clampInput($("top-categories"), 1, 10);
+  const limit = clampInput($("limit"), "limit");
+  const top = clampInput($("top-categories"), "top_categories");
   const useProto = $("use-prototypes").checked;
   const form = new FormData();
   form.append("file", queryFile);
@@ -161,8 +164,8 @@ async function browse(categoryId, offset) {
 }
 
 async function similarTo(imageId) {
-  const limit = clampInput($("limit"), 1, 50);
-  const top = clampInput($("top-categories"), 1, 10);
+  const limit = clampInput($("limit"), "limit");
+  const top = clampInput($("top-categories"), "top_categories");
   const params = new URLSearchParams({ limit, top_categories: top, use_prototypes: $("use-prototypes").checked });
   try {
     const data = await api(`/images/${imageId}/similar?${params}`);
@@ -207,6 +210,13 @@ async function loadStatus() {
     $("status").textContent = JSON.stringify(
       { model: s.model, index: s.index, images: s.database.images, uptime_s: s.uptime_s }, null, 2);
     $("use-prototypes").defaultChecked = s.settings.use_prototype_filtering;
+    if (!bounds.fromServer) {
+      bounds = { ...s.settings.bounds, fromServer: true };
+      for (const [id, name, value] of [["limit", "limit", s.settings.default_search_limit],
+                                       ["top-categories", "top_categories", s.settings.default_top_categories]]) {
+        Object.assign($(id), { min: bounds[name].min, max: bounds[name].max, value });
+      }
+    }
   } catch (err) {
     $("status-line").textContent = "status unavailable";
     showError(`Status failed: ${err.message}`);

@@ -6,8 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from backend.core.config import PROJECT_ROOT
 from tests.utils.settings import CIFAR_SUBSET
+
+pytestmark = [pytest.mark.db, pytest.mark.model]  # CLI processes that embed and start databases
 
 
 def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:

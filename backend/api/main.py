@@ -50,7 +50,7 @@ def create_app(settings: Settings | None = None, service: SearchService | None =
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        svc = service or await run_in_threadpool(SearchService, settings)
+        svc = service if service is not None else await run_in_threadpool(SearchService, settings)
         # Load the model and the index before the first request, off the event loop.
         await run_in_threadpool(svc.embedder.load)
         await run_in_threadpool(svc.cache.get)

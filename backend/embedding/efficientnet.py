@@ -44,4 +44,5 @@ class EfficientNetLiteEmbedder(Embedder):
         return (pixels.astype(np.float32) - 127.0) / 128.0
 
     def _features(self, model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
-        return F.adaptive_avg_pool2d(model.extract_features(batch), 1).flatten(1)
+        features = model.extract_features(batch)  # type: ignore[operator]
+        return F.adaptive_avg_pool2d(features, 1).flatten(1)

@@ -1,0 +1,61 @@
+"""The human-readable report of a benchmark run."""
+
+from benchmarks.harness import DIM, N_CATEGORIES
+
+
+def print_report(report: dict) -> None:
+    hw = report["hardware"]
+    print(
+        f"machine: {hw['cpu']}, {hw['cores']} cores, {hw['memory_gb']} GB; torch {hw['torch']} "
+        f"({hw['torch_threads']} threads), faiss {hw['faiss']}; mode: {report['mode']}"
+    )
+    if "embed" in report:
+        print("\nembedding throughput (images/s)")
+        print(f"  {'model':<36}{'runtime':>8}{'batch':>6}{'px':>6}{'model only':>12}{'+ decode':>10}")
+        for r in report["embed"]:
+            print(
+                f"  {r['model']:<36}{r['runtime']:>8}{r['batch']:>6}{r['input_px']:>6}{r['images_per_s']:>12.1f}"
+                f"{r['images_per_s_with_decode']:>10.1f}"
+            )
+    if "search" in report:
+        print(f"\nsearch latency (ms, one query, k=10) and throughput ({N_CATEGORIES} clustered categories, d={DIM})")
+        print(f"  {'vectors':>9} {'search':<12}{'p50':>8}{'p95':>8}{'p99':>8}{'q/s':>9}{'scanned':>9}{'x p50':>7}{'x q/s':>7}")
+        for r in report["search"]:
+            ex = r["exact"]
+            print(
+                f"  {r['vectors']:>9,} {'exact':<12}{ex['p50']:>8.2f}{ex['p95']:>8.2f}{ex['p99']:>8.2f}"
+                f"{ex['qps']:>9.0f}{ex['fraction_scanned']:>9.2f}{1:>7.1f}{1:>7.1f}"
+            )
+            for c, t in r["two_stage"].items():
+                print(
+                    f"  {'':>9} {'C=' + str(c):<12}{t['p50']:>8.2f}{t['p95']:>8.2f}{t['p99']:>8.2f}{t['qps']:>9.0f}"
+                    f"{t['fraction_scanned']:>9.2f}{t['speedup_p50']:>7.1f}{t['speedup_qps']:>7.1f}"
+                )
+            print(f"  {'':>9} index memory {r['index_rss_mb']} MB, in-memory build {r['build_vectors_per_s']:,} vectors/s")
+    if "build" in report:
+        print("\nindex build from the database")
+        for r in report["build"]:
+            print(
+                f"  {r['vectors']:>9,} vectors: {r['seconds']:.2f} s, {r['vectors_per_s']:,} vectors/s, "
+                f"process RSS {r['rss_mb']} MB (+{r['rss_growth_mb']} MB)"
+            )
+            f = r["follow"]
+            print(
+                f"  {'':>9} a server picks up {f['added']:,} images added by another process: "
+                f"{f['incremental_s'] * 1000:.1f} ms incremental vs {f['full_rebuild_s'] * 1000:.0f} ms full rebuild "
+                f"(x{f['full_rebuild_s'] / f['incremental_s']:.0f})"
+            )
+    if "http" in report:
+        print("\nHTTP POST /search end to end (Lite0, limit 10, two-stage C=3)")
+        for r in report["http"]:
+            print(
+                f"  {r['clients']} client(s): p50 {r['p50']:.1f} ms, p95 {r['p95']:.1f} ms, p99 {r['p99']:.1f} ms, "
+                f"{r['requests_per_s']:.1f} req/s; end-to-end / (embed + search) = "
+                f"{r['end_to_end_over_embed_plus_search']:.2f}"
+            )
+    if "ingest" in report:
+        r = report["ingest"]
+        print(
+            f"\ningestion: {r['end_to_end_images_per_s']} images/s end to end (decode + embed + store) vs "
+            f"{r['embedding_only_images_per_s']} embedding alone ({r['images']} CIFAR-10 images)"
+        )

@@ -1,0 +1,1 @@
+"""Benchmark sections: each returns plain data for the report; progress goes to stderr."""

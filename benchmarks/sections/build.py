@@ -1,0 +1,52 @@
+"""The index from the database: a full rebuild, against following another process's writes incrementally."""
+
+import sys
+import time
+
+from backend.index_cache import IndexCache, build_from_database
+from benchmarks.harness import DIM, TempDatabase, clustered, rss_mb, seed_vectors
+
+MODEL = "synthetic/none/0px"
+
+
+def run(quick: bool) -> list[dict]:
+    rows = []
+    for n in (2_000,) if quick else (10_000, 100_000):
+        added = 100 if quick else 1_000
+        x, labels, _ = clustered(n + added, n_queries=1)
+        with TempDatabase() as db:
+            seed_vectors(db.engine, MODEL, x[:n], labels[:n])
+            before = rss_mb()
+            t = time.perf_counter()
+            built = build_from_database(db.engine, MODEL, DIM)
+            seconds = time.perf_counter() - t
+            growth = rss_mb() - before
+            del built
+            # A server holding the index; another process adds `added` images; the server follows.
+            server = IndexCache(db.engine, MODEL, DIM, db.data_dir / "index")
+            server.get()
+            seed_vectors(db.engine, MODEL, x[n:], labels[n:], first=n)
+            t = time.perf_counter()
+            report = server.refresh()
+            follow_s = time.perf_counter() - t
+            assert (report.kind, report.added, server.get().ntotal) == ("incremental", added, n + added)
+            t = time.perf_counter()
+            server.rebuild("benchmark")
+            rebuild_s = time.perf_counter() - t
+        del x
+        rows.append(
+            {
+                "vectors": n,
+                "seconds": round(seconds, 2),
+                "vectors_per_s": round(n / seconds),
+                "rss_mb": round(rss_mb()),
+                "rss_growth_mb": round(growth),
+                "follow": {"added": added, "incremental_s": round(follow_s, 4), "full_rebuild_s": round(rebuild_s, 3)},
+            }
+        )
+        print(
+            f"  build from database, {n:,} vectors: {n / seconds:,.0f} vectors/s; follow {added:,} added: "
+            f"{follow_s * 1000:.1f} ms incremental vs {rebuild_s * 1000:.0f} ms full rebuild",
+            file=sys.stderr,
+        )
+    return rows
