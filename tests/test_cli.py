@@ -92,6 +92,8 @@ def test_end_to_end_populate_index_search(env: dict[str, str], tmp_path: Path, c
         ({"DATABASE_URL": "postgresql://postgres@127.0.0.1:1/nothing"}, ["init-db"], "database unreachable"),
         ({}, ["search", "setup.sh"], "not an image"),
         ({}, ["search", "/no/such.png"], "cannot read"),
+        ({}, ["search", "setup.sh", "--limit", "0"], "limit"),
+        ({}, ["search", "setup.sh", "--top-categories", "11"], "top_categories"),
     ],
 )
 def test_bad_input_is_one_line_and_changes_nothing(env: dict[str, str], extra_env: dict, args: list[str], message: str) -> None:
