@@ -48,6 +48,7 @@ FORMAT: Literal[2] = 2
 MAGIC = b"\x00IMSRC-INDEX-CACHE-2\n"  # the file ends with: header JSON, its length (u64 LE), MAGIC
 _TRAILER = struct.Struct("<Q")
 _CHUNK = 1 << 20
+NO_FILE = "no cache file"
 
 
 class CacheHeader(BaseModel):
@@ -157,7 +158,8 @@ class IndexCache:
         try:
             built = self._read_file()
         except CacheRejected as exc:
-            log.warning("index cache %s not used (%s): rebuilding from the database", self.path, exc)
+            level = logging.INFO if str(exc) == NO_FILE else logging.WARNING  # a first start is no news
+            log.log(level, "index cache %s not used (%s): rebuilding from the database", self.path, exc)
             self._rebuild(f"cache not used: {exc}")
             return
         try:
@@ -311,7 +313,7 @@ class IndexCache:
             with open(path, "rb") as f:
                 return self._verify(f, os.fstat(f.fileno()).st_size)
         except FileNotFoundError:
-            raise CacheRejected("no cache file") from None
+            raise CacheRejected(NO_FILE) from None
         except OSError as exc:
             raise CacheRejected(f"unreadable: {exc.strerror or exc}") from exc
 
