@@ -32,7 +32,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import BinaryIO, Literal
 
-import numpy as np
 from pydantic import BaseModel, Field, ValidationError
 from sqlalchemy import Engine
 
@@ -157,17 +156,12 @@ class IndexCache:
         start = time.perf_counter()
         try:
             built = self._read_file()
-        except CacheRejected as exc:
-            level = logging.INFO if str(exc) == NO_FILE else logging.WARNING  # a first start is no news
-            log.log(level, "index cache %s not used (%s): rebuilding from the database", self.path, exc)
-            self._rebuild(f"cache not used: {exc}")
-            return
-        try:
             with self._apply:
                 added, removed = self._install(built)
-        except CacheRejected as exc:
-            log.warning("index cache %s cannot be brought up to date (%s): rebuilding from the database", self.path, exc)
-            self._rebuild(f"cache not used: {exc}")
+        except CacheRejected as exc:  # unreadable, not ours, or too old to bring up to date
+            level = logging.INFO if str(exc) == NO_FILE else logging.WARNING  # a first start is no news
+            log.log(level, "index cache %s not used (%s): rebuilding from the database", self.path, exc)
+            self.rebuild(f"cache not used: {exc}")
             return
         self.origin = f"loaded from cache in {time.perf_counter() - start:.2f}s"
         if added or removed:
@@ -176,10 +170,6 @@ class IndexCache:
 
     def rebuild(self, reason: str = "requested") -> TwoStageIndex:
         """A full rebuild from the database, swapped in without losing any change committed meanwhile."""
-        with self._build:
-            return self._rebuild(reason)
-
-    def _rebuild(self, reason: str) -> TwoStageIndex:
         with self._build:
             start = time.perf_counter()
             built = build_from_database(self.engine, self.model, self.dim)
@@ -379,7 +369,3 @@ class IndexCache:
         if index is None:
             return 0
         return int(index.ntotal) * (index.dim * 4 + 8) + int(index.quantizer.ntotal) * index.dim * 4
-
-    def list_sizes(self) -> np.ndarray:
-        index = self._index
-        return index.list_sizes() if index is not None else np.empty(0, np.int64)
