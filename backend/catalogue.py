@@ -14,6 +14,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from backend.core.errors import NotFound, Unprocessable
+from backend.core.text import echo, echo_list
 from backend.db.models import CatalogueMeta, Category, DeletedEmbedding, Embedding, Image, Prototype
 from backend.imaging import ImageBytes
 from backend.vectors import SUM_DTYPE, VECTOR_DTYPE, PrototypeMatrix, StoredVectors, category_sums
@@ -60,8 +61,8 @@ def category_ids(session: Session, names: Iterable[str] | None = None) -> dict[s
 def category_by_name(session: Session, name: str) -> Category:
     category = session.scalar(select(Category).where(Category.name == name))
     if category is None:
-        known = ", ".join(sorted(category_ids(session))) or "none yet"
-        raise Unprocessable(f"unknown category {name!r} (known: {known})")
+        known = echo_list(sorted(category_ids(session))) or "none yet"
+        raise Unprocessable(f"category: unknown category {echo(name)!r} (known: {known})")
     return category
 
 

@@ -6,11 +6,12 @@ Every failure a user can fix ends in one `error: ...` line on stderr and exit st
 import argparse
 import json
 import logging
+import signal
 import sys
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from pydantic import ValidationError
 
@@ -18,9 +19,26 @@ from backend.core import search_params
 from backend.core.config import Settings, get_settings
 from backend.core.errors import AppError
 from backend.datasets import DATASETS
+from backend.db.session import DATABASE_ERRORS, database_problem
 
 if TYPE_CHECKING:  # the service pulls in torch and FAISS: imported lazily so `--help` stays fast
     from backend.service import SearchResult, SearchService
+
+
+def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high], else argparse's one `error:` line and exit 2."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low or (high is not None and value > high):
+            wanted = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"{value} is not allowed: must be {wanted}")
+        return value
+
+    return parse
 
 
 def _service(settings: Settings) -> "SearchService":
@@ -31,12 +49,11 @@ def _service(settings: Settings) -> "SearchService":
 
 def cmd_init_db(args: argparse.Namespace, settings: Settings) -> None:
     from backend.db import migrate
-    from backend.db.session import describe, get_engine
+    from backend.db.session import get_engine, location
 
     engine = get_engine()
     revision = migrate.upgrade(engine)
-    where = f"embedded PostgreSQL in {settings.data_dir / 'pgdata'}" if settings.uses_embedded_db else describe(engine.url)
-    print(f"database ready at schema revision {revision} ({where})")
+    print(f"database ready at schema revision {revision} ({location(settings, engine)})")
 
 
 def _require_schema() -> None:
@@ -62,9 +79,9 @@ def cmd_populate(args: argparse.Namespace, settings: Settings) -> None:
     )
     print(
         f"{report.added} images added, {report.already_stored} already stored, {report.invalid} unreadable, "
-        f"{report.skipped_files} non-image files skipped; {report.images_per_second:.1f} images/s ({report.model})"
+        f"{report.skipped_files} files skipped; {report.images_per_second:.1f} images/s ({report.model})"
     )
-    for line in report.errors:
+    for line in [*dataset.notes, *report.errors]:
         print(f"  skipped: {line}", file=sys.stderr)
 
 
@@ -132,6 +149,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> None:
         print(status.model_dump_json())
         return
     db, idx = status.database, status.index
+    print(f"database  {db.server}")
     print(f"model     {status.model.id} on {status.model.device}")
     print(f"images    {db.images} ({db.vectors_for_model} with {status.model.id} vectors)")
     print(f"index     {idx.type}: {idx.vectors} vectors, {'current' if idx.current else 'stale or not loaded'} ({idx.origin})")
@@ -141,6 +159,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> None:
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
     import uvicorn
+
+    _require_schema()  # a missing or unreachable database is one error line here, not a traceback at start-up
 
     uvicorn.run(
         "backend.api.main:create_app",
@@ -171,8 +191,14 @@ def cmd_benchmark(args: argparse.Namespace, settings: Settings) -> None:
         raise SystemExit(code)
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """One `error:` line and exit status 2, like every other mistake (`--help` shows the usage)."""
+        self.exit(2, f"error: {message} (see: {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m backend.cli", description="Image similarity search")
+    parser = _Parser(prog="python -m backend.cli", description="Image similarity search")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -187,8 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", choices=DATASETS, default="cifar10")
     p.add_argument("--source", type=Path, help="local dataset folder (CIFAR10_DIR / FASHION_MNIST_DIR by default)")
     p.add_argument("--split", choices=("train", "test", "all"), default="train")
-    p.add_argument("--num-images", type=int, help="at most N images, balanced over categories")
-    p.add_argument("--batch-size", type=int, default=128, help="images per transaction")
+    p.add_argument("--num-images", type=int_in(1), help="at most N images, balanced over categories")
+    p.add_argument("--batch-size", type=int_in(1, 4096), default=128, help="images per transaction")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     command("build-index", cmd_build_index, "rebuild the FAISS index from the stored vectors")
@@ -196,8 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("search", cmd_search, "find images similar to the given image files")
     p.add_argument("images", nargs="+", type=Path)
-    p.add_argument("--limit", type=int, help=search_params.LIMIT_HELP)
-    p.add_argument("--top-categories", type=int, help=search_params.TOP_CATEGORIES_HELP)
+    p.add_argument("--limit", type=int_in(search_params.LIMIT_MIN, search_params.LIMIT_MAX), help=search_params.LIMIT_HELP)
+    p.add_argument(
+        "--top-categories",
+        type=int_in(search_params.TOP_CATEGORIES_MIN, search_params.TOP_CATEGORIES_MAX),
+        help=search_params.TOP_CATEGORIES_HELP,
+    )
     group = p.add_mutually_exclusive_group()
     group.add_argument(
         "--no-prototypes", dest="use_prototypes", action="store_false", default=None, help="exact search over all vectors"
@@ -210,13 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("serve", cmd_serve, "start the HTTP API and web page")
     p.add_argument("--host")
-    p.add_argument("--port", type=int)
+    p.add_argument("--port", type=int_in(1, 65535))
 
     p = command("evaluate", cmd_evaluate, "retrieval quality of exact and two-stage search on a labelled dataset")
     p.add_argument("--dataset", choices=DATASETS, default="cifar10")
     p.add_argument("--source", type=Path)
-    p.add_argument("--catalogue-size", type=int, help="train-split images in the catalogue (default: all)")
-    p.add_argument("--queries", type=int, help="test-split query images (default: all)")
+    p.add_argument("--catalogue-size", type=int_in(1), help="train-split images in the catalogue (default: all)")
+    p.add_argument("--queries", type=int_in(1), help="test-split query images (default: all)")
     p.add_argument("--model", help="embedding model (default MODEL_NAME)")
     p.add_argument("--json", action="store_true")
 
@@ -224,7 +254,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    # A normal exit, so atexit handlers run: the embedded PostgreSQL is stopped with us. (uvicorn handles
+    # SIGTERM itself while serving, then restores this handler and raises the signal again.)
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "benchmark":
@@ -233,9 +270,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         settings = get_settings()
+        if args.command != "benchmark":
+            settings.prepare_data_dir()
         args.func(args, settings)
     except AppError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    except DATABASE_ERRORS as exc:
+        print(f"error: database unavailable: {database_problem(exc)}", file=sys.stderr)
         return 2
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())

@@ -14,7 +14,7 @@ import tarfile
 import urllib.request
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -22,6 +22,7 @@ import numpy as np
 
 from backend.core.config import Settings
 from backend.core.errors import InvalidInput
+from backend.core.text import clean_name, decode_filename
 from backend.imaging import IMAGE_SUFFIXES, encode_png
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,8 @@ class Sample:
 class Dataset:
     name: str
     samples: list[Sample]
-    skipped: int = 0  # files that are not images (folder datasets)
+    skipped: int = 0  # files left out of a folder dataset: not images, too large, links outside, bad names
+    notes: list[str] = field(default_factory=list)  # why, for the first few
 
     @property
     def categories(self) -> list[str]:
@@ -189,27 +191,81 @@ def load_fashion_mnist(directory: Path, split: Split) -> list[Sample]:
 # --- category folders -----------------------------------------------------------------------------
 
 
-def load_folder(root: Path) -> tuple[list[Sample], int]:
-    """`root/<category>/**/<image>`; files that are not images by suffix are counted and skipped."""
+class _FolderWalk:
+    """`root/<category>/**/<image>`, never leaving `root`: every link is resolved and followed only when it
+    stays inside; each real directory is visited once, so link loops end; names in any encoding."""
+
+    def __init__(self, root: Path, max_bytes: int) -> None:
+        self.root, self.real_root, self.max_bytes = root, root.resolve(), max_bytes
+        self.samples: list[Sample] = []
+        self.skipped = 0
+        self.notes: list[str] = []
+        self._seen: set[Path] = {self.real_root}
+
+    def skip(self, relative: str, why: str) -> None:
+        self.skipped += 1
+        if len(self.notes) < 20:
+            self.notes.append(f"{relative}: {why}")
+
+    def _inside(self, path: Path, relative: str) -> Path | None:
+        real = path.resolve()
+        if real != self.real_root and self.real_root not in real.parents:
+            self.skip(relative, "link to a place outside the folder, not followed")
+            return None
+        return real
+
+    def categories(self) -> None:
+        for entry in sorted(self.root.iterdir()):
+            if entry.name.startswith(".") or not entry.is_dir():
+                continue  # top-level files and hidden folders are not categories
+            shown = decode_filename(entry.name)
+            real = self._inside(entry, shown)
+            if real is None or real in self._seen:
+                continue  # outside, or a link back to the root or to a folder already read
+            try:
+                label = clean_name(shown, "category folder name")
+            except ValueError as exc:
+                self.skip(shown, str(exc))
+                continue
+            self._seen.add(real)
+            self._files(label, entry, shown)
+
+    def _files(self, label: str, directory: Path, relative: str) -> None:
+        for entry in sorted(directory.iterdir()):
+            shown = f"{relative}/{decode_filename(entry.name)}"
+            if entry.name.startswith("."):
+                continue
+            real = self._inside(entry, shown)
+            if real is None:
+                continue
+            if real.is_dir():
+                if real not in self._seen:
+                    self._seen.add(real)
+                    self._files(label, entry, shown)
+            elif not real.is_file():
+                continue  # sockets, fifos, dangling links
+            elif real.suffix.lower() not in IMAGE_SUFFIXES and entry.suffix.lower() not in IMAGE_SUFFIXES:
+                self.skip(shown, "not an image file name")
+            elif real.stat().st_size > self.max_bytes:
+                self.skip(shown, f"larger than MAX_UPLOAD_SIZE ({self.max_bytes:,} bytes)")
+            else:
+                self.samples.append(Sample(label, shown, real.read_bytes))
+
+
+def load_folder(root: Path, max_bytes: int) -> tuple[list[Sample], int, list[str]]:
+    """Samples of `root/<category>/**/<image>` with sources relative to `root`; how many files were
+    skipped, and why (the first few)."""
     if not root.is_dir():
         raise DatasetUnavailable(f"folder not found: {root}")
-    samples: list[Sample] = []
-    skipped = 0
-    for category_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for path in sorted(category_dir.rglob("*")):
-            if not path.is_file() or any(part.startswith(".") for part in path.relative_to(root).parts):
-                continue
-            if path.suffix.lower() in IMAGE_SUFFIXES:
-                samples.append(Sample(category_dir.name, str(path), path.read_bytes))
-            else:
-                skipped += 1
-    if not samples:
+    walk = _FolderWalk(root, max_bytes)
+    walk.categories()
+    if not walk.samples:
         raise DatasetUnavailable(f"no images found under {root} (expected {root}/<category>/<image files>)")
-    return samples, skipped
+    return walk.samples, walk.skipped, walk.notes
 
 
 def load_dataset(name: str, source: Path | None, split: Split, num_images: int | None, settings: Settings) -> Dataset:
-    skipped = 0
+    skipped, notes = 0, list[str]()
     if name == "cifar10":
         samples = load_cifar10(find_cifar10(source, settings), split)
     elif name == "fashion-mnist":
@@ -223,7 +279,7 @@ def load_dataset(name: str, source: Path | None, split: Split, num_images: int |
     elif name == "folder":
         if source is None:
             raise InvalidInput("--dataset folder needs --source PATH")
-        samples, skipped = load_folder(source)
+        samples, skipped, notes = load_folder(source, settings.max_upload_size)
     else:
         raise InvalidInput(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
-    return Dataset(name, balanced(samples, num_images), skipped)
+    return Dataset(name, balanced(samples, num_images), skipped, notes)

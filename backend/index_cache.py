@@ -90,7 +90,7 @@ class RefreshReport:
 
 def build_from_database(engine: Engine, model: str, dim: int) -> Built:
     """A new index from one consistent snapshot of the stored vectors and prototype sums (never re-embeds)."""
-    with session_scope(engine, snapshot=True) as session:
+    with session_scope(engine, snapshot=True, bulk=True) as session:
         identity = catalogue.identity(session)
         watermark = catalogue.head(session, model)
         stored = catalogue.load_vectors(session, model)
@@ -188,7 +188,7 @@ class IndexCache:
 
     def _install(self, built: Built) -> tuple[int, int]:
         """Apply the changes after `built.watermark` and make the result the live index. Caller holds _apply."""
-        with session_scope(self.engine, snapshot=True) as session:
+        with session_scope(self.engine, snapshot=True, bulk=True) as session:
             identity = catalogue.identity(session)
             if identity.catalogue_id != built.identity.catalogue_id:
                 raise CacheRejected("the database now holds another catalogue")

@@ -22,7 +22,7 @@ from backend.core.config import Settings
 from backend.core.errors import InvalidInput, NotFound
 from backend.core.search_params import SearchParams
 from backend.db.models import Image
-from backend.db.session import get_engine, session_scope
+from backend.db.session import get_engine, location, session_scope
 from backend.embedding.base import Embedder
 from backend.embedding.registry import create_embedder
 from backend.imaging import DecodedImage
@@ -94,6 +94,7 @@ class CategoryCount(BaseModel):
 
 
 class DatabaseStatus(BaseModel):
+    server: str  # which database is in use: the embedded one, or the URL without its password
     images: int
     vectors_for_model: int
     vectors_by_model: dict[str, int]
@@ -306,6 +307,7 @@ class SearchService:
                 loaded=self.embedder.loaded,
             ),
             database=DatabaseStatus(
+                server=location(self.settings, self.engine),
                 images=sum(c[2] for c in counts),
                 vectors_for_model=models.get(self.model, 0),
                 vectors_by_model=models,

@@ -291,7 +291,7 @@ def test_a_running_server_follows_another_process_without_a_full_rebuild(
         "CIFAR10_DIR": str(CIFAR_SUBSET),
         "INDEX_REFRESH_SECONDS": "0.3",
     }
-    with running_server(env) as base, httpx.Client(base_url=base, timeout=30) as http:
+    with running_server(env) as server, httpx.Client(base_url=server.url, timeout=30) as http:
         start = http.get("/status").json()["index"]
         assert start["vectors"] == 100
         victim = http.get("/categories").json()[0]["id"]

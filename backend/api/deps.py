@@ -1,20 +1,51 @@
-"""FastAPI dependencies: the one SearchService built at start-up, and the settings."""
+"""FastAPI dependencies and parameter types shared by the routes: the one SearchService built at start-up,
+the settings, bounded ids, validated names and text, and exactly one uploaded file."""
 
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
+from pydantic import AfterValidator, BeforeValidator
+from starlette.datastructures import UploadFile  # what a parsed form holds (fastapi's is a subclass)
 
 from backend.core.config import Settings
+from backend.core.errors import Unprocessable
+from backend.core.text import NAME_MAX, NAME_PATTERN, TEXT_MAX, TEXT_PATTERN, clean_name, clean_text
 from backend.service import SearchService
 
+BIGINT_MAX = 2**63 - 1  # ids and offsets are PostgreSQL bigints: larger values are a 422, not a database error
 
-def get_service(request: Request) -> SearchService:
+
+async def get_service(request: Request) -> SearchService:  # async: no worker thread for a lookup
     return request.app.state.service
 
 
-def get_settings_dep(request: Request) -> Settings:
+async def get_settings_dep(request: Request) -> Settings:
     return request.app.state.service.settings
+
+
+async def one_file(request: Request) -> None:
+    """The multipart field `file` holds exactly one file: not a text field, and not two files of which
+    the last would silently win."""
+    form = await request.form()  # parsed once: the route's own File() parameter reuses it
+    files = form.getlist("file")
+    if len(files) > 1:
+        raise Unprocessable(f"file: send one file in the field 'file', not {len(files)}")
+    if files and not isinstance(files[0], UploadFile):
+        raise Unprocessable("file: must be a file upload (multipart/form-data with a filename), not a text field")
+
+
+def _blank_is_none(value: object) -> object:
+    return None if isinstance(value, str) and not value.strip() else value
 
 
 ServiceDep = Annotated[SearchService, Depends(get_service)]
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+OneFile = Depends(one_file)
+ImageId = Annotated[int, Path(ge=1, le=BIGINT_MAX, description="image id")]
+CategoryId = Annotated[int, Path(ge=1, le=BIGINT_MAX, description="category id")]
+# What clean_name and clean_text accept, said in the OpenAPI schema (they check it, with clearer messages).
+NAME_SCHEMA = {"pattern": NAME_PATTERN, "maxLength": NAME_MAX}
+TEXT_SCHEMA = {"pattern": TEXT_PATTERN, "maxLength": TEXT_MAX}
+CategoryName = Annotated[str, AfterValidator(clean_name)]
+OptionalCategoryName = Annotated[str | None, BeforeValidator(_blank_is_none), AfterValidator(lambda v: v and clean_name(v))]
+Description = Annotated[str | None, AfterValidator(clean_text)]

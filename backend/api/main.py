@@ -3,18 +3,19 @@
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi import FastAPI
+from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
+from backend.api.errors import install_error_handlers
+from backend.api.limits import BodyLimit, RequestBudget
 from backend.api.routes import categories, images, search, system
 from backend.core.config import PROJECT_ROOT, Settings, get_settings
-from backend.core.errors import AppError
+from backend.db.session import DATABASE_ERRORS, database_problem
 from backend.index_cache import prune_change_log
 from backend.service import SearchService
 
@@ -34,6 +35,7 @@ async def _refresh_index(service: SearchService, settings: Settings) -> None:
     if every_s <= 0:
         return
     pruned_at = 0.0
+    failing = False
     while True:
         await asyncio.sleep(every_s)
         try:
@@ -41,8 +43,17 @@ async def _refresh_index(service: SearchService, settings: Settings) -> None:
             if time.monotonic() - pruned_at > PRUNE_EVERY_S:
                 await run_in_threadpool(prune_change_log, service.engine, settings.change_log_retention_days)
                 pruned_at = time.monotonic()
-        except Exception:  # a database hiccup must not end the loop; the next round retries
+        except DATABASE_ERRORS as exc:  # one line when it starts failing, one when it recovers; retried
+            if not failing:
+                log.warning("index refresh paused: database unavailable: %s", database_problem(exc))
+            failing = True
+            continue
+        except Exception:  # a bug must not end the loop either
             log.exception("index refresh failed")
+            continue
+        if failing:
+            log.warning("index refresh resumed: the database answers again")
+        failing = False
 
 
 def create_app(settings: Settings | None = None, service: SearchService | None = None) -> FastAPI:
@@ -59,7 +70,10 @@ def create_app(settings: Settings | None = None, service: SearchService | None =
         refresher = asyncio.create_task(_refresh_index(svc, settings))
         yield
         refresher.cancel()
-        await run_in_threadpool(svc.cache.save)  # the next start loads it and applies only later changes
+        try:
+            await run_in_threadpool(svc.cache.save)  # the next start loads it and applies only later changes
+        except OSError as exc:
+            log.warning("index cache not saved: %s", exc)
 
     app = FastAPI(
         title="Image similarity search",
@@ -68,24 +82,10 @@ def create_app(settings: Settings | None = None, service: SearchService | None =
         lifespan=lifespan,
     )
 
-    @app.exception_handler(AppError)
-    async def app_error(request: Request, exc: AppError) -> JSONResponse:
-        return JSONResponse({"detail": exc.message}, status_code=exc.status_code)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = [f"{'.'.join(str(p) for p in e['loc'][1:]) or e['loc'][0]}: {e['msg']}" for e in exc.errors()]
-        return JSONResponse({"detail": "; ".join(problems), "errors": exc.errors()}, status_code=422)
-
-    @app.middleware("http")
-    async def refuse_oversized_bodies(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > settings.max_upload_size + MULTIPART_OVERHEAD:
-            return JSONResponse(
-                {"detail": f"request body larger than MAX_UPLOAD_SIZE ({settings.max_upload_size:,} bytes)"},
-                status_code=413,
-            )
-        return await call_next(request)
+    install_error_handlers(app)
+    too_large = f"request body larger than MAX_UPLOAD_SIZE ({settings.max_upload_size:,} bytes) allows"
+    app.add_middleware(BodyLimit, max_bytes=settings.max_upload_size + MULTIPART_OVERHEAD, message=too_large)
+    app.add_middleware(RequestBudget, seconds=settings.request_timeout_seconds)
 
     for module in (search, images, categories, system):
         app.include_router(module.router)

@@ -1,6 +1,7 @@
 """Response bodies of the HTTP API."""
 
 from datetime import datetime
+from pathlib import PurePath
 
 from pydantic import BaseModel
 
@@ -10,6 +11,12 @@ from backend.service import SearchResult, Status
 
 def image_urls(image_id: int) -> dict[str, str]:
     return {"url": f"/images/{image_id}", "thumbnail_url": f"/images/{image_id}/thumbnail"}
+
+
+def _shown_source(source: str | None) -> str | None:
+    # Folder ingestion stores paths relative to the ingested folder; rows written before it did hold
+    # absolute server paths, of which only the file name is shown.
+    return PurePath(source).name if source and PurePath(source).is_absolute() else source
 
 
 class ImageInfo(BaseModel):
@@ -38,7 +45,7 @@ class ImageInfo(BaseModel):
             format=image.format,
             size_bytes=image.size_bytes,
             sha256=image.sha256,
-            source=image.source,
+            source=_shown_source(image.source),
             description=image.description,
             created_at=image.created_at,
             **image_urls(image.id),
@@ -134,6 +141,11 @@ class StatusOut(Status):
 
 class HealthOut(BaseModel):
     status: str
+
+
+class ReadyOut(BaseModel):
+    ready: bool
+    checks: dict[str, str]  # model, database, index: what is not as it should be
 
 
 class RebuildOut(BaseModel):

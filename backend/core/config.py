@@ -1,5 +1,6 @@
 """All settings in one place, read from the environment and `.env` (see `.env.example`)."""
 
+import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -7,10 +8,12 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from backend.core.errors import ConfigurationError
 from backend.core.search_params import LIMIT_MAX, LIMIT_MIN, TOP_CATEGORIES_MAX, TOP_CATEGORIES_MIN
 from backend.embedding.models import DEFAULT_MODEL, MODEL_NAMES
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+DB_TIMEOUT_DEFAULT_S = 5.0
 
 
 class Settings(BaseSettings):
@@ -21,10 +24,13 @@ class Settings(BaseSettings):
     # Database: DATABASE_URL wins; else DB_HOST & co; else an embedded PostgreSQL under DATA_DIR.
     database_url: str | None = None
     db_host: str | None = None
-    db_port: int = 5432
+    db_port: int = Field(5432, ge=1, le=65535)
     db_name: str = "imsrc"
     db_user: str = "postgres"
     db_password: str = ""
+    # Every database call (connecting, each statement, waiting for a pooled connection) gives up after this
+    # long: a stopped or frozen database makes requests answer 503 instead of hanging.
+    db_timeout_seconds: float = Field(DB_TIMEOUT_DEFAULT_S, gt=0, le=3600)
 
     data_dir: Path = PROJECT_ROOT / "data"
 
@@ -51,9 +57,11 @@ class Settings(BaseSettings):
 
     # API
     api_host: str = "0.0.0.0"
-    api_port: int = 8000
-    max_upload_size: int = 10 * 1024 * 1024
-    max_image_pixels: int = 40_000_000  # larger images are refused as decompression bombs
+    api_port: int = Field(8000, ge=1, le=65535)
+    max_upload_size: int = Field(10 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(40_000_000, ge=1)  # larger images are refused as decompression bombs
+    # A request that has not answered after this long gets a 503 (its body upload included).
+    request_timeout_seconds: float = Field(60.0, gt=0, le=3600)
 
     # Datasets
     cifar10_dir: Path | None = None
@@ -65,6 +73,40 @@ class Settings(BaseSettings):
         if name not in MODEL_NAMES:
             raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
         return name
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgresql_url(cls, url: str | None) -> str | None:
+        if not url:
+            return None
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            parsed = make_url(url)
+        except ArgumentError:
+            raise ValueError("not a database URL (expected postgresql://USER:PASSWORD@HOST:PORT/DATABASE)") from None
+        if parsed.get_backend_name() not in ("postgresql", "postgres"):
+            raise ValueError(f"{parsed.get_backend_name()!r} is not PostgreSQL (expected postgresql://...)")
+        return url
+
+    def prepare_data_dir(self) -> Path:
+        """DATA_DIR, created if missing; ConfigurationError unless it is a directory we can write to."""
+        path = self.data_dir
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise ConfigurationError(f"DATA_DIR {path} is not a directory") from None
+        except OSError as exc:
+            raise ConfigurationError(f"DATA_DIR {path} cannot be created: {exc.strerror}") from None
+        if not path.is_dir():
+            raise ConfigurationError(f"DATA_DIR {path} is not a directory")
+        try:  # a real write: permission bits say nothing about a read-only mount, or to root
+            with tempfile.TemporaryFile(dir=path):
+                pass
+        except OSError as exc:
+            raise ConfigurationError(f"DATA_DIR {path} is not writable: {exc.strerror}") from None
+        return path
 
     @property
     def index_dir(self) -> Path:

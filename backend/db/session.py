@@ -1,42 +1,87 @@
-"""Engine and sessions: a configured PostgreSQL, or an embedded one (pgserver) under DATA_DIR."""
+"""Engine and sessions: a configured PostgreSQL, or an embedded one (pgserver) under DATA_DIR.
+
+Every database call has a deadline. libpq has no client-side timeout for a statement, so a frozen server
+(SIGSTOP, a dead host behind a live TCP stack) would hang a thread for good; psycopg2's wait callback
+turns every connect, statement and fetch into a poll loop that gives up after DB_TIMEOUT_SECONDS. The
+server also cancels statements itself after that long (statement_timeout), and a connection that timed
+out is thrown away, never reused.
+"""
 
 import logging
-import warnings
+import select
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
+from typing import Any
 
-from sqlalchemy import Engine, create_engine, text
-from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import OperationalError
+import psycopg2
+import psycopg2.extensions
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import URL, ExceptionContext, make_url
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
-from backend.core.config import Settings, get_settings
+from backend.core.config import DB_TIMEOUT_DEFAULT_S, Settings, get_settings
 from backend.core.errors import DatabaseUnavailable
 
 log = logging.getLogger(__name__)
 
+# Bulk reads (a full index rebuild's snapshot) stream for longer than one request should wait.
+BULK_TIMEOUT_S = 600.0
 
-def _embedded_url(settings: Settings) -> URL:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
-            import pgserver
-    except ImportError as exc:  # pragma: no cover - pgserver is in requirements.txt
-        raise DatabaseUnavailable(
-            "no database configured and pgserver is not installed: pip install pgserver, or set DATABASE_URL"
-        ) from exc
-    pgdata = settings.data_dir / "pgdata"
-    pgdata.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        server = pgserver.get_server(pgdata)  # stops when the last process using it exits
-    except Exception as exc:
-        raise DatabaseUnavailable(f"could not start the embedded PostgreSQL in {pgdata}: {exc}") from exc
-    url = make_url(server.get_uri()).set(drivername="postgresql+psycopg2")
-    exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{settings.db_name}';")
-    if "(1 row)" not in exists:
-        server.psql(f'CREATE DATABASE "{settings.db_name}";')
-    return url.set(database=settings.db_name)
+# What a stopped, frozen or unreachable database raises, wherever it is used.
+DATABASE_ERRORS = (OperationalError, InterfaceError, PoolTimeout, DatabaseUnavailable)
+
+
+class DatabaseTimeout(psycopg2.OperationalError):
+    """The database did not answer within the deadline (raised by the wait callback)."""
+
+
+class _TimedConnection(psycopg2.extensions.connection):
+    timeout_s: float | None = None  # set per engine (class) and per bulk session (instance)
+
+
+@lru_cache
+def _connection_class(timeout_s: float) -> type[_TimedConnection]:
+    return type("TimedConnection", (_TimedConnection,), {"timeout_s": timeout_s})
+
+
+def _wait_with_deadline(conn: Any) -> None:
+    """psycopg2 wait callback: poll until the operation completes, or raise DatabaseTimeout."""
+    timeout = getattr(conn, "timeout_s", None)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    poller = select.poll()
+    registered = 0
+    while True:
+        state = conn.poll()
+        if state == psycopg2.extensions.POLL_OK:
+            return
+        events = select.POLLIN if state == psycopg2.extensions.POLL_READ else select.POLLOUT
+        if events != registered:
+            poller.register(conn.fileno(), events)
+            registered = events
+        remaining_ms = None if deadline is None else max(0.0, deadline - time.monotonic()) * 1000
+        if not poller.poll(remaining_ms) and deadline is not None and time.monotonic() >= deadline:
+            raise DatabaseTimeout(f"no answer within {timeout:g} s (DB_TIMEOUT_SECONDS)")
+
+
+def _discard_timed_out(context: ExceptionContext) -> None:
+    """A connection whose call timed out is mid-protocol: never hand it out again."""
+    if isinstance(context.original_exception, DatabaseTimeout):
+        context.is_disconnect = True
+
+
+def database_problem(exc: BaseException) -> str:
+    """One line saying what went wrong with the database, for a 503 or a CLI error."""
+    if isinstance(exc, DatabaseUnavailable):
+        return exc.message
+    if isinstance(exc, PoolTimeout):
+        return "every database connection is busy (the database is slow or not answering)"
+    orig = exc.orig if isinstance(exc, DBAPIError) else exc
+    lines = [ln.strip() for ln in str(orig).strip().splitlines() if ln.strip()]
+    return lines[0] if lines else type(orig).__name__
 
 
 def database_url(settings: Settings) -> URL:
@@ -54,7 +99,9 @@ def database_url(settings: Settings) -> URL:
             port=settings.db_port,
             database=settings.db_name,
         )
-    return _embedded_url(settings)
+    from backend.db import embedded
+
+    return embedded.start(settings)
 
 
 def describe(url: URL) -> str:
@@ -62,15 +109,34 @@ def describe(url: URL) -> str:
     return url.render_as_string(hide_password=True)
 
 
-def make_engine(url: URL) -> Engine:
-    engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+def location(settings: Settings, engine: Engine) -> str:
+    """Which database is in use, for `status` and `init-db`."""
+    if settings.uses_embedded_db:
+        return f"embedded PostgreSQL (pgserver) in {settings.data_dir / 'pgdata'}"
+    return describe(engine.url)
+
+
+def make_engine(url: URL, timeout_s: float = DB_TIMEOUT_DEFAULT_S) -> Engine:
+    """An engine whose every call gives up after `timeout_s` (see the module's docstring)."""
+    psycopg2.extensions.set_wait_callback(_wait_with_deadline)
+    engine = create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=10,
+        max_overflow=10,
+        pool_timeout=timeout_s,
+        connect_args={
+            "connection_factory": _connection_class(timeout_s),
+            "options": f"-c statement_timeout={round(timeout_s * 1000)}",
+        },
+    )
+    event.listen(engine, "handle_error", _discard_timed_out)
     try:
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
-    except OperationalError as exc:
-        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+    except DATABASE_ERRORS as exc:
         raise DatabaseUnavailable(
-            f"database unreachable at {describe(url)}: {reason} "
+            f"database unreachable at {describe(url)}: {database_problem(exc)} "
             "(check DATABASE_URL or DB_HOST/DB_PORT/DB_NAME/DB_USER/DB_PASSWORD)"
         ) from exc
     return engine
@@ -78,7 +144,8 @@ def make_engine(url: URL) -> Engine:
 
 @lru_cache
 def get_engine() -> Engine:
-    return make_engine(database_url(get_settings()))
+    settings = get_settings()
+    return make_engine(database_url(settings), settings.db_timeout_seconds)
 
 
 @lru_cache
@@ -87,12 +154,19 @@ def _sessionmaker(engine: Engine) -> sessionmaker[Session]:
 
 
 @contextmanager
-def session_scope(engine: Engine | None = None, *, snapshot: bool = False) -> Iterator[Session]:
+def session_scope(engine: Engine | None = None, *, snapshot: bool = False, bulk: bool = False) -> Iterator[Session]:
     """One transaction: commits on success, rolls back on any error. `snapshot`: a read-only REPEATABLE READ
-    transaction, so every query in it sees the database as of its first query."""
+    transaction, so every query in it sees the database as of its first query. `bulk`: its statements
+    may take up to BULK_TIMEOUT_S (reading every vector for a full rebuild)."""
     session = _sessionmaker(engine or get_engine())()
+    dbapi_conn = None
     if snapshot:
         session.connection(execution_options={"isolation_level": "REPEATABLE READ", "postgresql_readonly": True})
+    if bulk:
+        conn = session.connection()
+        dbapi_conn = conn.connection.dbapi_connection
+        conn.exec_driver_sql(f"SET LOCAL statement_timeout = {round(BULK_TIMEOUT_S * 1000)}")
+        dbapi_conn.timeout_s = BULK_TIMEOUT_S  # type: ignore[union-attr]
     try:
         yield session
         session.commit()
@@ -100,4 +174,6 @@ def session_scope(engine: Engine | None = None, *, snapshot: bool = False) -> It
         session.rollback()
         raise
     finally:
+        if dbapi_conn is not None and "timeout_s" in vars(dbapi_conn):
+            del dbapi_conn.timeout_s  # back to the engine's deadline before the pool hands it out again
         session.close()

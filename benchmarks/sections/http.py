@@ -49,7 +49,8 @@ def run(settings: Settings, quick: bool) -> list[dict]:
     with TempDatabase() as db:
         ingest(catalogue, create_embedder(settings, DEFAULT_MODEL), db.engine, 10**7, progress=False)
         env = {**os.environ, "DATABASE_URL": db.url.render_as_string(hide_password=False), "DATA_DIR": str(db.data_dir)}
-        with running_server(env) as base:
+        with running_server(env) as server:
+            base = server.url
             rows = []
             per_client = 8 if quick else 24
             for clients in (1, 2, 8):

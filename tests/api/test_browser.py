@@ -25,8 +25,8 @@ def server(databases, embedder, cifar_train: Dataset, tmp_path_factory) -> str:
         "DATABASE_URL": engine.url.render_as_string(hide_password=False),
         "DATA_DIR": str(tmp_path_factory.mktemp("browser-data")),
     }
-    with running_server(env) as base:
-        yield base
+    with running_server(env) as server:
+        yield server.url
 
 
 @pytest.fixture(scope="module")

@@ -164,6 +164,40 @@ def truncated_jpeg(query_png: dict[str, bytes]) -> bytes:
         ("get", "/images/999999/similar", {}, 404, "not found"),
         ("delete", "/images/999999", {}, 404, "not found"),
         ("get", "/categories/999999/images", {}, 404, "not found"),
+        # Edges that answered 500 or were silently wrong before (issue 12):
+        ("post", "/upload", {"files": {"file": ("q.png", "VALID")}, "data": {"description": "a\x00b"}}, 422, "control"),
+        ("post", "/upload", {"files": {"file": ("q.png", "VALID")}, "data": {"category": "\x07bird"}}, 422, "control"),
+        ("post", "/upload", {"files": {"file": ("q.png", "VALID")}, "data": {"description": "x" * 2001}}, 422, "longer"),
+        ("post", "/upload", {"data": {"file": "not a file"}}, 422, "file upload"),
+        ("post", "/search", {"data": {"file": "not a file"}}, 422, "file upload"),
+        ("post", "/search", {"files": [("file", ("a.png", "VALID")), ("file", ("b.png", "VALID"))]}, 422, "one file"),
+        ("post", "/upload", {"files": [("file", ("a.png", "VALID")), ("file", ("b.png", "VALID"))]}, 422, "one file"),
+        ("post", "/search", {"files": [("file", (None, "x")), ("file", (None, "y"))]}, 422, "one file"),
+        ("get", f"/categories/1/images?offset={2**63}", {}, 422, "offset"),
+        ("get", f"/images/{2**64}/info", {}, 422, "image_id"),
+        ("get", f"/images/{2**64}/similar", {}, 422, "image_id"),
+        ("delete", f"/images/{2**64}", {}, 422, "image_id"),
+        ("get", "/images/0/thumbnail", {}, 422, "image_id"),
+        ("post", "/categories", {"json": {"name": "   "}}, 422, "must not be empty"),
+        ("post", "/categories", {"json": {"name": "a\x00b"}}, 422, "control"),
+        ("post", "/categories", {"json": {"name": "x" * 101}}, 422, "longer"),
+        (
+            "post",
+            "/categories",
+            {"content": b'{"name": "\\ud800"}', "headers": {"content-type": "application/json"}},
+            422,
+            "control",
+        ),
+        ("post", "/categories", {"json": ["name"]}, 422, "name"),
+        (
+            "post",
+            "/categories",
+            {"content": b'{"nam\\u0000e": 1, "\\ud83d": "x"}', "headers": {"content-type": "application/json"}},
+            422,
+            "name",
+        ),
+        ("post", "/categories", {"content": b"{not json", "headers": {"content-type": "application/json"}}, 422, "JSON"),
+        ("post", "/upload", {"files": {"file": ("\x00\x1b[31m" + "n" * 500 + ".png", b"junk")}}, 400, "not an image"),
     ],
 )
 def test_bad_input_gets_clear_error_and_stores_nothing(
@@ -171,14 +205,14 @@ def test_bad_input_gets_clear_error_and_stores_nothing(
 ) -> None:
     payloads = {"TRUNCATED": truncated_jpeg(query_png), "BOMB": bomb_png(), "VALID": query_png["deer"]}
     if "files" in kwargs:
-        kwargs = {
-            **kwargs,
-            "files": {k: (n, payloads.get(v, v) if isinstance(v, str) else v) for k, (n, v) in kwargs["files"].items()},
-        }
+        files = kwargs["files"].items() if isinstance(kwargs["files"], dict) else kwargs["files"]
+        kwargs = {**kwargs, "files": [(k, (n, payloads.get(v, v) if n else v)) for k, (n, v) in files]}
     before = image_count(client)
-    r = getattr(client, method)(url, **kwargs)
+    r = client.request(method, url, **kwargs)
     assert r.status_code == status, r.text
-    assert message in r.json()["detail"]
+    detail = r.json()["detail"]
+    assert isinstance(detail, str) and message in detail and len(detail) < 400  # one bounded line
+    assert "\x00" not in detail and "\x1b" not in detail
     assert image_count(client) == before
     assert client.get("/health").status_code == 200  # still serving
 

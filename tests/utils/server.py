@@ -7,6 +7,8 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import IO
 
 import httpx
 
@@ -19,9 +21,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass
+class RunningServer:
+    url: str
+    process: subprocess.Popen
+    _log: IO[bytes]
+
+    def log(self) -> str:
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")
+
+
 @contextmanager
-def running_server(env: dict[str, str], start_timeout_s: float = 120) -> Iterator[str]:
-    """Start the server with `env`, wait until /health answers, yield its base URL, stop it afterwards."""
+def running_server(env: dict[str, str], start_timeout_s: float = 120) -> Iterator[RunningServer]:
+    """Start the server with `env`, wait until /health answers, yield it (URL, process, log), stop it
+    afterwards."""
     port = free_port()
     # The log goes to a file, not a pipe: an unread pipe fills up and would stall the server.
     log = tempfile.TemporaryFile()
@@ -47,7 +61,7 @@ def running_server(env: dict[str, str], start_timeout_s: float = 120) -> Iterato
             if time.monotonic() > deadline:
                 raise RuntimeError(f"server did not answer /health within {start_timeout_s:.0f} s")
             time.sleep(0.3)
-        yield base
+        yield RunningServer(base, proc, log)
     finally:
         proc.terminate()
         try:

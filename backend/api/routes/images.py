@@ -7,7 +7,17 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Request, Response, UploadFile
 
 from backend import catalogue
-from backend.api.deps import ServiceDep, SettingsDep
+from backend.api.deps import (
+    NAME_SCHEMA,
+    TEXT_SCHEMA,
+    Description,
+    ImageId,
+    OneFile,
+    OptionalCategoryName,
+    ServiceDep,
+    SettingsDep,
+)
+from backend.api.errors import error_responses
 from backend.api.schemas import DeletedOut, ImageInfo, UploadResponse, image_urls
 from backend.api.uploads import read_image
 from backend.db.session import session_scope
@@ -49,18 +59,29 @@ def _not_modified(request: Request, etag: str) -> bool:
     return request.headers.get("if-none-match") == etag
 
 
-@router.post("/upload", response_model=UploadResponse, status_code=201)
+@router.post(
+    "/upload",
+    response_model=UploadResponse,
+    status_code=201,
+    dependencies=[OneFile],
+    responses=error_responses(
+        400, 413, 422, ok={200: {"model": UploadResponse, "description": "these exact bytes were stored before"}}
+    ),
+)
 def upload(
     service: ServiceDep,
     settings: SettingsDep,
     response: Response,
     file: Annotated[UploadFile, File(description="image file")],
-    category: Annotated[str | None, Form(description="existing category; predicted from prototypes if absent")] = None,
-    description: Annotated[str | None, Form(max_length=2000)] = None,
+    category: Annotated[
+        OptionalCategoryName,
+        Form(description="existing category; predicted from prototypes if absent", json_schema_extra=NAME_SCHEMA),
+    ] = None,
+    description: Annotated[Description, Form(description="free text", json_schema_extra=TEXT_SCHEMA)] = None,
 ) -> UploadResponse:
     """Store an image with its embedding; it is searchable at once. Exact duplicates are not stored twice."""
     image = read_image(file, settings)
-    result = service.upload(image, (category or "").strip() or None, description)
+    result = service.upload(image, category, description)
     if result.duplicate:
         response.status_code = 200
     return UploadResponse(
@@ -73,8 +94,12 @@ def upload(
     )
 
 
-@router.get("/images/{image_id}", response_class=Response, responses={200: {"content": {"image/*": {}}}})
-def image_bytes(image_id: int, service: ServiceDep, request: Request) -> Response:
+@router.get(
+    "/images/{image_id}",
+    response_class=Response,
+    responses=error_responses(304, 404, 422, ok={200: {"content": {"image/*": {}}, "description": "the original bytes"}}),
+)
+def image_bytes(image_id: ImageId, service: ServiceDep, request: Request) -> Response:
     """The original bytes, as uploaded."""
     with session_scope(service.engine) as session:
         image = catalogue.get_image(session, image_id)
@@ -87,8 +112,12 @@ def image_bytes(image_id: int, service: ServiceDep, request: Request) -> Respons
     )
 
 
-@router.get("/images/{image_id}/thumbnail", response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})
-def thumbnail(image_id: int, service: ServiceDep) -> Response:
+@router.get(
+    "/images/{image_id}/thumbnail",
+    response_class=Response,
+    responses=error_responses(404, 422, ok={200: {"content": {"image/jpeg": {}}, "description": "JPEG thumbnail"}}),
+)
+def thumbnail(image_id: ImageId, service: ServiceDep) -> Response:
     """A JPEG of at most 160 px a side."""
     data = _thumbnails.get(image_id)
     if data is None:
@@ -98,14 +127,14 @@ def thumbnail(image_id: int, service: ServiceDep) -> Response:
     return Response(data, media_type="image/jpeg", headers={"Cache-Control": IMMUTABLE})
 
 
-@router.get("/images/{image_id}/info", response_model=ImageInfo)
-def info(image_id: int, service: ServiceDep) -> ImageInfo:
+@router.get("/images/{image_id}/info", response_model=ImageInfo, responses=error_responses(404, 422))
+def info(image_id: ImageId, service: ServiceDep) -> ImageInfo:
     with session_scope(service.engine) as session:
         return ImageInfo.of(catalogue.get_image(session, image_id))
 
 
-@router.delete("/images/{image_id}")
-def delete(image_id: int, service: ServiceDep) -> DeletedOut:
+@router.delete("/images/{image_id}", responses=error_responses(404, 422))
+def delete(image_id: ImageId, service: ServiceDep) -> DeletedOut:
     """Delete the image, its embeddings and its share of the prototype; the index is updated."""
     image = service.delete(image_id)
     _thumbnails.discard(image_id)

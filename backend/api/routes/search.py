@@ -5,7 +5,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Query, UploadFile
 
-from backend.api.deps import ServiceDep, SettingsDep
+from backend.api.deps import ImageId, OneFile, ServiceDep, SettingsDep
+from backend.api.errors import error_responses
 from backend.api.schemas import CategoryScoreOut, PrototypeResponse, SearchResponse
 from backend.api.uploads import read_image
 from backend.core import search_params as sp
@@ -20,7 +21,7 @@ TopCategories = Annotated[
 UsePrototypes = Annotated[bool | None, Query(description=sp.USE_PROTOTYPES_HELP)]
 
 
-@router.post("/search", response_model=SearchResponse)
+@router.post("/search", response_model=SearchResponse, dependencies=[OneFile], responses=error_responses(400, 413, 422))
 def search(
     service: ServiceDep,
     settings: SettingsDep,
@@ -36,7 +37,9 @@ def search(
     return SearchResponse.of(result, params.limit)
 
 
-@router.post("/search/prototypes", response_model=PrototypeResponse)
+@router.post(
+    "/search/prototypes", response_model=PrototypeResponse, dependencies=[OneFile], responses=error_responses(400, 413, 422)
+)
 def search_prototypes(
     service: ServiceDep, settings: SettingsDep, file: Annotated[UploadFile, File(description="query image")]
 ) -> PrototypeResponse:
@@ -46,9 +49,9 @@ def search_prototypes(
     return PrototypeResponse(categories=[CategoryScoreOut(**vars(c)) for c in ranking], timings_ms=timings)
 
 
-@router.get("/images/{image_id}/similar", response_model=SearchResponse)
+@router.get("/images/{image_id}/similar", response_model=SearchResponse, responses=error_responses(404, 422))
 def similar(
-    image_id: int,
+    image_id: ImageId,
     service: ServiceDep,
     settings: SettingsDep,
     limit: Limit = None,

@@ -1,35 +1,63 @@
-"""Status, health and maintenance."""
+"""Status, health, readiness and maintenance."""
 
+import asyncio
 import time
 
 from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from backend.api.deps import ServiceDep
-from backend.api.schemas import HealthOut, PrototypesRebuilt, RebuildOut, StatusOut
+from backend.api.errors import error_responses
+from backend.api.schemas import HealthOut, PrototypesRebuilt, ReadyOut, RebuildOut, StatusOut
+from backend.db.session import DATABASE_ERRORS, database_problem
 
 router = APIRouter(tags=["system"])
 
 
 @router.get("/health")
-def health() -> HealthOut:
-    """Liveness probe: answers as long as the process serves requests."""
+async def health() -> HealthOut:
+    """Liveness: answers while the process serves requests. Touches neither the database nor the worker
+    threads, so it answers even when both are stuck."""
     return HealthOut(status="ok")
 
 
-@router.get("/status")
+@router.get(
+    "/ready", response_model=ReadyOut, responses={503: {"model": ReadyOut, "description": "not ready; `checks` says why"}}
+)
+async def ready(service: ServiceDep) -> JSONResponse:
+    """Readiness: the database answers, the model is loaded and the index reflects every committed change."""
+    checks = {"model": "loaded" if service.embedder.loaded else "not loaded"}
+
+    def database_and_index() -> None:
+        checks["index"] = "current" if service.cache.is_current() else "catching up with the database"
+        checks["database"] = "ok"
+
+    try:
+        await asyncio.wait_for(run_in_threadpool(database_and_index), service.settings.db_timeout_seconds + 1)
+    except TimeoutError:
+        checks["database"] = f"no answer within {service.settings.db_timeout_seconds + 1:g} s"
+    except DATABASE_ERRORS as exc:
+        checks["database"] = f"unavailable: {database_problem(exc)}"
+    ok = checks == {"model": "loaded", "index": "current", "database": "ok"}
+    body = ReadyOut(ready=ok, checks=checks)
+    return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
+
+
+@router.get("/status", responses=error_responses())
 def status(service: ServiceDep, request: Request) -> StatusOut:
-    """Counts per category, model, device, index type and whether the index matches the database."""
+    """Counts per category, model, device, database, index type and whether the index matches the database."""
     return StatusOut(**service.status().model_dump(), uptime_s=round(time.monotonic() - request.app.state.started, 1))
 
 
-@router.post("/admin/rebuild-index")
+@router.post("/admin/rebuild-index", responses=error_responses())
 def rebuild_index(service: ServiceDep) -> RebuildOut:
     """Rebuild the FAISS index from the vectors stored in the database (no re-embedding)."""
     index = service.cache.rebuild("requested by POST /admin/rebuild-index")
     return RebuildOut(vectors=index.ntotal, categories=len(index.category_ids), origin=service.cache.origin)
 
 
-@router.post("/admin/rebuild-prototypes")
+@router.post("/admin/rebuild-prototypes", responses=error_responses())
 def rebuild_prototypes(service: ServiceDep) -> PrototypesRebuilt:
     """Recompute every prototype from the stored given-label embeddings."""
     return PrototypesRebuilt(prototypes=service.rebuild_prototypes())
