@@ -331,6 +331,8 @@ def _gone_within(pid: int, seconds: float) -> bool:
     return False
 
 
+@pytest.mark.db
+@pytest.mark.model
 def test_embedded_postgres_stops_with_serve_on_sigterm_and_kill(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     env = _embedded_env(data_dir)
