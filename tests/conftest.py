@@ -5,6 +5,7 @@ test session (and each test that writes) gets a database of its own, dropped aft
 """
 
 import os
+import time
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -14,12 +15,15 @@ import pytest
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import URL, make_url
 
+from backend.core.config import PROJECT_ROOT
 from backend.datasets import Dataset, balanced, load_cifar10
 from backend.db import migrate
 from backend.db.session import make_engine
 from backend.embedding.efficientnet import EfficientNetLiteEmbedder
 from backend.embedding.models import MODELS
 from tests.utils.settings import CATALOGUE_SIZE, CIFAR_SUBSET, QUERY_COUNT
+
+_SESSION_STARTED = time.time()
 
 # Tests that need these fixtures are marked, so `pytest -m "not db and not model"` is the fast tier.
 _MARKS = {
@@ -32,6 +36,14 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "db: needs a PostgreSQL server (embedded or TEST_DATABASE_URL)")
     config.addinivalue_line("markers", "model: loads the real embedding weights")
     config.addinivalue_line("markers", "browser: drives Chromium")
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The fault suite's figures (faults tried, requests, answers by kind, rows lost), when it ran."""
+    report = PROJECT_ROOT / "test-artifacts" / "fault-report.txt"
+    if report.is_file() and report.stat().st_mtime > _SESSION_STARTED:
+        terminalreporter.write_sep("-", "fault suite")
+        terminalreporter.write(report.read_text())
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -92,8 +92,19 @@ def test_end_to_end_populate_index_search(env: dict[str, str], tmp_path: Path, c
         ({"DATABASE_URL": "postgresql://postgres@127.0.0.1:1/nothing"}, ["init-db"], "database unreachable"),
         ({}, ["search", "setup.sh"], "not an image"),
         ({}, ["search", "/no/such.png"], "cannot read"),
-        ({}, ["search", "setup.sh", "--limit", "0"], "limit"),
-        ({}, ["search", "setup.sh", "--top-categories", "11"], "top_categories"),
+        ({}, ["search", "setup.sh", "--limit", "0"], "--limit: 0 is not allowed"),
+        ({}, ["search", "setup.sh", "--top-categories", "11"], "--top-categories: 11 is not allowed"),
+        ({}, ["search", "setup.sh", "--limit", "many"], "not a whole number"),
+        # Edges that ingested everything, were silently replaced, or ended in a traceback before (issue 12):
+        ({}, ["populate", "--num-images", "-5"], "--num-images: -5 is not allowed"),
+        ({}, ["populate", "--num-images", "5", "--batch-size", "0"], "--batch-size: 0 is not allowed"),
+        ({}, ["serve", "--port", "70000"], "--port"),
+        ({"DATA_DIR": "/sys/kernel"}, ["status"], "DATA_DIR /sys/kernel is not writable"),
+        ({"DATA_DIR": str(PROJECT_ROOT / "setup.sh")}, ["status"], "is not a directory"),
+        ({"DATABASE_URL": "postgres ql://nonsense"}, ["status"], "DATABASE_URL"),
+        ({"DATABASE_URL": "mysql://root@127.0.0.1/test"}, ["status"], "is not PostgreSQL"),
+        ({"DB_TIMEOUT_SECONDS": "-1"}, ["status"], "DB_TIMEOUT_SECONDS"),
+        ({"DATABASE_URL": "postgresql://postgres@127.0.0.1:1/nothing"}, ["serve"], "database unreachable"),
     ],
 )
 def test_bad_input_is_one_line_and_changes_nothing(env: dict[str, str], extra_env: dict, args: list[str], message: str) -> None:
@@ -103,3 +114,27 @@ def test_bad_input_is_one_line_and_changes_nothing(env: dict[str, str], extra_en
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
     assert image_count(env["DATABASE_URL"]) == 0
+
+
+def test_folder_with_undecodable_names_ingests_and_reruns(env: dict[str, str], tmp_path: Path) -> None:
+    from PIL import Image as PILImage
+    from sqlalchemy.engine import make_url
+
+    from backend.db.session import make_engine
+
+    root = tmp_path / "photos"
+    os.makedirs(os.fsencode(root / "caf") + b"\xe9")  # Latin-1 names, as old cameras and archives make them
+    (root / "tea").mkdir()
+    for i, (folder, name) in enumerate([(b"caf\xe9", b"\xff1.png"), (b"caf\xe9", b"two.png"), (b"tea", b"t\xe9.png")]):
+        with open(os.fsencode(root) + b"/" + folder + b"/" + name, "wb") as f:
+            PILImage.new("RGB", (16, 16), (40 * i, 90, 200)).save(f, format="PNG")
+    assert run(env, "init-db").returncode == 0
+    first = run(env, "populate", "--dataset", "folder", "--source", str(root), "--quiet")
+    assert first.returncode == 0 and "3 images added" in first.stdout, first.stderr
+    again = run(env, "populate", "--dataset", "folder", "--source", str(root), "--quiet")
+    assert again.returncode == 0 and "0 images added, 3 already stored" in again.stdout, again.stderr
+    engine = make_engine(make_url(env["DATABASE_URL"]))
+    with session_scope(engine) as session:
+        sources = sorted(session.scalars(select(Image.source)))
+    engine.dispose()
+    assert sources == ["caf\ufffd/two.png", "caf\ufffd/\ufffd1.png", "tea/t\ufffd.png"]  # relative, never server paths

@@ -1,5 +1,6 @@
 """Dataset loaders on the real CIFAR-10 subset and Fashion-MNIST, and category folders with junk."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +63,48 @@ def test_folder_tolerates_junk_at_any_depth(tmp_path: Path) -> None:
     ds = load_dataset("folder", root, "all", None, make_settings(tmp_path))
     assert ds.categories == ["cat", "dog"] and ds.skipped == 2
     assert len(ds.samples) == 6  # the broken .png is found here and refused at decode time
+
+
+def test_folder_walk_never_leaves_the_folder(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    Image.new("RGB", (8, 8), "red").save(outside / "secret.png")
+    root = tmp_path / "root"
+    (root / "cat" / "sub").mkdir(parents=True)
+    (root / "dog").mkdir()
+    Image.new("RGB", (8, 8), "orange").save(root / "cat" / "a.png")
+    Image.new("RGB", (8, 8), "brown").save(root / "dog" / "b.png")
+    (root / "cat" / "leak.png").symlink_to(outside / "secret.png")  # a file link out of the folder
+    (root / "cat" / "sub" / "out").symlink_to(outside)  # a folder link out
+    (root / "stolen").symlink_to(outside)  # a category that is a link out
+    (root / "loop").symlink_to(".")  # a link loop at the top
+    (root / "cat" / "sub" / "up").symlink_to("..")  # and one below
+    (root / "dog" / "again.png").symlink_to(root / "cat" / "a.png")  # a link that stays inside: followed
+    ds = load_dataset("folder", root, "all", None, make_settings(tmp_path))
+    assert ds.categories == ["cat", "dog"]
+    assert sorted(s.source for s in ds.samples) == ["cat/a.png", "dog/again.png", "dog/b.png"]  # relative
+    assert all("secret" not in s.source and not s.source.startswith("/") for s in ds.samples)
+    assert ds.skipped == 3 and all("outside the folder" in n for n in ds.notes)
+
+
+def test_folder_names_in_any_encoding(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    os.makedirs(os.fsencode(root / "caf") + b"\xe9")  # a Latin-1 folder name: not UTF-8
+    os.makedirs(root / "bird")
+    (root / "\x07bell").mkdir()  # a control character: not a valid category name
+    Image.new("RGB", (8, 8), "blue").save(root / "bird" / "ok.png")
+    with open(os.fsencode(root / "bird") + b"/\xff\xfe.png", "wb") as f:
+        Image.new("RGB", (8, 8), "blue").save(f, format="PNG")
+    with open(os.fsencode(root / "caf") + b"\xe9/x.png", "wb") as f:
+        Image.new("RGB", (8, 8), "green").save(f, format="PNG")
+    Image.new("RGB", (8, 8), "green").save(root / "\x07bell" / "y.png")
+    ds = load_dataset("folder", root, "all", None, make_settings(tmp_path))
+    assert ds.categories == ["bird", "caf\ufffd"]
+    assert sorted(s.source for s in ds.samples) == ["bird/ok.png", "bird/\ufffd\ufffd.png", "caf\ufffd/x.png"]
+    for s in ds.samples:
+        s.source.encode("utf-8")  # storable and printable
+        assert s.load()[:4] == b"\x89PNG"
+    assert ds.skipped == 1 and "control characters" in ds.notes[0]
 
 
 @pytest.mark.skipif(not FASHION.is_dir(), reason="apt-get install dataset-fashion-mnist")

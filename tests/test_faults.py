@@ -145,6 +145,11 @@ def _wait_until_serving(base: str, limit_s: float = 30) -> float:
     raise AssertionError(f"no recovery within {limit_s} s")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _fresh_report() -> None:
+    REPORT.unlink(missing_ok=True)
+
+
 @pytest.fixture(scope="module")
 def private_pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivatePostgres]:
     pg = PrivatePostgres(tmp_path_factory.mktemp("faultpg"))

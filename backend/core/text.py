@@ -9,9 +9,9 @@ TEXT_MAX = 2000  # descriptions
 ECHO_MAX = 80  # characters of client text repeated in an error message
 
 # The same rules as JSON-schema patterns, so the OpenAPI schema tells clients what is accepted.
-_CONTROL = r"\x00-\x1f\x7f-\x9f"
+_CONTROL = r"\x00-\x1f\x7f-\x9f\ud800-\udfff"
 NAME_PATTERN = rf"^[^{_CONTROL}]*[^\s{_CONTROL}][^{_CONTROL}]*$"  # something besides spaces, no control chars
-TEXT_PATTERN = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]*$"  # line breaks and tabs allowed
+TEXT_PATTERN = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]*$"  # line breaks and tabs allowed
 
 # Whitespace a description may contain; every other control character, and lone surrogates (which
 # PostgreSQL cannot store and JSON cannot encode), is refused.

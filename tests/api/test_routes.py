@@ -271,3 +271,12 @@ def test_server_picks_up_images_stored_by_another_process(databases, embedder, c
         status = c.get("/status").json()
         assert status["index"]["vectors"] == 40 and status["index"]["current"]
         assert status["index"]["origin"].startswith("rebuilt from database")
+
+
+def test_info_never_shows_server_paths() -> None:
+    from backend.api.schemas import _shown_source
+
+    assert _shown_source("/home/alice/photos/cat/a.png") == "a.png"  # rows stored before sources were relative
+    assert _shown_source("cat/sub/a.png") == "cat/sub/a.png"
+    assert _shown_source("cifar10:data_batch_1:17") == "cifar10:data_batch_1:17"
+    assert _shown_source(None) is None
