@@ -2,7 +2,7 @@
 rem Image similarity search: setup menu and non-interactive subcommands (Windows).
 rem   setup.bat                 interactive menu
 rem   setup.bat all [N]         install, init-db, populate N CIFAR-10 images, index, serve
-rem   setup.bat install ^| init-db ^| populate [N] ^| build-index ^| serve ^| test ^| status
+rem   setup.bat install ^| init-db ^| populate [N] ^| build-index ^| admin-key ^| serve ^| test ^| status
 setlocal enableextensions
 cd /d "%~dp0"
 if "%VENV%"=="" set "VENV=.venv"
@@ -18,6 +18,7 @@ if /i "%CMD%"=="build-index" (call :build_index & goto end)
 if /i "%CMD%"=="serve" (call :serve & goto end)
 if /i "%CMD%"=="test" (call :run_tests & goto end)
 if /i "%CMD%"=="status" (call :cli status & goto end)
+if /i "%CMD%"=="admin-key" (call :admin_key & goto end)
 if /i "%CMD%"=="all" (call :all %2 & goto end)
 echo unknown command: %CMD%
 exit /b 2
@@ -33,6 +34,7 @@ echo   5) Start the server
 echo   6) Run the tests
 echo   7) Everything (1-5)
 echo   8) Status
+echo   9) Create or show the admin API key
 echo   q) Quit
 set "CHOICE="
 set /p CHOICE=Choice: 
@@ -44,6 +46,7 @@ if "%CHOICE%"=="5" call :serve
 if "%CHOICE%"=="6" call :run_tests
 if "%CHOICE%"=="7" (set "N=" & set /p N=How many images? [%NUM_IMAGES%] & call :all %%N%%)
 if "%CHOICE%"=="8" call :cli status
+if "%CHOICE%"=="9" call :admin_key
 if /i "%CHOICE%"=="q" goto end
 goto menu
 
@@ -77,6 +80,11 @@ call :cli rebuild-prototypes || exit /b 1
 call :cli build-index
 exit /b %errorlevel%
 
+:admin_key
+echo ==^> admin API key (changing the catalogue needs one; kept in data\admin.key)
+call :cli api-key ensure-admin
+exit /b %errorlevel%
+
 :serve
 echo ==^> starting the server on http://localhost:8000/app (Ctrl-C stops it)
 call :cli serve
@@ -93,6 +101,7 @@ call :install || exit /b 1
 call :init_db || exit /b 1
 call :populate %1 || exit /b 1
 call :build_index || exit /b 1
+call :admin_key || exit /b 1
 call :serve
 exit /b %errorlevel%
 

@@ -2,7 +2,7 @@
 # Image similarity search: setup menu and non-interactive subcommands.
 #   ./setup.sh                 interactive menu
 #   ./setup.sh all [N]         fresh clone -> running server: install, init-db, populate N CIFAR-10 images, index, serve
-#   ./setup.sh install | init-db | populate [N] | build-index | serve | test [PYTEST ARGS] | lint | status
+#   ./setup.sh install | init-db | populate [N] | build-index | admin-key | serve | test [PYTEST ARGS] | lint | status
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -43,6 +43,10 @@ populate() {
 
 build_index() { say "building prototypes and index"; cli rebuild-prototypes && cli build-index; }
 
+# Changing the catalogue needs an API key (AUTH_MODE=writes): the first run makes an admin key and keeps it in
+# DATA_DIR/admin.key (mode 600); later runs reuse it while it is valid.
+admin_key() { say "admin API key"; cli api-key ensure-admin; }
+
 serve() {
   say "starting the server on http://${API_HOST:-0.0.0.0}:${API_PORT:-8000}/app (Ctrl-C stops it)"
   cli serve
@@ -62,7 +66,7 @@ run_tests() {
   "$PY" -m pytest -q "$@"
 }
 
-all() { install; init_db; populate "${1:-$DEFAULT_IMAGES}"; build_index; serve; }
+all() { install; init_db; populate "${1:-$DEFAULT_IMAGES}"; build_index; admin_key; serve; }
 
 menu() {
   while true; do
@@ -77,6 +81,8 @@ Image similarity search - setup
   6) Run the tests
   7) Everything (1-5)
   8) Status
+  9) Create or show the admin API key
+  b) Back up the database to a file
   q) Quit
 MENU
     read -r -p "Choice: " choice || exit 0
@@ -89,6 +95,8 @@ MENU
       6) run_tests ;;
       7) read -r -p "How many images? [$DEFAULT_IMAGES] " n; all "${n:-$DEFAULT_IMAGES}" ;;
       8) cli status ;;
+      9) admin_key ;;
+      b) read -r -p "Backup file? [backup.dump] " f; cli backup "${f:-backup.dump}" ;;
       q|Q) exit 0 ;;
       *) echo "unknown choice: $choice" ;;
     esac
@@ -107,6 +115,7 @@ case "$cmd" in
   test) run_tests "$@" ;;
   lint) lint ;;
   status) cli status ;;
+  admin-key) admin_key ;;
   all) all "$@" ;;
   -h|--help|help) sed -n '2,6p' "$0" ;;
   *) echo "unknown command: $cmd (try: ./setup.sh help)" >&2; exit 2 ;;

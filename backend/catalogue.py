@@ -258,6 +258,7 @@ class CatalogueIdentity:
     catalogue_id: str  # made at init-db; a copy of the database (backup restore) keeps it
     system_identifier: str | None  # the PostgreSQL cluster's, where this role may read it
     deletions_pruned_through: int  # deletions numbered up to here are gone from the log
+    changes_issued: int = 0  # the change sequence's position: no index of this database can be past it
 
 
 @dataclass(frozen=True)
@@ -278,7 +279,8 @@ def identity(session: Session) -> CatalogueIdentity:
             "THEN (SELECT system_identifier::text FROM pg_control_system()) END"
         )
     )
-    return CatalogueIdentity(str(meta.catalogue_id), sysid, int(meta.deletions_pruned_through))
+    issued = session.scalar(text("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM catalogue_change_seq"))
+    return CatalogueIdentity(str(meta.catalogue_id), sysid, int(meta.deletions_pruned_through), int(issued or 0))
 
 
 def head(session: Session, model: str) -> int:

@@ -15,11 +15,13 @@ from typing import TYPE_CHECKING, NoReturn
 
 from pydantic import ValidationError
 
+from backend.auth import SCOPES
 from backend.core import search_params
 from backend.core.config import Settings, get_settings
 from backend.core.errors import AppError
 from backend.datasets import DATASETS
 from backend.db.session import DATABASE_ERRORS, database_problem
+from backend.telemetry import configure_logging
 
 if TYPE_CHECKING:  # the service pulls in torch and FAISS: imported lazily so `--help` stays fast
     from backend.service import SearchResult, SearchService
@@ -160,15 +162,99 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> None:
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
     import uvicorn
 
-    _require_schema()  # a missing or unreachable database is one error line here, not a traceback at start-up
+    from backend.api.security import check_auth_mode
 
+    host = args.host or settings.api_host
+    warning = check_auth_mode(settings, host)  # AUTH_MODE=off on a reachable address is refused here
+    _require_schema()  # a missing or unreachable database is one error line here, not a traceback at start-up
+    if warning:
+        logging.getLogger("backend.api").warning(warning)
+    # Our logging (LOG_FORMAT), and our own one line per request instead of uvicorn's access log.
     uvicorn.run(
         "backend.api.main:create_app",
         factory=True,
-        host=args.host or settings.api_host,
+        host=host,
         port=args.port or settings.api_port,
-        log_level="info",
+        log_config=None,
+        access_log=False,
     )
+
+
+def cmd_api_key(args: argparse.Namespace, settings: Settings) -> None:
+    from backend import auth
+    from backend.db.session import session_scope
+
+    _require_schema()
+    if args.action == "create":
+        with session_scope() as session:
+            info, key = auth.create_key(session, args.name, args.scope)
+        print(f"API key {info.prefix} '{info.name}' with scopes {', '.join(info.scopes)} (shown once, store it now):")
+        print(key)
+    elif args.action == "list":
+        with session_scope() as session:
+            keys = auth.list_keys(session, include_revoked=args.all)
+        if args.json:
+            print(json.dumps([asdict(k) for k in keys], default=str))
+            return
+        print(f"{'id':>4}  {'prefix':<8}  {'name':<20} {'scopes':<24} {'created':<20} {'last used':<20} revoked")
+        for k in keys:
+            when = [t.strftime("%Y-%m-%d %H:%M:%S") if t else "-" for t in (k.created_at, k.last_used_at, k.revoked_at)]
+            print(f"{k.id:>4}  {k.prefix:<8}  {k.name:<20} {','.join(k.scopes):<24} {when[0]:<20} {when[1]:<20} {when[2]}")
+    elif args.action == "revoke":
+        with session_scope() as session:
+            info = auth.revoke(session, args.key)
+        print(f"API key {info.prefix} '{info.name}' revoked")
+    else:  # ensure-admin: the one-command start's key, created once and kept where only this user reads it
+        path = args.file or settings.admin_key_file
+        _ensure_admin_key(path)
+
+
+def _ensure_admin_key(path: Path) -> None:
+    import os
+
+    from backend import auth
+    from backend.db.session import session_scope
+
+    existing = path.read_text().strip() if path.is_file() else ""
+    with session_scope() as session:
+        if existing and auth.key_is_valid(session, existing, "admin"):
+            print(f"admin API key: {path} (send it as X-API-Key; the web page asks for it when a change needs it)")
+            return
+        _, key = auth.create_key(session, "admin", ["admin"])
+        # Written before the transaction commits: a key that could not be saved is never created.
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(key + "\n")
+        os.chmod(path.with_suffix(".tmp"), 0o600)
+        os.replace(path.with_suffix(".tmp"), path)
+    print(f"created an admin API key and saved it to {path} (readable only by you). Use it with")
+    print(f'  curl -H "X-API-Key: $(cat {path})" ...')
+    print("and paste it into the web page when it asks (it is kept until the tab is closed).")
+
+
+def cmd_backup(args: argparse.Namespace, settings: Settings) -> None:
+    from backend.backup import backup
+    from backend.db.session import get_engine
+
+    _require_schema()
+    size = backup(get_engine(), args.file)
+    print(f"backup written to {args.file} ({size / 1e6:.1f} MB, pg_dump custom format)")
+
+
+def cmd_restore(args: argparse.Namespace, settings: Settings) -> None:
+    from backend.backup import restore
+    from backend.db.session import get_engine, location
+
+    engine = get_engine()
+    where = location(settings, engine)
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise AppError(f"restore replaces every image, key and vector in {where}: pass --yes to confirm")
+        if input(f"Replace the whole catalogue in {where} with {args.file}? Type yes: ").strip() != "yes":
+            raise AppError("restore cancelled")
+    restore(engine, args.file)
+    print(f"restored {args.file} into {where}; index caches will be rebuilt from it (stop running servers first)")
 
 
 def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> None:
@@ -250,6 +336,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="embedding model (default MODEL_NAME)")
     p.add_argument("--json", action="store_true")
 
+    p = command("api-key", cmd_api_key, "create, list and revoke API keys")
+    keys = p.add_subparsers(dest="action", required=True)
+    k = keys.add_parser("create", help="a new key, printed once")
+    k.add_argument("--name", required=True)
+    k.add_argument("--scope", action="append", required=True, choices=SCOPES, help="repeat for several scopes")
+    k = keys.add_parser("list", help="keys with name, scopes, creation and last use (never the keys themselves)")
+    k.add_argument("--all", action="store_true", help="include revoked keys")
+    k.add_argument("--json", action="store_true")
+    k = keys.add_parser("revoke", help="revoke a key by id, prefix or name")
+    k.add_argument("key")
+    k = keys.add_parser("ensure-admin", help="create an admin key saved to a file (mode 600) unless the file holds a valid one")
+    k.add_argument("--file", type=Path, help="default: DATA_DIR/admin.key")
+
+    p = command("backup", cmd_backup, "write the whole database to FILE (pg_dump custom format)")
+    p.add_argument("file", type=Path)
+    p = command("restore", cmd_restore, "replace the whole database with a backup FILE (stop servers first)")
+    p.add_argument("file", type=Path)
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
     command("benchmark", cmd_benchmark, "speed benchmarks: forwards its arguments to benchmarks/run.py (--help there)")
     return parser
 
@@ -267,9 +372,10 @@ def main(argv: list[str] | None = None) -> int:
     if extra and args.command != "benchmark":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.benchmark_args = extra
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         settings = get_settings()
+        level = logging.INFO if args.verbose or args.command == "serve" else logging.WARNING
+        configure_logging(settings.log_format, level)
         if args.command != "benchmark":
             settings.prepare_data_dir()
         args.func(args, settings)

@@ -40,6 +40,7 @@ from backend.core.locks import ReadWriteLock
 from backend.db import migrate
 from backend.db.session import session_scope
 from backend.index import TwoStageIndex
+from backend.telemetry import INDEX_REFRESHES, INDEX_VECTORS
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +179,7 @@ class IndexCache:
             seconds = time.perf_counter() - start
             self.origin = f"rebuilt from database in {seconds:.2f}s ({reason})"
             self.refreshes["full"] += 1
+            INDEX_REFRESHES.labels("full").inc()
             self.last_refresh = RefreshReport("full", built.index.ntotal, 0, seconds, reason)
             log.info("index for %s: %d vectors, %s", self.model, built.index.ntotal, self.origin)
             self.save()
@@ -192,6 +194,8 @@ class IndexCache:
             identity = catalogue.identity(session)
             if identity.catalogue_id != built.identity.catalogue_id:
                 raise CacheRejected("the database now holds another catalogue")
+            if built.watermark > identity.changes_issued:  # e.g. the database was restored from an older backup
+                raise CacheRejected(f"built at change {built.watermark}, past the database's newest ({identity.changes_issued})")
             if built.watermark < identity.deletions_pruned_through:
                 raise CacheRejected(f"deletions after change {built.watermark} were pruned from the log")
             changes = catalogue.changes_since(session, self.model, built.watermark)
@@ -207,6 +211,7 @@ class IndexCache:
             if prototypes is not None:
                 index.set_prototypes(prototypes)
             self._index, self._identity, self._watermark = index, identity, changes.head
+        INDEX_VECTORS.labels(self.model).set(index.ntotal)
         return len(changes.added), removed
 
     def _advance(self) -> tuple[int, int]:
@@ -242,6 +247,7 @@ class IndexCache:
         report = RefreshReport("incremental", added, removed, time.perf_counter() - start)
         self.last_refresh = report
         self.refreshes["incremental"] += 1
+        INDEX_REFRESHES.labels("incremental").inc()
         log.info("index for %s: %d added, %d removed from the change log in %.3fs", self.model, added, removed, report.seconds)
         return report
 

@@ -27,6 +27,7 @@ from backend.embedding.base import Embedder
 from backend.embedding.registry import create_embedder
 from backend.imaging import DecodedImage
 from backend.index_cache import IndexCache
+from backend.telemetry import EMBED_IMAGES, EMBED_SECONDS, SEARCH_STAGE_SECONDS
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -152,7 +153,10 @@ class SearchService:
     # --- search ----------------------------------------------------------------------------
 
     def embed(self, images: list[PILImage.Image]) -> np.ndarray:
-        return self.embedder.embed(images)
+        with EMBED_SECONDS.time():
+            vectors = self.embedder.embed(images)
+        EMBED_IMAGES.inc(len(images))
+        return vectors
 
     def search(self, images: list[PILImage.Image], params: SearchParams) -> list[SearchResult]:
         start = time.perf_counter()
@@ -180,6 +184,8 @@ class SearchService:
             meta = catalogue.result_metadata(session, {int(i) for i in hits.ids.ravel() if i >= 0})
         t3 = time.perf_counter()
         n = len(queries)
+        for stage, seconds in (("prototypes", t1 - t0), ("search", t2 - t1), ("fetch", t3 - t2)):
+            SEARCH_STAGE_SECONDS.labels(stage).observe(seconds / n)
         out = []
         for q in range(n):
             results: list[Hit] = []

@@ -105,6 +105,17 @@ def test_end_to_end_populate_index_search(env: dict[str, str], tmp_path: Path, c
         ({"DATABASE_URL": "mysql://root@127.0.0.1/test"}, ["status"], "is not PostgreSQL"),
         ({"DB_TIMEOUT_SECONDS": "-1"}, ["status"], "DB_TIMEOUT_SECONDS"),
         ({"DATABASE_URL": "postgresql://postgres@127.0.0.1:1/nothing"}, ["serve"], "database unreachable"),
+        # Access control (issue 9): no keyless server on an address others can reach; bad key commands.
+        ({"AUTH_MODE": "off"}, ["serve", "--host", "0.0.0.0"], "AUTH_MODE=off is only allowed on a loopback address"),
+        ({"AUTH_MODE": "off", "API_HOST": "192.0.2.7"}, ["serve"], "AUTH_MODE=off is only allowed on a loopback address"),
+        ({"AUTH_MODE": "sometimes"}, ["status"], "AUTH_MODE"),
+        ({"CORS_ORIGINS": "evil.example"}, ["status"], "is not an origin"),
+        ({}, ["api-key", "create", "--name", "x", "--scope", "root"], "--scope: invalid choice"),
+        ({}, ["api-key", "create", "--name", "\x01", "--scope", "write"], "key name"),
+        ({}, ["api-key", "revoke", "nope"], "no live API key"),
+        ({}, ["restore", "setup.sh", "--yes"], "not a pg_dump custom-format backup"),
+        ({}, ["restore", "setup.sh"], "pass --yes"),
+        ({}, ["backup", "/no/such/dir/file.dump"], "does not exist"),
     ],
 )
 def test_bad_input_is_one_line_and_changes_nothing(env: dict[str, str], extra_env: dict, args: list[str], message: str) -> None:
@@ -138,3 +149,34 @@ def test_folder_with_undecodable_names_ingests_and_reruns(env: dict[str, str], t
         sources = sorted(session.scalars(select(Image.source)))
     engine.dispose()
     assert sources == ["caf\ufffd/two.png", "caf\ufffd/\ufffd1.png", "tea/t\ufffd.png"]  # relative, never server paths
+
+
+def test_api_keys_created_listed_revoked_and_the_admin_key_file(env: dict[str, str], tmp_path: Path) -> None:
+    from backend.auth import KEY_PATTERN
+
+    assert run(env, "init-db").returncode == 0
+    r = run(env, "api-key", "create", "--name", "ci", "--scope", "write", "--scope", "search", "--scope", "write")
+    assert r.returncode == 0, r.stderr
+    key = r.stdout.strip().splitlines()[-1]
+    assert KEY_PATTERN.match(key)
+    listing = run(env, "api-key", "list", "--json").stdout
+    assert key not in listing and key.split("_", 2)[2] not in listing  # the secret is never shown again
+    (row,) = json.loads(listing)
+    assert row["name"] == "ci" and row["scopes"] == ["search", "write"] and row["revoked_at"] is None
+    assert run(env, "api-key", "revoke", "ci").returncode == 0
+    assert json.loads(run(env, "api-key", "list", "--json").stdout) == []
+    (revoked,) = json.loads(run(env, "api-key", "list", "--all", "--json").stdout)
+    assert revoked["revoked_at"] is not None
+
+    # The one-command start's admin key: made once, mode 600, kept while valid, replaced once revoked.
+    key_file = Path(env["DATA_DIR"]) / "admin.key"
+    first = run(env, "api-key", "ensure-admin")
+    assert first.returncode == 0 and "created an admin API key" in first.stdout, first.stderr
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    admin_key = key_file.read_text().strip()
+    assert KEY_PATTERN.match(admin_key) and admin_key not in first.stdout
+    again = run(env, "api-key", "ensure-admin")
+    assert "created" not in again.stdout and key_file.read_text().strip() == admin_key
+    assert run(env, "api-key", "revoke", admin_key.split("_")[1]).returncode == 0
+    assert "created" in run(env, "api-key", "ensure-admin").stdout
+    assert key_file.read_text().strip() != admin_key

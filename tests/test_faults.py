@@ -182,6 +182,7 @@ def fault_server(private_pg: PrivatePostgres, fault_db: Engine, tmp_path_factory
         "REQUEST_TIMEOUT_SECONDS": "20",
         "INDEX_REFRESH_SECONDS": "0.5",
         "MAX_UPLOAD_SIZE": str(MAX_UPLOAD),
+        "AUTH_MODE": "off",  # the load includes uploads; keys are test_auth.py's subject (127.0.0.1 only)
     }
     with running_server(env) as server:
         yield server

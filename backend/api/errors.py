@@ -4,6 +4,7 @@ Client mistakes are 4xx with a bounded message; a database that is down, frozen 
 connection stays open); only a bug is a 500."""
 
 import logging
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -12,11 +13,12 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
+from starlette.routing import BaseRoute, Match
 
 from backend.core.errors import AppError
 from backend.core.text import echo
 from backend.db.session import DATABASE_ERRORS, database_problem
+from backend.telemetry import DATABASE_ERRORS_TOTAL
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,8 @@ class ValidationErrorOut(BaseModel):
 _DESCRIPTIONS = {
     304: "not modified (ETag matched)",
     400: "invalid image, or a body that cannot be parsed",
+    401: "no API key, or an invalid or revoked one",
+    403: "the API key lacks the scope, or a cross-site request",
     404: "not found",
     413: "request body larger than MAX_UPLOAD_SIZE",
     422: "invalid parameters",
@@ -59,11 +63,20 @@ def error_responses(*codes: int, ok: dict[int | str, dict[str, Any]] | None = No
     return out
 
 
+def api_routes(routes: Sequence[BaseRoute]) -> Iterator[APIRoute]:
+    """Every APIRoute, including those of included routers (which FastAPI keeps behind a wrapper)."""
+    for route in routes:
+        if isinstance(route, APIRoute):
+            yield route
+        elif hasattr(route, "original_router"):
+            yield from api_routes(route.original_router.routes)
+
+
 def _methods_at(app: FastAPI, request: Request) -> list[str]:
     """Every method some route serves at this request's path."""
     methods: set[str] = set()
-    for route in app.router.routes:
-        if isinstance(route, APIRoute) and route.matches(request.scope)[0] != Match.NONE:
+    for route in api_routes(app.routes):
+        if route.matches(request.scope)[0] != Match.NONE:
             methods |= route.methods or set()
     return sorted(methods)
 
@@ -102,6 +115,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def database_error(request: Request, exc: Exception) -> JSONResponse:
         problem = database_problem(exc)
+        DATABASE_ERRORS_TOTAL.labels("request").inc()
         log.warning("%s %s: database unavailable: %s", request.method, request.url.path, problem)
         return JSONResponse({"detail": f"database unavailable: {problem}"}, status_code=503)
 

@@ -7,17 +7,21 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from backend.api.errors import install_error_handlers
 from backend.api.limits import BodyLimit, RequestBudget
+from backend.api.observability import RequestLog, instrument
 from backend.api.routes import categories, images, search, system
+from backend.api.security import SAFE_METHODS, Access, SameOriginWrites, declare_access, guard
 from backend.core.config import PROJECT_ROOT, Settings, get_settings
 from backend.db.session import DATABASE_ERRORS, database_problem
 from backend.index_cache import prune_change_log
 from backend.service import SearchService
+from backend.telemetry import DATABASE_ERRORS_TOTAL
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +48,7 @@ async def _refresh_index(service: SearchService, settings: Settings) -> None:
                 await run_in_threadpool(prune_change_log, service.engine, settings.change_log_retention_days)
                 pruned_at = time.monotonic()
         except DATABASE_ERRORS as exc:  # one line when it starts failing, one when it recovers; retried
+            DATABASE_ERRORS_TOTAL.labels("index refresh").inc()
             if not failing:
                 log.warning("index refresh paused: database unavailable: %s", database_problem(exc))
             failing = True
@@ -83,16 +88,31 @@ def create_app(settings: Settings | None = None, service: SearchService | None =
     )
 
     install_error_handlers(app)
+    instrument(app)
+    # Innermost first: cross-site writes are refused before any work, CORS answers preflights for listed
+    # origins only, and every request (refused ones too) is logged once.
+    app.add_middleware(SameOriginWrites, allowed_origins=settings.cors_origins)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=sorted({"GET", "POST", "DELETE"} | SAFE_METHODS),
+            allow_headers=["X-API-Key", "Authorization", "Content-Type", "X-Request-ID"],
+            expose_headers=["X-Request-ID"],
+        )
     too_large = f"request body larger than MAX_UPLOAD_SIZE ({settings.max_upload_size:,} bytes) allows"
     app.add_middleware(BodyLimit, max_bytes=settings.max_upload_size + MULTIPART_OVERHEAD, message=too_large)
     app.add_middleware(RequestBudget, seconds=settings.request_timeout_seconds)
+    app.add_middleware(RequestLog)
 
     for module in (search, images, categories, system):
         app.include_router(module.router)
 
-    @app.get("/", include_in_schema=False)
+    @app.get("/", include_in_schema=False, dependencies=[guard(Access.PUBLIC)])
     def root() -> RedirectResponse:
         return RedirectResponse("/app/")
+
+    declare_access(app, settings)
 
     app.mount("/app", StaticFiles(directory=PROJECT_ROOT / "frontend", html=True), name="frontend")
     return app

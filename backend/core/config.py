@@ -3,10 +3,11 @@
 import tempfile
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from backend.core.errors import ConfigurationError
 from backend.core.search_params import LIMIT_MAX, LIMIT_MIN, TOP_CATEGORIES_MAX, TOP_CATEGORIES_MIN
@@ -42,6 +43,9 @@ class Settings(BaseSettings):
     image_size: int | None = Field(None, ge=32, le=1024)  # model input side; None = the model's own
     # auto: ONNX Runtime on CPU when installed (about 3x faster here), else PyTorch
     embed_runtime: Literal["auto", "torch", "onnx"] = "auto"
+    # Where the ONNX graphs exported from the weights are kept (default DATA_DIR/cache/onnx); the container
+    # image exports them at build time into a folder of its own, so it starts without network or export.
+    onnx_cache_dir: Path | None = None
 
     # Index and search
     faiss_index_type: Literal["flat"] = "flat"
@@ -62,6 +66,16 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1)  # larger images are refused as decompression bombs
     # A request that has not answered after this long gets a 503 (its body upload included).
     request_timeout_seconds: float = Field(60.0, gt=0, le=3600)
+
+    # Access control (backend/auth.py): writes = searching and reading are public, every change needs a key;
+    # all = every endpoint but /health, /ready (and /metrics, see below) needs one; off = no keys, only
+    # allowed when the server listens on a loopback address.
+    auth_mode: Literal["writes", "all", "off"] = "writes"
+    # Other sites allowed to call the API from a browser (CORS), comma-separated origins such as
+    # https://app.example.com; state-changing requests from any other site are refused whatever AUTH_MODE.
+    cors_origins: Annotated[list[str], NoDecode] = []
+    metrics_require_key: bool = False  # /metrics: public, or only with a key holding the `metrics` scope
+    log_format: Literal["text", "json"] = "text"
 
     # Datasets
     cifar10_dir: Path | None = None
@@ -90,6 +104,18 @@ class Settings(BaseSettings):
             raise ValueError(f"{parsed.get_backend_name()!r} is not PostgreSQL (expected postgresql://...)")
         return url
 
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _origins(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        origins = [o.strip().rstrip("/") for o in value.split(",") if o.strip()]
+        for origin in origins:
+            parts = urlsplit(origin)
+            if parts.scheme not in ("http", "https") or not parts.netloc or parts.path or parts.query:
+                raise ValueError(f"{origin!r} is not an origin (expected scheme://host[:port], e.g. https://app.example.com)")
+        return origins
+
     def prepare_data_dir(self) -> Path:
         """DATA_DIR, created if missing; ConfigurationError unless it is a directory we can write to."""
         path = self.data_dir
@@ -115,6 +141,14 @@ class Settings(BaseSettings):
     @property
     def cache_dir(self) -> Path:
         return self.data_dir / "cache"
+
+    @property
+    def onnx_dir(self) -> Path:
+        return self.onnx_cache_dir or self.cache_dir / "onnx"
+
+    @property
+    def admin_key_file(self) -> Path:
+        return self.data_dir / "admin.key"
 
     @property
     def uses_embedded_db(self) -> bool:

@@ -17,6 +17,14 @@ class InvalidImage(InvalidInput):
     pass
 
 
+class Unauthorized(AppError):
+    status_code = 401
+
+
+class Forbidden(AppError):
+    status_code = 403
+
+
 class NotFound(AppError):
     status_code = 404
 

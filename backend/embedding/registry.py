@@ -31,5 +31,5 @@ def create_embedder(
         device=settings.device,
         batch_size=batch_size or settings.embed_batch_size,
         runtime=runtime or settings.embed_runtime,
-        onnx_dir=settings.cache_dir / "onnx",
+        onnx_dir=settings.onnx_dir,
     )

@@ -22,7 +22,8 @@ MAX_UPLOAD = 300_000
 def client(databases, embedder, cifar_train: Dataset, tmp_path_factory) -> TestClient:
     engine: Engine = databases.new()
     ingest(Dataset("cifar10", balanced(cifar_train.samples, 100)), embedder, engine, 10**7, progress=False)
-    settings = make_settings(tmp_path_factory.mktemp("api"), engine, max_upload_size=MAX_UPLOAD)
+    # These tests are about the routes; access control has its own (test_auth.py).
+    settings = make_settings(tmp_path_factory.mktemp("api"), engine, max_upload_size=MAX_UPLOAD, auth_mode="off")
     app = create_app(service=SearchService(settings, engine, embedder))
     with TestClient(app) as c:
         yield c
@@ -261,7 +262,7 @@ def test_server_picks_up_images_stored_by_another_process(databases, embedder, c
 
     engine: Engine = databases.new()
     ingest(Dataset("cifar10", balanced(cifar_train.samples, 20)), embedder, engine, 10**7, progress=False)
-    settings = make_settings(tmp_path, engine, index_refresh_seconds=0.2)
+    settings = make_settings(tmp_path, engine, index_refresh_seconds=0.2, auth_mode="off")
     with TestClient(create_app(service=SearchService(settings, engine, embedder))) as c:
         assert c.get("/status").json()["index"]["vectors"] == 20
         ingest(Dataset("cifar10", balanced(cifar_train.samples, 40)), embedder, engine, 10**7, progress=False)  # "the CLI"

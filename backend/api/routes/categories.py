@@ -8,20 +8,27 @@ from backend import catalogue
 from backend.api.deps import BIGINT_MAX, NAME_SCHEMA, CategoryId, CategoryName, ServiceDep
 from backend.api.errors import error_responses
 from backend.api.schemas import CategoryOut, ImageInfo, ImagePage
+from backend.api.security import Access, guard
 from backend.core.errors import NotFound
 from backend.db.session import session_scope
 
 router = APIRouter(prefix="/categories", tags=["categories"])
 
 
-@router.get("", response_model=list[CategoryOut], responses=error_responses())
+@router.get("", response_model=list[CategoryOut], dependencies=[guard(Access.SEARCH)], responses=error_responses())
 def list_categories(service: ServiceDep) -> list[CategoryOut]:
     """Every category with its image count and how many of those carry a given (not predicted) label."""
     with session_scope(service.engine) as session:
         return [CategoryOut(id=c, name=n, images=i, labelled=g) for c, n, i, g in catalogue.category_counts(session)]
 
 
-@router.post("", response_model=CategoryOut, status_code=201, responses=error_responses(400, 413, 422))
+@router.post(
+    "",
+    response_model=CategoryOut,
+    status_code=201,
+    dependencies=[guard(Access.WRITE)],
+    responses=error_responses(400, 413, 422),
+)
 def create_category(
     service: ServiceDep, name: Annotated[CategoryName, Body(embed=True, json_schema_extra=NAME_SCHEMA)]
 ) -> CategoryOut:
@@ -31,7 +38,9 @@ def create_category(
     return next(c for c in list_categories(service) if c.id == cid)
 
 
-@router.get("/{category_id}/images", response_model=ImagePage, responses=error_responses(404, 422))
+@router.get(
+    "/{category_id}/images", response_model=ImagePage, dependencies=[guard(Access.SEARCH)], responses=error_responses(404, 422)
+)
 def category_images(
     category_id: CategoryId,
     service: ServiceDep,

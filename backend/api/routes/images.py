@@ -19,6 +19,7 @@ from backend.api.deps import (
 )
 from backend.api.errors import error_responses
 from backend.api.schemas import DeletedOut, ImageInfo, UploadResponse, image_urls
+from backend.api.security import Access, guard
 from backend.api.uploads import read_image
 from backend.db.session import session_scope
 from backend.imaging import CONTENT_TYPES, make_thumbnail
@@ -63,7 +64,7 @@ def _not_modified(request: Request, etag: str) -> bool:
     "/upload",
     response_model=UploadResponse,
     status_code=201,
-    dependencies=[OneFile],
+    dependencies=[guard(Access.WRITE), OneFile],
     responses=error_responses(
         400, 413, 422, ok={200: {"model": UploadResponse, "description": "these exact bytes were stored before"}}
     ),
@@ -97,6 +98,7 @@ def upload(
 @router.get(
     "/images/{image_id}",
     response_class=Response,
+    dependencies=[guard(Access.SEARCH)],
     responses=error_responses(304, 404, 422, ok={200: {"content": {"image/*": {}}, "description": "the original bytes"}}),
 )
 def image_bytes(image_id: ImageId, service: ServiceDep, request: Request) -> Response:
@@ -115,6 +117,7 @@ def image_bytes(image_id: ImageId, service: ServiceDep, request: Request) -> Res
 @router.get(
     "/images/{image_id}/thumbnail",
     response_class=Response,
+    dependencies=[guard(Access.SEARCH)],
     responses=error_responses(404, 422, ok={200: {"content": {"image/jpeg": {}}, "description": "JPEG thumbnail"}}),
 )
 def thumbnail(image_id: ImageId, service: ServiceDep) -> Response:
@@ -127,13 +130,15 @@ def thumbnail(image_id: ImageId, service: ServiceDep) -> Response:
     return Response(data, media_type="image/jpeg", headers={"Cache-Control": IMMUTABLE})
 
 
-@router.get("/images/{image_id}/info", response_model=ImageInfo, responses=error_responses(404, 422))
+@router.get(
+    "/images/{image_id}/info", response_model=ImageInfo, dependencies=[guard(Access.SEARCH)], responses=error_responses(404, 422)
+)
 def info(image_id: ImageId, service: ServiceDep) -> ImageInfo:
     with session_scope(service.engine) as session:
         return ImageInfo.of(catalogue.get_image(session, image_id))
 
 
-@router.delete("/images/{image_id}", responses=error_responses(404, 422))
+@router.delete("/images/{image_id}", dependencies=[guard(Access.WRITE)], responses=error_responses(404, 422))
 def delete(image_id: ImageId, service: ServiceDep) -> DeletedOut:
     """Delete the image, its embeddings and its share of the prototype; the index is updated."""
     image = service.delete(image_id)

@@ -8,6 +8,7 @@ from fastapi import APIRouter, File, Query, UploadFile
 from backend.api.deps import ImageId, OneFile, ServiceDep, SettingsDep
 from backend.api.errors import error_responses
 from backend.api.schemas import CategoryScoreOut, PrototypeResponse, SearchResponse
+from backend.api.security import Access, guard
 from backend.api.uploads import read_image
 from backend.core import search_params as sp
 from backend.core.search_params import SearchParams
@@ -21,7 +22,12 @@ TopCategories = Annotated[
 UsePrototypes = Annotated[bool | None, Query(description=sp.USE_PROTOTYPES_HELP)]
 
 
-@router.post("/search", response_model=SearchResponse, dependencies=[OneFile], responses=error_responses(400, 413, 422))
+@router.post(
+    "/search",
+    response_model=SearchResponse,
+    dependencies=[guard(Access.SEARCH), OneFile],
+    responses=error_responses(400, 413, 422),
+)
 def search(
     service: ServiceDep,
     settings: SettingsDep,
@@ -38,7 +44,10 @@ def search(
 
 
 @router.post(
-    "/search/prototypes", response_model=PrototypeResponse, dependencies=[OneFile], responses=error_responses(400, 413, 422)
+    "/search/prototypes",
+    response_model=PrototypeResponse,
+    dependencies=[guard(Access.SEARCH), OneFile],
+    responses=error_responses(400, 413, 422),
 )
 def search_prototypes(
     service: ServiceDep, settings: SettingsDep, file: Annotated[UploadFile, File(description="query image")]
@@ -49,7 +58,12 @@ def search_prototypes(
     return PrototypeResponse(categories=[CategoryScoreOut(**vars(c)) for c in ranking], timings_ms=timings)
 
 
-@router.get("/images/{image_id}/similar", response_model=SearchResponse, responses=error_responses(404, 422))
+@router.get(
+    "/images/{image_id}/similar",
+    response_model=SearchResponse,
+    dependencies=[guard(Access.SEARCH)],
+    responses=error_responses(404, 422),
+)
 def similar(
     image_id: ImageId,
     service: ServiceDep,

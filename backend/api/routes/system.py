@@ -4,18 +4,20 @@ import asyncio
 import time
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from backend.api.deps import ServiceDep
 from backend.api.errors import error_responses
 from backend.api.schemas import HealthOut, PrototypesRebuilt, ReadyOut, RebuildOut, StatusOut
+from backend.api.security import Access, guard
 from backend.db.session import DATABASE_ERRORS, database_problem
 
 router = APIRouter(tags=["system"])
 
 
-@router.get("/health")
+@router.get("/health", dependencies=[guard(Access.PUBLIC)])
 async def health() -> HealthOut:
     """Liveness: answers while the process serves requests. Touches neither the database nor the worker
     threads, so it answers even when both are stuck."""
@@ -23,7 +25,10 @@ async def health() -> HealthOut:
 
 
 @router.get(
-    "/ready", response_model=ReadyOut, responses={503: {"model": ReadyOut, "description": "not ready; `checks` says why"}}
+    "/ready",
+    response_model=ReadyOut,
+    dependencies=[guard(Access.PUBLIC)],
+    responses={503: {"model": ReadyOut, "description": "not ready; `checks` says why"}},
 )
 async def ready(service: ServiceDep) -> JSONResponse:
     """Readiness: the database answers, the model is loaded and the index reflects every committed change."""
@@ -44,20 +49,32 @@ async def ready(service: ServiceDep) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
 
 
-@router.get("/status", responses=error_responses())
+@router.get("/status", dependencies=[guard(Access.SEARCH)], responses=error_responses())
 def status(service: ServiceDep, request: Request) -> StatusOut:
     """Counts per category, model, device, database, index type and whether the index matches the database."""
     return StatusOut(**service.status().model_dump(), uptime_s=round(time.monotonic() - request.app.state.started, 1))
 
 
-@router.post("/admin/rebuild-index", responses=error_responses())
+@router.post("/admin/rebuild-index", dependencies=[guard(Access.ADMIN)], responses=error_responses())
 def rebuild_index(service: ServiceDep) -> RebuildOut:
     """Rebuild the FAISS index from the vectors stored in the database (no re-embedding)."""
     index = service.cache.rebuild("requested by POST /admin/rebuild-index")
     return RebuildOut(vectors=index.ntotal, categories=len(index.category_ids), origin=service.cache.origin)
 
 
-@router.post("/admin/rebuild-prototypes", responses=error_responses())
+@router.post("/admin/rebuild-prototypes", dependencies=[guard(Access.ADMIN)], responses=error_responses())
 def rebuild_prototypes(service: ServiceDep) -> PrototypesRebuilt:
     """Recompute every prototype from the stored given-label embeddings."""
     return PrototypesRebuilt(prototypes=service.rebuild_prototypes())
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    dependencies=[guard(Access.METRICS)],
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}},
+)
+def metrics() -> Response:
+    """Prometheus metrics: HTTP requests, embedding and per-stage search time, index size and refreshes,
+    database errors. Public unless METRICS_REQUIRE_KEY is set (then a key with the `metrics` scope)."""
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,126 @@
+"""API keys: creation, listing, revocation and verification, for the API and the CLI.
+
+A key is `imsrc_<prefix>_<secret>`: the prefix (8 hex characters) finds the row and is shown in listings; the
+secret is 32 random bytes. Only a SHA-256 of the whole key is stored (a fast hash is enough: the key is
+random, not a password that could be guessed), and it is compared in constant time.
+
+Scopes: `search` (query and read images), `write` (upload, delete, categories, catalogue jobs), `admin`
+(rebuilds, key management) and `metrics` (read /metrics when METRICS_REQUIRE_KEY is set). `admin` grants
+every other scope and `write` grants `search`, so one admin key does everything.
+"""
+
+import hashlib
+import hmac
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Literal, get_args
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from backend.core.errors import NotFound, Unprocessable
+from backend.core.text import clean_name, echo
+from backend.db.models import ApiKey
+
+Scope = Literal["search", "write", "admin", "metrics"]
+SCOPES: tuple[Scope, ...] = get_args(Scope)
+IMPLIED: dict[str, set[str]] = {"admin": {"admin", "write", "search", "metrics"}, "write": {"write", "search"}}
+
+KEY_PATTERN = re.compile(r"^imsrc_([0-9a-f]{8})_([A-Za-z0-9_-]{43})$")
+SECRET_BYTES = 32
+# last_used_at is written at most this often per key: a search per millisecond must not be a write each.
+LAST_USED_EVERY = timedelta(seconds=60)
+_NO_KEY_SHA = hashlib.sha256(b"no such key").hexdigest()
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    id: int
+    name: str
+    prefix: str
+    scopes: list[str]
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+    @classmethod
+    def of(cls, row: ApiKey) -> "KeyInfo":
+        return cls(row.id, row.name, row.prefix, list(row.scopes), row.created_at, row.last_used_at, row.revoked_at)
+
+    def grants(self, scope: str) -> bool:
+        return any(scope in IMPLIED.get(s, {s}) for s in self.scopes)
+
+
+def _sha256(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def parse_scopes(values: list[str]) -> list[str]:
+    """Known scopes, deduplicated, in the order of SCOPES; Unprocessable for anything else."""
+    unknown = sorted({v for v in values if v not in SCOPES})
+    if unknown or not values:
+        raise Unprocessable(f"scope: {echo(', '.join(unknown)) or 'none given'}; choose from {', '.join(SCOPES)}")
+    return [s for s in SCOPES if s in values]
+
+
+def create_key(session: Session, name: str, scopes: list[str]) -> tuple[KeyInfo, str]:
+    """A new key; the plain key is returned once and never stored."""
+    name = clean_name(name, "key name")
+    scopes = parse_scopes(scopes)
+    while True:  # 8 hex characters: a collision is rare, but the prefix must be unique
+        prefix = secrets.token_hex(4)
+        if session.scalar(select(ApiKey.id).where(ApiKey.prefix == prefix)) is None:
+            break
+    key = f"imsrc_{prefix}_{secrets.token_urlsafe(SECRET_BYTES)}"
+    row = ApiKey(name=name, prefix=prefix, key_sha256=_sha256(key), scopes=scopes)
+    session.add(row)
+    session.flush()
+    session.refresh(row)
+    return KeyInfo.of(row), key
+
+
+def list_keys(session: Session, include_revoked: bool = False) -> list[KeyInfo]:
+    query = select(ApiKey).order_by(ApiKey.id)
+    if not include_revoked:
+        query = query.where(ApiKey.revoked_at.is_(None))
+    return [KeyInfo.of(row) for row in session.scalars(query)]
+
+
+def revoke(session: Session, which: str) -> KeyInfo:
+    """Revoke a key named by its id, its prefix or its name (when exactly one live key has that name)."""
+    live = select(ApiKey).where(ApiKey.revoked_at.is_(None))
+    if which.isdigit() and len(which) < 10:
+        rows = list(session.scalars(live.where(ApiKey.id == int(which))))
+    else:
+        rows = list(session.scalars(live.where((ApiKey.prefix == which) | (ApiKey.name == which))))
+    if not rows:
+        raise NotFound(f"no live API key with id, prefix or name {echo(which)!r}")
+    if len(rows) > 1:
+        raise Unprocessable(f"{len(rows)} live keys are named {echo(which)!r}: revoke by id or prefix")
+    rows[0].revoked_at = datetime.now(UTC)
+    session.flush()
+    return KeyInfo.of(rows[0])
+
+
+def authenticate(session: Session, key: str) -> KeyInfo | None:
+    """The live key's info, or None for a malformed, unknown, wrong or revoked key."""
+    match = KEY_PATTERN.match(key.strip())
+    row = None
+    if match:
+        row = session.scalar(select(ApiKey).where(ApiKey.prefix == match.group(1), ApiKey.revoked_at.is_(None)))
+    # Compared in constant time, and compared even when no row matched, so timing says nothing about the key.
+    same = hmac.compare_digest(row.key_sha256 if row is not None else _NO_KEY_SHA, _sha256(key.strip()))
+    if row is None or not same:
+        return None
+    now = datetime.now(UTC)
+    if row.last_used_at is None or now - row.last_used_at > LAST_USED_EVERY:
+        session.execute(update(ApiKey).where(ApiKey.id == row.id).values(last_used_at=now))
+        row.last_used_at = now
+    return KeyInfo.of(row)
+
+
+def key_is_valid(session: Session, key: str, scope: str = "admin") -> bool:
+    info = authenticate(session, key)
+    return info is not None and info.grants(scope)
