@@ -67,7 +67,10 @@ def parse_scopes(values: list[str]) -> list[str]:
 
 def create_key(session: Session, name: str, scopes: list[str]) -> tuple[KeyInfo, str]:
     """A new key; the plain key is returned once and never stored."""
-    name = clean_name(name, "key name")
+    try:
+        name = clean_name(name, "key name")
+    except ValueError as exc:
+        raise Unprocessable(str(exc)) from None
     scopes = parse_scopes(scopes)
     while True:  # 8 hex characters: a collision is rare, but the prefix must be unique
         prefix = secrets.token_hex(4)

@@ -374,8 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     args.benchmark_args = extra
     try:
         settings = get_settings()
-        level = logging.INFO if args.verbose or args.command == "serve" else logging.WARNING
-        configure_logging(settings.log_format, level)
+        configure_logging(settings.log_format, args.verbose, serving=args.command == "serve")
         if args.command != "benchmark":
             settings.prepare_data_dir()
         args.func(args, settings)

@@ -64,8 +64,12 @@ class _RequestIdFilter(logging.Filter):
         return True
 
 
-def configure_logging(fmt: Literal["text", "json"], level: int) -> None:
-    """Root logging for the CLI and the server (uvicorn's loggers propagate to it)."""
+OUR_LOGGERS = ("backend", "imsrc", "uvicorn")
+
+
+def configure_logging(fmt: Literal["text", "json"], verbose: bool, serving: bool = False) -> None:
+    """Root logging for the CLI and the server (uvicorn's loggers propagate to it): warnings only, except
+    with --verbose; a server also logs its own (and uvicorn's) information: start-up, index, requests."""
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_RequestIdFilter())
     if fmt == "json":
@@ -74,4 +78,6 @@ def configure_logging(fmt: Literal["text", "json"], level: int) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level)
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    for name in OUR_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO if verbose or serving else logging.NOTSET)

@@ -23,7 +23,13 @@ from tests.utils.settings import make_settings
 def _cli(engine: Engine, data_dir: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "DATABASE_URL": engine.url.render_as_string(hide_password=False), "DATA_DIR": str(data_dir)}
     return subprocess.run(
-        [sys.executable, "-m", "backend.cli", *args], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300, check=False
+        [sys.executable, "-m", "backend.cli", *args],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
 
 
@@ -43,7 +49,9 @@ def _snapshot(service: SearchService, query: np.ndarray) -> dict:
     }
 
 
-def test_backup_restores_an_identical_catalogue(databases, embedder, cifar_train: Dataset, cifar_queries: Dataset, tmp_path: Path) -> None:
+def test_backup_restores_an_identical_catalogue(
+    databases, embedder, cifar_train: Dataset, cifar_queries: Dataset, tmp_path: Path
+) -> None:
     engine = databases.new()
     ingest(Dataset("cifar10", balanced(cifar_train.samples, 80)), embedder, engine, 10**7, progress=False)
     data = tmp_path / "data"

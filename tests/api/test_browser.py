@@ -3,10 +3,14 @@
 import os
 from pathlib import Path
 
+import httpx
 import pytest
+from sqlalchemy import Engine
 
+from backend import auth
 from backend.core.config import PROJECT_ROOT
 from backend.datasets import Dataset, balanced
+from backend.db.session import session_scope
 from backend.ingest import ingest
 from tests.utils.server import running_server
 
@@ -17,15 +21,26 @@ pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no browser
 
 
 @pytest.fixture(scope="module")
-def server(databases, embedder, cifar_train: Dataset, tmp_path_factory) -> str:
+def browser_db(databases, embedder, cifar_train: Dataset) -> Engine:
     engine = databases.new()
     ingest(Dataset("cifar10", balanced(cifar_train.samples, 100)), embedder, engine, 10**7, progress=False)
-    env = {
-        **os.environ,
-        "DATABASE_URL": engine.url.render_as_string(hide_password=False),
-        "DATA_DIR": str(tmp_path_factory.mktemp("browser-data")),
-    }
-    with running_server(env) as server:
+    return engine
+
+
+@pytest.fixture(scope="module")
+def write_key(browser_db: Engine) -> str:
+    with session_scope(browser_db) as session:
+        return auth.create_key(session, "browser", ["write"])[1]
+
+
+def _env(engine: Engine, data_dir: Path, **extra: str) -> dict[str, str]:
+    return {**os.environ, "DATABASE_URL": engine.url.render_as_string(hide_password=False), "DATA_DIR": str(data_dir), **extra}
+
+
+@pytest.fixture(scope="module")
+def server(browser_db: Engine, tmp_path_factory) -> str:
+    """The default AUTH_MODE=writes: searching is public, uploading needs a key."""
+    with running_server(_env(browser_db, tmp_path_factory.mktemp("browser-data"))) as server:
         yield server.url
 
 
@@ -80,23 +95,88 @@ def test_search_shows_results_categories_and_timings(page, cifar_queries: Datase
     page.wait_for_function("document.getElementById('results-title').textContent.includes('prototypes only')")
 
 
-def test_upload_form_and_visible_errors(page, cifar_queries: Dataset, tmp_path: Path) -> None:
-    bad = tmp_path / "notes.png"
-    bad.write_bytes(b"this is text")
-    page.set_input_files("[data-testid=upload-file]", str(bad))
-    page.click("#upload-form button")
-    page.wait_for_selector("[data-testid=error]:not([hidden])")
-    assert "not an image" in page.inner_text("[data-testid=error]")
-
+def test_upload_asks_for_a_key_and_shows_errors(page, write_key: str, cifar_queries: Dataset, tmp_path: Path) -> None:
     good = tmp_path / "bird.png"
     good.write_bytes(next(s for s in cifar_queries.samples if s.label == "bird").load())
     page.set_input_files("[data-testid=upload-file]", str(good))
     page.select_option("[data-testid=upload-category]", "bird")
     page.click("#upload-form button")
+    # A write needs a key: the page asks for one, then sends the upload again with it.
+    page.wait_for_selector("[data-testid=key-panel]:not([hidden])")
+    assert "'write' scope" in page.inner_text("[data-testid=key-reason]")
+    page.fill("[data-testid=key-input]", "imsrc_00000000_" + "x" * 43)  # a wrong key is refused, and forgotten
+    page.click("[data-testid=key-submit]")
+    page.wait_for_selector("[data-testid=error]:not([hidden])")
+    assert "invalid or revoked API key" in page.inner_text("[data-testid=error]")
+    assert page.evaluate("sessionStorage.getItem('imsrc-api-key')") is None
+    page.click("#upload-form button")
+    page.wait_for_selector("[data-testid=key-panel]:not([hidden])")
+    page.fill("[data-testid=key-input]", write_key)
+    page.click("[data-testid=key-submit]")
     page.wait_for_function("document.querySelector('[data-testid=upload-result]').textContent.includes('Stored as image')")
+    assert page.is_visible("[data-testid=key-state]")
+    assert page.evaluate("sessionStorage.getItem('imsrc-api-key')") == write_key  # kept for this tab only
     assert "in bird" in page.inner_text("[data-testid=upload-result]")
     page.wait_for_function("document.querySelector('[data-testid=status-line]').textContent.includes('101 images')")
+
+    # With the key kept, a bad file gets the server's own error, at once.
+    bad = tmp_path / "notes.png"
+    bad.write_bytes(b"this is text")
+    page.set_input_files("[data-testid=upload-file]", str(bad))
+    page.click("#upload-form button")
+    page.wait_for_function("document.querySelector('[data-testid=error]').textContent.includes('not an image')")
+    assert page.is_hidden("[data-testid=key-panel]")
 
     page.click("[data-testid=category-chip] >> nth=2")
     page.wait_for_selector("[data-testid=browse] [data-testid=result]")
     assert len(page.query_selector_all("[data-testid=browse] [data-testid=result]")) >= 10
+
+
+ATTACK_PAGE = """<!doctype html><html><body>
+<form id="f" method="post" action="{target}/admin/rebuild-index"></form>
+<script>
+  // What a hostile site can make a visitor's browser send without any preflight: a form post, and a
+  // no-cors fetch with a multipart body (a "simple" request the server executes even if the page
+  // cannot read the answer).
+  const png = Uint8Array.from(atob("{png}"), c => c.charCodeAt(0));
+  const form = new FormData();
+  form.append("file", new Blob([png], {{type: "image/png"}}), "x.png");
+  form.append("category", "bird");
+  fetch("{target}/upload", {{method: "POST", mode: "no-cors", body: form}})
+    .then(() => fetch("{target}/categories", {{method: "POST", mode: "no-cors", body: '{{"name": "pwned"}}'}}))
+    .finally(() => {{ document.title = "sent"; document.getElementById("f").submit(); }});
+</script></body></html>"""
+
+
+def test_a_cross_site_page_changes_nothing(page, browser_db: Engine, cifar_queries: Dataset, tmp_path: Path) -> None:
+    """Even with AUTH_MODE=off, a page on another origin cannot make the visitor's browser change the catalogue."""
+    import base64
+    import http.server
+    import threading
+
+    with running_server(_env(browser_db, tmp_path / "data", AUTH_MODE="off")) as target:
+        before = httpx.get(f"{target.url}/status").json()
+        site = tmp_path / "site"
+        site.mkdir()
+        png = base64.b64encode(next(s for s in cifar_queries.samples if s.label == "ship").load()).decode()
+        (site / "evil.html").write_text(ATTACK_PAGE.format(target=target.url, png=png))
+        handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(site))  # noqa: E731
+        evil = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=evil.serve_forever, daemon=True).start()
+        try:
+            pg = page.context.browser.new_page()  # the module's browser, a page of its own
+            try:
+                # Another origin: "localhost" is not "127.0.0.1" to a browser, and the port differs too.
+                pg.goto(f"http://localhost:{evil.server_address[1]}/evil.html")
+                pg.wait_for_url(f"{target.url}/admin/rebuild-index", timeout=30_000)  # the form post landed there
+                assert "cross-site request refused" in pg.content()
+            finally:
+                pg.close()
+        finally:
+            evil.shutdown()
+        after = httpx.get(f"{target.url}/status").json()
+        log = target.log()
+    assert after["database"]["images"] == before["database"]["images"]
+    assert after["index"]["refreshes"] == before["index"]["refreshes"]
+    assert "pwned" not in [c["name"] for c in after["database"]["categories"]]
+    assert log.count(" 403 ") >= 3  # upload, category and form post, each refused and logged
