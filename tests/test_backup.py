@@ -1,36 +1,25 @@
 """Backups: a round trip through pg_dump / pg_restore gives back the same catalogue, and the index caches
 built for the contents that were replaced are never believed afterwards."""
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 from sqlalchemy import Engine
 
 from backend import auth, catalogue
-from backend.core.config import PROJECT_ROOT
 from backend.core.search_params import SearchParams
 from backend.datasets import Dataset, balanced
 from backend.db.session import session_scope
 from backend.imaging import decode_image
 from backend.ingest import ingest
 from backend.service import SearchService
+from tests.utils.cli import run_cli
 from tests.utils.settings import make_settings
 
 
 def _cli(engine: Engine, data_dir: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DATABASE_URL": engine.url.render_as_string(hide_password=False), "DATA_DIR": str(data_dir)}
-    return subprocess.run(
-        [sys.executable, "-m", "backend.cli", *args],
-        cwd=PROJECT_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    return run_cli({"DATABASE_URL": engine.url.render_as_string(hide_password=False), "DATA_DIR": str(data_dir)}, *args)
 
 
 def _snapshot(service: SearchService, query: np.ndarray) -> dict:

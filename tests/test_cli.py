@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,19 +11,10 @@ from backend.core.config import PROJECT_ROOT
 from backend.db import migrate
 from backend.db.models import Image
 from backend.db.session import session_scope
+from tests.utils.cli import run_cli
 from tests.utils.settings import CIFAR_SUBSET
 
-
-def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "backend.cli", *args],
-        cwd=PROJECT_ROOT,
-        env={**os.environ, **env},
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+run = run_cli
 
 
 @pytest.fixture

@@ -1,30 +1,19 @@
 """`evaluate` and `benchmark --quick` as a user runs them, on the real CIFAR-10 subset."""
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from backend.core.config import PROJECT_ROOT
+from tests.utils.cli import run_cli
 from tests.utils.settings import CIFAR_SUBSET
 
 pytestmark = [pytest.mark.db, pytest.mark.model]  # CLI processes that embed and start databases
 
 
 def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DATA_DIR": str(tmp_path), "CIFAR10_DIR": str(CIFAR_SUBSET)}
-    return subprocess.run(
-        [sys.executable, "-m", "backend.cli", *args],
-        cwd=PROJECT_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    return run_cli({"DATA_DIR": str(tmp_path), "CIFAR10_DIR": str(CIFAR_SUBSET)}, *args, timeout=600)
 
 
 def test_evaluate_reports_every_metric_and_caches_embeddings(tmp_path: Path) -> None:
