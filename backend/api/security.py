@@ -111,13 +111,14 @@ def declare_access(app: FastAPI, settings: Settings) -> None:
         access = route_access(route)
         if access is None:
             raise RuntimeError(f"route {sorted(route.methods or ())} {route.path} does not declare its access (guard)")
+        keyed = needs_key(access, settings)
         for method in route.methods or ():
             op = (route.path, method.lower())
-            codes = (401, 403) if needs_key(access, settings) else ()
+            codes = (401, 403) if keyed else ()
             if method not in SAFE_METHODS:
                 codes = (*codes, 403)  # cross-site
             extra[op] = codes
-            if not needs_key(access, settings):
+            if not keyed:
                 keyless.add(op)
     generate = app.openapi
 
