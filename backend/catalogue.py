@@ -4,7 +4,7 @@ Functions take a Session and never commit: the caller's transaction decides what
 the only module that speaks SQL to the catalogue's tables.
 """
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -211,9 +211,97 @@ def _vector_query(model: str):  # type: ignore[no-untyped-def]
     )
 
 
-def load_vectors(session: Session, model: str) -> StoredVectors:
-    rows = session.execute(_vector_query(model).order_by(Embedding.image_id).execution_options(yield_per=10_000)).all()
-    return _vectors(rows)
+def load_vectors(session: Session, model: str, sample: tuple[int, int] | None = None) -> StoredVectors:
+    """`model`'s stored vectors (or a sample, see `stream_vectors`) in memory, by id."""
+    stored = _concat(list(stream_vectors(session, model, sample=sample)))
+    order = np.argsort(stored.ids, kind="stable")
+    return StoredVectors(stored.ids[order], stored.category_ids[order], stored.vectors[order])
+
+
+def category_vector_counts(session: Session, model: str) -> dict[int, int]:
+    """Vectors of `model` per category (-1: no category)."""
+    rows = session.execute(
+        select(func.coalesce(Image.category_id, -1), func.count())
+        .join(Embedding, Embedding.image_id == Image.id)
+        .where(Embedding.model == model)
+        .group_by(func.coalesce(Image.category_id, -1))
+    )
+    return {int(cid): int(n) for cid, n in rows}
+
+
+_COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + b"\x00" * 8  # signature, flags 0, no header extension
+_COPY_TRAILER = b"\xff\xff"
+
+
+def stream_vectors(
+    session: Session, model: str, chunk_rows: int = 50_000, sample: tuple[int, int] | None = None
+) -> Iterator[StoredVectors]:
+    """`model`'s stored vectors in chunks, read with a binary COPY (no per-row decoding: fixed-size rows
+    parsed by NumPy) on a second connection that imports this session's snapshot, so the stream sees
+    exactly what the session sees. `sample=(multiplier, cut)`: only ids with id*multiplier % 10000 < cut
+    (`backend.index.train_sample`'s rule)."""
+    import psycopg
+
+    snapshot = session.scalar(text("SELECT pg_export_snapshot()"))
+    dim = session.scalar(select(Embedding.dim).where(Embedding.model == model).limit(1))
+    if dim is None:
+        return
+    row = np.dtype(  # COPY's binary rows: a field count, then each field's length and bytes (big-endian)
+        [
+            ("fields", ">i2"),
+            ("l_id", ">i4"),
+            ("id", ">i8"),
+            ("l_cat", ">i4"),
+            ("cat", ">i8"),
+            ("l_vec", ">i4"),
+            ("vec", VECTOR_DTYPE, (dim,)),
+        ]
+    )
+    where = "e.model = %s" + (" AND (e.image_id * %s) %% 10000 < %s" if sample else "")
+    query = (
+        "COPY (SELECT e.image_id, coalesce(i.category_id, -1)::int8, e.vector FROM embeddings e "
+        f"JOIN images i ON i.id = e.image_id WHERE {where}) TO STDOUT (FORMAT binary)"
+    )
+    url = session.get_bind().engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    timeout = getattr(session.connection().connection.dbapi_connection, "timeout_s", None)
+    with psycopg.connect(url, connect_timeout=max(1, round(timeout or 10)), autocommit=False) as conn:
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        conn.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")  # a server-made id: no quoting needed
+        if timeout:
+            conn.execute(f"SET statement_timeout = {round(timeout * 1000)}")
+        buffer = bytearray()
+        started = False
+        with conn.cursor().copy(query, (model, *sample) if sample else (model,)) as copy:
+            for block in copy:
+                buffer += block
+                if not started and len(buffer) >= len(_COPY_HEADER):
+                    if bytes(buffer[: len(_COPY_HEADER)]) != _COPY_HEADER:
+                        raise ValueError("unexpected COPY header")
+                    del buffer[: len(_COPY_HEADER)]
+                    started = True
+                if started and len(buffer) >= chunk_rows * row.itemsize:
+                    yield _parse_rows(buffer, row, dim)
+        if not started or bytes(buffer[-2:]) != _COPY_TRAILER:
+            raise ValueError("truncated COPY stream")
+        del buffer[-2:]
+        if buffer:
+            yield _parse_rows(buffer, row, dim)
+
+
+def _parse_rows(buffer: bytearray, row: np.dtype, dim: int) -> StoredVectors:
+    """Take the whole rows at the start of `buffer` (removing them) as vectors."""
+    n = len(buffer) // row.itemsize
+    rows = np.frombuffer(bytes(buffer[: n * row.itemsize]), dtype=row)
+    del buffer[: n * row.itemsize]
+    if (rows["fields"] != 3).any() or (rows["l_id"] != 8).any() or (rows["l_cat"] != 8).any() or (rows["l_vec"] != dim * 4).any():
+        raise ValueError(f"stored vectors of another size than {dim} dimensions")
+    return StoredVectors(rows["id"].astype(np.int64), rows["cat"].astype(np.int64), rows["vec"].astype(np.float32))
+
+
+def _concat(parts: list[StoredVectors]) -> StoredVectors:
+    if not parts:
+        return StoredVectors.empty()
+    return StoredVectors(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("ids", "category_ids", "vectors")))
 
 
 def load_prototypes(session: Session, model: str) -> PrototypeMatrix:

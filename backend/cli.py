@@ -104,7 +104,7 @@ def cmd_search(args: argparse.Namespace, settings: Settings) -> None:
     from backend.core.search_params import SearchParams
     from backend.imaging import decode_image
 
-    params = SearchParams.resolve(settings, args.limit, args.top_categories, args.use_prototypes)
+    params = SearchParams.resolve(settings, args.limit, args.top_categories, args.use_prototypes, args.nprobe)
     _require_schema()
     images = []
     for path in args.images:
@@ -155,6 +155,9 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> None:
     print(f"model     {status.model.id} on {status.model.device}")
     print(f"images    {db.images} ({db.vectors_for_model} with {status.model.id} vectors)")
     print(f"index     {idx.type}: {idx.vectors} vectors, {'current' if idx.current else 'stale or not loaded'} ({idx.origin})")
+    print(f"          {idx.codec} codec, {idx.lists} lists, nprobe {idx.default_nprobe}, {idx.memory_bytes / 2**20:.1f} MiB")
+    for reason in idx.retrain:
+        print(f"          retrain on the next build-index: {reason}")
     for cat in db.categories:
         print(f"  {cat.name:<20} {cat.images:>7} images ({cat.labelled} labelled)")
 
@@ -314,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int_in(search_params.TOP_CATEGORIES_MIN, search_params.TOP_CATEGORIES_MAX),
         help=search_params.TOP_CATEGORIES_HELP,
     )
+    p.add_argument("--nprobe", type=int_in(search_params.NPROBE_MIN, search_params.NPROBE_MAX), help=search_params.NPROBE_HELP)
     group = p.add_mutually_exclusive_group()
     group.add_argument(
         "--no-prototypes", dest="use_prototypes", action="store_false", default=None, help="exact search over all vectors"

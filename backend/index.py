@@ -1,8 +1,16 @@
-"""The two-stage FAISS index: an IndexIVFFlat whose inverted lists ARE the categories.
+"""The two-stage FAISS index: category prototypes first, then only the top categories' vectors.
 
-Stage 1 ranks the category prototypes (the IVF's coarse centroids). Stage 2 scans only the
-inverted lists of the top-C categories via `search_preassigned`, so its cost is proportional to
-the vectors in those categories. Probing every list is an exact search over all vectors.
+Stage 1 ranks the category prototypes. Stage 2 searches only the vectors of the top-C categories, through
+one `IndexIVF` whose inverted lists each belong to exactly one category:
+- `flat`: one list per category, scanned whole: exact inside the top categories (the original design).
+- `ivf`: each category is split by k-means into sub-lists of about `list_size` vectors; a query scans the
+  `nprobe` sub-lists nearest to it among the top categories' sub-lists. Cost grows with nprobe, not with
+  the catalogue. New vectors go to their category's nearest sub-list, so adding needs no retraining; a
+  category new since training has one list that is always scanned, and `stale_categories` names the
+  categories a rebuild should retrain.
+Probing every list is an exact search over all vectors (with the float32 codec). The codec (float32,
+float16, sq8, pq<M>) is how the lists store vectors: never by residual, so codes do not depend on the
+list, and a list can be copied or a vector moved without re-encoding.
 Scores are inner products of L2-normalised vectors, i.e. cosine similarities.
 """
 
@@ -14,7 +22,89 @@ import faiss
 import numpy as np
 from faiss import swig_ptr
 
-from backend.vectors import PrototypeMatrix, StoredVectors
+from backend.core.config import Settings
+from backend.core.errors import ConfigurationError
+from backend.core.search_params import CODEC_PATTERN, INDEX_KINDS, IndexKind
+from backend.vectors import PrototypeMatrix, StoredVectors, l2_normalise
+
+_SQ_TYPES = {"float16": faiss.ScalarQuantizer.QT_fp16, "sq8": faiss.ScalarQuantizer.QT_8bit}
+KMEANS_ITERATIONS = 20
+KMEANS_SEED = 1234
+TRAIN_POINTS_PER_LIST = 64  # k-means sample per sub-list; FAISS asks for at least 39
+PQ_CENTROIDS = 256  # 8-bit sub-quantizers
+CODEC_TRAIN_POINTS = 65_536  # sq8 ranges and PQ codebooks are trained on at most this many vectors
+STALE_GROWTH = 4.0  # a trained category this many times its training size (and several lists over) is retrained
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """How the index is laid out and stores its vectors; checked once, at start-up."""
+
+    kind: IndexKind = "flat"
+    codec: str = "float32"
+    list_size: int = 256  # ivf: vectors per sub-list when a category is trained
+
+    def __post_init__(self) -> None:
+        if self.kind not in INDEX_KINDS:
+            raise ValueError(f"unknown index type {self.kind!r}; choose one of: {', '.join(INDEX_KINDS)}")
+        if not CODEC_PATTERN.match(self.codec):
+            raise ValueError(f"unknown vector codec {self.codec!r}; choose float32, float16, sq8 or pq<M> (e.g. pq64)")
+        if self.list_size < 1:
+            raise ValueError("list size must be at least 1")
+
+    @property
+    def pq_m(self) -> int | None:
+        match = CODEC_PATTERN.match(self.codec)
+        return int(match.group(2)) if match and match.group(2) else None
+
+    def check_dim(self, dim: int) -> None:
+        m = self.pq_m
+        if m is not None and dim % m:
+            raise ValueError(f"codec {self.codec}: {m} does not divide the vector dimension {dim}")
+
+    def lists_for(self, vectors: int) -> int:
+        return 1 if self.kind == "flat" else max(1, round(vectors / self.list_size))
+
+    @property
+    def trains_codec(self) -> bool:
+        return self.codec not in ("float32", "float16")
+
+    def train_fraction(self, sizes: dict[int, int]) -> float:
+        """Which share of a catalogue of `sizes[category]` vectors to train on: enough for k-means
+        (TRAIN_POINTS_PER_LIST per sub-list) and for the codec, and no more."""
+        total = sum(sizes.values())
+        need = TRAIN_POINTS_PER_LIST * sum(self.lists_for(n) for n in sizes.values()) if self.kind == "ivf" else 0
+        if self.trains_codec:
+            need = max(need, CODEC_TRAIN_POINTS)
+        return 1.0 if total == 0 else min(1.0, need / total)
+
+    def code_bytes(self, dim: int) -> int:
+        m = self.pq_m
+        return m if m is not None else {"float32": 4, "float16": 2, "sq8": 1}[self.codec] * dim
+
+
+def index_spec(settings: Settings, dim: int) -> IndexSpec:
+    """The layout the settings ask for, checked against the model's dimension: one clear error at start-up."""
+    try:
+        spec = IndexSpec(settings.faiss_index_type, settings.vector_codec, settings.faiss_list_size)
+        spec.check_dim(dim)
+    except ValueError as exc:
+        raise ConfigurationError(f"FAISS_INDEX_TYPE / VECTOR_CODEC: {exc}") from None
+    return spec
+
+
+def sample_cut(fraction: float) -> int:
+    return min(SAMPLE_MODULUS, max(1, round(fraction * SAMPLE_MODULUS))) if fraction > 0 else 0
+
+
+def train_sample(ids: np.ndarray, fraction: float) -> np.ndarray:
+    """Which of `ids` train the index: a fixed pseudo-random subset decided by the id alone, so a streamed
+    rebuild (which asks the database for the same rule, see `catalogue.vector_sample`) and an in-memory
+    build train on the same vectors."""
+    return (np.asarray(ids, dtype=np.int64) * SAMPLE_MULTIPLIER) % SAMPLE_MODULUS < sample_cut(fraction)
+
+
+SAMPLE_MULTIPLIER, SAMPLE_MODULUS = 2654435761, 10_000
 
 
 @dataclass(frozen=True)
@@ -25,40 +115,102 @@ class SearchHits:
 
 
 class TwoStageIndex:
-    def __init__(self, model: str, dim: int, category_ids: list[int]) -> None:
-        self.model = model
-        self.dim = dim
-        self.category_ids = list(category_ids)
+    def __init__(self, model: str, dim: int, category_ids: list[int], spec: IndexSpec, lists_per_category: list[int]) -> None:
+        """An empty, untrained layout: `lists_per_category[j]` sub-lists for category j (see `train`)."""
+        spec.check_dim(dim)
+        self.model, self.dim, self.spec = model, dim, spec
+        self.category_ids = [int(c) for c in category_ids]
         self.list_of = {cid: i for i, cid in enumerate(self.category_ids)}
-        nlist = max(1, len(self.category_ids))
-        self.quantizer = faiss.IndexFlatIP(dim)
-        self.ivf = faiss.IndexIVFFlat(self.quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        self.ivf.is_trained = True  # centroids are the prototypes we set, not k-means output
-        self.prototype_counts = np.zeros(nlist, dtype=np.int64)
-        self.quantizer.add(np.zeros((nlist, dim), dtype=np.float32))
+        counts = np.asarray(lists_per_category or [1], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # category j: lists offsets[j]..[j+1]
+        self.trained_sizes = np.zeros(len(counts), dtype=np.int64)  # vectors at training; 0 = untrained
+        self.codec_trained_on = 0  # vectors the sq8 / PQ codec was trained on
+        self.ivf = _new_ivf(spec, dim, int(self.offsets[-1]))
+        self.centroids = np.zeros((int(self.offsets[-1]), dim), dtype=np.float32)
+        self._sizes = np.zeros(int(self.offsets[-1]), dtype=np.int64)
+        self.prototypes = faiss.IndexFlatIP(dim)
+        self.prototypes.add(np.zeros((len(counts), dim), dtype=np.float32))
+        self.prototype_counts = np.zeros(len(counts), dtype=np.int64)
+        self.prototypes_set = False
 
     # --- building ---------------------------------------------------------------------------
 
     @classmethod
-    def build(
-        cls, model: str, dim: int, category_ids: list[int], stored: StoredVectors, prototypes: PrototypeMatrix
+    def train(
+        cls, model: str, dim: int, category_ids: list[int], spec: IndexSpec, sizes: dict[int, int], sample: StoredVectors
     ) -> "TwoStageIndex":
-        index = cls(model, dim, sorted(category_ids))
+        """An empty index trained for a catalogue of `sizes[category]` vectors, on a sample of them: the
+        codec (sq8, pq) on the whole sample, each category's sub-lists by k-means on its own vectors."""
+        category_ids = sorted(int(c) for c in category_ids)
+        per_category = []
+        for cid in category_ids:
+            have = int((sample.category_ids == cid).sum())
+            per_category.append(max(1, min(spec.lists_for(sizes.get(cid, 0)), have)))
+        index = cls(model, dim, category_ids, spec, per_category)
+        for j, cid in enumerate(category_ids):
+            x = sample.vectors[sample.category_ids == cid]
+            if spec.kind == "flat":
+                index.trained_sizes[j] = max(1, sizes.get(cid, 0))  # one list, always scanned whole
+                continue
+            if not len(x):
+                continue  # untrained: one list with a zero centroid, always scanned
+            k = per_category[j]
+            if k == 1:
+                centroids = l2_normalise(x.mean(axis=0, keepdims=True))
+            else:
+                km = faiss.Kmeans(dim, k, niter=KMEANS_ITERATIONS, seed=KMEANS_SEED, spherical=True, max_points_per_centroid=256)
+                km.train(np.ascontiguousarray(x[: k * 256]))
+                centroids = np.asarray(km.centroids)
+            index.centroids[index.offsets[j] : index.offsets[j + 1]] = centroids
+            index.trained_sizes[j] = max(1, sizes.get(cid, len(x)))
+        index.ivf.quantizer.add(index.centroids)  # kept in the file; not used to assign (we do, per category)
+        index.codec_trained_on = _train_codec(index.ivf, spec, sample.vectors)
+        return index
+
+    @classmethod
+    def build(
+        cls,
+        model: str,
+        dim: int,
+        category_ids: list[int],
+        stored: StoredVectors,
+        prototypes: PrototypeMatrix,
+        spec: IndexSpec | None = None,
+    ) -> "TwoStageIndex":
+        """Train on the `train_sample` of `stored`, then add all of it: the in-memory twin of a streamed rebuild."""
+        spec = spec or IndexSpec()
+        cats, counts = np.unique(stored.category_ids, return_counts=True)
+        sizes = {int(c): int(n) for c, n in zip(cats, counts, strict=True)}
+        pick = train_sample(stored.ids, spec.train_fraction(sizes))
+        sample = StoredVectors(stored.ids[pick], stored.category_ids[pick], stored.vectors[pick])
+        index = cls.train(model, dim, category_ids, spec, sizes, sample)
         index.set_prototypes(prototypes)
         index.add(stored.ids, stored.category_ids, stored.vectors)
         return index
 
     def set_prototypes(self, prototypes: PrototypeMatrix) -> None:
-        """Replace all centroids. Categories without given-label images keep a zero centroid (score 0)."""
-        centroids = np.zeros((len(self.category_ids) or 1, self.dim), dtype=np.float32)
-        counts = np.zeros(len(centroids), dtype=np.int64)
+        """Replace all prototypes. Categories without given-label images keep a zero prototype (score 0)."""
+        matrix = np.zeros((len(self.category_ids) or 1, self.dim), dtype=np.float32)
+        counts = np.zeros(len(matrix), dtype=np.int64)
         for cid, vec, count in zip(prototypes.category_ids, prototypes.vectors, prototypes.counts, strict=True):
             if int(cid) in self.list_of:
-                centroids[self.list_of[int(cid)]] = vec
+                matrix[self.list_of[int(cid)]] = vec
                 counts[self.list_of[int(cid)]] = count
-        self.quantizer.reset()
-        self.quantizer.add(centroids)
+        self.prototypes.reset()
+        self.prototypes.add(matrix)
         self.prototype_counts = counts
+        self.prototypes_set = True
+
+    def assign(self, category_ids: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+        """The list of each vector: the nearest sub-list centroid of its own category."""
+        cats = np.asarray([self.list_of[int(c)] for c in category_ids], dtype=np.int64)
+        lists = self.offsets[cats].copy()
+        for j in np.unique(cats):
+            lo, hi = self.offsets[j], self.offsets[j + 1]
+            if hi - lo > 1:
+                rows = np.flatnonzero(cats == j)
+                lists[rows] = lo + np.argmax(vectors[rows] @ self.centroids[lo:hi].T, axis=1)
+        return lists
 
     def add(self, ids: np.ndarray, category_ids: np.ndarray, vectors: np.ndarray) -> None:
         if len(ids) == 0:
@@ -66,36 +218,51 @@ class TwoStageIndex:
         unknown = {int(c) for c in category_ids if int(c) not in self.list_of}
         if unknown:
             raise KeyError(f"categories {sorted(unknown)} are not in this index")
-        lists = np.ascontiguousarray([self.list_of[int(c)] for c in category_ids], dtype=np.int64)
         x = np.ascontiguousarray(vectors, dtype=np.float32)
+        lists = np.ascontiguousarray(self.assign(category_ids, x))
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         self.ivf.add_core(len(x), swig_ptr(x), swig_ptr(ids), swig_ptr(lists))
+        np.add.at(self._sizes, lists, 1)
 
     def remove(self, ids: np.ndarray) -> int:
-        return int(self.ivf.remove_ids(faiss.IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64))))
+        removed = int(self.ivf.remove_ids(faiss.IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64))))
+        if removed:
+            self._sizes = self._read_sizes()
+        return removed
 
     def has_categories(self, category_ids: list[int]) -> bool:
         return all(int(c) in self.list_of for c in category_ids)
 
     def with_categories(self, category_ids: list[int]) -> "TwoStageIndex":
-        """A copy with lists for these categories too: entries and centroids are copied in memory, list by
-        list, so a new category costs a memory copy, not a rebuild from the database."""
-        grown = TwoStageIndex(self.model, self.dim, sorted(set(self.category_ids) | {int(c) for c in category_ids}))
-        centroids = np.zeros((grown.ivf.nlist, self.dim), dtype=np.float32)
-        counts = np.zeros(grown.ivf.nlist, dtype=np.int64)
-        old_centroids = self.quantizer.reconstruct_n(0, self.quantizer.ntotal)
-        for old_list, cid in enumerate(self.category_ids):
-            new_list = grown.list_of[cid]
-            centroids[new_list], counts[new_list] = old_centroids[old_list], self.prototype_counts[old_list]
-            size = self.ivf.get_list_size(old_list)
-            if size:
-                source, target = self.ivf.invlists, grown.ivf.invlists
-                assert source is not None and target is not None
-                target.add_entries(new_list, size, source.get_ids(old_list), source.get_codes(old_list))
+        """A copy with (untrained, one-list) categories added: the trained codec, centroids and entries are
+        copied in memory, list by list, so a new category costs a memory copy, not a rebuild."""
+        union = sorted(set(self.category_ids) | {int(c) for c in category_ids})
+        per_category = [int(np.diff(self.offsets)[self.list_of[c]]) if c in self.list_of else 1 for c in union]
+        grown = TwoStageIndex(self.model, self.dim, union, self.spec, per_category)
+        _copy_codec(self.ivf, grown.ivf, self.spec)
+        source, target = self.ivf.invlists, grown.ivf.invlists
+        assert source is not None and target is not None
+        for old_j, cid in enumerate(self.category_ids):
+            new_j = grown.list_of[cid]
+            grown.trained_sizes[new_j] = self.trained_sizes[old_j]
+            grown.prototype_counts[new_j] = self.prototype_counts[old_j]
+            for step in range(int(self.offsets[old_j + 1] - self.offsets[old_j])):
+                old_list, new_list = int(self.offsets[old_j]) + step, int(grown.offsets[new_j]) + step
+                grown.centroids[new_list] = self.centroids[old_list]
+                size = self.ivf.get_list_size(old_list)
+                if size:
+                    target.add_entries(new_list, size, source.get_ids(old_list), source.get_codes(old_list))
         grown.ivf.ntotal = self.ivf.ntotal
-        grown.quantizer.reset()
-        grown.quantizer.add(centroids)
-        grown.prototype_counts = counts
+        grown.ivf.quantizer.add(grown.centroids)
+        grown._sizes = grown._read_sizes()
+        old_prototypes = self.prototypes.reconstruct_n(0, self.prototypes.ntotal)
+        matrix = np.zeros((len(union), self.dim), dtype=np.float32)
+        for old_j, cid in enumerate(self.category_ids):
+            matrix[grown.list_of[cid]] = old_prototypes[old_j]
+        grown.prototypes.reset()
+        grown.prototypes.add(matrix)
+        grown.prototypes_set = self.prototypes_set
+        grown.codec_trained_on = self.codec_trained_on
         return grown
 
     # --- searching --------------------------------------------------------------------------
@@ -104,24 +271,52 @@ class TwoStageIndex:
     def ntotal(self) -> int:
         return int(self.ivf.ntotal)
 
-    def list_sizes(self) -> np.ndarray:
+    def _read_sizes(self) -> np.ndarray:
         return np.array([self.ivf.get_list_size(i) for i in range(self.ivf.nlist)], dtype=np.int64)
 
-    def rank_categories(self, queries: np.ndarray, top: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Stage 1: (scores, list numbers), best first, for the top `top` categories (all if None)."""
-        k = len(self.category_ids) if top is None else min(top, len(self.category_ids))
-        scores, lists = self.quantizer.search(np.ascontiguousarray(queries, dtype=np.float32), max(k, 1))
-        return scores[:, :k], lists[:, :k]
+    def category_sizes(self) -> np.ndarray:
+        """Vectors per category, in category-number order."""
+        return np.add.reduceat(self._sizes, self.offsets[:-1]) if len(self._sizes) else np.zeros(0, np.int64)
 
-    def search(self, queries: np.ndarray, k: int, lists: np.ndarray | None = None) -> SearchHits:
-        """Stage 2 over the given lists (n, C); `lists=None` scans every list: exact search."""
+    def rank_categories(self, queries: np.ndarray, top: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Stage 1: (scores, category numbers), best first, for the top `top` categories (all if None)."""
+        k = len(self.category_ids) if top is None else min(top, len(self.category_ids))
+        scores, cats = self.prototypes.search(np.ascontiguousarray(queries, dtype=np.float32), max(k, 1))
+        return scores[:, :k], cats[:, :k]
+
+    def probe_lists(self, query: np.ndarray, categories: np.ndarray, nprobe: int | None) -> np.ndarray:
+        """Stage 2's lists for one query: every list of the given categories (flat, or nprobe None), else
+        the `nprobe` sub-lists nearest the query among them; untrained categories' lists always."""
+        cats = [int(c) for c in categories if c >= 0]
+        bounds = [(int(self.offsets[c]), int(self.offsets[c + 1])) for c in cats]
+        lists = np.concatenate([np.arange(lo, hi) for lo, hi in bounds]) if bounds else np.zeros(0, dtype=np.int64)
+        if nprobe is None or len(lists) <= nprobe:
+            return lists
+        # Each category's centroids are one contiguous block: score the blocks in place (no gather).
+        scores = np.concatenate(
+            [
+                np.full(hi - lo, np.inf, np.float32) if self.trained_sizes[c] == 0 else self.centroids[lo:hi] @ query
+                for c, (lo, hi) in zip(cats, bounds, strict=True)
+            ]
+        )
+        return lists[np.argpartition(-scores, nprobe - 1)[:nprobe]]
+
+    def search(self, queries: np.ndarray, k: int, categories: np.ndarray | None = None, nprobe: int | None = None) -> SearchHits:
+        """Stage 2 over the given categories (n, C) with `nprobe` sub-lists per query (ivf; None = all their
+        lists); `categories=None` scans every list: exact search (with the float32 codec)."""
         x = np.ascontiguousarray(queries, dtype=np.float32)
         n = len(x)
-        if lists is None:
-            lists = np.tile(np.arange(self.ivf.nlist, dtype=np.int64), (n, 1))
-        lists = np.ascontiguousarray(lists, dtype=np.int64)
         scores = np.full((n, k), -np.inf, dtype=np.float32)
         ids = np.full((n, k), -1, dtype=np.int64)
+        if categories is None:
+            lists = np.tile(np.arange(self.ivf.nlist, dtype=np.int64), (n, 1))
+        else:
+            probe = [
+                self.probe_lists(x[i], np.asarray(categories[i]), nprobe if self.spec.kind == "ivf" else None) for i in range(n)
+            ]
+            lists = np.full((n, max((len(p) for p in probe), default=0)), -1, dtype=np.int64)  # -1: FAISS skips
+            for i, p in enumerate(probe):
+                lists[i, : len(p)] = p
         if lists.shape[1] == 0 or self.ntotal == 0:
             return SearchHits(scores, ids, np.zeros(n, dtype=np.int64))
         params = faiss.SearchParametersIVF()
@@ -131,8 +326,47 @@ class TwoStageIndex:
         self.ivf.search_preassigned_c(  # type: ignore[attr-defined]
             n, swig_ptr(x), k, swig_ptr(lists), swig_ptr(coarse), swig_ptr(scores), swig_ptr(ids), False, params
         )
-        scanned = self.list_sizes()[lists].sum(axis=1)
+        scanned = np.where(lists >= 0, self._sizes[np.maximum(lists, 0)], 0).sum(axis=1)
         return SearchHits(scores, ids, scanned)
+
+    # --- what status shows ------------------------------------------------------------------
+
+    def memory_bytes(self) -> int:
+        """Codes, ids, centroids and prototypes held in memory."""
+        per_vector = self.ivf.code_size + 8
+        return self.ntotal * per_vector + (len(self.centroids) + len(self.category_ids)) * self.dim * 4
+
+    def needs_retraining(self) -> list[str]:
+        """Why a rebuild would train this index differently (nothing when it would not)."""
+        why = []
+        stale = self.stale_categories()
+        if stale:
+            why.append(f"{len(stale)} categories grew far beyond their training (or are new): ids {stale[:20]}")
+        if (
+            self.spec.trains_codec
+            and self.codec_trained_on < CODEC_TRAIN_POINTS
+            and self.ntotal >= STALE_GROWTH * max(1, self.codec_trained_on)
+        ):
+            why.append(
+                f"the {self.spec.codec} codec was trained on {self.codec_trained_on} vectors, the index holds {self.ntotal}"
+            )
+        return why
+
+    def stale_categories(self) -> list[int]:
+        """Categories a rebuild would lay out differently: untrained ones holding vectors, and trained ones
+        grown to STALE_GROWTH times their training size and more lists than they have."""
+        if self.spec.kind == "flat":
+            return []
+        sizes = self.category_sizes()
+        lists = np.diff(self.offsets)
+        stale = []
+        for j, cid in enumerate(self.category_ids):
+            want = self.spec.lists_for(int(sizes[j]))
+            if (self.trained_sizes[j] == 0 and sizes[j] > 0) or (
+                sizes[j] >= STALE_GROWTH * self.trained_sizes[j] and want > lists[j]
+            ):
+                stale.append(cid)
+        return stale
 
     # --- serialisation (the cache file's format and checks live in backend/index_cache.py) ---
 
@@ -141,7 +375,12 @@ class TwoStageIndex:
             "model": self.model,
             "dim": self.dim,
             "category_ids": self.category_ids,
-            "prototype_counts": self.prototype_counts.tolist(),
+            "index_type": self.spec.kind,
+            "codec": self.spec.codec,
+            "list_size": self.spec.list_size,
+            "lists_per_category": np.diff(self.offsets).tolist(),
+            "trained_sizes": self.trained_sizes.tolist(),
+            "codec_trained_on": self.codec_trained_on,
         }
 
     def write(self, sink: Callable[[bytes], object]) -> None:
@@ -149,22 +388,82 @@ class TwoStageIndex:
 
     @classmethod
     def read(
-        cls, source: Callable[[int], bytes], model: str, dim: int, category_ids: list[int], prototype_counts: list[int]
+        cls,
+        source: Callable[[int], bytes],
+        model: str,
+        dim: int,
+        category_ids: list[int],
+        index_type: IndexKind,
+        codec: str,
+        list_size: int,
+        lists_per_category: list[int],
+        trained_sizes: list[int],
+        codec_trained_on: int,
     ) -> "TwoStageIndex":
-        """The inverse of `write` + `describe`; raises ValueError when the bytes do not fit the description."""
+        """The inverse of `write` + `describe`, without prototypes (they come from the database: see
+        `set_prototypes`); raises ValueError when the bytes do not fit the description."""
+        spec = IndexSpec(index_type, codec, list_size)
+        if len(lists_per_category) != max(1, len(category_ids)) or len(trained_sizes) != len(lists_per_category):
+            raise ValueError("the list layout does not match the categories")
         try:
             ivf = faiss.read_index(faiss.PyCallbackIOReader(source))  # type: ignore[attr-defined]  # owns its quantizer
         except RuntimeError as exc:
             raise ValueError(f"not a FAISS index: {exc}") from exc
-        if not isinstance(ivf, faiss.IndexIVFFlat) or ivf.d != dim or ivf.nlist != max(1, len(category_ids)):
+        expected = type(_new_ivf(spec, dim, 1))
+        if (
+            not isinstance(ivf, expected)
+            or ivf.d != dim
+            or ivf.nlist != sum(lists_per_category)
+            or ivf.code_size != spec.code_bytes(dim)
+        ):
             raise ValueError("the FAISS index does not match its description")
-        if len(prototype_counts) != ivf.nlist:
-            raise ValueError("prototype counts do not match the lists")
-        index = cls.__new__(cls)
-        index.model, index.dim = model, dim
-        index.category_ids = [int(c) for c in category_ids]
-        index.list_of = {cid: i for i, cid in enumerate(index.category_ids)}
+        index = cls(model, dim, category_ids, spec, lists_per_category)
         index.ivf = ivf
-        index.quantizer = cast(faiss.IndexFlatIP, faiss.downcast_index(ivf.quantizer))
-        index.prototype_counts = np.asarray(prototype_counts, dtype=np.int64)
+        index.trained_sizes = np.asarray(trained_sizes, dtype=np.int64)
+        index.codec_trained_on = codec_trained_on
+        quantizer = cast(faiss.IndexFlatIP, faiss.downcast_index(ivf.quantizer))
+        if quantizer.ntotal != ivf.nlist:
+            raise ValueError("the FAISS index has no centroid for every list")
+        index.centroids = quantizer.reconstruct_n(0, quantizer.ntotal)
+        index._sizes = index._read_sizes()
         return index
+
+
+def _new_ivf(spec: IndexSpec, dim: int, nlist: int) -> faiss.IndexIVF:
+    quantizer = faiss.IndexFlatIP(dim)
+    ivf: faiss.IndexIVF
+    if spec.codec == "float32":
+        ivf = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    elif spec.codec in _SQ_TYPES:
+        ivf = faiss.IndexIVFScalarQuantizer(quantizer, dim, nlist, _SQ_TYPES[spec.codec], faiss.METRIC_INNER_PRODUCT, False)
+    else:
+        m = spec.pq_m
+        assert m is not None
+        ivf = faiss.IndexIVFPQ(quantizer, dim, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
+        ivf.by_residual = False
+    ivf.is_trained = True  # lists are assigned by us (per category); codecs are trained in _train_codec
+    return ivf
+
+
+def _train_codec(ivf: faiss.IndexIVF, spec: IndexSpec, sample: np.ndarray) -> int:
+    """Train sq8 ranges / PQ codebooks on the sample. A catalogue too small to train on (PQ needs 256
+    vectors) is padded with jittered copies; status reports it as stale and the next rebuild retrains."""
+    if not spec.trains_codec:
+        return 0
+    x = np.ascontiguousarray(sample[:CODEC_TRAIN_POINTS], dtype=np.float32)
+    real = len(x)
+    need = PQ_CENTROIDS if spec.pq_m else 2
+    if len(x) < need:
+        rng = np.random.default_rng(KMEANS_SEED)
+        base = x if len(x) else l2_normalise(rng.standard_normal((1, ivf.d), dtype=np.float32))
+        jitter = base[rng.integers(0, len(base), need)] + 0.01 * rng.standard_normal((need, ivf.d), dtype=np.float32)
+        x = np.concatenate([x, l2_normalise(jitter)])
+    ivf.train_encoder(len(x), swig_ptr(x), None)
+    return real
+
+
+def _copy_codec(source: faiss.IndexIVF, target: faiss.IndexIVF, spec: IndexSpec) -> None:
+    if spec.codec in _SQ_TYPES:
+        cast(faiss.IndexIVFScalarQuantizer, target).sq = cast(faiss.IndexIVFScalarQuantizer, source).sq
+    elif spec.pq_m:
+        cast(faiss.IndexIVFPQ, target).pq = cast(faiss.IndexIVFPQ, source).pq

@@ -37,15 +37,17 @@ from sqlalchemy import Engine
 
 from backend import catalogue
 from backend.core.locks import ReadWriteLock
+from backend.core.search_params import IndexKind
 from backend.db import migrate
 from backend.db.session import session_scope
-from backend.index import TwoStageIndex
+from backend.index import SAMPLE_MULTIPLIER, IndexSpec, TwoStageIndex, sample_cut
 from backend.telemetry import INDEX_REFRESHES, INDEX_VECTORS
+from backend.vectors import StoredVectors
 
 log = logging.getLogger(__name__)
 
-FORMAT: Literal[2] = 2
-MAGIC = b"\x00IMSRC-INDEX-CACHE-2\n"  # the file ends with: header JSON, its length (u64 LE), MAGIC
+FORMAT: Literal[3] = 3
+MAGIC = b"\x00IMSRC-INDEX-CACHE-3\n"  # the file ends with: header JSON, its length (u64 LE), MAGIC
 _TRAILER = struct.Struct("<Q")
 _CHUNK = 1 << 20
 NO_FILE = "no cache file"
@@ -54,7 +56,7 @@ NO_FILE = "no cache file"
 class CacheHeader(BaseModel):
     """What a cache file claims about itself; checked field by field against the database before use."""
 
-    format: Literal[2]
+    format: Literal[3]
     catalogue_id: str
     system_identifier: str | None
     schema_revision: str
@@ -63,7 +65,12 @@ class CacheHeader(BaseModel):
     watermark: int = Field(ge=0)
     vectors: int = Field(ge=0)
     category_ids: list[int]
-    prototype_counts: list[int]
+    index_type: IndexKind
+    codec: str
+    list_size: int = Field(gt=0)
+    lists_per_category: list[int]
+    trained_sizes: list[int]
+    codec_trained_on: int = Field(ge=0)
     payload_bytes: int = Field(ge=0)
     payload_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
@@ -89,15 +96,34 @@ class RefreshReport:
     at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
-def build_from_database(engine: Engine, model: str, dim: int) -> Built:
+# Catalogues up to this size are read in one pass and built in memory; larger ones in two streamed passes
+# (a training sample, then every vector in chunks), never holding all float32 vectors at once.
+IN_MEMORY_BUILD_BYTES = 1 << 30
+CHUNK_ROWS = 50_000
+
+
+def build_from_database(
+    engine: Engine, model: str, dim: int, spec: IndexSpec | None = None, in_memory_bytes: int = IN_MEMORY_BUILD_BYTES
+) -> Built:
     """A new index from one consistent snapshot of the stored vectors and prototype sums (never re-embeds)."""
+    spec = spec or IndexSpec()
     with session_scope(engine, snapshot=True, bulk=True) as session:
         identity = catalogue.identity(session)
         watermark = catalogue.head(session, model)
-        stored = catalogue.load_vectors(session, model)
-        prototypes = catalogue.load_prototypes(session, model)
         category_ids = sorted(catalogue.category_ids(session).values())
-    return Built(TwoStageIndex.build(model, dim, category_ids, stored, prototypes), identity, watermark)
+        prototypes = catalogue.load_prototypes(session, model)
+        sizes = catalogue.category_vector_counts(session, model)
+        if sum(sizes.values()) * dim * 4 <= in_memory_bytes:
+            index = TwoStageIndex.build(model, dim, category_ids, catalogue.load_vectors(session, model), prototypes, spec)
+        else:
+            sample_rule = (SAMPLE_MULTIPLIER, sample_cut(spec.train_fraction(sizes)))
+            sample = catalogue.load_vectors(session, model, sample_rule) if sample_rule[1] else StoredVectors.empty(dim)
+            index = TwoStageIndex.train(model, dim, category_ids, spec, sizes, sample)
+            del sample
+            index.set_prototypes(prototypes)
+            for chunk in catalogue.stream_vectors(session, model, CHUNK_ROWS):
+                index.add(chunk.ids, chunk.category_ids, chunk.vectors)
+    return Built(index, identity, watermark)
 
 
 def prune_change_log(engine: Engine, keep_days: float) -> int:
@@ -107,8 +133,9 @@ def prune_change_log(engine: Engine, keep_days: float) -> int:
 
 
 class IndexCache:
-    def __init__(self, engine: Engine, model: str, dim: int, directory: Path) -> None:
+    def __init__(self, engine: Engine, model: str, dim: int, directory: Path, spec: IndexSpec | None = None) -> None:
         self.engine, self.model, self.dim, self.directory = engine, model, dim, directory
+        self.spec = spec or IndexSpec()
         self.lock = ReadWriteLock()  # searches read; applying changes and swapping write
         self._apply = threading.Lock()  # one thread at a time moves the watermark
         self._build = threading.RLock()  # one load or full rebuild at a time
@@ -173,7 +200,7 @@ class IndexCache:
         """A full rebuild from the database, swapped in without losing any change committed meanwhile."""
         with self._build:
             start = time.perf_counter()
-            built = build_from_database(self.engine, self.model, self.dim)
+            built = build_from_database(self.engine, self.model, self.dim, self.spec)
             with self._apply:
                 self._install(built)
             seconds = time.perf_counter() - start
@@ -199,7 +226,7 @@ class IndexCache:
             if built.watermark < identity.deletions_pruned_through:
                 raise CacheRejected(f"deletions after change {built.watermark} were pruned from the log")
             changes = catalogue.changes_since(session, self.model, built.watermark)
-            reload = changes.prototypes_changed or len(changes.added) > 0
+            reload = changes.prototypes_changed or len(changes.added) > 0 or not built.index.prototypes_set
             prototypes = catalogue.load_prototypes(session, self.model) if reload else None
         index = built.index
         new_categories = sorted({int(c) for c in changes.added.category_ids} - set(index.category_ids))
@@ -334,6 +361,9 @@ class IndexCache:
             "schema_revision": migrate.head_revision(),
             "model": self.model,
             "dim": self.dim,
+            "index_type": self.spec.kind,
+            "codec": self.spec.codec,
+            "list_size": self.spec.list_size,
         }
         for key, want in expected.items():
             if getattr(header, key) != want:
@@ -361,7 +391,18 @@ class IndexCache:
             return chunk
 
         try:
-            index = TwoStageIndex.read(source, self.model, self.dim, header.category_ids, header.prototype_counts)
+            layout = header.model_dump(
+                include={
+                    "category_ids",
+                    "index_type",
+                    "codec",
+                    "list_size",
+                    "lists_per_category",
+                    "trained_sizes",
+                    "codec_trained_on",
+                }
+            )
+            index = TwoStageIndex.read(source, self.model, self.dim, **layout)
         except ValueError as exc:
             raise CacheRejected(str(exc)) from exc
         if index.ntotal != header.vectors:
@@ -372,6 +413,4 @@ class IndexCache:
 
     def memory_bytes(self) -> int:
         index = self._index
-        if index is None:
-            return 0
-        return int(index.ntotal) * (index.dim * 4 + 8) + int(index.quantizer.ntotal) * index.dim * 4
+        return 0 if index is None else index.memory_bytes()

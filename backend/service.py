@@ -26,6 +26,7 @@ from backend.db.session import get_engine, location, session_scope
 from backend.embedding.base import Embedder
 from backend.embedding.registry import create_embedder
 from backend.imaging import DecodedImage
+from backend.index import index_spec
 from backend.index_cache import IndexCache
 from backend.telemetry import EMBED_IMAGES, EMBED_SECONDS, SEARCH_STAGE_SECONDS
 
@@ -113,13 +114,17 @@ class RefreshStatus(BaseModel):
 
 class IndexStatus(BaseModel):
     type: str
+    codec: str
+    lists: int  # inverted lists: one per category (flat) or k-means sub-lists (ivf)
+    default_nprobe: int
     loaded: bool
     origin: str  # how the live index came to be: loaded from cache, rebuilt (and why)
     vectors: int
     categories: int
     current: bool  # reflects every change committed to the database
     watermark: int  # the newest database change it reflects
-    memory_bytes: int
+    memory_bytes: int  # vector codes, ids, centroids and prototypes held by the index
+    retrain: list[str]  # why the next rebuild (build-index) would train it differently; empty when it would not
     refreshes: dict[str, int]  # incremental and full refreshes since start
     last_refresh: RefreshStatus | None
 
@@ -143,7 +148,9 @@ class SearchService:
         self.settings = settings
         self.engine = engine or get_engine()
         self.embedder = embedder or create_embedder(settings)
-        self.cache = IndexCache(self.engine, self.embedder.model_id, self.embedder.dim, settings.index_dir)
+        self.cache = IndexCache(
+            self.engine, self.embedder.model_id, self.embedder.dim, settings.index_dir, index_spec(settings, self.embedder.dim)
+        )
         self._names: dict[int, str] = {}
 
     @property
@@ -176,7 +183,7 @@ class SearchService:
             cat_scores, cat_lists = index.rank_categories(queries)
             t1 = time.perf_counter()
             searched = cat_lists[:, :top_categories] if use_prototypes else None
-            hits = index.search(queries, k, searched)
+            hits = index.search(queries, k, searched, params.nprobe)
             t2 = time.perf_counter()
             total = index.ntotal
             category_ids = index.category_ids
@@ -321,6 +328,10 @@ class SearchService:
             ),
             index=IndexStatus(
                 type=self.settings.faiss_index_type,
+                codec=self.settings.vector_codec,
+                lists=int(index.ivf.nlist) if index else 0,
+                default_nprobe=self.settings.faiss_nprobe,
+                retrain=index.needs_retraining() if index else [],
                 loaded=index is not None,
                 origin=cache.origin,
                 vectors=index.ntotal if index else 0,

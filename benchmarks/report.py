@@ -32,6 +32,8 @@ def print_report(report: dict) -> None:
                     f"{t['fraction_scanned']:>9.2f}{t['speedup_p50']:>7.1f}{t['speedup_qps']:>7.1f}"
                 )
             print(f"  {'':>9} index memory {r['index_rss_mb']} MB, in-memory build {r['build_vectors_per_s']:,} vectors/s")
+    if "indexes" in report:
+        print_indexes(report["indexes"])
     if "build" in report:
         print("\nindex build from the database")
         for r in report["build"]:
@@ -59,3 +61,33 @@ def print_report(report: dict) -> None:
             f"\ningestion: {r['end_to_end_images_per_s']} images/s end to end (decode + embed + store) vs "
             f"{r['embedding_only_images_per_s']} embedding alone ({r['images']} CIFAR-10 images)"
         )
+
+
+def print_indexes(sections: list[dict]) -> None:
+    print("\nindex types side by side (k=10, one query at a time; recall@10 against exact search over all vectors)")
+    for s in sections:
+        print(f"\n  {s['name']}: {s['vectors']:,} vectors, {s['queries']:,} queries")
+        print(f"  {'method':<44}{'setting':<15}{'R@10':>7}{'P@10':>7}{'p50 ms':>8}{'p95 ms':>8}{'mem MB':>9}{'build s':>9}")
+        for r in s["rows"]:
+            p10 = f"{r['P@10']:.3f}" if r.get("P@10") is not None else "-"
+            print(
+                f"  {r['method']:<44}{r['knob']:<15}{r['recall@10']:>7.3f}{p10:>7}{r['p50']:>8.3f}{r['p95']:>8.3f}"
+                f"{r['memory_mb']:>9.0f}{r['build_s']:>9.1f}"
+            )
+        g = s["goal"]
+        if "index_memory_gb" in s:
+            o = g.get("ours")
+            print(
+                f"  goal (recall >= 0.95, p50 <= 20 ms, memory <= 16 GB): {'met' if g['met'] else 'MISSED'}; index "
+                f"{s['index_memory_gb']:.1f} GB (process grew {s['process_rss_growth_gb']:.1f} GB)"
+                + (f"; {o['knob']}: R@10 {o['recall@10']:.3f}, p50 {o['p50']:.2f} ms" if o else "")
+                + f"; exact streamed scan {s['exact_scan_s_per_query'] * 1000:.0f} ms/query"
+            )
+        elif "hnsw" in g:
+            print(
+                f"  goal (two-stage C=3 at R@10 >= 0.97 as fast as HNSW at that recall): {'met' if g['met'] else 'MISSED'}: "
+                f"{g['ours']['method']} {g['ours']['knob']} {g['ours']['p50']:.3f} ms vs HNSW {g['hnsw']['knob']} "
+                f"{g['hnsw']['p50']:.3f} ms (x{g['ratio']:.2f})"
+            )
+        else:
+            print(f"  goal: {'met' if g['met'] else 'MISSED'}: {g.get('why', '')}")

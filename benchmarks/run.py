@@ -19,9 +19,9 @@ if __package__ in (None, ""):
 from backend.core.config import Settings, get_settings
 from benchmarks.harness import hardware
 from benchmarks.report import print_report
-from benchmarks.sections import build, embed, http, ingest, search
+from benchmarks.sections import build, embed, http, indexes, ingest, search
 
-SECTIONS = ("embed", "search", "build", "http", "ingest")
+SECTIONS = ("embed", "search", "indexes", "build", "http", "ingest")
 
 
 def run_benchmarks(args: argparse.Namespace, settings: Settings) -> dict:
@@ -33,6 +33,7 @@ def run_benchmarks(args: argparse.Namespace, settings: Settings) -> dict:
     steps: dict[str, Callable[[], object]] = {
         "embed": lambda: embed.run(settings, args.quick),
         "search": lambda: search.run(args.quick),
+        "indexes": lambda: indexes.run(settings, args.quick, tuple(args.index_sizes.split(","))),
         "build": lambda: build.run(args.quick),
         "http": lambda: http.run(settings, args.quick),
         "ingest": lambda: ingest.run(settings, args.quick),
@@ -52,4 +53,5 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true", help="small sizes, under a minute")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--sections", help="comma-separated subset: " + ",".join(SECTIONS))
+    parser.add_argument("--index-sizes", default="real,1M,10M", help="indexes section: comma-separated subset of real,1M,10M")
     run_benchmarks(parser.parse_args(), get_settings())

@@ -1,14 +1,23 @@
-"""The two-stage index on synthetic clustered vectors, checked against NumPy."""
+"""The two-stage index on synthetic clustered vectors, checked against NumPy, for every type and codec."""
 
 import io
 
 import numpy as np
 import pytest
 
-from backend.index import TwoStageIndex
+from backend.index import IndexSpec, TwoStageIndex
 from backend.vectors import PrototypeMatrix, StoredVectors
 
 DIM = 32
+SPECS = [
+    IndexSpec("flat"),
+    IndexSpec("ivf", list_size=30),
+    IndexSpec("ivf", "float16", 30),
+    IndexSpec("ivf", "sq8", 30),
+    IndexSpec("ivf", "pq8", 30),
+    IndexSpec("flat", "sq8"),
+]
+IDS = [f"{s.kind}-{s.codec}" for s in SPECS]
 
 
 @pytest.fixture
@@ -20,16 +29,21 @@ def data() -> tuple[StoredVectors, PrototypeMatrix]:
     x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
     ids = np.arange(1000, 1900, dtype=np.int64)
     cat_ids = cats.astype(np.int64) + 10
-    means = np.stack([x[cats == c].mean(0) for c in range(6)])
-    protos = PrototypeMatrix(
-        np.arange(10, 16), (means / np.linalg.norm(means, axis=1, keepdims=True)).astype(np.float32), np.bincount(cats)
-    )
-    return StoredVectors(ids, cat_ids, x), protos
+    return StoredVectors(ids, cat_ids, x), PrototypeMatrix.of(cat_ids, x)
 
 
-def build(data: tuple[StoredVectors, PrototypeMatrix]) -> TwoStageIndex:
+def build(data: tuple[StoredVectors, PrototypeMatrix], spec: IndexSpec | None = None) -> TwoStageIndex:
     stored, protos = data
-    return TwoStageIndex.build("m", DIM, list(range(10, 16)), stored, protos)
+    return TwoStageIndex.build("m", DIM, list(range(10, 16)), stored, protos, spec)
+
+
+def round_trip(index: TwoStageIndex, protos: PrototypeMatrix) -> TwoStageIndex:
+    buf = io.BytesIO()
+    index.write(buf.write)
+    buf.seek(0)
+    loaded = TwoStageIndex.read(buf.read, **index.describe())
+    loaded.set_prototypes(protos)
+    return loaded
 
 
 def test_exact_matches_numpy(data) -> None:
@@ -43,70 +57,160 @@ def test_exact_matches_numpy(data) -> None:
     assert (hits.scanned == 900).all()
 
 
-def test_two_stage_scans_only_top_lists(data) -> None:
+def test_flat_two_stage_scans_exactly_the_top_categories(data) -> None:
     stored, protos = data
     index = build(data)
     q = stored.vectors[:20]
-    _, lists = index.rank_categories(q)
-    np.testing.assert_array_equal(lists[:, 0], np.argmax(q @ protos.vectors.T, axis=1))
-    hits = index.search(q, 10, lists[:, :2])
-    sizes = index.list_sizes()
+    _, cats = index.rank_categories(q)
+    np.testing.assert_array_equal(cats[:, 0], np.argmax(q @ protos.vectors.T, axis=1))
+    hits = index.search(q, 10, cats[:, :2])
+    sizes = index.category_sizes()
     for row in range(len(q)):
-        allowed = {index.category_ids[i] for i in lists[row, :2]}
+        allowed = {index.category_ids[i] for i in cats[row, :2]}
         mask = np.isin(stored.category_ids, list(allowed))
-        assert hits.scanned[row] == sizes[lists[row, :2]].sum() == mask.sum()
+        assert hits.scanned[row] == sizes[cats[row, :2]].sum() == mask.sum()
         got = set(hits.ids[row].tolist())
-        assert got <= set(stored.ids[mask].tolist())
         want = stored.ids[mask][np.argsort(-(stored.vectors[mask] @ q[row]))[:10]]
         assert got == set(want.tolist())
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_results_only_from_the_top_categories(data, spec: IndexSpec) -> None:
+    stored, _ = data
+    index = build(data, spec)
+    q = stored.vectors[:40] + 0.05
+    _, cats = index.rank_categories(q)
+    for top, nprobe in ((1, 2), (2, 3), (3, 100)):
+        hits = index.search(q, 10, cats[:, :top], nprobe)
+        category_of = dict(zip(stored.ids.tolist(), stored.category_ids.tolist(), strict=True))
+        for row in range(len(q)):
+            allowed = {index.category_ids[c] for c in cats[row, :top]}
+            found = [category_of[i] for i in hits.ids[row] if i >= 0]
+            assert found and set(found) <= allowed
+            if spec.kind == "ivf":  # nprobe sub-lists at most, each smaller than its category
+                assert hits.scanned[row] <= index.category_sizes()[cats[row, :top]].sum()
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_ivf_scans_less_and_nprobe_buys_recall(data, spec: IndexSpec) -> None:
+    stored, _ = data
+    index = build(data, spec)
+    exact = build(data)
+    q = stored.vectors[::30] + 0.05
+    _, cats = exact.rank_categories(q)
+    truth = exact.search(q, 10, cats[:, :2]).ids
+    recalls = []
+    for nprobe in (1, 4, 1000):
+        hits = index.search(q, 10, cats[:, :2], nprobe)
+        recalls.append(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(hits.ids, truth, strict=True)]))
+        if spec.kind == "ivf" and nprobe == 1:
+            assert hits.scanned.mean() < exact.search(q, 10, cats[:, :2]).scanned.mean() / 3
+    assert recalls[0] <= recalls[1] <= recalls[2] + 1e-9
+    floor = {"float32": 0.999, "float16": 0.99, "sq8": 0.9, "pq8": 0.45}[spec.codec]
+    assert recalls[2] >= floor, recalls
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_incremental_changes_equal_a_rebuild(data, spec: IndexSpec) -> None:
+    """Trained once, then vectors added and removed one batch at a time: the same index as adding the
+    final set at once (same training), list by list."""
+    stored, protos = data
+    sizes = dict(zip(*np.unique(stored.category_ids, return_counts=True), strict=True))
+    first = np.arange(900) < 600
+
+    def trained() -> TwoStageIndex:
+        index = TwoStageIndex.train("m", DIM, list(range(10, 16)), spec, sizes, stored)
+        index.set_prototypes(protos)
+        return index
+
+    incremental = trained()
+    incremental.add(stored.ids[first], stored.category_ids[first], stored.vectors[first])
+    incremental.add(stored.ids[~first], stored.category_ids[~first], stored.vectors[~first])
+    gone = stored.ids[::7]
+    assert incremental.remove(gone) == len(gone)
+    keep = ~np.isin(stored.ids, gone)
+    at_once = trained()
+    at_once.add(stored.ids[keep], stored.category_ids[keep], stored.vectors[keep])
+    np.testing.assert_array_equal(incremental._read_sizes(), at_once._read_sizes())
+    q = stored.vectors[:50]
+    _, cats = at_once.rank_categories(q)
+    a, b = incremental.search(q, 10, cats[:, :3], 4), at_once.search(q, 10, cats[:, :3], 4)
+    np.testing.assert_array_equal(a.ids, b.ids)
+    np.testing.assert_array_equal(a.scanned, b.scanned)
+    loaded = round_trip(incremental, protos)
+    np.testing.assert_array_equal(loaded.search(q, 10, cats[:, :3], 4).ids, a.ids)
 
 
 def test_fewer_vectors_than_k_pads_with_minus_one(data) -> None:
     index = build(data)
     hits = index.search(data[0].vectors[:1], 1000, np.array([[0]]))
-    n = index.list_sizes()[0]
+    n = index.category_sizes()[0]
     assert (hits.ids[0, :n] >= 0).all() and (hits.ids[0, n:] == -1).all()
 
 
-def test_add_remove_and_write_read(data) -> None:
-    stored, _ = data
-    index = build(data)
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_add_remove_and_write_read(data, spec: IndexSpec) -> None:
+    stored, protos = data
+    index = build(data, spec)
     new = np.ones((1, DIM), dtype=np.float32) / np.sqrt(DIM)
     index.add(np.array([5000]), np.array([12]), new)
-    assert index.search(new, 1).ids[0, 0] == 5000
+    assert 5000 in index.search(new, 5).ids[0]
     assert index.remove(np.array([5000, 1000])) == 2 and index.ntotal == 899
+    loaded = round_trip(index, protos)
+    assert loaded.ntotal == 899 and loaded.memory_bytes() == index.memory_bytes()
+    q = stored.vectors[3:6]
+    _, cats = index.rank_categories(q)
+    np.testing.assert_array_equal(loaded.search(q, 5, cats[:, :2]).ids, index.search(q, 5, cats[:, :2]).ids)
+    np.testing.assert_array_equal(loaded.rank_categories(q)[1], cats)
     buf = io.BytesIO()
     index.write(buf.write)
-    buf.seek(0)
-    loaded = TwoStageIndex.read(buf.read, **index.describe())
-    assert loaded.ntotal == 899
-    q = stored.vectors[3:6]
-    np.testing.assert_array_equal(loaded.search(q, 5).ids, index.search(q, 5).ids)
-    np.testing.assert_array_equal(loaded.rank_categories(q)[1], index.rank_categories(q)[1])
-    with pytest.raises(ValueError, match="does not match"):
+    for wrong in ({"dim": DIM * 2}, {"codec": "float16" if spec.codec != "float16" else "float32"}, {"lists_per_category": [2] * 6}):
         buf.seek(0)
-        TwoStageIndex.read(buf.read, **{**index.describe(), "dim": DIM * 2})
+        with pytest.raises(ValueError, match="does not match"):
+            TwoStageIndex.read(buf.read, **{**index.describe(), **wrong})
     with pytest.raises(KeyError):
         index.add(np.array([1]), np.array([99]), new)
 
 
-def test_with_categories_keeps_every_entry_and_centroid(data) -> None:
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_with_categories_keeps_every_entry_and_prototype(data, spec: IndexSpec) -> None:
     stored, _ = data
-    index = build(data)
-    grown = index.with_categories([3, 99])  # one before every list, one after: list numbers shift
+    index = build(data, spec)
+    grown = index.with_categories([3, 99])  # one before every category, one after: list numbers shift
     assert grown.category_ids == [3, 10, 11, 12, 13, 14, 15, 99] and grown.ntotal == index.ntotal
     q = stored.vectors[:30]
     np.testing.assert_array_equal(grown.search(q, 10).ids, index.search(q, 10).ids)
-    old_scores, old_lists = index.rank_categories(q)
-    new_scores, new_lists = grown.rank_categories(q)
-    for row in range(len(q)):  # the new, empty categories have zero centroids: leave them out to compare
-        kept = [
-            (grown.category_ids[i], s)
-            for i, s in zip(new_lists[row], new_scores[row], strict=True)
-            if grown.category_ids[i] not in (3, 99)
-        ]
-        assert [c for c, _ in kept] == [index.category_ids[i] for i in old_lists[row]]
-        np.testing.assert_allclose([s for _, s in kept], old_scores[row], atol=1e-6)
-    new = np.ones((1, DIM), dtype=np.float32) / np.sqrt(DIM)
-    grown.add(np.array([7000]), np.array([99]), new)
-    assert grown.search(new, 1, np.array([[grown.list_of[99]]])).ids[0, 0] == 7000
+    _, old = index.rank_categories(q)
+    _, new = grown.rank_categories(q)
+    grown_ids = np.array(grown.category_ids)
+    np.testing.assert_array_equal(grown.search(q, 10, new[:, :2], 3).ids, index.search(q, 10, old[:, :2], 3).ids)
+    for row in range(len(q)):  # the new, empty categories have zero prototypes: leave them out to compare
+        kept = [c for c in grown_ids[new[row]] if c not in (3, 99)]
+        assert kept == [index.category_ids[i] for i in old[row]]
+    new_vec = np.ones((1, DIM), dtype=np.float32) / np.sqrt(DIM)
+    grown.add(np.array([7000]), np.array([99]), new_vec)
+    # an untrained category's list is always scanned, whatever nprobe
+    assert grown.search(new_vec, 1, np.array([[grown.list_of[99], 1, 2]]), 1).ids[0, 0] == 7000
+    assert grown.stale_categories() == ([99] if spec.kind == "ivf" else [])
+
+
+def test_a_category_grown_past_its_training_is_reported(data) -> None:
+    stored, protos = data
+    spec = IndexSpec("ivf", "sq8", list_size=10)
+    first = stored.category_ids != 10
+    first[np.flatnonzero(stored.category_ids == 10)[:3]] = True  # category 10: 3 of its ~150 vectors
+    index = build((StoredVectors(stored.ids[first], stored.category_ids[first], stored.vectors[first]), protos), spec)
+    assert index.needs_retraining() == []
+    index.add(stored.ids[~first], stored.category_ids[~first], stored.vectors[~first])
+    assert index.stale_categories() == [10]
+    assert len(index.needs_retraining()) == 1
+    assert build(data, spec).needs_retraining() == []
+
+
+def test_bad_specs_are_refused() -> None:
+    with pytest.raises(ValueError, match="unknown index type"):
+        IndexSpec("hnsw")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown vector codec"):
+        IndexSpec("ivf", "int4")
+    with pytest.raises(ValueError, match="does not divide"):
+        TwoStageIndex("m", 30, [1], IndexSpec("ivf", "pq8"), [1])

@@ -10,7 +10,17 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from backend.core.errors import ConfigurationError
-from backend.core.search_params import LIMIT_MAX, LIMIT_MIN, TOP_CATEGORIES_MAX, TOP_CATEGORIES_MIN
+from backend.core.search_params import (
+    CODEC_PATTERN,
+    INDEX_KIND_ALIASES,
+    LIMIT_MAX,
+    LIMIT_MIN,
+    NPROBE_DEFAULT,
+    NPROBE_MAX,
+    NPROBE_MIN,
+    TOP_CATEGORIES_MAX,
+    TOP_CATEGORIES_MIN,
+)
 from backend.embedding.models import DEFAULT_MODEL, MODEL_NAMES
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -47,8 +57,15 @@ class Settings(BaseSettings):
     # image exports them at build time into a folder of its own, so it starts without network or export.
     onnx_cache_dir: Path | None = None
 
-    # Index and search
-    faiss_index_type: Literal["flat"] = "flat"
+    # Index and search (backend/index.py). flat: each top category scanned whole (exact inside them);
+    # ivf: categories split by k-means into sub-lists of about FAISS_LIST_SIZE vectors, of which a search
+    # scans the FAISS_NPROBE nearest among the top categories' (per request: nprobe).
+    faiss_index_type: Literal["flat", "ivf"] = "flat"
+    faiss_list_size: int = Field(256, ge=8, le=1_000_000)
+    faiss_nprobe: int = Field(NPROBE_DEFAULT, ge=NPROBE_MIN, le=NPROBE_MAX)
+    # How the index holds vectors in memory: float32 (exact), float16 (half the memory), sq8 (a quarter),
+    # pq<M> (M bytes per vector; M must divide the model's dimension). PostgreSQL keeps float32 anyway.
+    vector_codec: str = "float32"
     use_prototype_filtering: bool = True
     default_top_categories: int = Field(3, ge=TOP_CATEGORIES_MIN, le=TOP_CATEGORIES_MAX)
     default_search_limit: int = Field(10, ge=LIMIT_MIN, le=LIMIT_MAX)
@@ -87,6 +104,27 @@ class Settings(BaseSettings):
         if name not in MODEL_NAMES:
             raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
         return name
+
+    @field_validator("faiss_index_type", mode="before")
+    @classmethod
+    def _index_type(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.strip().lower()
+            if value == "hnsw":
+                raise ValueError(
+                    "hnsw is not offered: per-category HNSW graphs were slower than ivf sub-lists and cannot remove "
+                    "vectors (README, 'Index types'); use ivf"
+                )
+            return INDEX_KIND_ALIASES.get(value, value)
+        return value
+
+    @field_validator("vector_codec")
+    @classmethod
+    def _codec(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not CODEC_PATTERN.match(value):
+            raise ValueError("unknown codec; choose float32, float16, sq8 or pq<M> with M dividing the dimension (e.g. pq64)")
+        return value
 
     @field_validator("database_url")
     @classmethod

@@ -20,6 +20,7 @@ TopCategories = Annotated[
     int | None, Query(ge=sp.TOP_CATEGORIES_MIN, le=sp.TOP_CATEGORIES_MAX, description=sp.TOP_CATEGORIES_HELP)
 ]
 UsePrototypes = Annotated[bool | None, Query(description=sp.USE_PROTOTYPES_HELP)]
+Nprobe = Annotated[int | None, Query(ge=sp.NPROBE_MIN, le=sp.NPROBE_MAX, description=sp.NPROBE_HELP)]
 
 
 @router.post(
@@ -35,9 +36,10 @@ def search(
     limit: Limit = None,
     use_prototypes: UsePrototypes = None,
     top_categories: TopCategories = None,
+    nprobe: Nprobe = None,
 ) -> SearchResponse:
     """Images most similar to the uploaded one, with cosine scores and per-stage timings."""
-    params = SearchParams.resolve(settings, limit, top_categories, use_prototypes)
+    params = SearchParams.resolve(settings, limit, top_categories, use_prototypes, nprobe)
     image = read_image(file, settings)
     (result,) = service.search([image.rgb], params)
     return SearchResponse.of(result, params.limit)
@@ -71,7 +73,8 @@ def similar(
     limit: Limit = None,
     use_prototypes: UsePrototypes = None,
     top_categories: TopCategories = None,
+    nprobe: Nprobe = None,
 ) -> SearchResponse:
     """Search with a stored image as the query (the image itself is left out of the results)."""
-    params = SearchParams.resolve(settings, limit, top_categories, use_prototypes)
+    params = SearchParams.resolve(settings, limit, top_categories, use_prototypes, nprobe)
     return SearchResponse.of(service.similar_to(image_id, params), params.limit)
