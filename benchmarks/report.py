@@ -38,7 +38,8 @@ def print_report(report: dict) -> None:
         print("\nindex build from the database")
         for r in report["build"]:
             print(
-                f"  {r['vectors']:>9,} vectors: {r['seconds']:.2f} s, {r['vectors_per_s']:,} vectors/s, "
+                f"  {r['vectors']:>9,} vectors: {r['seconds']:.2f} s, {r['vectors_per_s']:,} vectors/s "
+                f"(streamed in chunks, ivf sq8: {r['streamed_ivf_sq8_vectors_per_s']:,} vectors/s), "
                 f"process RSS {r['rss_mb']} MB (+{r['rss_growth_mb']} MB)"
             )
             f = r["follow"]

@@ -105,6 +105,13 @@ def test_end_to_end_populate_index_search(env: dict[str, str], tmp_path: Path, c
         ({}, ["restore", "setup.sh", "--yes"], "not a pg_dump custom-format backup"),
         ({}, ["restore", "setup.sh"], "pass --yes"),
         ({}, ["backup", "/no/such/dir/file.dump"], "does not exist"),
+        # Index types and codecs (issue 10): unknown names, a PQ size that does not divide the dimension.
+        ({"FAISS_INDEX_TYPE": "annoy"}, ["status"], "FAISS_INDEX_TYPE"),
+        ({"FAISS_INDEX_TYPE": "hnsw"}, ["status"], "use ivf"),
+        ({"VECTOR_CODEC": "int4"}, ["status"], "VECTOR_CODEC"),
+        ({"VECTOR_CODEC": "pq7"}, ["status"], "7 does not divide the vector dimension 1280"),
+        ({"FAISS_NPROBE": "0"}, ["status"], "FAISS_NPROBE"),
+        ({}, ["search", "setup.sh", "--nprobe", "0"], "--nprobe: 0 is not allowed"),
     ],
 )
 def test_bad_input_is_one_line_and_changes_nothing(env: dict[str, str], extra_env: dict, args: list[str], message: str) -> None:

@@ -324,3 +324,51 @@ def test_a_running_server_follows_another_process_without_a_full_rebuild(
 def test_index_cache_has_no_index_before_first_use(engine: Engine, tmp_path: Path) -> None:
     cache = IndexCache(engine, "m/none/0px", 8, tmp_path)
     assert cache.loaded is None and not cache.is_current() and cache.memory_bytes() == 0
+
+
+# --- index types and codecs (issue 10) ------------------------------------------------------------
+
+
+def test_a_streamed_rebuild_equals_an_in_memory_one(service: SearchService, engine: Engine, cifar_queries) -> None:
+    """Two streamed passes (a training sample, then every vector in chunks, never all in memory) give the
+    same index as one in-memory pass, for a codec and sub-lists that both train on the sample."""
+    from backend import index_cache
+    from backend.index import IndexSpec
+
+    spec = IndexSpec("ivf", "sq8", list_size=8)
+    model, dim = service.model, service.embedder.dim
+    in_memory = index_cache.build_from_database(engine, model, dim, spec).index
+    old_chunk, index_cache.CHUNK_ROWS = index_cache.CHUNK_ROWS, 37  # many chunks, the last one partial
+    try:
+        streamed = index_cache.build_from_database(engine, model, dim, spec, in_memory_bytes=0).index
+    finally:
+        index_cache.CHUNK_ROWS = old_chunk
+    assert streamed.describe() == in_memory.describe() and streamed.ntotal == 200
+    np.testing.assert_array_equal(streamed._read_sizes(), in_memory._read_sizes())
+    np.testing.assert_array_equal(streamed.centroids, in_memory.centroids)
+    queries = service.embed([decode_image(s.load(), 10**7).rgb for s in cifar_queries.samples[:20]])
+    _, cats = in_memory.rank_categories(queries, 3)
+    a, b = streamed.search(queries, 10, cats, 4), in_memory.search(queries, 10, cats, 4)
+    np.testing.assert_array_equal(a.ids, b.ids)
+    np.testing.assert_allclose(a.scores, b.scores)
+
+
+def test_ivf_sq8_server_index_follows_writes_and_a_changed_setting_rebuilds(
+    service: SearchService, engine: Engine, embedder, cifar_queries, tmp_path: Path, caplog
+) -> None:
+    settings = service.settings.model_copy(update={"faiss_index_type": "ivf", "vector_codec": "sq8", "faiss_list_size": 8})
+    ivf = SearchService(settings, engine, embedder)
+    ivf.cache.get()
+    assert "cache not used" in ivf.cache.origin  # the flat float32 file on disk is not this layout
+    status = ivf.status().index
+    assert (status.type, status.codec) == ("ivf", "sq8") and status.lists > 10 and status.retrain == []
+    assert status.memory_bytes < service.status().index.memory_bytes / 3  # 1 byte a dimension, not 4
+    # An upload is searchable at once, through a sub-list of its category.
+    image = decode_image(cifar_queries.samples[0].load(), 10**7)
+    added = ivf.upload(image, "cat")
+    (hit,) = ivf.search([image.rgb], SearchParams(limit=1, top_categories=3, use_prototypes=True, nprobe=2))
+    assert hit.results[0].image_id == added.image_id and hit.scanned < hit.total / 3
+    # Restarted with the same settings, it loads its own file.
+    again = SearchService(settings, engine, embedder)
+    again.cache.get()
+    assert again.cache.origin.startswith("loaded from cache")

@@ -28,5 +28,15 @@ def test_out_of_bounds_is_one_clear_error(tmp_path, limit, top, word: str) -> No
         SearchParams.resolve(make_settings(tmp_path), limit, top)
 
 
+@pytest.mark.parametrize("nprobe", [0, -3, sp.NPROBE_MAX + 1])
+def test_nprobe_out_of_bounds_is_one_clear_error(tmp_path, nprobe: int) -> None:
+    with pytest.raises(Unprocessable, match="nprobe"):
+        SearchParams.resolve(make_settings(tmp_path), nprobe=nprobe)
+
+
 def test_page_bounds_are_the_enforced_ones() -> None:
-    assert sp.bounds() == {"limit": {"min": 1, "max": sp.LIMIT_MAX}, "top_categories": {"min": 1, "max": sp.TOP_CATEGORIES_MAX}}
+    assert sp.bounds() == {
+        "limit": {"min": 1, "max": sp.LIMIT_MAX},
+        "top_categories": {"min": 1, "max": sp.TOP_CATEGORIES_MAX},
+        "nprobe": {"min": 1, "max": sp.NPROBE_MAX},
+    }
