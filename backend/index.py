@@ -28,11 +28,14 @@ from backend.core.search_params import CODEC_PATTERN, INDEX_KINDS, IndexKind
 from backend.vectors import PrototypeMatrix, StoredVectors, l2_normalise
 
 _SQ_TYPES = {"float16": faiss.ScalarQuantizer.QT_fp16, "sq8": faiss.ScalarQuantizer.QT_8bit}
+_NO_MAP, _HASHTABLE = faiss.DirectMap.NoMap, faiss.DirectMap.Hashtable  # type: ignore[attr-defined]
 KMEANS_ITERATIONS = 20
 KMEANS_SEED = 1234
 TRAIN_POINTS_PER_LIST = 64  # k-means sample per sub-list; FAISS asks for at least 39
 PQ_CENTROIDS = 256  # 8-bit sub-quantizers
-CODEC_TRAIN_POINTS = 65_536  # sq8 ranges and PQ codebooks are trained on at most this many vectors
+# sq8 ranges and PQ codebooks are trained on at most this many vectors (PQ's k-means is the slow part).
+SQ_TRAIN_POINTS, PQ_TRAIN_POINTS = 65_536, 16_384
+RERANK_CODECS = ("none", "float32", "float16")
 STALE_GROWTH = 4.0  # a trained category this many times its training size (and several lists over) is retrained
 
 
@@ -43,8 +46,13 @@ class IndexSpec:
     kind: IndexKind = "flat"
     codec: str = "float32"
     list_size: int = 256  # ivf: vectors per sub-list when a category is trained
+    rerank: str = "none"  # a second copy of the vectors (float32/float16) to re-rank a shortlist exactly
 
     def __post_init__(self) -> None:
+        if self.rerank not in RERANK_CODECS:
+            raise ValueError(f"unknown re-ranking codec {self.rerank!r}; choose one of: {', '.join(RERANK_CODECS)}")
+        if self.rerank != "none" and self.codec == "float32":
+            raise ValueError("re-ranking needs a compressed VECTOR_CODEC (float16, sq8, pq<M>): float32 is exact already")
         if self.kind not in INDEX_KINDS:
             raise ValueError(f"unknown index type {self.kind!r}; choose one of: {', '.join(INDEX_KINDS)}")
         if not CODEC_PATTERN.match(self.codec):
@@ -54,8 +62,11 @@ class IndexSpec:
 
     @property
     def pq_m(self) -> int | None:
-        match = CODEC_PATTERN.match(self.codec)
-        return int(match.group(2)) if match and match.group(2) else None
+        return _pq_m(self.codec)
+
+    @property
+    def codec_train_points(self) -> int:
+        return PQ_TRAIN_POINTS if self.pq_m else SQ_TRAIN_POINTS
 
     def check_dim(self, dim: int) -> None:
         m = self.pq_m
@@ -75,21 +86,22 @@ class IndexSpec:
         total = sum(sizes.values())
         need = TRAIN_POINTS_PER_LIST * sum(self.lists_for(n) for n in sizes.values()) if self.kind == "ivf" else 0
         if self.trains_codec:
-            need = max(need, CODEC_TRAIN_POINTS)
+            need = max(need, self.codec_train_points)
         return 1.0 if total == 0 else min(1.0, need / total)
 
-    def code_bytes(self, dim: int) -> int:
-        m = self.pq_m
-        return m if m is not None else {"float32": 4, "float16": 2, "sq8": 1}[self.codec] * dim
+    def code_bytes(self, dim: int, codec: str | None = None) -> int:
+        codec = codec or self.codec
+        m = _pq_m(codec)
+        return m if m is not None else {"float32": 4, "float16": 2, "sq8": 1}[codec] * dim
 
 
 def index_spec(settings: Settings, dim: int) -> IndexSpec:
     """The layout the settings ask for, checked against the model's dimension: one clear error at start-up."""
     try:
-        spec = IndexSpec(settings.faiss_index_type, settings.vector_codec, settings.faiss_list_size)
+        spec = IndexSpec(settings.faiss_index_type, settings.vector_codec, settings.faiss_list_size, settings.rerank)
         spec.check_dim(dim)
     except ValueError as exc:
-        raise ConfigurationError(f"FAISS_INDEX_TYPE / VECTOR_CODEC: {exc}") from None
+        raise ConfigurationError(f"FAISS_INDEX_TYPE / VECTOR_CODEC / RERANK: {exc}") from None
     return spec
 
 
@@ -125,7 +137,11 @@ class TwoStageIndex:
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # category j: lists offsets[j]..[j+1]
         self.trained_sizes = np.zeros(len(counts), dtype=np.int64)  # vectors at training; 0 = untrained
         self.codec_trained_on = 0  # vectors the sq8 / PQ codec was trained on
-        self.ivf = _new_ivf(spec, dim, int(self.offsets[-1]))
+        self.ivf = _new_ivf(spec.codec, dim, int(self.offsets[-1]))
+        # The re-ranking copy: same lists and ids, looked up by id (a hash-table direct map) for a shortlist.
+        self.store = None if spec.rerank == "none" else _new_ivf(spec.rerank, dim, int(self.offsets[-1]))
+        if self.store is not None:
+            self.store.set_direct_map_type(_HASHTABLE)
         self.centroids = np.zeros((int(self.offsets[-1]), dim), dtype=np.float32)
         self._sizes = np.zeros(int(self.offsets[-1]), dtype=np.int64)
         self.prototypes = faiss.IndexFlatIP(dim)
@@ -163,7 +179,8 @@ class TwoStageIndex:
                 centroids = np.asarray(km.centroids)
             index.centroids[index.offsets[j] : index.offsets[j + 1]] = centroids
             index.trained_sizes[j] = max(1, sizes.get(cid, len(x)))
-        index.ivf.quantizer.add(index.centroids)  # kept in the file; not used to assign (we do, per category)
+        for ivf in index._ivfs():
+            ivf.quantizer.add(index.centroids)  # kept in the file; not used to assign (we do, per category)
         index.codec_trained_on = _train_codec(index.ivf, spec, sample.vectors)
         return index
 
@@ -221,14 +238,21 @@ class TwoStageIndex:
         x = np.ascontiguousarray(vectors, dtype=np.float32)
         lists = np.ascontiguousarray(self.assign(category_ids, x))
         ids = np.ascontiguousarray(ids, dtype=np.int64)
-        self.ivf.add_core(len(x), swig_ptr(x), swig_ptr(ids), swig_ptr(lists))
+        for ivf in self._ivfs():
+            ivf.add_core(len(x), swig_ptr(x), swig_ptr(ids), swig_ptr(lists))
         np.add.at(self._sizes, lists, 1)
 
     def remove(self, ids: np.ndarray) -> int:
-        removed = int(self.ivf.remove_ids(faiss.IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64))))
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        removed = int(self.ivf.remove_ids(faiss.IDSelectorBatch(ids)))
+        if self.store is not None:  # with a hash-table direct map FAISS removes by an id array only
+            self.store.remove_ids(faiss.IDSelectorArray(ids))
         if removed:
             self._sizes = self._read_sizes()
         return removed
+
+    def _ivfs(self) -> list[faiss.IndexIVF]:
+        return [self.ivf] if self.store is None else [self.ivf, self.store]
 
     def has_categories(self, category_ids: list[int]) -> bool:
         return all(int(c) in self.list_of for c in category_ids)
@@ -240,20 +264,28 @@ class TwoStageIndex:
         per_category = [int(np.diff(self.offsets)[self.list_of[c]]) if c in self.list_of else 1 for c in union]
         grown = TwoStageIndex(self.model, self.dim, union, self.spec, per_category)
         _copy_codec(self.ivf, grown.ivf, self.spec)
-        source, target = self.ivf.invlists, grown.ivf.invlists
-        assert source is not None and target is not None
+        moves = []  # (old list, new list)
         for old_j, cid in enumerate(self.category_ids):
             new_j = grown.list_of[cid]
             grown.trained_sizes[new_j] = self.trained_sizes[old_j]
             grown.prototype_counts[new_j] = self.prototype_counts[old_j]
             for step in range(int(self.offsets[old_j + 1] - self.offsets[old_j])):
-                old_list, new_list = int(self.offsets[old_j]) + step, int(grown.offsets[new_j]) + step
-                grown.centroids[new_list] = self.centroids[old_list]
-                size = self.ivf.get_list_size(old_list)
+                moves.append((int(self.offsets[old_j]) + step, int(grown.offsets[new_j]) + step))
+        for old_list, new_list in moves:
+            grown.centroids[new_list] = self.centroids[old_list]
+        for old_ivf, new_ivf in zip(self._ivfs(), grown._ivfs(), strict=True):
+            if new_ivf is grown.store:
+                new_ivf.set_direct_map_type(_NO_MAP)  # entries go in below, around the map
+            source, target = old_ivf.invlists, new_ivf.invlists
+            assert source is not None and target is not None
+            for old_list, new_list in moves:
+                size = old_ivf.get_list_size(old_list)
                 if size:
                     target.add_entries(new_list, size, source.get_ids(old_list), source.get_codes(old_list))
-        grown.ivf.ntotal = self.ivf.ntotal
-        grown.ivf.quantizer.add(grown.centroids)
+            new_ivf.ntotal = old_ivf.ntotal
+            new_ivf.quantizer.add(grown.centroids)
+            if new_ivf is grown.store:
+                new_ivf.set_direct_map_type(_HASHTABLE)  # rebuilt from the lists
         grown._sizes = grown._read_sizes()
         old_prototypes = self.prototypes.reconstruct_n(0, self.prototypes.ntotal)
         matrix = np.zeros((len(union), self.dim), dtype=np.float32)
@@ -301,9 +333,20 @@ class TwoStageIndex:
         )
         return lists[np.argpartition(-scores, nprobe - 1)[:nprobe]]
 
-    def search(self, queries: np.ndarray, k: int, categories: np.ndarray | None = None, nprobe: int | None = None) -> SearchHits:
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        categories: np.ndarray | None = None,
+        nprobe: int | None = None,
+        shortlist: int = 0,
+    ) -> SearchHits:
         """Stage 2 over the given categories (n, C) with `nprobe` sub-lists per query (ivf; None = all their
-        lists); `categories=None` scans every list: exact search (with the float32 codec)."""
+        lists); `categories=None` scans every list: exact search (with the float32 codec). With a re-ranking
+        copy, the best max(k, shortlist) by the compressed codes are re-scored from it and the best k kept."""
+        final_k = k
+        if self.store is not None and shortlist > k:
+            k = shortlist
         x = np.ascontiguousarray(queries, dtype=np.float32)
         n = len(x)
         scores = np.full((n, k), -np.inf, dtype=np.float32)
@@ -327,14 +370,29 @@ class TwoStageIndex:
             n, swig_ptr(x), k, swig_ptr(lists), swig_ptr(coarse), swig_ptr(scores), swig_ptr(ids), False, params
         )
         scanned = np.where(lists >= 0, self._sizes[np.maximum(lists, 0)], 0).sum(axis=1)
+        if self.store is not None:
+            scores, ids = self._rerank(x, scores, ids, final_k)
         return SearchHits(scores, ids, scanned)
+
+    def _rerank(self, x: np.ndarray, scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        assert self.store is not None
+        out_scores = np.full((len(x), k), -np.inf, dtype=np.float32)
+        out_ids = np.full((len(x), k), -1, dtype=np.int64)
+        for i in range(len(x)):
+            found = ids[i][ids[i] >= 0]
+            if not len(found):
+                continue
+            exact = self.store.reconstruct_batch(found) @ x[i]
+            best = np.argsort(-exact, kind="stable")[:k]
+            out_scores[i, : len(best)], out_ids[i, : len(best)] = exact[best], found[best]
+        return out_scores, out_ids
 
     # --- what status shows ------------------------------------------------------------------
 
     def memory_bytes(self) -> int:
-        """Codes, ids, centroids and prototypes held in memory."""
-        per_vector = self.ivf.code_size + 8
-        return self.ntotal * per_vector + (len(self.centroids) + len(self.category_ids)) * self.dim * 4
+        """Codes, ids, centroids and prototypes held in memory (and the re-ranking copy with its id map)."""
+        per_vector = sum(ivf.code_size + 8 for ivf in self._ivfs()) + (16 if self.store is not None else 0)
+        return self.ntotal * per_vector + (len(self.centroids) * len(self._ivfs()) + len(self.category_ids)) * self.dim * 4
 
     def needs_retraining(self) -> list[str]:
         """Why a rebuild would train this index differently (nothing when it would not)."""
@@ -344,7 +402,7 @@ class TwoStageIndex:
             why.append(f"{len(stale)} categories grew far beyond their training (or are new): ids {stale[:20]}")
         if (
             self.spec.trains_codec
-            and self.codec_trained_on < CODEC_TRAIN_POINTS
+            and self.codec_trained_on < self.spec.codec_train_points
             and self.ntotal >= STALE_GROWTH * max(1, self.codec_trained_on)
         ):
             why.append(
@@ -378,13 +436,15 @@ class TwoStageIndex:
             "index_type": self.spec.kind,
             "codec": self.spec.codec,
             "list_size": self.spec.list_size,
+            "rerank": self.spec.rerank,
             "lists_per_category": np.diff(self.offsets).tolist(),
             "trained_sizes": self.trained_sizes.tolist(),
             "codec_trained_on": self.codec_trained_on,
         }
 
     def write(self, sink: Callable[[bytes], object]) -> None:
-        faiss.write_index(self.ivf, faiss.PyCallbackIOWriter(sink))  # type: ignore[attr-defined]
+        for ivf in self._ivfs():  # one after the other in the same stream; `read` reads them back in turn
+            faiss.write_index(ivf, faiss.PyCallbackIOWriter(sink))  # type: ignore[attr-defined]
 
     @classmethod
     def read(
@@ -396,29 +456,22 @@ class TwoStageIndex:
         index_type: IndexKind,
         codec: str,
         list_size: int,
+        rerank: str,
         lists_per_category: list[int],
         trained_sizes: list[int],
         codec_trained_on: int,
     ) -> "TwoStageIndex":
         """The inverse of `write` + `describe`, without prototypes (they come from the database: see
         `set_prototypes`); raises ValueError when the bytes do not fit the description."""
-        spec = IndexSpec(index_type, codec, list_size)
+        spec = IndexSpec(index_type, codec, list_size, rerank)
         if len(lists_per_category) != max(1, len(category_ids)) or len(trained_sizes) != len(lists_per_category):
             raise ValueError("the list layout does not match the categories")
-        try:
-            ivf = faiss.read_index(faiss.PyCallbackIOReader(source))  # type: ignore[attr-defined]  # owns its quantizer
-        except RuntimeError as exc:
-            raise ValueError(f"not a FAISS index: {exc}") from exc
-        expected = type(_new_ivf(spec, dim, 1))
-        if (
-            not isinstance(ivf, expected)
-            or ivf.d != dim
-            or ivf.nlist != sum(lists_per_category)
-            or ivf.code_size != spec.code_bytes(dim)
-        ):
-            raise ValueError("the FAISS index does not match its description")
         index = cls(model, dim, category_ids, spec, lists_per_category)
-        index.ivf = ivf
+        loaded = [_read_ivf(source, c, dim, sum(lists_per_category), spec) for c in (codec, rerank) if c != "none"]
+        index.ivf, index.store = loaded[0], (loaded[1] if len(loaded) > 1 else None)
+        if index.store is not None and index.store.ntotal != index.ivf.ntotal:
+            raise ValueError("the re-ranking copy does not match the index")
+        ivf = index.ivf
         index.trained_sizes = np.asarray(trained_sizes, dtype=np.int64)
         index.codec_trained_on = codec_trained_on
         quantizer = cast(faiss.IndexFlatIP, faiss.downcast_index(ivf.quantizer))
@@ -429,15 +482,31 @@ class TwoStageIndex:
         return index
 
 
-def _new_ivf(spec: IndexSpec, dim: int, nlist: int) -> faiss.IndexIVF:
+def _pq_m(codec: str) -> int | None:
+    match = CODEC_PATTERN.match(codec)
+    return int(match.group(2)) if match and match.group(2) else None
+
+
+def _read_ivf(source: Callable[[int], bytes], codec: str, dim: int, nlist: int, spec: IndexSpec) -> faiss.IndexIVF:
+    try:
+        ivf = faiss.read_index(faiss.PyCallbackIOReader(source))  # type: ignore[attr-defined]  # owns its quantizer
+    except RuntimeError as exc:
+        raise ValueError(f"not a FAISS index: {exc}") from exc
+    expected = type(_new_ivf(codec, dim, 1))
+    if not isinstance(ivf, expected) or ivf.d != dim or ivf.nlist != nlist or ivf.code_size != spec.code_bytes(dim, codec):
+        raise ValueError("the FAISS index does not match its description")
+    return ivf
+
+
+def _new_ivf(codec: str, dim: int, nlist: int) -> faiss.IndexIVF:
     quantizer = faiss.IndexFlatIP(dim)
     ivf: faiss.IndexIVF
-    if spec.codec == "float32":
+    if codec == "float32":
         ivf = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-    elif spec.codec in _SQ_TYPES:
-        ivf = faiss.IndexIVFScalarQuantizer(quantizer, dim, nlist, _SQ_TYPES[spec.codec], faiss.METRIC_INNER_PRODUCT, False)
+    elif codec in _SQ_TYPES:
+        ivf = faiss.IndexIVFScalarQuantizer(quantizer, dim, nlist, _SQ_TYPES[codec], faiss.METRIC_INNER_PRODUCT, False)
     else:
-        m = spec.pq_m
+        m = _pq_m(codec)
         assert m is not None
         ivf = faiss.IndexIVFPQ(quantizer, dim, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
         ivf.by_residual = False
@@ -450,7 +519,7 @@ def _train_codec(ivf: faiss.IndexIVF, spec: IndexSpec, sample: np.ndarray) -> in
     vectors) is padded with jittered copies; status reports it as stale and the next rebuild retrains."""
     if not spec.trains_codec:
         return 0
-    x = np.ascontiguousarray(sample[:CODEC_TRAIN_POINTS], dtype=np.float32)
+    x = np.ascontiguousarray(sample[: spec.codec_train_points], dtype=np.float32)
     real = len(x)
     need = PQ_CENTROIDS if spec.pq_m else 2
     if len(x) < need:

@@ -68,6 +68,7 @@ class CacheHeader(BaseModel):
     index_type: IndexKind
     codec: str
     list_size: int = Field(gt=0)
+    rerank: str
     lists_per_category: list[int]
     trained_sizes: list[int]
     codec_trained_on: int = Field(ge=0)
@@ -364,6 +365,7 @@ class IndexCache:
             "index_type": self.spec.kind,
             "codec": self.spec.codec,
             "list_size": self.spec.list_size,
+            "rerank": self.spec.rerank,
         }
         for key, want in expected.items():
             if getattr(header, key) != want:
@@ -397,6 +399,7 @@ class IndexCache:
                     "index_type",
                     "codec",
                     "list_size",
+                    "rerank",
                     "lists_per_category",
                     "trained_sizes",
                     "codec_trained_on",

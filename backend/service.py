@@ -115,6 +115,7 @@ class RefreshStatus(BaseModel):
 class IndexStatus(BaseModel):
     type: str
     codec: str
+    rerank: str  # none, or the copy a shortlist is re-scored from
     lists: int  # inverted lists: one per category (flat) or k-means sub-lists (ivf)
     default_nprobe: int
     loaded: bool
@@ -183,7 +184,7 @@ class SearchService:
             cat_scores, cat_lists = index.rank_categories(queries)
             t1 = time.perf_counter()
             searched = cat_lists[:, :top_categories] if use_prototypes else None
-            hits = index.search(queries, k, searched, params.nprobe)
+            hits = index.search(queries, k, searched, params.nprobe, self.settings.rerank_candidates)
             t2 = time.perf_counter()
             total = index.ntotal
             category_ids = index.category_ids
@@ -329,6 +330,7 @@ class SearchService:
             index=IndexStatus(
                 type=self.settings.faiss_index_type,
                 codec=self.settings.vector_codec,
+                rerank=self.settings.rerank,
                 lists=int(index.ivf.nlist) if index else 0,
                 default_nprobe=self.settings.faiss_nprobe,
                 retrain=index.needs_retraining() if index else [],

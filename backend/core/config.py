@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     # How the index holds vectors in memory: float32 (exact), float16 (half the memory), sq8 (a quarter),
     # pq<M> (M bytes per vector; M must divide the model's dimension). PostgreSQL keeps float32 anyway.
     vector_codec: str = "float32"
+    # With a compressed codec (pq<M> above all), keep a second copy of the vectors (float32 or float16) and
+    # re-score the best RERANK_CANDIDATES exactly: PQ's speed at close to float32's recall, for the memory.
+    rerank: Literal["none", "float32", "float16"] = "none"
+    rerank_candidates: int = Field(50, ge=1, le=1000)
     use_prototype_filtering: bool = True
     default_top_categories: int = Field(3, ge=TOP_CATEGORIES_MIN, le=TOP_CATEGORIES_MAX)
     default_search_limit: int = Field(10, ge=LIMIT_MIN, le=LIMIT_MAX)

@@ -25,6 +25,7 @@ K, TOP_C, TARGET_RECALL = 10, 3, 0.97
 NPROBES = (8, 16, 24, 32, 48, 64, 96)
 EF_SEARCH = (8, 12, 16, 24, 32, 48, 64, 96, 128)
 SINGLES = 300  # single queries timed per configuration
+SHORTLIST = 50  # re-ranked candidates (RERANK_CANDIDATES' default)
 PG_QUERIES = 300  # pgvector: recall over the first queries only (each is a SQL round trip)
 
 
@@ -92,11 +93,12 @@ def sweep_ours(
 
         def one(i: int, nprobe: int | None = nprobe) -> None:
             _, cats = index.rank_categories(q[i : i + 1], TOP_C)
-            index.search(q[i : i + 1], K, cats, nprobe)
+            index.search(q[i : i + 1], K, cats, nprobe, SHORTLIST)
 
         _, cats = index.rank_categories(q, TOP_C)
-        found = index.search(q, K, cats, nprobe).ids
+        found = index.search(q, K, cats, nprobe, SHORTLIST).ids
         name = f"ours {spec.kind} {spec.codec} C={TOP_C}" + (f" list {spec.list_size}" if spec.kind == "ivf" else "")
+        name += f" +{spec.rerank} rerank {SHORTLIST}" if spec.rerank != "none" else ""
         r = row(
             name,
             f"nprobe {nprobe}" if nprobe else "all lists",
