@@ -373,6 +373,7 @@ def run(settings: Settings, quick: bool, sizes: tuple[str, ...] = ("real", "1M",
         IndexSpec("ivf", "float32", 64),
         IndexSpec("ivf", "float16", 64),
         IndexSpec("ivf", "sq8", 64),
+        IndexSpec("ivf", "pq128", 64, rerank="float32"),
     ]
     out = []
     if "real" in sizes:
@@ -392,7 +393,12 @@ def run(settings: Settings, quick: bool, sizes: tuple[str, ...] = ("real", "1M",
                 stored,
                 q,
                 ql,
-                [IndexSpec("flat"), IndexSpec("ivf", "float32", 256), IndexSpec("ivf", "sq8", 256)],
+                [
+                    IndexSpec("flat"),
+                    IndexSpec("ivf", "float32", 256),
+                    IndexSpec("ivf", "sq8", 256),
+                    IndexSpec("ivf", "pq128", 256, rerank="float32"),
+                ],
                 with_pgvector=False,
             )
         )
