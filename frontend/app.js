@@ -5,7 +5,7 @@ const $ = (id) => document.getElementById(id);
 let queryFile = null;
 let browseState = null;
 // Replaced by the server's own bounds (GET /status, settings.bounds) as soon as the page loads.
-let bounds = { limit: { min: 1, max: 50 }, top_categories: { min: 1, max: 10 } };
+let bounds = { limit: { min: 1, max: 50 }, top_categories: { min: 1, max: 10 }, nprobe: { min: 1, max: 100000 } };
 
 function showError(message) {
   const box = $("error");
@@ -134,15 +134,22 @@ function renderTimings(timings, extra = "") {
   $("timings").textContent = parts.join(" · ") + extra;
 }
 
+// The search options as query parameters, each clamped to the bounds the server enforces.
+function searchParams() {
+  return new URLSearchParams({
+    limit: clampInput($("limit"), "limit"),
+    top_categories: clampInput($("top-categories"), "top_categories"),
+    nprobe: clampInput($("nprobe"), "nprobe"),
+    use_prototypes: $("use-prototypes").checked,
+  });
+}
+
 async function runSearch() {
   if (!queryFile) return;
   showError("");
-  const limit = clampInput($("limit"), "limit");
-  const top = clampInput($("top-categories"), "top_categories");
-  const useProto = $("use-prototypes").checked;
   const form = new FormData();
   form.append("file", queryFile);
-  const params = new URLSearchParams({ limit, top_categories: top, use_prototypes: useProto });
+  const params = searchParams();
   $("results").innerHTML = '<p class="muted">Searching…</p>';
   try {
     const data = await api(`/search?${params}`, { method: "POST", body: form });
@@ -216,9 +223,7 @@ async function browse(categoryId, offset) {
 }
 
 async function similarTo(imageId) {
-  const limit = clampInput($("limit"), "limit");
-  const top = clampInput($("top-categories"), "top_categories");
-  const params = new URLSearchParams({ limit, top_categories: top, use_prototypes: $("use-prototypes").checked });
+  const params = searchParams();
   try {
     const data = await api(`/images/${imageId}/similar?${params}`);
     $("results-title").textContent = `Similar to image ${imageId}`;
@@ -265,7 +270,8 @@ async function loadStatus() {
     if (!bounds.fromServer) {
       bounds = { ...s.settings.bounds, fromServer: true };
       for (const [id, name, value] of [["limit", "limit", s.settings.default_search_limit],
-                                       ["top-categories", "top_categories", s.settings.default_top_categories]]) {
+                                       ["top-categories", "top_categories", s.settings.default_top_categories],
+                                       ["nprobe", "nprobe", s.index.default_nprobe]]) {
         Object.assign($(id), { min: bounds[name].min, max: bounds[name].max, value });
       }
     }

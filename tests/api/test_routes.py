@@ -159,6 +159,8 @@ def truncated_jpeg(query_png: dict[str, bytes]) -> bytes:
         ("post", "/search?limit=0", {"files": {"file": ("q.png", "VALID")}}, 422, "limit"),
         ("post", "/search?limit=51", {"files": {"file": ("q.png", "VALID")}}, 422, "limit"),
         ("post", "/search?top_categories=11", {"files": {"file": ("q.png", "VALID")}}, 422, "top_categories"),
+        ("post", "/search?nprobe=0", {"files": {"file": ("q.png", "VALID")}}, 422, "nprobe"),
+        ("get", "/images/1/similar?nprobe=-1", {}, 422, "nprobe"),
         ("post", "/search", {}, 422, "file"),
         ("get", "/images/999999", {}, 404, "image 999999 not found"),
         ("get", "/images/999999/thumbnail", {}, 404, "not found"),
