@@ -1,5 +1,5 @@
 """Plot recall@10 against p50 latency for every method of the `indexes` benchmark section.
-    python benchmarks/plot_indexes.py docs/results/benchmark_indexes.json [--out docs/index_tradeoff.png]
+python benchmarks/plot_indexes.py docs/results/benchmark_indexes.json [--out docs/index_tradeoff.png]
 """
 
 import argparse
