@@ -181,6 +181,7 @@ class TwoStageIndex:
             index.trained_sizes[j] = max(1, sizes.get(cid, len(x)))
         for ivf in index._ivfs():
             ivf.quantizer.add(index.centroids)  # kept in the file; not used to assign (we do, per category)
+        index._reserve(sizes, sample)
         index.codec_trained_on = _train_codec(index.ivf, spec, sample.vectors)
         return index
 
@@ -204,6 +205,28 @@ class TwoStageIndex:
         index.set_prototypes(prototypes)
         index.add(stored.ids, stored.category_ids, stored.vectors)
         return index
+
+    def _reserve(self, sizes: dict[int, int], sample: StoredVectors) -> None:
+        """Give every list room for the share of its category the sample says it will get (+10 %): lists
+        filled chunk by chunk then never reallocate, which would hold up to twice their memory."""
+        if not len(sample):
+            return
+        known = np.isin(sample.category_ids, self.category_ids)
+        lists = self.assign(sample.category_ids[known], sample.vectors[known])
+        per_list = np.bincount(lists, minlength=int(self.offsets[-1])).astype(np.float64)
+        for j, cid in enumerate(self.category_ids):
+            lo, hi = self.offsets[j], self.offsets[j + 1]
+            drawn = per_list[lo:hi].sum()
+            if drawn:
+                per_list[lo:hi] *= sizes.get(cid, 0) / drawn
+        for ivf in self._ivfs():
+            invlists = faiss.downcast_InvertedLists(ivf.invlists) if ivf.invlists is not None else None
+            if not isinstance(invlists, faiss.ArrayInvertedLists):
+                continue
+            for list_no, expected in enumerate(per_list):
+                if expected >= 1:
+                    invlists.resize(list_no, int(expected * 1.1) + 8)  # grows the capacity ...
+                    invlists.resize(list_no, 0)  # ... which shrinking the size keeps
 
     def set_prototypes(self, prototypes: PrototypeMatrix) -> None:
         """Replace all prototypes. Categories without given-label images keep a zero prototype (score 0)."""
