@@ -174,7 +174,15 @@ class TwoStageIndex:
             if k == 1:
                 centroids = l2_normalise(x.mean(axis=0, keepdims=True))
             else:
-                km = faiss.Kmeans(dim, k, niter=KMEANS_ITERATIONS, seed=KMEANS_SEED, spherical=True, max_points_per_centroid=256)
+                km = faiss.Kmeans(  # few points a centroid is expected here (small categories): no FAISS warning
+                    dim,
+                    k,
+                    niter=KMEANS_ITERATIONS,
+                    seed=KMEANS_SEED,
+                    spherical=True,
+                    max_points_per_centroid=256,
+                    min_points_per_centroid=1,
+                )
                 km.train(np.ascontiguousarray(x[: k * 256]))
                 centroids = np.asarray(km.centroids)
             index.centroids[index.offsets[j] : index.offsets[j + 1]] = centroids
@@ -550,6 +558,8 @@ def _train_codec(ivf: faiss.IndexIVF, spec: IndexSpec, sample: np.ndarray) -> in
         base = x if len(x) else l2_normalise(rng.standard_normal((1, ivf.d), dtype=np.float32))
         jitter = base[rng.integers(0, len(base), need)] + 0.01 * rng.standard_normal((need, ivf.d), dtype=np.float32)
         x = np.concatenate([x, l2_normalise(jitter)])
+    if spec.pq_m:
+        cast(faiss.IndexIVFPQ, ivf).pq.cp.min_points_per_centroid = 1  # small catalogues train anyway, quietly
     ivf.train_encoder(len(x), swig_ptr(x), None)
     return real
 
