@@ -1,0 +1,129 @@
+"""URL lists and downloads against a real HTTP server on 127.0.0.1 serving real CIFAR-10 images: 404s,
+non-images, oversized bodies and redirects; private addresses refused unless allowed, on every hop."""
+
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from backend import urls
+from backend.core.errors import InvalidInput
+from backend.datasets import load_cifar10
+from backend.urls import FetchFailed, FetchLimits, UrlRefused, blocked, fetch, parse_url_list
+from tests.utils.settings import CIFAR_SUBSET
+
+ALLOW = FetchLimits(allow_private=True, timeout_s=5)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    image = load_cifar10(CIFAR_SUBSET, "test")[0].load()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            routes = {
+                "/cat.png": (200, image, {}),
+                "/page.html": (200, b"<html>not an image</html>" * 10, {}),
+                "/huge.png": (200, image + b"\0" * 200_000, {}),
+                "/lying.png": (200, image, {"Content-Length": str(10**9)}),
+                "/hop": (302, b"", {"Location": "/cat.png"}),
+                "/loop": (302, b"", {"Location": "/loop"}),
+                "/to-file": (302, b"", {"Location": "file:///etc/passwd"}),
+            }
+            status, body, headers = routes.get(self.path, (404, b"missing", {}))
+            self.send_response(status)
+            headers.setdefault("Content-Length", str(len(body)))
+            for key, value in headers.items():
+                self.send_header(key, value)
+            self.end_headers()
+            if body and headers["Content-Length"] == str(len(body)):
+                self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def test_an_image_downloads_and_redirects_are_followed(server: str) -> None:
+    data = fetch(f"{server}/cat.png", ALLOW)
+    assert data.startswith(b"\x89PNG") and fetch(f"{server}/hop", ALLOW) == data
+
+
+@pytest.mark.parametrize(
+    ("path", "reason"),
+    [
+        ("/missing.png", "HTTP 404"),
+        ("/page.html", "not an image"),
+        ("/huge.png", "larger than"),
+        ("/lying.png", "declared"),
+        ("/loop", "more than 5 redirects"),
+        ("/to-file", r"not an http\(s\) URL"),
+    ],
+)
+def test_bad_urls_fail_with_one_reason(server: str, path: str, reason: str) -> None:
+    with pytest.raises(FetchFailed, match=reason):
+        fetch(f"{server}{path}", FetchLimits(allow_private=True, max_bytes=100_000, timeout_s=5))
+
+
+def test_private_addresses_are_refused_by_default(server: str) -> None:
+    with pytest.raises(UrlRefused, match="private, loopback or reserved"):
+        fetch(f"{server}/cat.png")
+    with pytest.raises(UrlRefused):
+        fetch("http://localhost/cat.png")
+
+
+def test_every_redirect_is_checked_again(server: str, monkeypatch) -> None:
+    checked: list[str] = []
+    real = urls.resolve
+
+    def spy(host: str, port: int, allow_private: bool) -> str:
+        checked.append(f"{host}:{port}")
+        return real(host, port, allow_private)
+
+    monkeypatch.setattr(urls, "resolve", spy)
+    fetch(f"{server}/hop", ALLOW)
+    assert len(checked) == 2
+
+
+@pytest.mark.parametrize(
+    ("address", "is_blocked"),
+    [
+        ("127.0.0.1", True),
+        ("10.1.2.3", True),
+        ("172.16.0.1", True),
+        ("192.168.1.1", True),
+        ("169.254.169.254", True),  # cloud metadata
+        ("100.64.0.1", True),  # carrier-grade NAT
+        ("0.0.0.0", True),
+        ("224.0.0.1", True),
+        ("240.0.0.1", True),
+        ("::1", True),
+        ("fe80::1%eth0", True),
+        ("fd00::1", True),
+        ("::ffff:127.0.0.1", True),  # IPv4-mapped loopback
+        ("8.8.8.8", False),
+        ("2606:4700:4700::1111", False),
+    ],
+)
+def test_blocked_addresses(address: str, is_blocked: bool) -> None:
+    assert blocked(address) is is_blocked
+
+
+def test_url_lists_csv_and_plain() -> None:
+    text = (
+        "url,category,description\nhttp://a.example/1.png,cat,a grey cat, sitting\n\n"
+        "# comment\nhttps://b.example/2.jpg\nftp://c/3.png\nnot a url\n"
+    )
+    items, problems = parse_url_list(text, 10)
+    assert [(i.url, i.category, i.description) for i in items] == [
+        ("http://a.example/1.png", "cat", "a grey cat, sitting"),
+        ("https://b.example/2.jpg", None, None),
+    ]
+    assert len(problems) == 2 and "line 6" in problems[0]
+    with pytest.raises(InvalidInput, match="more than 1 URLs"):
+        parse_url_list(text, 1)
