@@ -186,6 +186,43 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
     )
 
 
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> None:
+    """Run catalogue-job chunks until SIGINT/SIGTERM; start as many as you like, on any machine."""
+    from backend import jobs
+    from backend.db.session import get_engine
+
+    _require_schema()
+    print(f"worker: {args.concurrency or settings.worker_concurrency} chunk(s) at a time; Ctrl-C stops it", flush=True)
+    jobs.run_worker(settings, get_engine(), args.concurrency or settings.worker_concurrency)
+
+
+def cmd_jobs(args: argparse.Namespace, settings: Settings) -> None:
+    from backend import jobs
+    from backend.db.session import get_engine
+
+    _require_schema()
+    engine = get_engine()
+    if args.action != "list" and args.id is None:
+        raise AppError(f"jobs {args.action} needs a job id (see: jobs list)")
+    if args.action == "list":
+        found = jobs.list_jobs(engine)
+    elif args.action == "show":
+        found = [jobs.get_job(engine, args.id)]
+    else:
+        found = [jobs.cancel_job(engine, args.id)]
+    for job in found:
+        rate = jobs.images_per_second(job)
+        print(
+            f"job {job.id} {job.kind:<8} {job.state:<10} {job.done}/{job.total} done: {job.added} added, "
+            f"{job.duplicates} duplicates, {job.failed} failed, {job.skipped} skipped"
+            + (f"; {rate:.1f} images/s" if rate else "")
+            + (f"; {job.message}" if job.message else "")
+        )
+        if args.action == "show":
+            for failure in job.failures:
+                print(f"  failed: {failure['source']}: {failure['reason']}")
+
+
 def cmd_api_key(args: argparse.Namespace, settings: Settings) -> None:
     from backend import auth
     from backend.db.session import session_scope
@@ -328,6 +365,13 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--prototypes", dest="use_prototypes", action="store_true", help="two-stage search")
     p.add_argument("--json", action="store_true", help="one JSON object per query image per line")
 
+    p = command("worker", cmd_worker, "run catalogue-job chunks (any number of workers, on any machine)")
+    p.add_argument("--concurrency", type=int_in(1, 64), help="chunks at a time (default WORKER_CONCURRENCY)")
+
+    p = command("jobs", cmd_jobs, "catalogue jobs: list, show one, cancel one")
+    p.add_argument("action", choices=("list", "show", "cancel"))
+    p.add_argument("id", nargs="?", type=int_in(1, 2**63 - 1), help="job id (show, cancel)")
+
     p = command("status", cmd_status, "catalogue, model and index state")
     p.add_argument("--json", action="store_true")
 
@@ -381,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     args.benchmark_args = extra
     try:
         settings = get_settings()
-        configure_logging(settings.log_format, args.verbose, serving=args.command == "serve")
+        configure_logging(settings.log_format, args.verbose, serving=args.command in ("serve", "worker"))
         if args.command != "benchmark":
             settings.prepare_data_dir()
         args.func(args, settings)

@@ -20,16 +20,19 @@ log = logging.getLogger(__name__)
 
 
 class BodyLimit:
-    def __init__(self, app: ASGIApp, max_bytes: int, message: str) -> None:
-        self.app, self.max_bytes, self.message = app, max_bytes, message
+    """`max_bytes` for every body, except the paths in `larger` (path -> (bytes, message)): archive uploads."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, message: str, larger: dict[str, tuple[int, str]] | None = None) -> None:
+        self.app, self.max_bytes, self.message, self.larger = app, max_bytes, message, larger or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        max_bytes, text = self.larger.get(scope["path"], (self.max_bytes, self.message))
         declared = dict(scope["headers"]).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            await JSONResponse({"detail": self.message}, status_code=413)(scope, receive, send)
+        if declared.isdigit() and int(declared) > max_bytes:
+            await JSONResponse({"detail": text}, status_code=413)(scope, receive, send)
             return
         received = 0
 
@@ -37,18 +40,18 @@ class BodyLimit:
             nonlocal received
             message = await receive()
             received += len(message.get("body", b""))
-            if received > self.max_bytes:
+            if received > max_bytes:
                 # Raised inside the route's body parsing: FastAPI passes HTTPExceptions through to the
                 # JSON error handler, and the rest of the body is never read.
-                raise HTTPException(413, self.message)
+                raise HTTPException(413, text)
             return message
 
         await self.app(scope, counted, send)
 
 
 class RequestBudget:
-    def __init__(self, app: ASGIApp, seconds: float) -> None:
-        self.app, self.seconds = app, seconds
+    def __init__(self, app: ASGIApp, seconds: float, longer: dict[str, float] | None = None) -> None:
+        self.app, self.seconds, self.longer = app, seconds, longer or {}  # longer: path -> seconds (uploads)
         self._abandoned: set[asyncio.Task] = set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -64,8 +67,9 @@ class RequestBudget:
             started = started or message["type"] == "http.response.start"
             await send(message)
 
+        seconds = self.longer.get(scope["path"], self.seconds)
         task = asyncio.ensure_future(self.app(scope, receive, guarded_send))
-        done, _ = await asyncio.wait({task}, timeout=self.seconds)
+        done, _ = await asyncio.wait({task}, timeout=seconds)
         if done:
             task.result()  # re-raises what the app raised
             return
@@ -75,8 +79,8 @@ class RequestBudget:
         task.cancel()
         if started:  # half a response is out: all that is left is to close the connection
             raise RuntimeError(f"{scope['method']} {scope['path']}: response not finished within the time budget")
-        log.warning("%s %s: no answer within %g s (REQUEST_TIMEOUT_SECONDS)", scope["method"], scope["path"], self.seconds)
-        detail = f"request not answered within {self.seconds:g} s (REQUEST_TIMEOUT_SECONDS); try again later"
+        log.warning("%s %s: no answer within %g s (REQUEST_TIMEOUT_SECONDS)", scope["method"], scope["path"], seconds)
+        detail = f"request not answered within {seconds:g} s (REQUEST_TIMEOUT_SECONDS); try again later"
         await JSONResponse({"detail": detail}, status_code=503)(scope, receive, send)
 
     def _forget(self, task: asyncio.Task) -> None:

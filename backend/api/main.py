@@ -12,10 +12,12 @@ from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
+from backend import jobs as jobs_queue
 from backend.api.errors import install_error_handlers
 from backend.api.limits import BodyLimit, RequestBudget
 from backend.api.observability import RequestLog, instrument
-from backend.api.routes import categories, images, search, system
+from backend.api.routes import categories, images, jobs, search, system
+from backend.api.routes.jobs import ARCHIVE_PATH
 from backend.api.security import SAFE_METHODS, Access, SameOriginWrites, declare_access, guard
 from backend.core.config import PROJECT_ROOT, Settings, get_settings
 from backend.db.session import DATABASE_ERRORS, database_problem
@@ -72,9 +74,16 @@ def create_app(settings: Settings | None = None, service: SearchService | None =
         await run_in_threadpool(svc.cache.get)
         app.state.service = svc
         app.state.started = time.monotonic()
+        app.state.jobs_app = await run_in_threadpool(jobs_queue.open_queue, svc.engine)  # defers chunks (handler threads)
+        worker = jobs_queue.WorkerThread(settings, svc.engine) if settings.serve_worker else None
+        if worker is not None:
+            worker.start()
         refresher = asyncio.create_task(_refresh_index(svc, settings))
         yield
         refresher.cancel()
+        if worker is not None:
+            await run_in_threadpool(worker.stop)
+        await run_in_threadpool(app.state.jobs_app.close)
         try:
             await run_in_threadpool(svc.cache.save)  # the next start loads it and applies only later changes
         except OSError as exc:
@@ -101,11 +110,14 @@ def create_app(settings: Settings | None = None, service: SearchService | None =
             expose_headers=["X-Request-ID"],
         )
     too_large = f"request body larger than MAX_UPLOAD_SIZE ({settings.max_upload_size:,} bytes) allows"
-    app.add_middleware(BodyLimit, max_bytes=settings.max_upload_size + MULTIPART_OVERHEAD, message=too_large)
-    app.add_middleware(RequestBudget, seconds=settings.request_timeout_seconds)
+    archive_too_large = f"archive larger than MAX_ARCHIVE_SIZE ({settings.max_archive_size:,} bytes) allows"
+    larger = {ARCHIVE_PATH: (settings.max_archive_size + MULTIPART_OVERHEAD, archive_too_large)}
+    app.add_middleware(BodyLimit, max_bytes=settings.max_upload_size + MULTIPART_OVERHEAD, message=too_large, larger=larger)
+    # An archive upload may take longer than a search: an hour for its body (it is staged in the background).
+    app.add_middleware(RequestBudget, seconds=settings.request_timeout_seconds, longer={ARCHIVE_PATH: 3600.0})
     app.add_middleware(RequestLog)
 
-    for module in (search, images, categories, system):
+    for module in (search, images, categories, jobs, system):
         app.include_router(module.router)
 
     @app.get("/", include_in_schema=False, dependencies=[guard(Access.PUBLIC)])

@@ -98,6 +98,20 @@ class Settings(BaseSettings):
     metrics_require_key: bool = False  # /metrics: public, or only with a key holding the `metrics` scope
     log_format: Literal["text", "json"] = "text"
 
+    # Catalogue jobs (backend/jobs.py): images per chunk (one task, one transaction); `serve` runs a worker
+    # in-process unless SERVE_WORKER=false (then run `worker` processes, here or on other machines).
+    job_chunk_size: int = Field(256, ge=1, le=10_000)
+    serve_worker: bool = True
+    worker_concurrency: int = Field(1, ge=1, le=64)
+    max_archive_size: int = Field(2 * 2**30, ge=1024)  # bytes of an uploaded archive
+    max_archive_expanded: int = Field(8 * 2**30, ge=1024)  # bytes it may expand to (zip bombs stop here)
+    max_archive_entries: int = Field(200_000, ge=1)
+    max_url_list_items: int = Field(100_000, ge=1)
+    url_timeout_seconds: float = Field(10.0, gt=0, le=600)
+    url_concurrency: int = Field(4, ge=1, le=64)  # downloads at once in one chunk
+    # Downloads of private, loopback, link-local and reserved addresses are refused (SSRF) unless this is set.
+    allow_private_urls: bool = False
+
     # Datasets
     cifar10_dir: Path | None = None
     fashion_mnist_dir: Path = Path("/usr/share/datasets/fashion-mnist")

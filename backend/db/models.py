@@ -18,6 +18,7 @@ from sqlalchemy import (
     Uuid,
     func,
 )
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
@@ -119,3 +120,49 @@ class ApiKey(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class CatalogueJob(Base):
+    """One user request to fill the catalogue (migration 0004); its chunks run on procrastinate workers."""
+
+    __tablename__ = "catalogue_jobs"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16), server_default="queued")
+    model: Mapped[str] = mapped_column(String(128))
+    params: Mapped[dict] = mapped_column(JSONB, server_default="{}")
+    message: Mapped[str | None] = mapped_column(Text)
+    chunks: Mapped[int] = mapped_column(Integer, server_default="0")
+    total: Mapped[int] = mapped_column(Integer, server_default="0")
+    done: Mapped[int] = mapped_column(Integer, server_default="0")
+    added: Mapped[int] = mapped_column(Integer, server_default="0")
+    duplicates: Mapped[int] = mapped_column(Integer, server_default="0")
+    failed: Mapped[int] = mapped_column(Integer, server_default="0")
+    skipped: Mapped[int] = mapped_column(Integer, server_default="0")
+    failures: Mapped[list] = mapped_column(JSONB, server_default="[]")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_by: Mapped[str | None] = mapped_column(String(16))
+
+
+class CatalogueJobChunk(Base):
+    __tablename__ = "catalogue_job_chunks"
+
+    job_id: Mapped[int] = mapped_column(ForeignKey("catalogue_jobs.id", ondelete="CASCADE"), primary_key=True)
+    chunk: Mapped[int] = mapped_column(Integer, primary_key=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class CatalogueJobItem(Base):
+    __tablename__ = "catalogue_job_items"
+
+    job_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    chunk: Mapped[int] = mapped_column(Integer, primary_key=True)
+    item: Mapped[int] = mapped_column(Integer, primary_key=True)
+    source: Mapped[str] = mapped_column(Text)
+    category: Mapped[str | None] = mapped_column(String(200))
+    description: Mapped[str | None] = mapped_column(Text)
+    url: Mapped[str | None] = mapped_column(Text)
+    data: Mapped[bytes | None] = mapped_column(LargeBinary)

@@ -1,0 +1,217 @@
+"""Catalogue jobs with real worker processes on a real PostgreSQL and real CIFAR-10 images: an archive job
+ends with exact counts, URL jobs against a local HTTP server (private addresses refused by default), two
+workers share one job, a worker killed with SIGKILL mid-job loses and duplicates nothing, cancel."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, create_engine, func, select, text
+
+from backend import jobs
+from backend.core.config import PROJECT_ROOT
+from backend.datasets import load_cifar10
+from backend.db import migrate
+from backend.db.models import Image
+from backend.db.session import session_scope
+from tests.utils.settings import CIFAR_SUBSET, make_settings
+
+pytestmark = pytest.mark.model  # worker processes load the real Lite0 weights
+
+
+@pytest.fixture(scope="module")
+def cifar() -> list[tuple[str, bytes]]:
+    return [(s.label, s.load()) for s in load_cifar10(CIFAR_SUBSET, "test")[:60]]
+
+
+@pytest.fixture
+def db(databases, tmp_path: Path) -> Iterator[tuple[str, Engine]]:
+    name = f"imsrc_jobs_{os.getpid()}_{tmp_path.name[-12:]}".replace("-", "_").lower()
+    with databases.admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    databases.created.append(name)
+    url = databases.server_url.set(database=name)
+    engine = create_engine(url)
+    migrate.upgrade(engine)
+    yield url.render_as_string(hide_password=False), engine
+    engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("onnx")  # shared: the first worker exports the graph, the others load it
+
+
+class Workers:
+    def __init__(self, url: str, data_dir: Path, onnx_dir: Path, **env: str) -> None:
+        self.env = {**os.environ, "DATABASE_URL": url, "DATA_DIR": str(data_dir), "ONNX_CACHE_DIR": str(onnx_dir), **env}
+        self.procs: list[subprocess.Popen] = []
+        self.logs = data_dir.parent / f"logs-{id(self)}"
+        self.logs.mkdir(parents=True, exist_ok=True)
+
+    def start(self) -> subprocess.Popen:
+        log = open(self.logs / f"worker{len(self.procs)}.log", "w")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "backend.cli", "worker"], cwd=PROJECT_ROOT, env=self.env, stdout=log, stderr=log
+        )
+        self.procs.append(proc)
+        return proc
+
+    def chunks_done(self, n: int) -> int:
+        return (self.logs / f"worker{n}.log").read_text().count(" chunk ")
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.fixture
+def workers(db, tmp_path: Path, onnx_dir: Path) -> Iterator[Workers]:
+    group = Workers(db[0], tmp_path / "worker-data", onnx_dir, ALLOW_PRIVATE_URLS="true")
+    yield group
+    group.stop()
+
+
+def image_count(engine: Engine) -> int:
+    with session_scope(engine) as session:
+        return session.scalar(select(func.count()).select_from(Image)) or 0
+
+
+def make_archive(path: Path, images: list[tuple[str, bytes]], extra: dict[str, bytes] | None = None) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        for i, (label, data) in enumerate(images):
+            zf.writestr(f"{label}/img{i}.png", data)
+        for name, data in (extra or {}).items():
+            zf.writestr(name, data)
+    return path
+
+
+def test_archive_job_ends_with_exact_counts_and_searchable_images(db, workers: Workers, tmp_path: Path, cifar) -> None:
+    _url, engine = db
+    settings = make_settings(tmp_path / "server", engine, job_chunk_size=16)
+    archive = make_archive(
+        tmp_path / "a.zip",
+        cifar[:40] + cifar[:3],  # 3 exact duplicates inside the archive
+        {"../escape.png": cifar[0][1], "cat/notes.png": b"not an image at all"},
+    )
+    app = jobs.open_queue(engine)
+    job_id = jobs.create_job(engine, "archive", "efficientnet_lite0/imagenet/224px", {}, None)
+    jobs.stage_archive(settings, engine, app, job_id, archive)
+    assert jobs.get_job(engine, job_id).total == 44 and not archive.exists()
+    workers.start()
+    job = jobs.wait_for(engine, job_id, 240)
+    assert job.state == "succeeded", job.message
+    assert (job.total, job.done, job.added, job.duplicates, job.failed, job.skipped) == (44, 44, 40, 3, 1, 1)
+    assert [f["source"] for f in job.failures] == ["archive", "cat/notes.png"]  # the skipped entry, then the bad image
+    assert "leaves" in job.failures[0]["reason"] and image_count(engine) == 40
+    assert jobs.images_per_second(job) and not (settings.data_dir / "jobs" / str(job_id)).exists()
+
+
+@pytest.fixture(scope="module")
+def image_server(cifar) -> Iterator[str]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            name = self.path.strip("/")
+            if name.startswith("img") and name[3:].isdigit() and int(name[3:]) < len(cifar):
+                body, status = cifar[int(name[3:])][1], 200
+            elif name == "page":
+                body, status = b"<html>hello</html>", 200
+            else:
+                body, status = b"missing", 404
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def url_list(base: str) -> str:
+    lines = ["url,category,description"] + [f"{base}/img{i},{'cat' if i % 2 else 'dog'},picture {i}" for i in range(12)]
+    return "\n".join([*lines, f"{base}/nothing-here", f"{base}/page", "ftp://example.com/x.png"])
+
+
+def test_url_job_with_404s_and_non_images(db, workers: Workers, tmp_path: Path, image_server: str) -> None:
+    _url, engine = db
+    settings = make_settings(tmp_path / "server", engine, job_chunk_size=5, allow_private_urls=True)
+    job_id = jobs.create_job(engine, "urls", "efficientnet_lite0/imagenet/224px", {}, None)
+    jobs.stage_urls(settings, engine, jobs.open_queue(engine), job_id, url_list(image_server))
+    workers.start()
+    job = jobs.wait_for(engine, job_id, 240)
+    assert job.state == "succeeded", job.message
+    assert (job.total, job.added, job.failed) == (15, 12, 3)
+    reasons = " ".join(f["reason"] for f in job.failures)
+    assert "HTTP 404" in reasons and "not an image" in reasons and "not an http(s) URL" in reasons
+    assert image_count(engine) == 12
+
+
+def test_the_same_list_is_refused_as_private_by_default(db, tmp_path: Path, image_server: str, onnx_dir: Path) -> None:
+    url, engine = db
+    strict = Workers(url, tmp_path / "worker-data", onnx_dir)  # ALLOW_PRIVATE_URLS unset
+    settings = make_settings(tmp_path / "server", engine, job_chunk_size=8)
+    job_id = jobs.create_job(engine, "urls", "efficientnet_lite0/imagenet/224px", {}, None)
+    jobs.stage_urls(settings, engine, jobs.open_queue(engine), job_id, url_list(image_server))
+    strict.start()
+    try:
+        job = jobs.wait_for(engine, job_id, 240)
+    finally:
+        strict.stop()
+    assert job.state == "succeeded" and job.added == 0 and job.failed == 15
+    assert sum("private, loopback or reserved" in f["reason"] for f in job.failures) == 14
+    assert image_count(engine) == 0
+
+
+def test_two_workers_share_a_job_and_one_killed_mid_job_loses_nothing(db, workers: Workers, tmp_path: Path, cifar) -> None:
+    _url, engine = db
+    settings = make_settings(tmp_path / "server", engine, job_chunk_size=4)
+    app = jobs.open_queue(engine)
+    job_id = jobs.create_job(engine, "archive", "efficientnet_lite0/imagenet/224px", {}, None)
+    jobs.stage_archive(settings, engine, app, job_id, make_archive(tmp_path / "b.zip", cifar))
+    first, _second = workers.start(), workers.start()
+    deadline = time.monotonic() + 240
+    while jobs.get_job(engine, job_id).done < 12 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    first.send_signal(signal.SIGKILL)  # mid-job: its chunk in flight is lost with it, then retried
+    first.wait(10)
+    job = jobs.wait_for(engine, job_id, 300)
+    assert job.state == "succeeded", job.message
+    assert (job.total, job.done, job.added, job.duplicates, job.failed) == (60, 60, 60, 0, 0)
+    assert image_count(engine) == 60
+    assert workers.chunks_done(0) >= 1 and workers.chunks_done(1) >= 1  # both took chunks of the one job
+
+
+def test_cancel_stops_new_chunks_and_keeps_finished_ones(db, tmp_path: Path, cifar, onnx_dir: Path) -> None:
+    url, engine = db
+    settings = make_settings(tmp_path / "server", engine, job_chunk_size=10)
+    job_id = jobs.create_job(engine, "archive", "efficientnet_lite0/imagenet/224px", {}, None)
+    jobs.stage_archive(settings, engine, jobs.open_queue(engine), job_id, make_archive(tmp_path / "c.zip", cifar))
+    cancelled = jobs.cancel_job(engine, job_id)
+    assert cancelled.state == "cancelled"
+    group = Workers(url, tmp_path / "wd", onnx_dir)
+    group.start()
+    try:
+        time.sleep(8)  # the worker drains the queued chunks: each finds its job cancelled
+    finally:
+        group.stop()
+    job = jobs.get_job(engine, job_id)
+    assert job.state == "cancelled" and job.added == 0 and image_count(engine) == 0
