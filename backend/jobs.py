@@ -10,6 +10,7 @@ One bad item fails that item only; an unusable input (not an archive, no images,
 with one message and stages nothing. Cancelling stops new chunks; finished ones stay.
 """
 
+import asyncio
 import logging
 import threading
 import time
@@ -517,8 +518,6 @@ class WorkerThread:
     so that `./setup.sh all` needs no second process; stopped with the server."""
 
     def __init__(self, settings: Settings, engine: Engine) -> None:
-        import asyncio
-
         self.settings, self.engine = settings, engine
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self._run, name="catalogue-worker", daemon=True)
@@ -528,6 +527,7 @@ class WorkerThread:
         self.thread.start()
 
     def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
         _WORKER.configure(self.settings, self.engine)
         app = make_app(self.engine)
 
@@ -546,10 +546,16 @@ class WorkerThread:
         self.task = self.loop.create_task(main())
         try:
             self.loop.run_until_complete(self.task)
-        except BaseException as exc:  # cancelled at shutdown, or the database went away
-            if not self.task.cancelled():
-                log.warning("in-process worker stopped: %s", exc)
-        finally:
+        except asyncio.CancelledError:
+            pass  # stopped with the server
+        except Exception as exc:  # the database went away for good, say
+            log.warning("in-process worker stopped: %s", exc)
+        finally:  # let the pool's own tasks finish before the loop goes
+            pending = asyncio.all_tasks(self.loop)
+            for task in pending:
+                task.cancel()
+            self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
             self.loop.close()
 
     def stop(self, timeout_s: float = 10.0) -> None:

@@ -45,6 +45,13 @@ DECISIONS = {
     ("POST", "/categories"): Access.WRITE,
     ("POST", "/admin/rebuild-index"): Access.ADMIN,
     ("POST", "/admin/rebuild-prototypes"): Access.ADMIN,
+    # Catalogue jobs (issue 11): watching is reading; handing over images is writing; the server's disk is admin's.
+    ("GET", "/jobs"): Access.SEARCH,
+    ("GET", "/jobs/{job_id}"): Access.SEARCH,
+    ("POST", "/jobs/archive"): Access.WRITE,
+    ("POST", "/jobs/urls"): Access.WRITE,
+    ("POST", "/jobs/{job_id}/cancel"): Access.WRITE,
+    ("POST", "/jobs/folder"): Access.ADMIN,
 }
 
 

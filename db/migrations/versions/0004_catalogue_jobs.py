@@ -62,11 +62,32 @@ def upgrade() -> None:
         sa.Column("description", sa.Text),
         sa.Column("url", sa.Text),  # download this, or:
         sa.Column("data", sa.LargeBinary),  # these bytes
-        sa.ForeignKeyConstraint(["job_id", "chunk"], ["catalogue_job_chunks.job_id", "catalogue_job_chunks.chunk"], ondelete="CASCADE"),
+        sa.ForeignKeyConstraint(
+            ["job_id", "chunk"], ["catalogue_job_chunks.job_id", "catalogue_job_chunks.chunk"], ondelete="CASCADE"
+        ),
     )
+
+
+DROP_PROCRASTINATE = """
+DO $$ DECLARE r record; BEGIN
+  FOR r IN SELECT tablename FROM pg_tables WHERE schemaname = current_schema() AND tablename LIKE 'procrastinate%' LOOP
+    EXECUTE 'DROP TABLE IF EXISTS ' || quote_ident(r.tablename) || ' CASCADE';
+  END LOOP;
+  FOR r IN SELECT p.oid::regprocedure AS f FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+           WHERE n.nspname = current_schema() AND p.proname LIKE 'procrastinate%' LOOP
+    EXECUTE 'DROP FUNCTION IF EXISTS ' || r.f || ' CASCADE';
+  END LOOP;
+  FOR r IN SELECT t.typname FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+           WHERE n.nspname = current_schema() AND t.typname LIKE 'procrastinate%' AND t.typtype IN ('e', 'c') LOOP
+    EXECUTE 'DROP TYPE IF EXISTS ' || quote_ident(r.typname) || ' CASCADE';
+  END LOOP;
+END $$;
+"""
 
 
 def downgrade() -> None:
     op.drop_table("catalogue_job_items")
     op.drop_table("catalogue_job_chunks")
     op.drop_table("catalogue_jobs")
+    with op.get_bind().connection.dbapi_connection.cursor() as cursor:  # type: ignore[union-attr]
+        cursor.execute(DROP_PROCRASTINATE)
