@@ -113,7 +113,7 @@ def declare_access(app: FastAPI, settings: Settings) -> None:
             raise RuntimeError(f"route {sorted(route.methods or ())} {route.path} does not declare its access (guard)")
         keyed = needs_key(access, settings)
         for method in route.methods or ():
-            op = (route.path, method.lower())
+            op = (route.path_format, method.lower())  # as the schema writes it: {job_id}, not {job_id:int}
             codes = (401, 403) if keyed else ()
             if method not in SAFE_METHODS:
                 codes = (*codes, 403)  # cross-site

@@ -57,7 +57,7 @@ DECISIONS = {
 
 def test_every_route_has_a_decision(tmp_path: Path) -> None:
     app = create_app(make_settings(tmp_path))
-    found = {(m, r.path): route_access(r) for r in api_routes(app.routes) for m in r.methods or ()}
+    found = {(m, r.path_format): route_access(r) for r in api_routes(app.routes) for m in r.methods or ()}
     assert found == DECISIONS
 
 

@@ -181,12 +181,12 @@ def list_jobs(service: ServiceDep) -> list[JobOut]:
     return [JobOut.of(job) for job in jobs.list_jobs(service.engine)]
 
 
-@router.get("/{job_id}", response_model=JobOut, dependencies=[guard(Access.SEARCH)], responses=error_responses(404, 422))
+@router.get("/{job_id:int}", response_model=JobOut, dependencies=[guard(Access.SEARCH)], responses=error_responses(404, 422))
 def get_job(job_id: int, service: ServiceDep) -> JobOut:
     return JobOut.of(jobs.get_job(service.engine, _checked(job_id)))
 
 
-@router.post("/{job_id}/cancel", response_model=JobOut, dependencies=[guard(Access.WRITE)], responses=error_responses(404, 422))
+@router.post("/{job_id:int}/cancel", response_model=JobOut, dependencies=[guard(Access.WRITE)], responses=error_responses(404, 422))
 def cancel_job(job_id: int, service: ServiceDep) -> JobOut:
     """No new chunk starts; chunks already done stay in the catalogue."""
     return JobOut.of(jobs.cancel_job(service.engine, _checked(job_id)))
