@@ -2,7 +2,7 @@
 rem Image similarity search: setup menu and non-interactive subcommands (Windows).
 rem   setup.bat                 interactive menu
 rem   setup.bat all [N]         install, init-db, populate N CIFAR-10 images, index, serve
-rem   setup.bat install ^| init-db ^| populate [N] ^| build-index ^| admin-key ^| serve ^| test ^| status
+rem   setup.bat install ^| init-db ^| populate [N] ^| build-index ^| admin-key ^| serve ^| worker ^| test ^| status
 setlocal enableextensions
 cd /d "%~dp0"
 if "%VENV%"=="" set "VENV=.venv"
@@ -19,6 +19,7 @@ if /i "%CMD%"=="serve" (call :serve & goto end)
 if /i "%CMD%"=="test" (call :run_tests & goto end)
 if /i "%CMD%"=="status" (call :cli status & goto end)
 if /i "%CMD%"=="admin-key" (call :admin_key & goto end)
+if /i "%CMD%"=="worker" (call :cli worker & goto end)
 if /i "%CMD%"=="all" (call :all %2 & goto end)
 echo unknown command: %CMD%
 exit /b 2
@@ -35,6 +36,7 @@ echo   6) Run the tests
 echo   7) Everything (1-5)
 echo   8) Status
 echo   9) Create or show the admin API key
+echo   w) Start a catalogue-job worker (more workers ingest faster)
 echo   q) Quit
 set "CHOICE="
 set /p CHOICE=Choice: 
@@ -47,6 +49,7 @@ if "%CHOICE%"=="6" call :run_tests
 if "%CHOICE%"=="7" (set "N=" & set /p N=How many images? [%NUM_IMAGES%] & call :all %%N%%)
 if "%CHOICE%"=="8" call :cli status
 if "%CHOICE%"=="9" call :admin_key
+if /i "%CHOICE%"=="w" call :cli worker
 if /i "%CHOICE%"=="q" goto end
 goto menu
 

@@ -2,7 +2,7 @@
 # Image similarity search: setup menu and non-interactive subcommands.
 #   ./setup.sh                 interactive menu
 #   ./setup.sh all [N]         fresh clone -> running server: install, init-db, populate N CIFAR-10 images, index, serve
-#   ./setup.sh install | init-db | populate [N] | build-index | admin-key | serve | test [PYTEST ARGS] | lint | status
+#   ./setup.sh install | init-db | populate [N] | build-index | admin-key | serve | worker | test [PYTEST ARGS] | lint | status
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -82,6 +82,7 @@ Image similarity search - setup
   7) Everything (1-5)
   8) Status
   9) Create or show the admin API key
+  w) Start a catalogue-job worker (more workers ingest faster; any machine that reaches the database)
   b) Back up the database to a file
   q) Quit
 MENU
@@ -96,6 +97,7 @@ MENU
       7) read -r -p "How many images? [$DEFAULT_IMAGES] " n; all "${n:-$DEFAULT_IMAGES}" ;;
       8) cli status ;;
       9) admin_key ;;
+      w) cli worker ;;
       b) read -r -p "Backup file? [backup.dump] " f; cli backup "${f:-backup.dump}" ;;
       q|Q) exit 0 ;;
       *) echo "unknown choice: $choice" ;;
@@ -112,6 +114,7 @@ case "$cmd" in
   populate) populate "$@" ;;
   build-index) build_index ;;
   serve|start) serve ;;
+  worker) cli worker "$@" ;;
   test) run_tests "$@" ;;
   lint) lint ;;
   status) cli status ;;
