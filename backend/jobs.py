@@ -264,9 +264,10 @@ class _WorkerState:
         self.engine: Engine | None = None
         self._embedder: Any = None
         self._lock = threading.Lock()
+        self.after_commit: Callable[[], None] | None = None
 
-    def configure(self, settings: Settings, engine: Engine) -> None:
-        self.settings, self.engine = settings, engine
+    def configure(self, settings: Settings, engine: Engine, after_commit: Callable[[], None] | None = None) -> None:
+        self.settings, self.engine, self.after_commit = settings, engine, after_commit
 
     def embedder(self) -> Any:
         with self._lock:
@@ -285,7 +286,9 @@ _WORKER = _WorkerState()
 def _ingest_chunk_task(job_id: int, chunk: int) -> None:
     settings, engine = _WORKER.settings, _WORKER.engine
     assert settings is not None and engine is not None, "run_worker configures the worker first"
-    ingest_chunk(settings, engine, _WORKER.embedder(), job_id, chunk)
+    result = ingest_chunk(settings, engine, _WORKER.embedder(), job_id, chunk)
+    if result.added and _WORKER.after_commit is not None:
+        _WORKER.after_commit()  # serve's own worker: its images are searchable before the next chunk starts
 
 
 @dataclass
@@ -517,8 +520,8 @@ class WorkerThread:
     """`serve`'s in-process worker (SERVE_WORKER): procrastinate's worker on an event loop of its own thread,
     so that `./setup.sh all` needs no second process; stopped with the server."""
 
-    def __init__(self, settings: Settings, engine: Engine) -> None:
-        self.settings, self.engine = settings, engine
+    def __init__(self, settings: Settings, engine: Engine, after_commit: Callable[[], None] | None = None) -> None:
+        self.settings, self.engine, self.after_commit = settings, engine, after_commit
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self._run, name="catalogue-worker", daemon=True)
         self.task: Any = None
@@ -528,7 +531,7 @@ class WorkerThread:
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
-        _WORKER.configure(self.settings, self.engine)
+        _WORKER.configure(self.settings, self.engine, self.after_commit)
         app = make_app(self.engine)
 
         async def main() -> None:

@@ -215,3 +215,44 @@ def test_cancel_stops_new_chunks_and_keeps_finished_ones(db, tmp_path: Path, cif
         group.stop()
     job = jobs.get_job(engine, job_id)
     assert job.state == "cancelled" and job.added == 0 and image_count(engine) == 0
+
+
+def test_a_server_sees_a_separate_workers_images_within_seconds(db, workers: Workers, tmp_path: Path, cifar) -> None:
+    """Through the API: an archive job on a server without its own worker (SERVE_WORKER=false), run by a
+    separate worker process; the server's index follows the worker's commits by its refresh tick."""
+    import httpx
+
+    from tests.utils.server import running_server
+
+    url, engine = db
+    env = {
+        **os.environ,
+        "DATABASE_URL": url,
+        "DATA_DIR": str(tmp_path / "server"),
+        "SERVE_WORKER": "false",
+        "AUTH_MODE": "off",
+        "INDEX_REFRESH_SECONDS": "1",
+        "JOB_CHUNK_SIZE": "10",
+    }
+    archive = make_archive(tmp_path / "d.zip", cifar[:20])
+    with running_server(env) as server:
+        with open(archive, "rb") as f:
+            answer = httpx.post(f"{server.url}/jobs/archive", files={"file": ("d.zip", f, "application/zip")}, timeout=60)
+        assert answer.status_code == 202, answer.text
+        job_id = answer.json()["id"]
+        workers.start()
+        job = jobs.wait_for(engine, job_id, 240)
+        assert job.state == "succeeded" and job.added == 20
+        finished = time.monotonic()
+        while True:
+            hit = httpx.post(
+                f"{server.url}/search?limit=1&use_prototypes=false",
+                files={"file": ("q.png", cifar[7][1], "image/png")},
+                timeout=60,
+            ).json()["results"][0]
+            if hit["score"] > 0.9999 or time.monotonic() - finished > 15:
+                break
+            time.sleep(0.2)
+        assert hit["score"] > 0.9999, hit
+        assert httpx.get(f"{server.url}/jobs/{job_id}", timeout=10).json()["progress"] == 1.0
+        print(f"\nsearchable on the server {time.monotonic() - finished:.2f} s after the job ended")

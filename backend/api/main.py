@@ -75,7 +75,7 @@ def create_app(settings: Settings | None = None, service: SearchService | None =
         app.state.service = svc
         app.state.started = time.monotonic()
         app.state.jobs_app = await run_in_threadpool(jobs_queue.open_queue, svc.engine)  # defers chunks (handler threads)
-        worker = jobs_queue.WorkerThread(settings, svc.engine) if settings.serve_worker else None
+        worker = jobs_queue.WorkerThread(settings, svc.engine, svc.cache.after_write) if settings.serve_worker else None
         if worker is not None:
             worker.start()
         refresher = asyncio.create_task(_refresh_index(svc, settings))

@@ -74,7 +74,8 @@ def test_search_shows_results_categories_and_timings(page, cifar_queries: Datase
     cards = page.query_selector_all("[data-testid=result]")
     assert len(cards) == 8
     assert "cos 0." in cards[0].inner_text()
-    assert cards[0].query_selector("img").evaluate("img => img.complete && img.naturalWidth > 0")
+    first_thumbnail = "document.querySelector('[data-testid=result] img')"
+    page.wait_for_function(f"{first_thumbnail}.complete && {first_thumbnail}.naturalWidth > 0")  # lazy: may take a moment
     searched = page.query_selector_all("[data-testid=category].searched")
     assert len(searched) == 2 and len(page.query_selector_all("[data-testid=category]")) == 10
     result_cats = {c.inner_text().split("\n")[0] for c in cards}
@@ -130,6 +131,35 @@ def test_upload_asks_for_a_key_and_shows_errors(page, write_key: str, cifar_quer
     page.click("[data-testid=category-chip] >> nth=2")
     page.wait_for_selector("[data-testid=browse] [data-testid=result]")
     assert len(page.query_selector_all("[data-testid=browse] [data-testid=result]")) >= 10
+
+
+def test_a_zip_from_the_page_reaches_100_percent_and_is_searchable(
+    page, write_key: str, cifar_queries: Dataset, tmp_path: Path
+) -> None:
+    import zipfile
+
+    chosen = cifar_queries.samples[-30:]  # not the bird the upload test stored
+    archive = tmp_path / "catalogue.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for i, sample in enumerate(chosen):
+            zf.writestr(f"{sample.label}/q{i}.png", sample.load())
+        zf.writestr("../outside.png", chosen[0].load())  # skipped and counted, never written
+    page.set_input_files("[data-testid=archive-file]", str(archive))
+    page.click("#archive-form button")
+    if page.is_visible("[data-testid=key-panel]"):
+        page.fill("[data-testid=key-input]", write_key)
+        page.click("[data-testid=key-submit]")
+    page.wait_for_function(
+        "[...document.querySelectorAll('.job')].some(j => j.textContent.includes('archive · succeeded · 100 %'))", timeout=180_000
+    )
+    card = page.inner_text(".job.succeeded >> nth=0")
+    assert "30 / 30 done: 30 added, 0 duplicates, 0 failed, 1 skipped" in card and "images/s" in card
+    query = tmp_path / "query.png"
+    query.write_bytes(chosen[5].load())
+    page.set_input_files("[data-testid=query-file]", str(query))
+    page.click("[data-testid=search-btn]")
+    page.wait_for_selector("[data-testid=results] [data-testid=result]")
+    assert "cos 1.000" in page.inner_text("[data-testid=results] [data-testid=result] >> nth=0")
 
 
 ATTACK_PAGE = """<!doctype html><html><body>

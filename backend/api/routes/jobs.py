@@ -186,7 +186,9 @@ def get_job(job_id: int, service: ServiceDep) -> JobOut:
     return JobOut.of(jobs.get_job(service.engine, _checked(job_id)))
 
 
-@router.post("/{job_id:int}/cancel", response_model=JobOut, dependencies=[guard(Access.WRITE)], responses=error_responses(404, 422))
+@router.post(
+    "/{job_id:int}/cancel", response_model=JobOut, dependencies=[guard(Access.WRITE)], responses=error_responses(404, 422)
+)
 def cancel_job(job_id: int, service: ServiceDep) -> JobOut:
     """No new chunk starts; chunks already done stay in the catalogue."""
     return JobOut.of(jobs.cancel_job(service.engine, _checked(job_id)))
