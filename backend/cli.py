@@ -75,6 +75,22 @@ def cmd_populate(args: argparse.Namespace, settings: Settings) -> None:
 
     _require_schema()
     dataset = load_dataset(args.dataset, args.source, args.split, args.num_images, settings)
+    if args.background:  # a catalogue job: any worker (serve's own, `worker` processes) embeds it
+        from backend import jobs
+
+        engine = get_engine()
+        model = create_embedder(settings).model_id
+        job_id = jobs.create_job(engine, "dataset", model, {"dataset": args.dataset, "split": args.split}, None)
+        queue = jobs.open_queue(engine)
+        try:
+            listed = [{"source": args.dataset, "reason": note} for note in dataset.notes]
+            staged = jobs.stage_items(
+                engine, queue, job_id, jobs.sample_items(dataset.samples), settings.job_chunk_size, dataset.skipped, notes=listed
+            )
+        finally:
+            queue.close()
+        print(f"job {job_id}: {staged.total} images in {staged.chunks} chunks queued; follow it with: jobs show {job_id}")
+        return
     embedder = create_embedder(settings)
     report = ingest(
         dataset, embedder, get_engine(), settings.max_image_pixels, batch_size=args.batch_size, progress=not args.quiet
@@ -345,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int_in(1), help="at most N images, balanced over categories")
     p.add_argument("--batch-size", type=int_in(1, 4096), default=128, help="images per transaction")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--background", action="store_true", help="queue a catalogue job for the workers and return")
 
     command("build-index", cmd_build_index, "rebuild the FAISS index from the stored vectors")
     command("rebuild-prototypes", cmd_rebuild_prototypes, "recompute category prototypes from stored vectors")

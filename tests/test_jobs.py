@@ -193,6 +193,7 @@ def test_two_workers_share_a_job_and_one_killed_mid_job_loses_nothing(db, worker
         time.sleep(0.2)
     first.send_signal(signal.SIGKILL)  # mid-job: its chunk in flight is lost with it, then retried
     first.wait(10)
+    workers.start()  # and another one joins
     job = jobs.wait_for(engine, job_id, 300)
     assert job.state == "succeeded", job.message
     assert (job.total, job.done, job.added, job.duplicates, job.failed) == (60, 60, 60, 0, 0)
@@ -256,3 +257,24 @@ def test_a_server_sees_a_separate_workers_images_within_seconds(db, workers: Wor
         assert hit["score"] > 0.9999, hit
         assert httpx.get(f"{server.url}/jobs/{job_id}", timeout=10).json()["progress"] == 1.0
         print(f"\nsearchable on the server {time.monotonic() - finished:.2f} s after the job ended")
+
+
+def test_populate_in_the_background_is_a_job_the_workers_finish(db, workers: Workers, tmp_path: Path) -> None:
+    from tests.utils.cli import run_cli
+
+    url, engine = db
+    env = {
+        "DATABASE_URL": url,
+        "DATA_DIR": str(tmp_path / "cli"),
+        "CIFAR10_DIR": str(CIFAR_SUBSET.parent),
+        "JOB_CHUNK_SIZE": "25",
+    }
+    done = run_cli(env, "populate", "--num-images", "50", "--background")
+    assert done.returncode == 0, done.stderr
+    assert "50 images in 2 chunks queued" in done.stdout
+    job_id = int(done.stdout.split()[1].rstrip(":"))
+    workers.start()
+    job = jobs.wait_for(engine, job_id, 240)
+    assert (job.kind, job.state, job.added) == ("dataset", "succeeded", 50) and image_count(engine) == 50
+    shown = run_cli(env, "jobs", "show", str(job_id))
+    assert f"job {job_id} dataset  succeeded  50/50 done: 50 added" in shown.stdout, shown.stdout
