@@ -33,7 +33,7 @@ def main() -> None:
         for method, rows in methods.items():
             style = "o-" if method.startswith("ours") else ("s--" if "HNSW" in method else "^:")
             ax.plot([r["p50"] for r in rows], [r["recall@10"] for r in rows], style, label=method, markersize=4)
-        ax.axhline(0.97, color="grey", linewidth=0.8, linestyle=":")
+        ax.axhline(0.95 if "index_memory_gb" in section else 0.97, color="grey", linewidth=0.8, linestyle=":")  # the goal
         ax.set_xscale("log")
         ax.set_xlabel("p50 latency of one query (ms, log)")
         ax.set_ylabel("recall@10 vs exact")

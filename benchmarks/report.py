@@ -34,6 +34,14 @@ def print_report(report: dict) -> None:
             print(f"  {'':>9} index memory {r['index_rss_mb']} MB, in-memory build {r['build_vectors_per_s']:,} vectors/s")
     if "indexes" in report:
         print_indexes(report["indexes"])
+    if "jobs" in report:
+        r = report["jobs"]
+        per = ", ".join(f"{w} worker(s) {v['images_per_s']} images/s" for w, v in r["workers"].items())
+        print(
+            f"\ncatalogue jobs ({r['images']} CIFAR-10 images): {per}; embedding alone in one process "
+            f"{r['embedding_alone_images_per_s']} images/s; a server finds a separate worker's image "
+            f"{r['server_sees_worker_s']} s after its job ends"
+        )
     if "build" in report:
         print("\nindex build from the database")
         for r in report["build"]:
@@ -92,3 +100,20 @@ def print_indexes(sections: list[dict]) -> None:
             )
         else:
             print(f"  goal: {'met' if g['met'] else 'MISSED'}: {g.get('why', '')}")
+
+
+def markdown_indexes(sections: list[dict]) -> str:
+    """The `indexes` section as Markdown tables (for the README)."""
+    out = []
+    for s in sections:
+        out.append(f"**{s['name']}** — {s['vectors']:,} vectors, {s['queries']:,} queries\n")
+        out.append("| method | setting | recall@10 | P@10 | p50 ms | p95 ms | memory MB | build s |")
+        out.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        for r in s["rows"]:
+            p10 = f"{r['P@10']:.3f}" if r.get("P@10") is not None else "–"
+            out.append(
+                f"| {r['method']} | {r['knob']} | {r['recall@10']:.3f} | {p10} | {r['p50']:.3f} | {r['p95']:.3f} "
+                f"| {r['memory_mb']:,.0f} | {r['build_s']:.1f} |"
+            )
+        out.append("")
+    return "\n".join(out)

@@ -19,9 +19,9 @@ if __package__ in (None, ""):
 from backend.core.config import Settings, get_settings
 from benchmarks.harness import hardware
 from benchmarks.report import print_report
-from benchmarks.sections import build, embed, http, indexes, ingest, search
+from benchmarks.sections import build, embed, http, indexes, ingest, jobs, search
 
-SECTIONS = ("embed", "search", "indexes", "build", "http", "ingest")
+SECTIONS = ("embed", "search", "indexes", "build", "http", "ingest", "jobs")
 
 
 def run_benchmarks(args: argparse.Namespace, settings: Settings) -> dict:
@@ -37,6 +37,7 @@ def run_benchmarks(args: argparse.Namespace, settings: Settings) -> dict:
         "build": lambda: build.run(args.quick),
         "http": lambda: http.run(settings, args.quick),
         "ingest": lambda: ingest.run(settings, args.quick),
+        "jobs": lambda: jobs.run(settings, args.quick),
     }
     for name in SECTIONS:
         if name in wanted:
