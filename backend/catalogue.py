@@ -125,6 +125,44 @@ def add_images(session: Session, model: str, items: Sequence[NewImage], vectors:
     return ids
 
 
+def add_embeddings(session: Session, model: str, image_ids: Sequence[int], vectors: np.ndarray) -> int:
+    """Embeddings of `model` for stored images (re-embedding with another model), idempotent: an image that
+    has one already keeps it. Given labels are folded into `model`'s prototypes. Returns how many were new."""
+    if not len(image_ids):
+        return 0
+    lock_changes(session)
+    dim = vectors.shape[1]
+    new = set(
+        session.scalars(
+            insert(Embedding)
+            .values(
+                [
+                    {"image_id": int(i), "model": model, "dim": dim, "vector": to_bytes(v)}
+                    for i, v in zip(image_ids, vectors, strict=True)
+                ]
+            )
+            .on_conflict_do_nothing()
+            .returning(Embedding.image_id)
+        )
+    )
+    labels: dict[int, int] = {
+        image_id: category_id
+        for image_id, category_id in session.execute(
+            select(Image.id, Image.category_id).where(Image.id.in_(new), Image.label_given, Image.category_id.is_not(None))
+        )
+        if category_id is not None
+    }
+    rows = [k for k, i in enumerate(image_ids) if int(i) in labels]
+    _update_prototypes(session, model, [labels[int(image_ids[k])] for k in rows], vectors[rows], sign=1)
+    return len(new)
+
+
+def images_without(session: Session, model: str) -> list[int]:
+    """Ids of stored images that have no `model` embedding yet, ascending."""
+    has = select(Embedding.image_id).where(Embedding.model == model, Embedding.image_id == Image.id).exists()
+    return list(session.scalars(select(Image.id).where(~has).order_by(Image.id)))
+
+
 def _update_prototypes(session: Session, model: str, category_ids: Sequence[int], vectors: np.ndarray, sign: int) -> None:
     """Add (sign 1) or subtract (sign -1) `vectors` to their categories' running sums. The caller holds
     CHANGE_LOCK, taken before these row locks."""

@@ -30,7 +30,7 @@ from backend import catalogue
 from backend.core.config import Settings
 from backend.core.errors import InvalidImage, InvalidInput, NotFound
 from backend.datasets import Sample
-from backend.db.models import CatalogueJob, CatalogueJobChunk, CatalogueJobItem
+from backend.db.models import CatalogueJob, CatalogueJobChunk, CatalogueJobItem, Image
 from backend.db.session import session_scope
 from backend.imaging import DecodedImage, decode_image
 from backend.urls import FetchFailed, FetchLimits, fetch
@@ -38,7 +38,7 @@ from backend.urls import FetchFailed, FetchLimits, fetch
 log = logging.getLogger(__name__)
 
 QUEUE = "catalogue"
-KINDS = ("archive", "urls", "folder", "dataset")
+KINDS = ("archive", "urls", "folder", "dataset", "reembed")
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINAL = ("succeeded", "failed", "cancelled")
 MAX_FAILURES = 100
@@ -175,7 +175,7 @@ def stage_items(
             "done": CatalogueJob.done + bad,
         }
         if not staged.total:
-            values |= {"state": "failed", "message": "no images to ingest in this input", "finished_at": func.now()}
+            values |= {"state": "failed", "message": "nothing to do: no images in this input", "finished_at": func.now()}
         session.execute(update(CatalogueJob).where(CatalogueJob.id == job_id).values(**values))
     mark_staged(engine, job_id)
     return staged
@@ -262,22 +262,24 @@ class _WorkerState:
     def __init__(self) -> None:
         self.settings: Settings | None = None
         self.engine: Engine | None = None
-        self._embedder: Any = None
+        self._embedders: dict[str | None, Any] = {}
         self._lock = threading.Lock()
         self.after_commit: Callable[[], None] | None = None
 
     def configure(self, settings: Settings, engine: Engine, after_commit: Callable[[], None] | None = None) -> None:
         self.settings, self.engine, self.after_commit = settings, engine, after_commit
 
-    def embedder(self) -> Any:
+    def embedder(self, model_name: str | None = None) -> Any:
+        """The settings' model (None), or the one a re-embedding job names; each loaded once."""
         with self._lock:
-            if self._embedder is None:
+            if model_name not in self._embedders:
                 from backend.embedding.registry import create_embedder
 
                 assert self.settings is not None
-                self._embedder = create_embedder(self.settings)
-                self._embedder.load()
-            return self._embedder
+                embedder = create_embedder(self.settings, model_name)
+                embedder.load()
+                self._embedders[model_name] = embedder
+            return self._embedders[model_name]
 
 
 _WORKER = _WorkerState()
@@ -286,7 +288,7 @@ _WORKER = _WorkerState()
 def _ingest_chunk_task(job_id: int, chunk: int) -> None:
     settings, engine = _WORKER.settings, _WORKER.engine
     assert settings is not None and engine is not None, "run_worker configures the worker first"
-    result = ingest_chunk(settings, engine, _WORKER.embedder(), job_id, chunk)
+    result = ingest_chunk(settings, engine, _WORKER.embedder, job_id, chunk)
     if result.added and _WORKER.after_commit is not None:
         _WORKER.after_commit()  # serve's own worker: its images are searchable before the next chunk starts
 
@@ -299,10 +301,13 @@ class ChunkResult:
     skipped: bool = False  # already done, or the job was cancelled
 
 
-def ingest_chunk(settings: Settings, engine: Engine, embedder: Any, job_id: int, chunk: int) -> ChunkResult:
+def ingest_chunk(
+    settings: Settings, engine: Engine, embedders: Callable[[str | None], Any], job_id: int, chunk: int
+) -> ChunkResult:
     """Decode (or download), embed and store one chunk, then account for it, all in one transaction."""
     with session_scope(engine) as session:
         state = _state(session, job_id)
+        job_params = session.scalar(select(CatalogueJob.params).where(CatalogueJob.id == job_id)) or {}
         done = session.scalar(
             select(CatalogueJobChunk.finished_at).where(CatalogueJobChunk.job_id == job_id, CatalogueJobChunk.chunk == chunk)
         )
@@ -322,6 +327,15 @@ def ingest_chunk(settings: Settings, engine: Engine, embedder: Any, job_id: int,
         )
         for item in items:
             session.expunge(item)
+        wanted = [i.image_id for i in items if i.image_id is not None]
+        stored: dict[int, bytes] = {}
+        if wanted:
+            for image_id, data in session.execute(select(Image.id, Image.data).where(Image.id.in_(wanted))):
+                stored[image_id] = data
+    for item in items:  # re-embedding: the stored image's own bytes
+        if item.image_id is not None:
+            item.data = stored.get(item.image_id, b"")
+    embedder = embedders(job_params.get("model_name"))
     result = ChunkResult()
     decoded = _decode_items(items, settings, result)
     for attempt in range(2):
@@ -384,6 +398,9 @@ def _commit_chunk(
     result: ChunkResult,
 ) -> None:
     # Lock this chunk's row: if another delivery of the same chunk committed meanwhile, do nothing.
+    if any(item.image_id is not None for item, _ in decoded):
+        _commit_reembedding(session, embedder, job_id, chunk, decoded, result)
+        return
     mark = session.scalars(
         select(CatalogueJobChunk).where(CatalogueJobChunk.job_id == job_id, CatalogueJobChunk.chunk == chunk).with_for_update()
     ).first()
@@ -415,6 +432,39 @@ def _commit_chunk(
             duplicates=CatalogueJob.duplicates + duplicates,
             failed=CatalogueJob.failed + len(result.failures),
             failures=failures,
+        )
+    )
+    mark.finished_at = datetime.now(UTC)
+    session.execute(delete(CatalogueJobItem).where(CatalogueJobItem.job_id == job_id, CatalogueJobItem.chunk == chunk))
+
+
+def _commit_reembedding(
+    session: Session,
+    embedder: Any,
+    job_id: int,
+    chunk: int,
+    decoded: list[tuple[CatalogueJobItem, DecodedImage]],
+    result: ChunkResult,
+) -> None:
+    mark = session.scalars(
+        select(CatalogueJobChunk).where(CatalogueJobChunk.job_id == job_id, CatalogueJobChunk.chunk == chunk).with_for_update()
+    ).first()
+    job = _get(session, job_id)
+    if mark is None or mark.finished_at is not None or job.state in FINAL:
+        result.skipped = True
+        return
+    vectors = embedder.embed([img.rgb for _, img in decoded])
+    result.added = catalogue.add_embeddings(session, job.model, [item.image_id or 0 for item, _ in decoded], vectors)
+    duplicates = result.duplicates + len(decoded) - result.added
+    session.execute(
+        update(CatalogueJob)
+        .where(CatalogueJob.id == job_id)
+        .values(
+            done=CatalogueJob.done + len(decoded) + result.duplicates + len(result.failures),
+            added=CatalogueJob.added + result.added,
+            duplicates=CatalogueJob.duplicates + duplicates,
+            failed=CatalogueJob.failed + len(result.failures),
+            failures=(job.failures + result.failures)[:MAX_FAILURES],
         )
     )
     mark.finished_at = datetime.now(UTC)
@@ -514,6 +564,14 @@ def stage_folder(settings: Settings, engine: Engine, app: procrastinate.App, job
         return
     listed = [{"source": str(folder), "reason": note} for note in notes]
     stage_items(engine, app, job_id, sample_items(samples), settings.job_chunk_size, skipped, notes=listed)
+
+
+def stage_reembed(settings: Settings, engine: Engine, app: procrastinate.App, job_id: int, model_id: str) -> None:
+    """Every stored image without a `model_id` embedding, by id: workers read its bytes from the database."""
+    with session_scope(engine) as session:
+        ids = catalogue.images_without(session, model_id)
+    items = (CatalogueJobItem(source=f"image {i}", image_id=i) for i in ids)
+    stage_items(engine, app, job_id, items, settings.job_chunk_size)
 
 
 class WorkerThread:

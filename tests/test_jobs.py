@@ -278,3 +278,29 @@ def test_populate_in_the_background_is_a_job_the_workers_finish(db, workers: Wor
     assert (job.kind, job.state, job.added) == ("dataset", "succeeded", 50) and image_count(engine) == 50
     shown = run_cli(env, "jobs", "show", str(job_id))
     assert f"job {job_id} dataset  succeeded  50/50 done: 50 added" in shown.stdout, shown.stdout
+
+
+def test_reembedding_with_another_model_keeps_the_vectors_apart(db, workers: Workers, tmp_path: Path, cifar) -> None:
+    from backend import catalogue
+    from backend.embedding.registry import create_embedder
+
+    _url, engine = db
+    settings = make_settings(tmp_path / "server", engine, job_chunk_size=8)
+    queue = jobs.open_queue(engine)
+    first = jobs.create_job(engine, "archive", "efficientnet_lite0/imagenet/224px", {}, None)
+    jobs.stage_archive(settings, engine, queue, first, make_archive(tmp_path / "e.zip", cifar[:12]))
+    workers.start()
+    assert jobs.wait_for(engine, first, 240).added == 12
+    lite2 = create_embedder(settings, "efficientnet_lite2").model_id
+    again = jobs.create_job(engine, "reembed", lite2, {"model_name": "efficientnet_lite2"}, None)
+    jobs.stage_reembed(settings, engine, queue, again, lite2)
+    job = jobs.wait_for(engine, again, 300)
+    assert (job.state, job.total, job.added) == ("succeeded", 12, 12), job.message
+    with session_scope(engine) as session:
+        assert dict(catalogue.model_ids(session)) == {"efficientnet_lite0/imagenet/224px": 12, lite2: 12}
+        assert catalogue.load_prototypes(session, lite2).counts.sum() == 12
+        assert catalogue.load_vectors(session, lite2).vectors.shape == (12, 1280)
+    nothing = jobs.create_job(engine, "reembed", lite2, {"model_name": "efficientnet_lite2"}, None)
+    jobs.stage_reembed(settings, engine, queue, nothing, lite2)
+    assert jobs.get_job(engine, nothing).state == "failed"  # every image has one already: nothing to do
+    queue.close()

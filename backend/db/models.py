@@ -166,3 +166,4 @@ class CatalogueJobItem(Base):
     description: Mapped[str | None] = mapped_column(Text)
     url: Mapped[str | None] = mapped_column(Text)
     data: Mapped[bytes | None] = mapped_column(LargeBinary)
+    image_id: Mapped[int | None] = mapped_column(BigInteger)

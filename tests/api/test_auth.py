@@ -52,6 +52,7 @@ DECISIONS = {
     ("POST", "/jobs/urls"): Access.WRITE,
     ("POST", "/jobs/{job_id}/cancel"): Access.WRITE,
     ("POST", "/jobs/folder"): Access.ADMIN,
+    ("POST", "/jobs/reembed"): Access.ADMIN,
 }
 
 

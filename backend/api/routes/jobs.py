@@ -72,6 +72,10 @@ class UrlList(BaseModel):
     category: str | None = Field(None, description="category for every URL (a CSV row's own wins)")
 
 
+class ReembedJob(BaseModel):
+    model: str = Field(min_length=1, max_length=64, description="a model name, e.g. efficientnet_lite2 (see /status)")
+
+
 class FolderJob(BaseModel):
     path: str = Field(min_length=1, max_length=4096, description="a `<category>/<images>` folder on the server")
 
@@ -172,6 +176,25 @@ def create_folder_job(request: Request, body: FolderJob, service: ServiceDep, se
         service.engine, "folder", service.model, {"path": str(folder)}, getattr(request.state, "api_key", None)
     )
     _start(jobs.stage_folder, settings, service.engine, _queue(request), job_id, folder)
+    return JobOut.of(jobs.get_job(service.engine, job_id))
+
+
+@router.post(
+    "/reembed", status_code=202, response_model=JobOut, dependencies=[guard(Access.ADMIN)], responses=error_responses(422)
+)
+def create_reembed_job(request: Request, body: ReembedJob, service: ServiceDep, settings: SettingsDep) -> JobOut:
+    """Embed every stored image that lacks it with another model (its vectors are kept apart; a server with
+    MODEL_NAME set to it then searches them)."""
+    from backend.embedding.models import MODEL_NAMES
+    from backend.embedding.registry import create_embedder
+
+    if body.model not in MODEL_NAMES:
+        raise Unprocessable(f"model: unknown model {echo(body.model)!r}; choose one of: {', '.join(MODEL_NAMES)}")
+    target = create_embedder(settings, body.model).model_id  # the weights load in the workers, not here
+    job_id = jobs.create_job(
+        service.engine, "reembed", target, {"model_name": body.model}, getattr(request.state, "api_key", None)
+    )
+    _start(jobs.stage_reembed, settings, service.engine, _queue(request), job_id, target)
     return JobOut.of(jobs.get_job(service.engine, job_id))
 
 

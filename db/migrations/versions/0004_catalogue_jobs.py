@@ -61,7 +61,8 @@ def upgrade() -> None:
         sa.Column("category", sa.String(200)),
         sa.Column("description", sa.Text),
         sa.Column("url", sa.Text),  # download this, or:
-        sa.Column("data", sa.LargeBinary),  # these bytes
+        sa.Column("data", sa.LargeBinary),  # these bytes, or:
+        sa.Column("image_id", sa.BigInteger),  # re-embed this stored image
         sa.ForeignKeyConstraint(
             ["job_id", "chunk"], ["catalogue_job_chunks.job_id", "catalogue_job_chunks.chunk"], ondelete="CASCADE"
         ),
