@@ -245,16 +245,16 @@ def test_a_server_sees_a_separate_workers_images_within_seconds(db, workers: Wor
         job = jobs.wait_for(engine, job_id, 240)
         assert job.state == "succeeded" and job.added == 20
         finished = time.monotonic()
-        while True:
-            hit = httpx.post(
+        while True:  # until the server's refresh tick has applied the worker's commits
+            hits = httpx.post(
                 f"{server.url}/search?limit=1&use_prototypes=false",
                 files={"file": ("q.png", cifar[7][1], "image/png")},
                 timeout=60,
-            ).json()["results"][0]
-            if hit["score"] > 0.9999 or time.monotonic() - finished > 15:
+            ).json()["results"]
+            if (hits and hits[0]["score"] > 0.9999) or time.monotonic() - finished > 15:
                 break
             time.sleep(0.2)
-        assert hit["score"] > 0.9999, hit
+        assert hits and hits[0]["score"] > 0.9999, hits
         assert httpx.get(f"{server.url}/jobs/{job_id}", timeout=10).json()["progress"] == 1.0
         print(f"\nsearchable on the server {time.monotonic() - finished:.2f} s after the job ended")
 
