@@ -397,20 +397,38 @@ def _commit_chunk(
     decoded: list[tuple[CatalogueJobItem, DecodedImage]],
     result: ChunkResult,
 ) -> None:
+    """Store the chunk's vectors (new images, or another model's embeddings of stored ones) and account for
+    it, in the caller's one transaction."""
     # Lock this chunk's row: if another delivery of the same chunk committed meanwhile, do nothing.
-    if any(item.image_id is not None for item, _ in decoded):
-        _commit_reembedding(session, embedder, job_id, chunk, decoded, result)
-        return
     mark = session.scalars(
         select(CatalogueJobChunk).where(CatalogueJobChunk.job_id == job_id, CatalogueJobChunk.chunk == chunk).with_for_update()
     ).first()
-    job = _get(session, job_id, lock=False)
+    job = _get(session, job_id)
     if mark is None or mark.finished_at is not None or job.state in FINAL:
         result.skipped = True
         return
+    store = _store_embeddings if any(item.image_id is not None for item, _ in decoded) else _store_images
+    result.added = store(session, embedder, job.model, decoded)
+    duplicates = result.duplicates + len(decoded) - result.added
+    session.execute(
+        update(CatalogueJob)
+        .where(CatalogueJob.id == job_id)
+        .values(
+            done=CatalogueJob.done + result.added + duplicates + len(result.failures),
+            added=CatalogueJob.added + result.added,
+            duplicates=CatalogueJob.duplicates + duplicates,
+            failed=CatalogueJob.failed + len(result.failures),
+            failures=(job.failures + result.failures)[:MAX_FAILURES],
+        )
+    )
+    mark.finished_at = datetime.now(UTC)
+    session.execute(delete(CatalogueJobItem).where(CatalogueJobItem.job_id == job_id, CatalogueJobItem.chunk == chunk))
+
+
+def _store_images(session: Session, embedder: Any, model: str, decoded: list[tuple[CatalogueJobItem, DecodedImage]]) -> int:
+    """New images with their embeddings; those already stored (by sha256) are left as they are."""
     stored = catalogue.existing_by_sha(session, (img.sha256 for _, img in decoded))
     fresh = [(item, img) for item, img in decoded if img.sha256 not in stored]
-    duplicates = result.duplicates + len(decoded) - len(fresh)
     if fresh:
         cats = catalogue.ensure_categories(session, {item.category or "uncategorised" for item, _ in fresh})
         vectors = embedder.embed([img.rgb for _, img in fresh])
@@ -420,55 +438,14 @@ def _commit_chunk(
             )
             for item, img in fresh
         ]
-        catalogue.add_images(session, job.model, new, vectors)
-    result.added = len(fresh)
-    failures = (job.failures + result.failures)[:MAX_FAILURES]
-    session.execute(
-        update(CatalogueJob)
-        .where(CatalogueJob.id == job_id)
-        .values(
-            done=CatalogueJob.done + result.added + duplicates + len(result.failures),
-            added=CatalogueJob.added + result.added,
-            duplicates=CatalogueJob.duplicates + duplicates,
-            failed=CatalogueJob.failed + len(result.failures),
-            failures=failures,
-        )
-    )
-    mark.finished_at = datetime.now(UTC)
-    session.execute(delete(CatalogueJobItem).where(CatalogueJobItem.job_id == job_id, CatalogueJobItem.chunk == chunk))
+        catalogue.add_images(session, model, new, vectors)
+    return len(fresh)
 
 
-def _commit_reembedding(
-    session: Session,
-    embedder: Any,
-    job_id: int,
-    chunk: int,
-    decoded: list[tuple[CatalogueJobItem, DecodedImage]],
-    result: ChunkResult,
-) -> None:
-    mark = session.scalars(
-        select(CatalogueJobChunk).where(CatalogueJobChunk.job_id == job_id, CatalogueJobChunk.chunk == chunk).with_for_update()
-    ).first()
-    job = _get(session, job_id)
-    if mark is None or mark.finished_at is not None or job.state in FINAL:
-        result.skipped = True
-        return
+def _store_embeddings(session: Session, embedder: Any, model: str, decoded: list[tuple[CatalogueJobItem, DecodedImage]]) -> int:
+    """Re-embedding: `model`'s embeddings of stored images; an image that has one already keeps it."""
     vectors = embedder.embed([img.rgb for _, img in decoded])
-    result.added = catalogue.add_embeddings(session, job.model, [item.image_id or 0 for item, _ in decoded], vectors)
-    duplicates = result.duplicates + len(decoded) - result.added
-    session.execute(
-        update(CatalogueJob)
-        .where(CatalogueJob.id == job_id)
-        .values(
-            done=CatalogueJob.done + len(decoded) + result.duplicates + len(result.failures),
-            added=CatalogueJob.added + result.added,
-            duplicates=CatalogueJob.duplicates + duplicates,
-            failed=CatalogueJob.failed + len(result.failures),
-            failures=(job.failures + result.failures)[:MAX_FAILURES],
-        )
-    )
-    mark.finished_at = datetime.now(UTC)
-    session.execute(delete(CatalogueJobItem).where(CatalogueJobItem.job_id == job_id, CatalogueJobItem.chunk == chunk))
+    return catalogue.add_embeddings(session, model, [item.image_id or 0 for item, _ in decoded], vectors)
 
 
 def _finish_if_done(engine: Engine, job_id: int) -> None:
