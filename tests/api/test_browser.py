@@ -64,7 +64,7 @@ def test_search_shows_results_categories_and_timings(page, cifar_queries: Datase
     query = tmp_path / "car.png"
     query.write_bytes(sample.load())
     page.wait_for_selector("[data-testid=category-chip]")  # categories loaded from the API
-    assert "100 images" in page.inner_text("[data-testid=status-line]")
+    page.wait_for_function("document.querySelector('[data-testid=status-line]').textContent.includes('100 images')")
 
     page.set_input_files("[data-testid=query-file]", str(query))
     page.fill("[data-testid=limit]", "8")

@@ -180,7 +180,7 @@ def create_folder_job(request: Request, body: FolderJob, service: ServiceDep, se
 
 
 @router.post(
-    "/reembed", status_code=202, response_model=JobOut, dependencies=[guard(Access.ADMIN)], responses=error_responses(422)
+    "/reembed", status_code=202, response_model=JobOut, dependencies=[guard(Access.ADMIN)], responses=error_responses(400, 422)
 )
 def create_reembed_job(request: Request, body: ReembedJob, service: ServiceDep, settings: SettingsDep) -> JobOut:
     """Embed every stored image that lacks it with another model (its vectors are kept apart; a server with
