@@ -304,3 +304,23 @@ def test_reembedding_with_another_model_keeps_the_vectors_apart(db, workers: Wor
     jobs.stage_reembed(settings, engine, queue, nothing, lite2)
     assert jobs.get_job(engine, nothing).state == "failed"  # every image has one already: nothing to do
     queue.close()
+
+
+def test_a_folder_job_never_follows_links_out_of_the_folder(db, workers: Workers, tmp_path: Path, cifar) -> None:
+    _url, engine = db
+    settings = make_settings(tmp_path / "server", engine, job_chunk_size=4)
+    root = tmp_path / "folder"
+    for i, (label, data) in enumerate(cifar[:6]):
+        (root / label).mkdir(parents=True, exist_ok=True)
+        (root / label / f"{i}.png").write_bytes(data)
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(cifar[10][1])
+    (root / cifar[0][0] / "link.png").symlink_to(outside)  # a link out of the folder: skipped and counted
+    job_id = jobs.create_job(engine, "folder", "efficientnet_lite0/imagenet/224px", {"path": str(root)}, None)
+    jobs.stage_folder(settings, engine, jobs.open_queue(engine), job_id, root)
+    workers.start()
+    job = jobs.wait_for(engine, job_id, 240)
+    assert (job.state, job.total, job.added, job.skipped) == ("succeeded", 6, 6, 1), job.failures
+    missing = jobs.create_job(engine, "folder", "efficientnet_lite0/imagenet/224px", {}, None)
+    jobs.stage_folder(settings, engine, jobs.open_queue(engine), missing, tmp_path / "nowhere")
+    assert jobs.get_job(engine, missing).state == "failed" and "not found" in (jobs.get_job(engine, missing).message or "")
