@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from backend.core.errors import NotFound, Unprocessable
 from backend.core.text import echo, echo_list
 from backend.db.models import CatalogueMeta, Category, DeletedEmbedding, Embedding, Image, Prototype
+from backend.db.session import libpq_url
 from backend.imaging import ImageBytes
 from backend.vectors import SUM_DTYPE, VECTOR_DTYPE, PrototypeMatrix, StoredVectors, category_sums
 
@@ -300,7 +301,7 @@ def stream_vectors(
         "COPY (SELECT e.image_id, coalesce(i.category_id, -1)::int8, e.vector FROM embeddings e "
         f"JOIN images i ON i.id = e.image_id WHERE {where}) TO STDOUT (FORMAT binary)"
     )
-    url = session.get_bind().engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    url = libpq_url(session.get_bind().engine)
     timeout = getattr(session.connection().connection.dbapi_connection, "timeout_s", None)
     with psycopg.connect(url, connect_timeout=max(1, round(timeout or 10)), autocommit=False) as conn:
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")

@@ -28,34 +28,27 @@ from sqlalchemy.orm import Session
 
 from backend import catalogue
 from backend.core.config import Settings
-from backend.core.errors import InvalidImage, InvalidInput, NotFound
+from backend.core.errors import InvalidInput, NotFound
 from backend.datasets import Sample
 from backend.db.models import CatalogueJob, CatalogueJobChunk, CatalogueJobItem, Image
-from backend.db.session import session_scope
+from backend.db.session import libpq_url, session_scope
 from backend.imaging import DecodedImage, decode_image
-from backend.urls import FetchFailed, FetchLimits, fetch
+from backend.urls import FetchLimits, fetch
 
 log = logging.getLogger(__name__)
 
 QUEUE = "catalogue"
-KINDS = ("archive", "urls", "folder", "dataset", "reembed")
-STATES = ("queued", "running", "succeeded", "failed", "cancelled")
-FINAL = ("succeeded", "failed", "cancelled")
+FINAL = ("succeeded", "failed", "cancelled")  # the other states: queued, running
 MAX_FAILURES = 100
-STAGE_BATCH = 64  # staged items written per INSERT
 
 
 # --- the queue --------------------------------------------------------------------------------------
 
 
-def conninfo(engine: Engine) -> str:
-    return engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
-
-
 def make_app(engine: Engine) -> procrastinate.App:
     """The procrastinate app on our database, with our tasks: deferring from the API or the CLI, running in
     a worker. Its tables were created by migration 0004."""
-    app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=conninfo(engine), min_size=1, max_size=4))
+    app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=libpq_url(engine), min_size=1, max_size=4))
     app.task(name="imsrc.ingest_chunk", queue=QUEUE, retry=procrastinate.RetryStrategy(max_attempts=5, wait=2))(
         _ingest_chunk_task
     )
@@ -84,20 +77,25 @@ STALLED_AFTER_S = 10.0
 HEARTBEAT_S = 2.0
 
 
-def run_worker(settings: Settings, engine: Engine, concurrency: int, install_signal_handlers: bool = True) -> None:
-    """Run chunks until stopped (SIGINT / SIGTERM): the `worker` command, and `serve`'s in-process worker."""
+def _worker_options(concurrency: int, name: str, install_signal_handlers: bool) -> dict[str, Any]:
+    """How every worker runs, the `worker` command's and `serve`'s alike."""
+    return {
+        "queues": [QUEUE],
+        "concurrency": concurrency,
+        "name": name,
+        "update_heartbeat_interval": HEARTBEAT_S,
+        "stalled_worker_timeout": STALLED_AFTER_S,
+        "install_signal_handlers": install_signal_handlers,
+        "fetch_job_polling_interval": 1.0,
+    }
+
+
+def run_worker(settings: Settings, engine: Engine, concurrency: int) -> None:
+    """Run chunks until stopped (SIGINT / SIGTERM): the `worker` command."""
     _WORKER.configure(settings, engine)
     app = make_app(engine)
     with app.open():
-        app.run_worker(
-            queues=[QUEUE],
-            concurrency=concurrency,
-            name=f"imsrc-{threading.get_native_id()}",
-            update_heartbeat_interval=HEARTBEAT_S,
-            stalled_worker_timeout=STALLED_AFTER_S,
-            install_signal_handlers=install_signal_handlers,
-            fetch_job_polling_interval=1.0,
-        )
+        app.run_worker(**_worker_options(concurrency, f"imsrc-{threading.get_native_id()}", install_signal_handlers=True))
 
 
 # --- creating jobs ------------------------------------------------------------------------------------
@@ -306,8 +304,8 @@ def ingest_chunk(
 ) -> ChunkResult:
     """Decode (or download), embed and store one chunk, then account for it, all in one transaction."""
     with session_scope(engine) as session:
-        state = _state(session, job_id)
-        job_params = session.scalar(select(CatalogueJob.params).where(CatalogueJob.id == job_id)) or {}
+        job = session.execute(select(CatalogueJob.state, CatalogueJob.params).where(CatalogueJob.id == job_id)).first()
+        state, job_params = (job.state, job.params) if job is not None else (None, {})
         done = session.scalar(
             select(CatalogueJobChunk.finished_at).where(CatalogueJobChunk.job_id == job_id, CatalogueJobChunk.chunk == chunk)
         )
@@ -370,9 +368,7 @@ def _decode_items(
         try:
             data = item.data if item.data is not None else fetch(item.url or "", limits)
             return item, decode_image(data, settings.max_image_pixels, name=item.source)
-        except (InvalidImage, FetchFailed) as exc:
-            return item, exc.message
-        except InvalidInput as exc:
+        except InvalidInput as exc:  # not an image, a failed download, a refused URL: this item only
             return item, exc.message
 
     with ThreadPoolExecutor(max_workers=max(1, settings.url_concurrency)) as pool:
@@ -571,15 +567,7 @@ class WorkerThread:
 
         async def main() -> None:
             async with app.open_async():
-                await app.run_worker_async(
-                    queues=[QUEUE],
-                    concurrency=self.settings.worker_concurrency,
-                    name="imsrc-serve",
-                    update_heartbeat_interval=HEARTBEAT_S,
-                    stalled_worker_timeout=STALLED_AFTER_S,
-                    install_signal_handlers=False,
-                    fetch_job_polling_interval=1.0,
-                )
+                await app.run_worker_async(**_worker_options(self.settings.worker_concurrency, "imsrc-serve", False))
 
         self.task = self.loop.create_task(main())
         try:

@@ -116,6 +116,11 @@ def location(settings: Settings, engine: Engine) -> str:
     return describe(engine.url)
 
 
+def libpq_url(engine: Engine) -> str:
+    """The engine's database as a plain libpq URL (psycopg 3 for bulk reads and the job queue)."""
+    return engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
 def make_engine(url: URL, timeout_s: float = DB_TIMEOUT_DEFAULT_S) -> Engine:
     """An engine whose every call gives up after `timeout_s` (see the module's docstring)."""
     psycopg2.extensions.set_wait_callback(_wait_with_deadline)

@@ -15,6 +15,7 @@ import numpy as np
 
 from backend.core.config import Settings
 from backend.datasets import load_dataset
+from backend.db.session import libpq_url
 from backend.embedding.registry import create_embedder
 from backend.evaluation import embed_cached
 from backend.index import IndexSpec, TwoStageIndex
@@ -170,7 +171,7 @@ def pgvector(x: np.ndarray, q: np.ndarray, truth: np.ndarray, q_labels=None, lab
 
     rows = []
     with TempDatabase() as db:
-        url = db.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        url = libpq_url(db.engine)
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute("CREATE EXTENSION vector")
             conn.execute(f"CREATE TABLE items (id bigint PRIMARY KEY, embedding vector({x.shape[1]}))")
