@@ -181,24 +181,74 @@ def test_the_same_list_is_refused_as_private_by_default(db, tmp_path: Path, imag
     assert image_count(engine) == 0
 
 
-def test_two_workers_share_a_job_and_one_killed_mid_job_loses_nothing(db, workers: Workers, tmp_path: Path, cifar) -> None:
-    _url, engine = db
+class Gate:
+    """A local image server that holds every download until it is opened: a worker that has taken a chunk
+    of a URL job stays inside that chunk, so the test decides who has which chunk, not the scheduler."""
+
+    def __init__(self, images: list[tuple[str, bytes]]) -> None:
+        self.opened = threading.Event()
+        self.requested: set[int] = set()
+        gate = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                number = int(self.path.strip("/")[3:])
+                gate.requested.add(number)
+                gate.opened.wait(120)
+                body = images[number][1]
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def wait_until_chunks_held(self, chunks: int, chunk_size: int, timeout_s: float = 240) -> None:
+        deadline = time.monotonic() + timeout_s
+        while len({n // chunk_size for n in list(self.requested)}) < chunks:
+            assert time.monotonic() < deadline, f"only chunks {sorted({n // chunk_size for n in self.requested})} asked for"
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        self.opened.set()
+        self.server.shutdown()
+
+
+def test_two_workers_share_a_job_and_one_killed_mid_job_loses_nothing(db, tmp_path: Path, cifar, onnx_dir: Path) -> None:
+    """Deterministic whoever is faster: each worker runs one chunk at a time, and the gate holds the first
+    worker inside its chunk until the second has taken another one."""
+    url, engine = db
+    gate = Gate(cifar)
+    group = Workers(url, tmp_path / "worker-data", onnx_dir, ALLOW_PRIVATE_URLS="true", URL_TIMEOUT_SECONDS="300")
     settings = make_settings(tmp_path / "server", engine, job_chunk_size=4)
-    app = jobs.open_queue(engine)
-    job_id = jobs.create_job(engine, "archive", "efficientnet_lite0/imagenet/224px", {}, None)
-    jobs.stage_archive(settings, engine, app, job_id, make_archive(tmp_path / "b.zip", cifar))
-    first, _second = workers.start(), workers.start()
-    deadline = time.monotonic() + 240
-    while jobs.get_job(engine, job_id).done < 12 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    first.send_signal(signal.SIGKILL)  # mid-job: its chunk in flight is lost with it, then retried
-    first.wait(10)
-    workers.start()  # and another one joins
-    job = jobs.wait_for(engine, job_id, 300)
+    job_id = jobs.create_job(engine, "urls", "efficientnet_lite0/imagenet/224px", {}, None)
+    listed = "\n".join(f"{gate.url}/img{i},{label}" for i, (label, _data) in enumerate(cifar))
+    jobs.stage_urls(settings, engine, jobs.open_queue(engine), job_id, listed)
+    try:
+        first = group.start()
+        gate.wait_until_chunks_held(1, 4)  # the first worker is inside a chunk and cannot take another
+        group.start()
+        gate.wait_until_chunks_held(2, 4)  # so the second one has taken a chunk of its own
+        gate.opened.set()
+        deadline = time.monotonic() + 240
+        while jobs.get_job(engine, job_id).done < 12 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        first.send_signal(signal.SIGKILL)  # mid-job: a chunk in flight is lost with it, then retried
+        first.wait(10)
+        group.start()  # and another one joins
+        job = jobs.wait_for(engine, job_id, 300)
+    finally:
+        gate.close()
+        group.stop()
     assert job.state == "succeeded", job.message
     assert (job.total, job.done, job.added, job.duplicates, job.failed) == (60, 60, 60, 0, 0)
     assert image_count(engine) == 60
-    assert workers.chunks_done(0) >= 1 and workers.chunks_done(1) >= 1  # both took chunks of the one job
+    assert group.chunks_done(0) >= 1 and group.chunks_done(1) >= 1  # both ran chunks of the one job
 
 
 def test_cancel_stops_new_chunks_and_keeps_finished_ones(db, tmp_path: Path, cifar, onnx_dir: Path) -> None:
