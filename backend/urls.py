@@ -3,8 +3,9 @@
 A download resolves the host itself and refuses it when any address is loopback, private, link-local,
 multicast, reserved, unspecified or shared (carrier-grade NAT), unless `allow_private` (ALLOW_PRIVATE_URLS);
 it then connects to that vetted address (no second lookup a DNS rebinding could change), and checks every
-redirect the same way. Time (per operation and in total), size (declared and counted) and redirects are
-capped, and the first bytes must look like an image.
+redirect the same way. Size (declared and counted) and redirects are capped, the first bytes must look like
+an image, and one deadline covers the whole download (connect, headers, body, redirects): when it passes,
+the socket is shut down, so a peer that sends a byte a second cannot keep a download alive.
 """
 
 import csv
@@ -12,6 +13,7 @@ import http.client
 import io
 import ipaddress
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
@@ -35,7 +37,7 @@ class UrlRefused(FetchFailed):
 
 @dataclass(frozen=True)
 class FetchLimits:
-    timeout_s: float = 10.0  # per connect / read, and for the whole download
+    timeout_s: float = 10.0  # for the whole download: connect, headers, body, redirects
     max_bytes: int = 10 * 2**20
     max_redirects: int = 5
     allow_private: bool = False
@@ -99,54 +101,101 @@ def resolve(host: str, port: int, allow_private: bool) -> str:
 
 
 class _PinnedHTTP(http.client.HTTPConnection):
-    """Connects to an address vetted beforehand, whatever the host name resolves to now."""
+    """Connects to an address vetted beforehand, whatever the host name resolves to now, under a deadline."""
 
-    def __init__(self, host: str, port: int, address: str, timeout: float) -> None:
+    def __init__(self, host: str, port: int, address: str, timeout: float, deadline: "_Deadline") -> None:
         super().__init__(host, port, timeout=timeout)
-        self.address = address
+        self.address, self.deadline = address, deadline
 
     def connect(self) -> None:
         self.sock = socket.create_connection((self.address, self.port), self.timeout)
+        self.deadline.watch(self.sock)
 
 
 class _PinnedHTTPS(http.client.HTTPSConnection):
-    def __init__(self, host: str, port: int, address: str, timeout: float) -> None:
+    def __init__(self, host: str, port: int, address: str, timeout: float, deadline: "_Deadline") -> None:
         super().__init__(host, port, timeout=timeout)
-        self.address = address
+        self.address, self.deadline = address, deadline
 
     def connect(self) -> None:
         sock = socket.create_connection((self.address, self.port), self.timeout)
+        self.deadline.watch(sock)  # the TLS handshake is under the deadline too
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)  # type: ignore[attr-defined]  # certificate of the host
+        self.deadline.watch(self.sock)
+
+
+class _Deadline:
+    """Shuts the current connection's socket down when the download's time is up: a blocked connect or
+    read then returns at once, however slowly the peer sends (per-read timeouts never fire on a trickle)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.expired = seconds, False
+        self._end = time.monotonic() + seconds
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> "_Deadline":
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+
+    def left(self) -> float:
+        return max(0.001, self._end - time.monotonic())
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sock = sock
+            if self.expired:
+                raise FetchFailed(f"took longer than {self.seconds:g} s")
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            if self._sock is not None:
+                try:
+                    self._sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass  # closed already
+
+    def check(self) -> None:
+        if self.expired:
+            raise FetchFailed(f"took longer than {self.seconds:g} s")
 
 
 def fetch(url: str, limits: FetchLimits = FetchLimits()) -> bytes:
-    """The bytes at `url`, or FetchFailed / UrlRefused saying why not."""
-    deadline = time.monotonic() + limits.timeout_s
-    for _ in range(limits.max_redirects + 1):
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise UrlRefused(f"not an http(s) URL: {url[:200]!r}")
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        address = resolve(parts.hostname, port, limits.allow_private)
-        connection = (_PinnedHTTPS if parts.scheme == "https" else _PinnedHTTP)(parts.hostname, port, address, limits.timeout_s)
-        try:
-            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-            connection.request("GET", target, headers={"User-Agent": "imsrc/1", "Accept": "image/*"})
-            response = connection.getresponse()
-            if response.status in _REDIRECTS and response.getheader("Location"):
-                url = urljoin(url, response.getheader("Location", ""))
-                continue
-            if response.status != 200:
-                raise FetchFailed(f"HTTP {response.status} {response.reason}")
-            return _read(response, limits, deadline)
-        except (OSError, http.client.HTTPException) as exc:
-            raise FetchFailed(f"download failed: {exc or type(exc).__name__}") from None
-        finally:
-            connection.close()
-    raise FetchFailed(f"more than {limits.max_redirects} redirects")
+    """The bytes at `url`, or FetchFailed / UrlRefused saying why not, within `limits.timeout_s` in all."""
+    with _Deadline(limits.timeout_s) as deadline:
+        for _ in range(limits.max_redirects + 1):
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise UrlRefused(f"not an http(s) URL: {url[:200]!r}")
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            address = resolve(parts.hostname, port, limits.allow_private)
+            pinned = _PinnedHTTPS if parts.scheme == "https" else _PinnedHTTP
+            connection = pinned(parts.hostname, port, address, deadline.left(), deadline)
+            try:
+                target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+                connection.request("GET", target, headers={"User-Agent": "imsrc/1", "Accept": "image/*"})
+                response = connection.getresponse()
+                if response.status in _REDIRECTS and response.getheader("Location"):
+                    url = urljoin(url, response.getheader("Location", ""))
+                    continue
+                if response.status != 200:
+                    raise FetchFailed(f"HTTP {response.status} {response.reason}")
+                return _read(response, limits, deadline)
+            except (OSError, http.client.HTTPException, ValueError) as exc:
+                deadline.check()  # a socket shut down by the deadline reads as a broken download
+                raise FetchFailed(f"download failed: {exc or type(exc).__name__}") from None
+            finally:
+                connection.close()
+        raise FetchFailed(f"more than {limits.max_redirects} redirects")
 
 
-def _read(response: http.client.HTTPResponse, limits: FetchLimits, deadline: float) -> bytes:
+def _read(response: http.client.HTTPResponse, limits: FetchLimits, deadline: _Deadline) -> bytes:
     declared = response.getheader("Content-Length")
     if declared and declared.isdigit() and int(declared) > limits.max_bytes:
         raise FetchFailed(f"larger than {limits.max_bytes:,} bytes ({int(declared):,} declared)")
@@ -155,10 +204,10 @@ def _read(response: http.client.HTTPResponse, limits: FetchLimits, deadline: flo
         body += chunk
         if len(body) > limits.max_bytes:
             raise FetchFailed(f"larger than {limits.max_bytes:,} bytes")
-        if time.monotonic() > deadline:
-            raise FetchFailed(f"took longer than {limits.timeout_s:g} s")
+        deadline.check()
         if len(body) >= 16 and len(body) - len(chunk) < 16 and not looks_like_image(bytes(body[:16])):
             raise FetchFailed(f"not an image (content type {response.getheader('Content-Type') or 'unknown'})")
+    deadline.check()  # a body cut short by the deadline is not an image
     if not looks_like_image(bytes(body[:16])):
         raise FetchFailed(f"not an image (content type {response.getheader('Content-Type') or 'unknown'})")
     return bytes(body)

@@ -2,6 +2,7 @@
 non-images, oversized bodies and redirects; private addresses refused unless allowed, on every hop."""
 
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -31,6 +32,9 @@ def server() -> Iterator[str]:
                 "/loop": (302, b"", {"Location": "/loop"}),
                 "/to-file": (302, b"", {"Location": "file:///etc/passwd"}),
             }
+            if self.path in ("/trickle-body", "/trickle-headers"):
+                self.trickle(image)
+                return
             status, body, headers = routes.get(self.path, (404, b"missing", {}))
             self.send_response(status)
             headers.setdefault("Content-Length", str(len(body)))
@@ -39,6 +43,25 @@ def server() -> Iterator[str]:
             self.end_headers()
             if body and headers["Content-Length"] == str(len(body)):
                 self.wfile.write(body)
+
+        def trickle(self, image: bytes) -> None:
+            """A byte a second: of the body, or of header lines (each read alone would be in time)."""
+            try:
+                if self.path == "/trickle-headers":
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+                    for n in range(60):
+                        self.wfile.write(f"X-Slow-{n}: 1\r\n".encode())
+                        self.wfile.flush()
+                        time.sleep(1)
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(image)))
+                self.end_headers()
+                for byte in image[:60]:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(1)
+            except OSError:
+                pass  # the client gave up: what the test wants
 
         def log_message(self, *args: object) -> None:
             pass
@@ -68,6 +91,14 @@ def test_an_image_downloads_and_redirects_are_followed(server: str) -> None:
 def test_bad_urls_fail_with_one_reason(server: str, path: str, reason: str) -> None:
     with pytest.raises(FetchFailed, match=reason):
         fetch(f"{server}{path}", FetchLimits(allow_private=True, max_bytes=100_000, timeout_s=5))
+
+
+@pytest.mark.parametrize("path", ["/trickle-body", "/trickle-headers"])
+def test_a_peer_sending_a_byte_a_second_cannot_outlast_the_deadline(server: str, path: str) -> None:
+    started = time.monotonic()
+    with pytest.raises(FetchFailed, match="took longer than 2 s"):
+        fetch(f"{server}{path}", FetchLimits(allow_private=True, timeout_s=2))
+    assert time.monotonic() - started < 3
 
 
 def test_private_addresses_are_refused_by_default(server: str) -> None:
