@@ -515,14 +515,14 @@ def stage_archive(settings: Settings, engine: Engine, app: procrastinate.App, jo
 
 
 def stage_urls(settings: Settings, engine: Engine, app: procrastinate.App, job_id: int, text: str) -> None:
-    from backend.urls import parse_url_list
+    from backend.urls import parse_url_list, shown
 
     try:
         items, problems = parse_url_list(text, settings.max_url_list_items)
     except InvalidInput as exc:
         fail_job(engine, job_id, exc.message)
         return
-    staged = (CatalogueJobItem(source=i.url[:2000], url=i.url, category=i.category, description=i.description) for i in items)
+    staged = (CatalogueJobItem(source=shown(i.url), url=i.url, category=i.category, description=i.description) for i in items)
     failures = [{"source": "URL list", "reason": p} for p in problems]
     stage_items(engine, app, job_id, staged, settings.job_chunk_size, failures=failures)
 

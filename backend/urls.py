@@ -62,7 +62,7 @@ def parse_url_list(text: str, max_items: int) -> tuple[list[UrlItem], list[str]]
         if number == 1 and url.lower() == "url":
             continue
         if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname:
-            problems.append(f"line {number}: not an http(s) URL: {url[:200]!r}")
+            problems.append(f"line {number}: not an http(s) URL: {shown(url)[:200]!r}")
             continue
         if len(items) == max_items:
             raise InvalidInput(f"the list has more than {max_items:,} URLs")
@@ -70,6 +70,20 @@ def parse_url_list(text: str, max_items: int) -> tuple[list[UrlItem], list[str]]
         description = ",".join(row[2:]).strip() if len(row) > 2 else None
         items.append(UrlItem(url, category, description or None))
     return items, problems
+
+
+def shown(url: str) -> str:
+    """A URL as it may be stored, listed and logged: no user name or password, no query or fragment (signed
+    URLs carry their credentials there); the download itself uses the URL as given."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        port = ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"[:2000] if parts.scheme else url.split("@")[-1][:200]
 
 
 def blocked(address: str) -> bool:
@@ -172,7 +186,7 @@ def fetch(url: str, limits: FetchLimits = FetchLimits()) -> bytes:
         for _ in range(limits.max_redirects + 1):
             parts = urlsplit(url)
             if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise UrlRefused(f"not an http(s) URL: {url[:200]!r}")
+                raise UrlRefused(f"not an http(s) URL: {shown(url)[:200]!r}")
             port = parts.port or (443 if parts.scheme == "https" else 80)
             address = resolve(parts.hostname, port, limits.allow_private)
             pinned = _PinnedHTTPS if parts.scheme == "https" else _PinnedHTTP

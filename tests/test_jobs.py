@@ -125,7 +125,7 @@ def test_archive_job_ends_with_exact_counts_and_searchable_images(db, workers: W
 def image_server(cifar) -> Iterator[str]:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            name = self.path.strip("/")
+            name = self.path.strip("/").split("?")[0]
             if name.startswith("img") and name[3:].isdigit() and int(name[3:]) < len(cifar):
                 body, status = cifar[int(name[3:])][1], 200
             elif name == "page":
@@ -148,6 +148,7 @@ def image_server(cifar) -> Iterator[str]:
 
 def url_list(base: str) -> str:
     lines = ["url,category,description"] + [f"{base}/img{i},{'cat' if i % 2 else 'dog'},picture {i}" for i in range(12)]
+    lines[1] = lines[1].replace("http://", "http://user:secret@").replace("/img0", "/img0?signature=secret")
     return "\n".join([*lines, f"{base}/nothing-here", f"{base}/page", "ftp://example.com/x.png"])
 
 
@@ -163,6 +164,9 @@ def test_url_job_with_404s_and_non_images(db, workers: Workers, tmp_path: Path, 
     reasons = " ".join(f["reason"] for f in job.failures)
     assert "HTTP 404" in reasons and "not an image" in reasons and "not an http(s) URL" in reasons
     assert image_count(engine) == 12
+    with session_scope(engine) as session:  # credentials in a URL are used to download, never kept
+        sources = list(session.scalars(select(Image.source)))
+    assert f"{image_server.replace('http://', '')}/img0" in " ".join(sources) and "secret" not in " ".join(sources)
 
 
 def test_the_same_list_is_refused_as_private_by_default(db, tmp_path: Path, image_server: str, onnx_dir: Path) -> None:

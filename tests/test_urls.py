@@ -145,6 +145,13 @@ def test_blocked_addresses(address: str, is_blocked: bool) -> None:
     assert blocked(address) is is_blocked
 
 
+def test_urls_are_shown_without_credentials() -> None:
+    assert urls.shown("https://bob:pw@[::1]:8443/a/b.png?X-Amz-Signature=s#f") == "https://[::1]:8443/a/b.png"
+    assert urls.shown("http://u:p@example.com/x.png") == "http://example.com/x.png"
+    _, problems = parse_url_list("ftp://u:secret@example.com/x.png\n", 5)
+    assert "secret" not in problems[0] and "ftp://example.com/x.png" in problems[0]
+
+
 def test_url_lists_csv_and_plain() -> None:
     text = (
         "url,category,description\nhttp://a.example/1.png,cat,a grey cat, sitting\n\n"

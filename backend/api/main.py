@@ -11,6 +11,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from backend import jobs as jobs_queue
 from backend.api.errors import install_error_handlers
@@ -18,7 +19,15 @@ from backend.api.limits import BodyLimit, RequestBudget
 from backend.api.observability import RequestLog, instrument
 from backend.api.routes import categories, images, jobs, search, system
 from backend.api.routes.jobs import ARCHIVE_PATH
-from backend.api.security import SAFE_METHODS, Access, SameOriginWrites, declare_access, guard
+from backend.api.security import (
+    SAFE_METHODS,
+    Access,
+    KeyBeforeBody,
+    SameOriginWrites,
+    declare_access,
+    guard,
+    trusted_hosts,
+)
 from backend.core.config import PROJECT_ROOT, Settings, get_settings
 from backend.db.session import DATABASE_ERRORS, database_problem
 from backend.index_cache import prune_change_log
@@ -109,12 +118,15 @@ def create_app(settings: Settings | None = None, service: SearchService | None =
             allow_headers=["X-API-Key", "Authorization", "Content-Type", "X-Request-ID"],
             expose_headers=["X-Request-ID"],
         )
+    app.add_middleware(KeyBeforeBody, routes_of=app)  # a write without its key is refused before its body is read
     too_large = f"request body larger than MAX_UPLOAD_SIZE ({settings.max_upload_size:,} bytes) allows"
     archive_too_large = f"archive larger than MAX_ARCHIVE_SIZE ({settings.max_archive_size:,} bytes) allows"
     larger = {ARCHIVE_PATH: (settings.max_archive_size + MULTIPART_OVERHEAD, archive_too_large)}
     app.add_middleware(BodyLimit, max_bytes=settings.max_upload_size + MULTIPART_OVERHEAD, message=too_large, larger=larger)
     # An archive upload may take longer than a search: an hour for its body (it is staged in the background).
     app.add_middleware(RequestBudget, seconds=settings.request_timeout_seconds, longer={ARCHIVE_PATH: 3600.0})
+    # A Host that is not this server (DNS rebinding) is refused before anything else looks at the request.
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=trusted_hosts(settings), www_redirect=False)
     app.add_middleware(RequestLog)
 
     for module in (search, images, categories, jobs, system):

@@ -55,7 +55,8 @@ class RequestLog:
                 "client": client[0] if client else None,
                 "api_key": state.get("api_key"),
             }
-            log.info("%s %s %s %d %.2f ms", rid, scope["method"], scope["path"], status, ms, extra=extra)
+            key = f" key={extra['api_key']}" if extra["api_key"] else ""
+            log.info("%s %s %s %d %.2f ms%s", rid, scope["method"], scope["path"], status, ms, key, extra=extra)
             request_id.reset(token)
 
 

@@ -20,6 +20,7 @@ from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse
+from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from backend import auth
@@ -53,32 +54,55 @@ def needs_key(access: Access, settings: Settings) -> bool:
     return True
 
 
+async def verified_key(service: Any, access: Access, key: str | None) -> auth.KeyInfo | None:
+    """The key's facts when `access` needs one and the key grants it; Unauthorized / Forbidden otherwise."""
+    if not needs_key(access, service.settings):
+        return None
+    if not key:
+        raise Unauthorized(f"an API key with the '{access.value}' scope is required (X-API-Key or Authorization: Bearer)")
+
+    def lookup() -> auth.KeyInfo | None:
+        with session_scope(service.engine) as session:
+            return auth.authenticate(session, key)
+
+    info = await run_in_threadpool(lookup)
+    if info is None:
+        raise Unauthorized("invalid or revoked API key")
+    if not info.grants(access.value):
+        raise Forbidden(f"API key '{info.name}' lacks the '{access.value}' scope (it has: {', '.join(info.scopes)})")
+    return info
+
+
 def _checker(access: Access) -> Callable[..., Awaitable[auth.KeyInfo | None]]:
     async def check(
         request: Request,
         header_key: Annotated[str | None, Security(api_key_header)] = None,
         credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)] = None,
     ) -> auth.KeyInfo | None:
-        service = request.app.state.service
-        if not needs_key(access, service.settings):
-            return None
-        key = header_key or (credentials.credentials if credentials else None)
-        if not key:
-            raise Unauthorized(f"an API key with the '{access.value}' scope is required (X-API-Key or Authorization: Bearer)")
-
-        def lookup() -> auth.KeyInfo | None:
-            with session_scope(service.engine) as session:
-                return auth.authenticate(session, key)
-
-        info = await run_in_threadpool(lookup)
-        if info is None:
-            raise Unauthorized("invalid or revoked API key")
-        if not info.grants(access.value):
-            raise Forbidden(f"API key '{info.name}' lacks the '{access.value}' scope (it has: {', '.join(info.scopes)})")
-        request.state.api_key = info.prefix  # for the request log
+        checked = getattr(request.state, "key_checked", None)  # by KeyBeforeBody, for this very route
+        if checked is not None and checked[0] is access:
+            info = checked[1]
+        else:
+            key = header_key or (credentials.credentials if credentials else None)
+            info = await verified_key(request.app.state.service, access, key)
+        if info is not None:
+            request.state.api_key = info.prefix  # for the request log
         return info
 
     return check
+
+
+async def viewer_is_admin(request: Request) -> bool:
+    """Whether the caller may see server details (paths, database location): an admin key, or no keys at
+    all (AUTH_MODE=off, loopback only). A missing or bad key is no error here: the caller is anonymous."""
+    headers = request.headers
+    scheme, _, credentials = headers.get("authorization", "").partition(" ")
+    key = headers.get("x-api-key") or (credentials.strip() if scheme.lower() == "bearer" else None)
+    try:
+        await verified_key(request.app.state.service, Access.ADMIN, key)
+    except (Unauthorized, Forbidden):
+        return False
+    return True
 
 
 async def _public() -> None:  # async: /health must not need a worker thread
@@ -150,6 +174,23 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def trusted_hosts(settings: Settings) -> list[str]:
+    """Host names this server answers to (Starlette's TrustedHostMiddleware checks them): loopback names,
+    every address of this machine's interfaces, its host name, and ALLOWED_HOSTS. A name that points
+    here through DNS rebinding is none of these."""
+    import socket
+
+    import psutil
+
+    names = {"localhost", "127.0.0.1", "[::1]", socket.gethostname().lower(), *settings.allowed_hosts}
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            if address.family in (socket.AF_INET, socket.AF_INET6):
+                ip = address.address.split("%", 1)[0]
+                names.add(f"[{ip}]" if ":" in ip else ip)
+    return sorted(names)
+
+
 def check_auth_mode(settings: Settings, host: str) -> str | None:
     """ConfigurationError for AUTH_MODE=off on an address others can reach; a warning line otherwise."""
     if settings.auth_mode != "off":
@@ -182,4 +223,41 @@ class SameOriginWrites:
                 body = {"detail": "cross-site request refused: the Origin is neither this server nor listed in CORS_ORIGINS"}
                 await JSONResponse(body, status_code=403)(scope, receive, send)
                 return
+        await self.app(scope, receive, send)
+
+
+class KeyBeforeBody:
+    """Check the key of a route that needs one before its body is read: an anonymous 1 GiB archive is
+    refused with its 401 at once, not after it was spooled to disk. The route's own guard then reuses the
+    answer (request.state.key_checked) instead of asking the database again."""
+
+    def __init__(self, app: ASGIApp, routes_of: FastAPI) -> None:
+        self.app, self.routes_of = app, routes_of
+
+    def _access(self, scope: Scope) -> Access | None:
+        for route in api_routes(self.routes_of.routes):
+            if route.matches(scope)[0] is Match.FULL:
+                return route_access(route)
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in SAFE_METHODS:
+            await self.app(scope, receive, send)
+            return
+        service = scope["app"].state.service
+        access = self._access(scope)
+        if access is None or not needs_key(access, service.settings):
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        key = headers.get(b"x-api-key", b"").decode("latin-1") or None
+        scheme, _, credentials = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+        if key is None and scheme.lower() == "bearer":
+            key = credentials.strip() or None
+        try:
+            info = await verified_key(service, access, key)
+        except (Unauthorized, Forbidden) as exc:
+            await JSONResponse({"detail": exc.message}, status_code=exc.status_code)(scope, receive, send)
+            return
+        scope.setdefault("state", {})["key_checked"] = (access, info)
         await self.app(scope, receive, send)

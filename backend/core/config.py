@@ -95,6 +95,10 @@ class Settings(BaseSettings):
     # Other sites allowed to call the API from a browser (CORS), comma-separated origins such as
     # https://app.example.com; state-changing requests from any other site are refused whatever AUTH_MODE.
     cors_origins: Annotated[list[str], NoDecode] = []
+    # Host names this server answers to besides loopback names, its own addresses and its host name
+    # (comma-separated; `*.example.com` patterns; `*` turns the check off): a Host header naming anything
+    # else is refused, so a DNS-rebinding page cannot pass as this server. List a reverse proxy's public name.
+    allowed_hosts: Annotated[list[str], NoDecode] = []
     metrics_require_key: bool = False  # /metrics: public, or only with a key holding the `metrics` scope
     log_format: Literal["text", "json"] = "text"
 
@@ -159,6 +163,17 @@ class Settings(BaseSettings):
         if parsed.get_backend_name() not in ("postgresql", "postgres"):
             raise ValueError(f"{parsed.get_backend_name()!r} is not PostgreSQL (expected postgresql://...)")
         return url
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _hosts(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        hosts = [h.strip().lower() for h in value.split(",") if h.strip()]
+        for host in hosts:
+            if "*" in host[1:] or (host.startswith("*") and host != "*" and not host.startswith("*.")):
+                raise ValueError(f"{host!r}: a host name, an address, '*.example.com' or '*'")
+        return hosts
 
     @field_validator("cors_origins", mode="before")
     @classmethod

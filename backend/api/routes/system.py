@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from backend.api.deps import ServiceDep
 from backend.api.errors import error_responses
 from backend.api.schemas import HealthOut, PrototypesRebuilt, ReadyOut, RebuildOut, StatusOut
-from backend.api.security import Access, guard
+from backend.api.security import Access, guard, viewer_is_admin
 from backend.db.session import DATABASE_ERRORS, database_problem
 
 router = APIRouter(tags=["system"])
@@ -50,9 +50,15 @@ async def ready(service: ServiceDep) -> JSONResponse:
 
 
 @router.get("/status", dependencies=[guard(Access.SEARCH)], responses=error_responses())
-def status(service: ServiceDep, request: Request) -> StatusOut:
-    """Counts per category, model, device, database, index type and whether the index matches the database."""
-    return StatusOut(**service.status().model_dump(), uptime_s=round(time.monotonic() - request.app.state.started, 1))
+async def status(service: ServiceDep, request: Request) -> StatusOut:
+    """Counts per category, model, device, database, index type and whether the index matches the database.
+    Where the database lives (a path, a host) is shown to admin keys only."""
+    out = StatusOut(
+        **(await run_in_threadpool(service.status)).model_dump(), uptime_s=round(time.monotonic() - request.app.state.started, 1)
+    )
+    if not await viewer_is_admin(request):
+        out.database.server = "embedded PostgreSQL (pgserver)" if service.settings.uses_embedded_db else "PostgreSQL server"
+    return out
 
 
 @router.post("/admin/rebuild-index", dependencies=[guard(Access.ADMIN)], responses=error_responses())
