@@ -1,9 +1,11 @@
 """Safe extraction of an uploaded catalogue archive (.zip, .tar, .tar.gz) laid out as `<category>/<images>`.
 
 Nothing outside the target folder is ever written, whatever the archive says: entries with absolute paths
-or `..` parts, links, devices and other special files are skipped and counted. Sizes are counted while
-bytes are written, not believed from the headers, so a zip bomb stops at the cap; too many entries or too
-many bytes reject the whole archive, and what was written is removed. The folder is then read by the
+or `..` parts, links, devices and other special files are skipped and counted. One entry that cannot be
+written (a name too long for the file system, a NUL or undecodable bytes in its name, a damaged member) is
+one counted failure; the rest of the archive is kept. Sizes are counted while bytes are written, not
+believed from the headers, so a zip bomb stops at the cap; too many entries or too many bytes reject the
+whole archive, and what was written is removed. The folder is then read by the
 same walk as a `<category>/<images>` folder on disk (`datasets.load_folder`).
 """
 
@@ -12,12 +14,13 @@ import stat
 import tarfile
 import zipfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO
 
 from backend.core.errors import InvalidInput
+from backend.core.failpoints import failpoint
 
 _CHUNK = 1 << 16
 _NOTES = 20
@@ -33,11 +36,15 @@ class Extracted:
     bytes: int = 0
     skipped: int = 0
     notes: list[str] = field(default_factory=list)  # why entries were skipped (the first few)
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (entry, why) of entries that could not be written
 
     def skip(self, name: str, why: str) -> None:
         self.skipped += 1
         if len(self.notes) < _NOTES:
             self.notes.append(f"{name!r}: {why}")
+
+    def fail(self, name: str, why: str) -> None:
+        self.failures.append((ascii(name)[1:-1][:300], why))
 
 
 @dataclass(frozen=True)
@@ -76,11 +83,31 @@ class _Writer:
         if len(parts) < 2:
             self.report.skip(name, "not inside a category folder")
             return
-        path = self.target.joinpath(*parts)
-        if not path.resolve().is_relative_to(self.target.resolve()):
-            self.report.skip(name, "path leaves the archive's folder")
+        if "\0" in name or _undecodable(name):
+            self.report.fail(name, "the name holds a NUL or bytes that are not UTF-8")
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path = self.target.joinpath(*parts)
+        try:
+            if not path.resolve().is_relative_to(self.target.resolve()):
+                self.report.skip(name, "path leaves the archive's folder")
+                return
+            path.parent.mkdir(parents=True, exist_ok=True)
+            written = self._copy(source, path)
+        except ArchiveRejected:
+            raise
+        except (OSError, ValueError, zipfile.BadZipFile, tarfile.TarError, EOFError) as exc:  # this entry only
+            with suppress(OSError, ValueError):  # a partial file, when one was started
+                path.unlink(missing_ok=True)
+            self.report.fail(name, f"cannot be extracted: {getattr(exc, 'strerror', None) or exc}")
+            return
+        if written > self.limits.max_file_bytes:
+            path.unlink()
+            self.report.skip(name, f"larger than {self.limits.max_file_bytes:,} bytes")
+            return
+        self.report.files += 1
+        failpoint("extracted-entry")
+
+    def _copy(self, source: IO[bytes], path: Path) -> int:
         written = 0
         with open(path, "wb") as out:
             while chunk := source.read(_CHUNK):
@@ -91,11 +118,16 @@ class _Writer:
                 if written > self.limits.max_file_bytes:
                     break
                 out.write(chunk)
-        if written > self.limits.max_file_bytes:
-            path.unlink()
-            self.report.skip(name, f"larger than {self.limits.max_file_bytes:,} bytes")
-            return
-        self.report.files += 1
+        return written
+
+
+def _undecodable(name: str) -> bool:
+    """Names tarfile decoded with surrogate escapes (bytes that are not UTF-8) cannot be stored as text."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def extract_archive(archive: Path, target: Path, limits: Limits = Limits()) -> Extracted:

@@ -80,13 +80,11 @@ def cmd_populate(args: argparse.Namespace, settings: Settings) -> None:
 
         engine = get_engine()
         model = create_embedder(settings).model_id
-        job_id = jobs.create_job(engine, "dataset", model, {"dataset": args.dataset, "split": args.split}, None)
+        params = {"dataset": args.dataset, "split": args.split, "num_images": args.num_images}
+        job_id = jobs.create_job(settings, engine, "dataset", model, params | {"source": args.source and str(args.source)}, None)
         queue = jobs.open_queue(engine)
         try:
-            listed = [{"source": args.dataset, "reason": note} for note in dataset.notes]
-            staged = jobs.stage_items(
-                engine, queue, job_id, jobs.sample_items(dataset.samples), settings.job_chunk_size, dataset.skipped, notes=listed
-            )
+            staged = jobs.stage_job(settings, engine, queue, job_id) or jobs.Staged()
         finally:
             queue.close()
         print(f"job {job_id}: {staged.total} images in {staged.chunks} chunks queued; follow it with: jobs show {job_id}")
@@ -209,7 +207,14 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> None:
 
     _require_schema()
     print(f"worker: {args.concurrency or settings.worker_concurrency} chunk(s) at a time; Ctrl-C stops it", flush=True)
-    jobs.run_worker(settings, get_engine(), args.concurrency or settings.worker_concurrency)
+    engine = get_engine()
+    queue = jobs.open_queue(engine)
+    try:  # staging that a crash on this machine interrupted goes on (in threads) beside the chunks
+        jobs.sweep_job_files(settings, engine)
+        jobs.resume_staging(settings, engine, queue)
+        jobs.run_worker(settings, engine, args.concurrency or settings.worker_concurrency)
+    finally:
+        queue.close()
 
 
 def cmd_jobs(args: argparse.Namespace, settings: Settings) -> None:
@@ -226,6 +231,7 @@ def cmd_jobs(args: argparse.Namespace, settings: Settings) -> None:
         found = [jobs.get_job(engine, args.id)]
     else:
         found = [jobs.cancel_job(engine, args.id)]
+        jobs.remove_job_files(settings, args.id)
     for job in found:
         rate = jobs.images_per_second(job)
         print(

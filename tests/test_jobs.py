@@ -109,7 +109,7 @@ def test_archive_job_ends_with_exact_counts_and_searchable_images(db, workers: W
         {"../escape.png": cifar[0][1], "cat/notes.png": b"not an image at all"},
     )
     app = jobs.open_queue(engine)
-    job_id = jobs.create_job(engine, "archive", "efficientnet_lite0/imagenet/224px", {}, None)
+    job_id = jobs.create_job(settings, engine, "archive", "efficientnet_lite0/imagenet/224px", {}, None)
     jobs.stage_archive(settings, engine, app, job_id, archive)
     assert jobs.get_job(engine, job_id).total == 44 and not archive.exists()
     workers.start()
@@ -155,7 +155,7 @@ def url_list(base: str) -> str:
 def test_url_job_with_404s_and_non_images(db, workers: Workers, tmp_path: Path, image_server: str) -> None:
     _url, engine = db
     settings = make_settings(tmp_path / "server", engine, job_chunk_size=5, allow_private_urls=True)
-    job_id = jobs.create_job(engine, "urls", "efficientnet_lite0/imagenet/224px", {}, None)
+    job_id = jobs.create_job(settings, engine, "urls", "efficientnet_lite0/imagenet/224px", {}, None)
     jobs.stage_urls(settings, engine, jobs.open_queue(engine), job_id, url_list(image_server))
     workers.start()
     job = jobs.wait_for(engine, job_id, 240)
@@ -173,7 +173,7 @@ def test_the_same_list_is_refused_as_private_by_default(db, tmp_path: Path, imag
     url, engine = db
     strict = Workers(url, tmp_path / "worker-data", onnx_dir)  # ALLOW_PRIVATE_URLS unset
     settings = make_settings(tmp_path / "server", engine, job_chunk_size=8)
-    job_id = jobs.create_job(engine, "urls", "efficientnet_lite0/imagenet/224px", {}, None)
+    job_id = jobs.create_job(settings, engine, "urls", "efficientnet_lite0/imagenet/224px", {}, None)
     jobs.stage_urls(settings, engine, jobs.open_queue(engine), job_id, url_list(image_server))
     strict.start()
     try:
@@ -230,7 +230,7 @@ def test_two_workers_share_a_job_and_one_killed_mid_job_loses_nothing(db, tmp_pa
     gate = Gate(cifar)
     group = Workers(url, tmp_path / "worker-data", onnx_dir, ALLOW_PRIVATE_URLS="true", URL_TIMEOUT_SECONDS="300")
     settings = make_settings(tmp_path / "server", engine, job_chunk_size=4)
-    job_id = jobs.create_job(engine, "urls", "efficientnet_lite0/imagenet/224px", {}, None)
+    job_id = jobs.create_job(settings, engine, "urls", "efficientnet_lite0/imagenet/224px", {}, None)
     listed = "\n".join(f"{gate.url}/img{i},{label}" for i, (label, _data) in enumerate(cifar))
     jobs.stage_urls(settings, engine, jobs.open_queue(engine), job_id, listed)
     try:
@@ -258,7 +258,7 @@ def test_two_workers_share_a_job_and_one_killed_mid_job_loses_nothing(db, tmp_pa
 def test_cancel_stops_new_chunks_and_keeps_finished_ones(db, tmp_path: Path, cifar, onnx_dir: Path) -> None:
     url, engine = db
     settings = make_settings(tmp_path / "server", engine, job_chunk_size=10)
-    job_id = jobs.create_job(engine, "archive", "efficientnet_lite0/imagenet/224px", {}, None)
+    job_id = jobs.create_job(settings, engine, "archive", "efficientnet_lite0/imagenet/224px", {}, None)
     jobs.stage_archive(settings, engine, jobs.open_queue(engine), job_id, make_archive(tmp_path / "c.zip", cifar))
     cancelled = jobs.cancel_job(engine, job_id)
     assert cancelled.state == "cancelled"
@@ -341,21 +341,21 @@ def test_reembedding_with_another_model_keeps_the_vectors_apart(db, workers: Wor
     _url, engine = db
     settings = make_settings(tmp_path / "server", engine, job_chunk_size=8)
     queue = jobs.open_queue(engine)
-    first = jobs.create_job(engine, "archive", "efficientnet_lite0/imagenet/224px", {}, None)
+    first = jobs.create_job(settings, engine, "archive", "efficientnet_lite0/imagenet/224px", {}, None)
     jobs.stage_archive(settings, engine, queue, first, make_archive(tmp_path / "e.zip", cifar[:12]))
     workers.start()
     assert jobs.wait_for(engine, first, 240).added == 12
     lite2 = create_embedder(settings, "efficientnet_lite2").model_id
-    again = jobs.create_job(engine, "reembed", lite2, {"model_name": "efficientnet_lite2"}, None)
-    jobs.stage_reembed(settings, engine, queue, again, lite2)
+    again = jobs.create_job(settings, engine, "reembed", lite2, {"model_name": "efficientnet_lite2"}, None)
+    jobs.stage_job(settings, engine, queue, again)
     job = jobs.wait_for(engine, again, 300)
     assert (job.state, job.total, job.added) == ("succeeded", 12, 12), job.message
     with session_scope(engine) as session:
         assert dict(catalogue.model_ids(session)) == {"efficientnet_lite0/imagenet/224px": 12, lite2: 12}
         assert catalogue.load_prototypes(session, lite2).counts.sum() == 12
         assert catalogue.load_vectors(session, lite2).vectors.shape == (12, 1280)
-    nothing = jobs.create_job(engine, "reembed", lite2, {"model_name": "efficientnet_lite2"}, None)
-    jobs.stage_reembed(settings, engine, queue, nothing, lite2)
+    nothing = jobs.create_job(settings, engine, "reembed", lite2, {"model_name": "efficientnet_lite2"}, None)
+    jobs.stage_job(settings, engine, queue, nothing)
     assert jobs.get_job(engine, nothing).state == "failed"  # every image has one already: nothing to do
     queue.close()
 
@@ -370,11 +370,13 @@ def test_a_folder_job_never_follows_links_out_of_the_folder(db, workers: Workers
     outside = tmp_path / "secret.png"
     outside.write_bytes(cifar[10][1])
     (root / cifar[0][0] / "link.png").symlink_to(outside)  # a link out of the folder: skipped and counted
-    job_id = jobs.create_job(engine, "folder", "efficientnet_lite0/imagenet/224px", {"path": str(root)}, None)
-    jobs.stage_folder(settings, engine, jobs.open_queue(engine), job_id, root)
+    job_id = jobs.create_job(settings, engine, "folder", "efficientnet_lite0/imagenet/224px", {"path": str(root)}, None)
+    jobs.stage_job(settings, engine, jobs.open_queue(engine), job_id)
     workers.start()
     job = jobs.wait_for(engine, job_id, 240)
     assert (job.state, job.total, job.added, job.skipped) == ("succeeded", 6, 6, 1), job.failures
-    missing = jobs.create_job(engine, "folder", "efficientnet_lite0/imagenet/224px", {}, None)
-    jobs.stage_folder(settings, engine, jobs.open_queue(engine), missing, tmp_path / "nowhere")
-    assert jobs.get_job(engine, missing).state == "failed" and "not found" in (jobs.get_job(engine, missing).message or "")
+    nowhere = str(tmp_path / "nowhere")
+    missing = jobs.create_job(settings, engine, "folder", "efficientnet_lite0/imagenet/224px", {"path": nowhere}, None)
+    jobs.stage_job(settings, engine, jobs.open_queue(engine), missing)
+    failed = jobs.get_job(engine, missing)
+    assert failed.state == "failed" and "not on this server" in (failed.message or "") and nowhere not in (failed.message or "")

@@ -72,6 +72,22 @@ async def _refresh_index(service: SearchService, settings: Settings) -> None:
         failing = False
 
 
+RESUME_EVERY_S = 60.0
+
+
+async def _resume_staging(app: FastAPI, settings: Settings) -> None:
+    """Staging that a crash (or a database outage) interrupted goes on: at start, then every minute."""
+    service = app.state.service
+    while True:
+        try:
+            await run_in_threadpool(jobs_queue.resume_staging, settings, service.engine, app.state.jobs_app)
+        except DATABASE_ERRORS as exc:
+            log.warning("staging not resumed: database unavailable: %s", database_problem(exc))
+        except Exception:  # a bug must not end the loop
+            log.exception("resuming staging failed")
+        await asyncio.sleep(RESUME_EVERY_S)
+
+
 def create_app(settings: Settings | None = None, service: SearchService | None = None) -> FastAPI:
     settings = settings or (service.settings if service else get_settings())
 
@@ -84,12 +100,15 @@ def create_app(settings: Settings | None = None, service: SearchService | None =
         app.state.service = svc
         app.state.started = time.monotonic()
         app.state.jobs_app = await run_in_threadpool(jobs_queue.open_queue, svc.engine)  # defers chunks (handler threads)
+        await run_in_threadpool(jobs_queue.sweep_job_files, settings, svc.engine)  # of jobs that ended while we were down
+        resumer = asyncio.create_task(_resume_staging(app, settings))
         worker = jobs_queue.WorkerThread(settings, svc.engine, svc.cache.after_write) if settings.serve_worker else None
         if worker is not None:
             worker.start()
         refresher = asyncio.create_task(_refresh_index(svc, settings))
         yield
         refresher.cancel()
+        resumer.cancel()
         if worker is not None:
             await run_in_threadpool(worker.stop)
         await run_in_threadpool(app.state.jobs_app.close)

@@ -1,13 +1,11 @@
-"""Catalogue jobs: hand over an archive, a URL list or a server folder; watch it; cancel it (backend/jobs.py).
+"""Catalogue jobs: hand over an archive, a URL list or a server folder; watch it; cancel it (backend/jobs/).
 
 Creating a job answers 202 with its id at once; staging (extracting an archive, reading a folder) runs in
-a background thread of this server, the chunks on any worker."""
+a background thread of this server, resumed after a crash (backend/jobs/staging.py), the chunks on any worker."""
 
 import csv
 import io
 import shutil
-import threading
-import uuid
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -80,12 +78,12 @@ class FolderJob(BaseModel):
     path: str = Field(min_length=1, max_length=4096, description="a `<category>/<images>` folder on the server")
 
 
-def _start(target: Any, *args: Any) -> None:
-    threading.Thread(target=target, args=args, name="job-staging", daemon=True).start()
-
-
 def _queue(request: Request) -> Any:
     return request.app.state.jobs_app
+
+
+def _create(request: Request, service: Any, settings: Any, kind: str, model: str, params: dict) -> int:
+    return jobs.create_job(settings, service.engine, kind, model, params, getattr(request.state, "api_key", None))
 
 
 @router.post(
@@ -102,16 +100,14 @@ def create_archive_job(
     file: Annotated[UploadFile, File(description=".zip, .tar or .tar.gz")],
 ) -> JobOut:
     """Ingest an archive laid out as `<category>/<images>`: extracted safely, then embedded by workers."""
-    uploads = settings.data_dir / "jobs" / "uploads"
-    uploads.mkdir(parents=True, exist_ok=True)
-    path = uploads / f"{uuid.uuid4().hex}.upload"
-    with open(path, "wb") as out:
-        shutil.copyfileobj(file.file, out, 1 << 20)  # Starlette spooled it to disk; BodyLimit capped it
-    name = echo(file.filename or "archive")
-    job_id = jobs.create_job(
-        service.engine, "archive", service.model, {"filename": name}, getattr(request.state, "api_key", None)
-    )
-    _start(jobs.stage_archive, settings, service.engine, _queue(request), job_id, path)
+    job_id = _create(request, service, settings, "archive", service.model, {"filename": echo(file.filename or "archive")})
+
+    def copy(part: Path) -> None:
+        with open(part, "wb") as out:
+            shutil.copyfileobj(file.file, out, 1 << 20)  # Starlette spooled it to disk; BodyLimit capped it
+
+    jobs.save_input(settings, job_id, copy)  # a crash from here on is resumed by the next start
+    jobs.start(settings, service.engine, _queue(request), job_id)
     return JobOut.of(jobs.get_job(service.engine, job_id))
 
 
@@ -158,8 +154,7 @@ async def create_url_job(request: Request, service: ServiceDep, settings: Settin
             text = raw.decode("utf-8-sig")
         except UnicodeDecodeError:
             raise InvalidInput("the URL list is not UTF-8 text") from None
-    model = service.model
-    job_id = await run_in_threadpool(jobs.create_job, service.engine, "urls", model, {}, getattr(request.state, "api_key", None))
+    job_id = await run_in_threadpool(_create, request, service, settings, "urls", service.model, {})
     await run_in_threadpool(jobs.stage_urls, settings, service.engine, _queue(request), job_id, text)
     return JobOut.of(await run_in_threadpool(jobs.get_job, service.engine, job_id))
 
@@ -172,10 +167,8 @@ def create_folder_job(request: Request, body: FolderJob, service: ServiceDep, se
     folder = Path(body.path)
     if not folder.is_absolute() or not folder.is_dir():
         raise InvalidInput(f"not a folder on the server (an absolute path is needed): {echo(body.path)}")
-    job_id = jobs.create_job(
-        service.engine, "folder", service.model, {"path": str(folder)}, getattr(request.state, "api_key", None)
-    )
-    _start(jobs.stage_folder, settings, service.engine, _queue(request), job_id, folder)
+    job_id = _create(request, service, settings, "folder", service.model, {"path": str(folder)})
+    jobs.start(settings, service.engine, _queue(request), job_id)
     return JobOut.of(jobs.get_job(service.engine, job_id))
 
 
@@ -191,10 +184,8 @@ def create_reembed_job(request: Request, body: ReembedJob, service: ServiceDep, 
     if body.model not in MODEL_NAMES:
         raise Unprocessable(f"model: unknown model {echo(body.model)!r}; choose one of: {', '.join(MODEL_NAMES)}")
     target = create_embedder(settings, body.model).model_id  # the weights load in the workers, not here
-    job_id = jobs.create_job(
-        service.engine, "reembed", target, {"model_name": body.model}, getattr(request.state, "api_key", None)
-    )
-    _start(jobs.stage_reembed, settings, service.engine, _queue(request), job_id, target)
+    job_id = _create(request, service, settings, "reembed", target, {"model_name": body.model})
+    jobs.start(settings, service.engine, _queue(request), job_id)
     return JobOut.of(jobs.get_job(service.engine, job_id))
 
 
@@ -212,9 +203,11 @@ def get_job(job_id: int, service: ServiceDep) -> JobOut:
 @router.post(
     "/{job_id:int}/cancel", response_model=JobOut, dependencies=[guard(Access.WRITE)], responses=error_responses(404, 422)
 )
-def cancel_job(job_id: int, service: ServiceDep) -> JobOut:
-    """No new chunk starts; chunks already done stay in the catalogue."""
-    return JobOut.of(jobs.cancel_job(service.engine, _checked(job_id)))
+def cancel_job(job_id: int, service: ServiceDep, settings: SettingsDep) -> JobOut:
+    """No chunk commits after this; chunks that committed before stay in the catalogue. The job's files go."""
+    job = jobs.cancel_job(service.engine, _checked(job_id))
+    jobs.remove_job_files(settings, job.id)
+    return JobOut.of(job)
 
 
 def _checked(job_id: int) -> int:
