@@ -19,6 +19,7 @@ from fastapi.params import Depends as DependsParam
 from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -92,14 +93,17 @@ def _checker(access: Access) -> Callable[..., Awaitable[auth.KeyInfo | None]]:
     return check
 
 
+def presented_key(headers: Headers) -> str | None:
+    """The key a request presents, as X-API-Key or Authorization: Bearer (the schemes the guards declare)."""
+    scheme, _, credentials = headers.get("authorization", "").partition(" ")
+    return headers.get("x-api-key") or (credentials.strip() if scheme.lower() == "bearer" else None) or None
+
+
 async def viewer_is_admin(request: Request) -> bool:
     """Whether the caller may see server details (paths, database location): an admin key, or no keys at
     all (AUTH_MODE=off, loopback only). A missing or bad key is no error here: the caller is anonymous."""
-    headers = request.headers
-    scheme, _, credentials = headers.get("authorization", "").partition(" ")
-    key = headers.get("x-api-key") or (credentials.strip() if scheme.lower() == "bearer" else None)
     try:
-        await verified_key(request.app.state.service, Access.ADMIN, key)
+        await verified_key(request.app.state.service, Access.ADMIN, presented_key(request.headers))
     except (Unauthorized, Forbidden):
         return False
     return True
@@ -249,13 +253,8 @@ class KeyBeforeBody:
         if access is None or not needs_key(access, service.settings):
             await self.app(scope, receive, send)
             return
-        headers = dict(scope["headers"])
-        key = headers.get(b"x-api-key", b"").decode("latin-1") or None
-        scheme, _, credentials = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
-        if key is None and scheme.lower() == "bearer":
-            key = credentials.strip() or None
         try:
-            info = await verified_key(service, access, key)
+            info = await verified_key(service, access, presented_key(Headers(scope=scope)))
         except (Unauthorized, Forbidden) as exc:
             await JSONResponse({"detail": exc.message}, status_code=exc.status_code)(scope, receive, send)
             return

@@ -102,7 +102,7 @@ class Settings(BaseSettings):
     metrics_require_key: bool = False  # /metrics: public, or only with a key holding the `metrics` scope
     log_format: Literal["text", "json"] = "text"
 
-    # Catalogue jobs (backend/jobs.py): images per chunk (one task, one transaction); `serve` runs a worker
+    # Catalogue jobs (backend/jobs/): images per chunk (one task, one transaction); `serve` runs a worker
     # in-process unless SERVE_WORKER=false (then run `worker` processes, here or on other machines).
     job_chunk_size: int = Field(256, ge=1, le=10_000)
     serve_worker: bool = True
