@@ -16,7 +16,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from backend import catalogue
+from backend import catalogue, search_filters
 from backend.core import search_params
 from backend.core.config import Settings
 from backend.core.errors import InvalidInput, NotFound
@@ -134,7 +134,7 @@ class SearchSettings(BaseModel):
     use_prototype_filtering: bool
     default_top_categories: int
     default_search_limit: int
-    bounds: dict[str, dict[str, int]]
+    bounds: dict[str, dict[str, int | float]]
 
 
 class Status(BaseModel):
@@ -177,13 +177,15 @@ class SearchService:
         return results
 
     def search_vectors(self, queries: np.ndarray, params: SearchParams, exclude: int | None = None) -> list[SearchResult]:
-        limit, top_categories, use_prototypes = params.limit, params.top_categories, params.use_prototypes
-        k = limit + (1 if exclude is not None else 0)
+        top_categories, use_prototypes = params.top_categories, params.use_prototypes
+        k = search_filters.depth(params, 1 if exclude is not None else 0)
+        with session_scope(self.engine) as session:
+            wanted = search_filters.category_filter(session, params.categories)
         with self.cache.reading() as index:
             t0 = time.perf_counter()
             cat_scores, cat_lists = index.rank_categories(queries)
             t1 = time.perf_counter()
-            searched = cat_lists[:, :top_categories] if use_prototypes else None
+            searched = search_filters.stage_two_categories(cat_lists, index.list_of, wanted, params)
             hits = index.search(queries, k, searched, params.nprobe, self.settings.rerank_candidates)
             t2 = time.perf_counter()
             total = index.ntotal
@@ -196,13 +198,12 @@ class SearchService:
             SEARCH_STAGE_SECONDS.labels(stage).observe(seconds / n)
         out = []
         for q in range(n):
-            results: list[Hit] = []
-            for score, raw_id in zip(hits.scores[q], hits.ids[q], strict=True):
-                image_id = int(raw_id)
-                if image_id < 0 or image_id == exclude or image_id not in meta or len(results) == limit:
-                    continue
-                cid, given = meta[image_id]
-                results.append(Hit(image_id, self._name(cid), given, float(score), len(results) + 1))
+            results = [
+                Hit(image_id, self._name(meta[image_id][0]), meta[image_id][1], score, rank)
+                for rank, image_id, score in search_filters.page(
+                    hits.scores[q], hits.ids[q], lambda i: i != exclude and i in meta, params
+                )
+            ]
             chosen = set(searched[q].tolist()) if searched is not None else set(range(len(category_ids)))
             categories = self._ranking(category_ids, cat_scores[q], cat_lists[q], chosen)
             timings = {

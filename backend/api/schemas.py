@@ -5,6 +5,7 @@ from pathlib import PurePath
 
 from pydantic import BaseModel
 
+from backend.core.search_params import SearchParams
 from backend.db.models import Image
 from backend.service import SearchResult, Status
 
@@ -76,12 +77,15 @@ class SearchResponse(BaseModel):
     use_prototypes: bool
     top_categories: int | None
     limit: int
+    offset: int  # results skipped before this page; ranks count from the first page
+    min_score: float | None  # the relevance cut-off, when one was asked for
+    category_filter: list[str] | None  # the categories the search was restricted to, when it was
     vectors_scanned: int
     vectors_total: int
     timings_ms: dict[str, float]
 
     @classmethod
-    def of(cls, result: SearchResult, limit: int) -> "SearchResponse":
+    def of(cls, result: SearchResult, params: SearchParams) -> "SearchResponse":
         return cls(
             results=[
                 SearchHit(
@@ -98,11 +102,18 @@ class SearchResponse(BaseModel):
             searched_categories=result.searched_categories,
             use_prototypes=result.use_prototypes,
             top_categories=result.top_categories,
-            limit=limit,
+            limit=params.limit,
+            offset=params.offset,
+            min_score=params.min_score,
+            category_filter=list(params.categories) if params.categories else None,
             vectors_scanned=result.vectors_scanned,
             vectors_total=result.vectors_total,
             timings_ms=result.timings_ms,
         )
+
+
+class SearchBatchResponse(BaseModel):
+    queries: list[SearchResponse]  # one per query file, in the order sent
 
 
 class PrototypeResponse(BaseModel):
