@@ -16,10 +16,10 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from backend import catalogue, search_filters
+from backend import catalogue, near_duplicates, search_filters
 from backend.core import search_params
 from backend.core.config import Settings
-from backend.core.errors import InvalidInput, NotFound
+from backend.core.errors import Conflict, InvalidInput, NotFound
 from backend.core.search_params import SearchParams
 from backend.db.models import Image
 from backend.db.session import get_engine, location, session_scope
@@ -77,6 +77,7 @@ class UploadResult:
     label_given: bool
     duplicate: bool
     category_score: float | None = None
+    near_duplicates: list[Hit] = field(default_factory=list)  # stored images at or above NEAR_DUPLICATE_THRESHOLD
 
 
 class ModelStatus(BaseModel):
@@ -263,12 +264,18 @@ class SearchService:
 
     # --- writes: one database transaction, then the index follows before the answer -------------
 
-    def upload(self, image: DecodedImage, category: str | None, description: str | None = None) -> UploadResult:
+    def upload(
+        self, image: DecodedImage, category: str | None, description: str | None = None, refuse_near_duplicates: bool = False
+    ) -> UploadResult:
         with session_scope(self.engine) as session:
             if catalogue.existing_by_sha(session, [image.sha256]):
                 return self._duplicate(session, image.sha256)
             category_id = catalogue.category_by_name(session, category).id if category else None
         vector = self.embed([image.rgb])
+        near = near_duplicates.of_vector(self, vector[0])
+        if near and refuse_near_duplicates:
+            found = ", ".join(f"{h.image_id} (cosine {h.score:.3f})" for h in near[:5])
+            raise Conflict(f"near-duplicate of stored images {found}; not stored (on_near_duplicate=refuse)")
         predicted_score = None
         if category_id is None:
             with self.cache.reading() as index:
@@ -283,7 +290,7 @@ class SearchService:
         except IntegrityError:  # the same bytes were stored concurrently
             with session_scope(self.engine) as session:
                 return self._duplicate(session, image.sha256)
-        return UploadResult(image_id, self._name(category_id), item.label_given, duplicate=False, category_score=predicted_score)
+        return UploadResult(image_id, self._name(category_id), item.label_given, False, predicted_score, near)
 
     def _duplicate(self, session: Session, sha256: str) -> UploadResult:
         stored = catalogue.get_image(session, catalogue.existing_by_sha(session, [sha256])[sha256])

@@ -35,6 +35,7 @@ DECISIONS = {
     ("POST", "/search"): Access.SEARCH,
     ("POST", "/search/prototypes"): Access.SEARCH,
     ("GET", "/images/{image_id}/similar"): Access.SEARCH,
+    ("GET", "/duplicates"): Access.SEARCH,
     ("GET", "/images/{image_id}"): Access.SEARCH,
     ("GET", "/images/{image_id}/thumbnail"): Access.SEARCH,
     ("GET", "/images/{image_id}/info"): Access.SEARCH,
