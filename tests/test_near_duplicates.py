@@ -11,11 +11,9 @@ from PIL import Image
 from sqlalchemy import Engine
 
 from backend import catalogue, duplicate_eval
-from backend.api.main import create_app
-from backend.datasets import Dataset, balanced
+from backend.datasets import Dataset
 from backend.db.session import session_scope
-from backend.ingest import ingest
-from backend.service import SearchService
+from tests.utils.app import app_client, small_catalogue
 from tests.utils.settings import make_settings
 
 # README, "Near-duplicates": at the default threshold, 300 CIFAR-10 test images measured precision 1.000
@@ -44,15 +42,12 @@ def png(image: Image.Image) -> bytes:
 
 @pytest.fixture(scope="module")
 def engine(databases, embedder, cifar_train: Dataset) -> Engine:
-    eng = databases.new()
-    ingest(Dataset("cifar10", balanced(cifar_train.samples, 100)), embedder, eng, 10**7, progress=False)
-    return eng
+    return small_catalogue(databases, embedder, cifar_train)
 
 
 @pytest.fixture(scope="module")
 def client(engine: Engine, embedder, tmp_path_factory) -> Iterator[TestClient]:
-    settings = make_settings(tmp_path_factory.mktemp("dup"), engine, auth_mode="off")
-    with TestClient(create_app(service=SearchService(settings, engine, embedder))) as c:
+    with app_client(engine, embedder, tmp_path_factory.mktemp("dup")) as c:
         yield c
 
 

@@ -27,6 +27,8 @@ def query_form(max_files: int) -> Callable[[Request], Coroutine[Any, Any, None]]
             raise Unprocessable("file: must be a file upload (multipart/form-data with a filename), not a text field")
         if any(not isinstance(u, str) for u in urls):
             raise Unprocessable("url: must be a text field, not a file")
+        if any(not u.strip() for u in urls if isinstance(u, str)):
+            raise Unprocessable("url: must not be empty")
         if files and urls:
             raise Unprocessable("file, url: send the query image as a file or as a URL, not both")
         if not files and not urls:
@@ -44,4 +46,6 @@ def query_images(files: list[UploadFile] | None, url: str | None, settings: Sett
     """The decoded query images, in the order sent (run in a worker thread: reads and downloads block)."""
     if url is not None:
         return [image_from_url(url, settings)]
-    return [read_image(f, settings) for f in files or []]
+    if not files:  # query_form let nothing through without a file or a URL; this says so if it ever does
+        raise Unprocessable("file: send a query image in the field 'file', or its address in 'url'")
+    return [read_image(f, settings) for f in files]

@@ -8,30 +8,24 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import Engine
 
-from backend.api.main import create_app
 from backend.core import search_params as sp
-from backend.datasets import Dataset, balanced
-from backend.ingest import ingest
-from backend.service import SearchService
+from backend.datasets import Dataset
+from tests.utils.app import app_client, small_catalogue
 from tests.utils.http_images import serving
-from tests.utils.settings import make_settings
 
 
 @pytest.fixture(scope="module")
 def engine(databases, embedder, cifar_train: Dataset) -> Engine:
-    eng = databases.new()
-    ingest(Dataset("cifar10", balanced(cifar_train.samples, 100)), embedder, eng, 10**7, progress=False)
-    return eng
+    return small_catalogue(databases, embedder, cifar_train)
 
 
-def app_client(engine: Engine, embedder, tmp, **settings: object) -> TestClient:
-    config = make_settings(tmp, engine, max_upload_size=300_000, auth_mode="off", url_timeout_seconds=5, **settings)
-    return TestClient(create_app(service=SearchService(config, engine, embedder)))
+def client_of(engine: Engine, embedder, tmp, **settings: object) -> TestClient:
+    return app_client(engine, embedder, tmp, max_upload_size=300_000, url_timeout_seconds=5, **settings)
 
 
 @pytest.fixture(scope="module")
 def client(engine: Engine, embedder, tmp_path_factory) -> Iterator[TestClient]:
-    with app_client(engine, embedder, tmp_path_factory.mktemp("api"), allow_private_urls=True) as c:
+    with client_of(engine, embedder, tmp_path_factory.mktemp("api"), allow_private_urls=True) as c:
         yield c
 
 
@@ -116,18 +110,19 @@ def test_search_by_url_equals_search_by_upload(client: TestClient, queries: list
         ("/missing.png", {}, 400, "HTTP 404"),
         ("/page.html", {}, 400, "not an image"),
         ("ftp://127.0.0.1/x.png", {}, 422, "not an http(s) URL"),
+        ("", {}, 422, "url: must not be empty"),
         ("/q0.png", {"files": {"file": ("q.png", b"x")}}, 422, "not both"),
     ],
 )
 def test_bad_urls_get_one_clear_error(client: TestClient, site: str, path: str, kwargs: dict, status: int, word: str) -> None:
-    url = path if "://" in path else f"{site}{path}"
+    url = path if "://" in path or not path else f"{site}{path}"
     r = client.post("/search", data={"url": url}, **kwargs)
     assert r.status_code == status, r.text
     assert word in r.json()["detail"]
 
 
 def test_private_addresses_are_refused_without_allow_private_urls(engine: Engine, embedder, tmp_path, site: str) -> None:
-    with app_client(engine, embedder, tmp_path) as guarded:
+    with client_of(engine, embedder, tmp_path) as guarded:
         for path in ("/search", "/search/prototypes"):
             r = guarded.post(path, data={"url": f"{site}/q0.png"})
             assert r.status_code == 422, r.text

@@ -8,25 +8,19 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 
 from backend import catalogue
-from backend.api.main import create_app
-from backend.datasets import Dataset, balanced
+from backend.datasets import Dataset
 from backend.db.session import session_scope
-from backend.ingest import ingest
-from backend.service import SearchService
-from tests.utils.settings import make_settings
+from tests.utils.app import app_client, small_catalogue
 
 
 @pytest.fixture(scope="module")
 def engine(databases, embedder, cifar_train: Dataset) -> Engine:
-    eng = databases.new()
-    ingest(Dataset("cifar10", balanced(cifar_train.samples, 100)), embedder, eng, 10**7, progress=False)
-    return eng
+    return small_catalogue(databases, embedder, cifar_train)
 
 
 @pytest.fixture(scope="module")
 def client(engine: Engine, embedder, tmp_path_factory) -> Iterator[TestClient]:
-    settings = make_settings(tmp_path_factory.mktemp("views"), engine, auth_mode="off")
-    with TestClient(create_app(service=SearchService(settings, engine, embedder))) as c:
+    with app_client(engine, embedder, tmp_path_factory.mktemp("views")) as c:
         yield c
 
 
