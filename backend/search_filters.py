@@ -9,19 +9,22 @@ the first result scoring below `min_score` (results come best first).
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
-from sqlalchemy.orm import Session
+from sqlalchemy import Engine
 
 from backend import catalogue
 from backend.core.errors import Unprocessable
 from backend.core.search_params import SearchParams
 from backend.core.text import echo
+from backend.db.session import session_scope
 
 
-def category_filter(session: Session, names: Sequence[str] | None) -> list[int] | None:
-    """The ids of the named categories (None: no filter); one clear error naming those that do not exist."""
+def category_filter(engine: Engine, names: Sequence[str] | None) -> list[int] | None:
+    """The ids of the named categories (None: no filter, and no database call); one clear error naming
+    those that do not exist."""
     if not names:
         return None
-    known = catalogue.category_ids(session, names)
+    with session_scope(engine) as session:
+        known = catalogue.category_ids(session, names)
     unknown = [n for n in names if n not in known]
     if unknown:
         shown = ", ".join(repr(echo(n, 40)) for n in unknown[:5])

@@ -180,8 +180,7 @@ class SearchService:
     def search_vectors(self, queries: np.ndarray, params: SearchParams, exclude: int | None = None) -> list[SearchResult]:
         top_categories, use_prototypes = params.top_categories, params.use_prototypes
         k = search_filters.depth(params, 1 if exclude is not None else 0)
-        with session_scope(self.engine) as session:
-            wanted = search_filters.category_filter(session, params.categories)
+        wanted = search_filters.category_filter(self.engine, params.categories)
         with self.cache.reading() as index:
             t0 = time.perf_counter()
             cat_scores, cat_lists = index.rank_categories(queries)
