@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, NoReturn
 
 from pydantic import ValidationError
 
+from backend import cli_search
 from backend.auth import SCOPES
-from backend.core import search_params
+from backend.cli_search import int_in
 from backend.core.config import Settings, get_settings
 from backend.core.errors import AppError
 from backend.datasets import DATASETS
@@ -24,23 +25,7 @@ from backend.db.session import DATABASE_ERRORS, database_problem
 from backend.telemetry import configure_logging
 
 if TYPE_CHECKING:  # the service pulls in torch and FAISS: imported lazily so `--help` stays fast
-    from backend.service import SearchResult, SearchService
-
-
-def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
-    """An argparse type: an integer in [low, high], else argparse's one `error:` line and exit 2."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < low or (high is not None and value > high):
-            wanted = f"between {low} and {high}" if high is not None else f"at least {low}"
-            raise argparse.ArgumentTypeError(f"{value} is not allowed: must be {wanted}")
-        return value
-
-    return parse
+    from backend.service import SearchService
 
 
 def _service(settings: Settings) -> "SearchService":
@@ -115,45 +100,11 @@ def cmd_rebuild_prototypes(args: argparse.Namespace, settings: Settings) -> None
 
 
 def cmd_search(args: argparse.Namespace, settings: Settings) -> None:
-    from backend.core.search_params import SearchParams
-    from backend.imaging import decode_image
+    def open_service() -> "SearchService":
+        _require_schema()
+        return _service(settings)
 
-    params = SearchParams.resolve(settings, args.limit, args.top_categories, args.use_prototypes, args.nprobe)
-    _require_schema()
-    images = []
-    for path in args.images:
-        try:
-            data = Path(path).read_bytes()
-        except OSError as exc:
-            raise AppError(f"{path}: cannot read ({exc.strerror})") from exc
-        images.append(decode_image(data, settings.max_image_pixels, name=str(path)).rgb)
-    service = _service(settings)
-    results = service.search(images, params)
-    for path, result in zip(args.images, results, strict=True):
-        if args.json:
-            print(json.dumps({"query": str(path), **_result_dict(result)}))
-            continue
-        mode = f"two-stage, top {params.top_categories} categories" if params.use_prototypes else "exact"
-        print(
-            f"{path}  ({mode}; scanned {result.vectors_scanned}/{result.vectors_total} vectors; "
-            f"{result.timings_ms['total']:.1f} ms)"
-        )
-        ranking = ", ".join(f"{c.category}{'*' if c.searched else ''} {c.score:.3f}" for c in result.categories[:5])
-        print(f"  categories: {ranking}")
-        for hit in result.results:
-            print(f"  {hit.rank:>3}. image {hit.image_id:<8} {hit.category or '-':<14} cosine {hit.score:.4f}")
-
-
-def _result_dict(result: "SearchResult") -> dict:
-    return {
-        "results": [asdict(h) for h in result.results],
-        "categories": [{"category": c.category, "score": c.score, "searched": c.searched} for c in result.categories],
-        "searched_categories": result.searched_categories,
-        "use_prototypes": result.use_prototypes,
-        "vectors_scanned": result.vectors_scanned,
-        "vectors_total": result.vectors_total,
-        "timings_ms": result.timings_ms,
-    }
+    cli_search.run(args, settings, open_service)
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> None:
@@ -372,21 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     command("build-index", cmd_build_index, "rebuild the FAISS index from the stored vectors")
     command("rebuild-prototypes", cmd_rebuild_prototypes, "recompute category prototypes from stored vectors")
 
-    p = command("search", cmd_search, "find images similar to the given image files")
-    p.add_argument("images", nargs="+", type=Path)
-    p.add_argument("--limit", type=int_in(search_params.LIMIT_MIN, search_params.LIMIT_MAX), help=search_params.LIMIT_HELP)
-    p.add_argument(
-        "--top-categories",
-        type=int_in(search_params.TOP_CATEGORIES_MIN, search_params.TOP_CATEGORIES_MAX),
-        help=search_params.TOP_CATEGORIES_HELP,
-    )
-    p.add_argument("--nprobe", type=int_in(search_params.NPROBE_MIN, search_params.NPROBE_MAX), help=search_params.NPROBE_HELP)
-    group = p.add_mutually_exclusive_group()
-    group.add_argument(
-        "--no-prototypes", dest="use_prototypes", action="store_false", default=None, help="exact search over all vectors"
-    )
-    group.add_argument("--prototypes", dest="use_prototypes", action="store_true", help="two-stage search")
-    p.add_argument("--json", action="store_true", help="one JSON object per query image per line")
+    cli_search.add_arguments(command("search", cmd_search, "find images similar to the given image files or URLs"))
 
     p = command("worker", cmd_worker, "run catalogue-job chunks (any number of workers, on any machine)")
     p.add_argument("--concurrency", type=int_in(1, 64), help="chunks at a time (default WORKER_CONCURRENCY)")

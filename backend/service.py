@@ -16,10 +16,10 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from backend import catalogue
+from backend import catalogue, near_duplicates, search_filters
 from backend.core import search_params
 from backend.core.config import Settings
-from backend.core.errors import InvalidInput, NotFound
+from backend.core.errors import Conflict, InvalidInput, NotFound
 from backend.core.search_params import SearchParams
 from backend.db.models import Image
 from backend.db.session import get_engine, location, session_scope
@@ -77,6 +77,7 @@ class UploadResult:
     label_given: bool
     duplicate: bool
     category_score: float | None = None
+    near_duplicates: list[Hit] = field(default_factory=list)  # stored images at or above NEAR_DUPLICATE_THRESHOLD
 
 
 class ModelStatus(BaseModel):
@@ -134,7 +135,7 @@ class SearchSettings(BaseModel):
     use_prototype_filtering: bool
     default_top_categories: int
     default_search_limit: int
-    bounds: dict[str, dict[str, int]]
+    bounds: dict[str, dict[str, int | float]]
 
 
 class Status(BaseModel):
@@ -177,13 +178,14 @@ class SearchService:
         return results
 
     def search_vectors(self, queries: np.ndarray, params: SearchParams, exclude: int | None = None) -> list[SearchResult]:
-        limit, top_categories, use_prototypes = params.limit, params.top_categories, params.use_prototypes
-        k = limit + (1 if exclude is not None else 0)
+        top_categories, use_prototypes = params.top_categories, params.use_prototypes
+        k = search_filters.depth(params, 1 if exclude is not None else 0)
+        wanted = search_filters.category_filter(self.engine, params.categories)
         with self.cache.reading() as index:
             t0 = time.perf_counter()
             cat_scores, cat_lists = index.rank_categories(queries)
             t1 = time.perf_counter()
-            searched = cat_lists[:, :top_categories] if use_prototypes else None
+            searched = search_filters.stage_two_categories(cat_lists, index.list_of, wanted, params)
             hits = index.search(queries, k, searched, params.nprobe, self.settings.rerank_candidates)
             t2 = time.perf_counter()
             total = index.ntotal
@@ -196,13 +198,12 @@ class SearchService:
             SEARCH_STAGE_SECONDS.labels(stage).observe(seconds / n)
         out = []
         for q in range(n):
-            results: list[Hit] = []
-            for score, raw_id in zip(hits.scores[q], hits.ids[q], strict=True):
-                image_id = int(raw_id)
-                if image_id < 0 or image_id == exclude or image_id not in meta or len(results) == limit:
-                    continue
-                cid, given = meta[image_id]
-                results.append(Hit(image_id, self._name(cid), given, float(score), len(results) + 1))
+            results = [
+                Hit(image_id, self._name(meta[image_id][0]), meta[image_id][1], score, rank)
+                for rank, image_id, score in search_filters.page(
+                    hits.scores[q], hits.ids[q], lambda i: i != exclude and i in meta, params
+                )
+            ]
             chosen = set(searched[q].tolist()) if searched is not None else set(range(len(category_ids)))
             categories = self._ranking(category_ids, cat_scores[q], cat_lists[q], chosen)
             timings = {
@@ -262,12 +263,18 @@ class SearchService:
 
     # --- writes: one database transaction, then the index follows before the answer -------------
 
-    def upload(self, image: DecodedImage, category: str | None, description: str | None = None) -> UploadResult:
+    def upload(
+        self, image: DecodedImage, category: str | None, description: str | None = None, refuse_near_duplicates: bool = False
+    ) -> UploadResult:
         with session_scope(self.engine) as session:
             if catalogue.existing_by_sha(session, [image.sha256]):
                 return self._duplicate(session, image.sha256)
             category_id = catalogue.category_by_name(session, category).id if category else None
         vector = self.embed([image.rgb])
+        near = near_duplicates.of_vector(self, vector[0])
+        if near and refuse_near_duplicates:
+            found = ", ".join(f"{h.image_id} (cosine {h.score:.3f})" for h in near[:5])
+            raise Conflict(f"near-duplicate of stored images {found}; not stored (on_near_duplicate=refuse)")
         predicted_score = None
         if category_id is None:
             with self.cache.reading() as index:
@@ -282,7 +289,7 @@ class SearchService:
         except IntegrityError:  # the same bytes were stored concurrently
             with session_scope(self.engine) as session:
                 return self._duplicate(session, image.sha256)
-        return UploadResult(image_id, self._name(category_id), item.label_given, duplicate=False, category_score=predicted_score)
+        return UploadResult(image_id, self._name(category_id), item.label_given, False, predicted_score, near)
 
     def _duplicate(self, session: Session, sha256: str) -> UploadResult:
         stored = catalogue.get_image(session, catalogue.existing_by_sha(session, [sha256])[sha256])

@@ -4,8 +4,12 @@
 const $ = (id) => document.getElementById(id);
 let queryFile = null;
 let browseState = null;
+let lastQuery = null; // {form} for an uploaded file or a URL, {imageId} for "more like this": what the pager repeats
+let offset = 0;
+let lastJobs = null;
 // Replaced by the server's own bounds (GET /status, settings.bounds) as soon as the page loads.
-let bounds = { limit: { min: 1, max: 50 }, top_categories: { min: 1, max: 10 }, nprobe: { min: 1, max: 100000 } };
+let bounds = { limit: { min: 1, max: 50 }, top_categories: { min: 1, max: 10 }, nprobe: { min: 1, max: 100000 },
+               offset: { min: 0, max: 1000 }, min_score: { min: -1, max: 1 } };
 
 function showError(message) {
   const box = $("error");
@@ -13,75 +17,9 @@ function showError(message) {
   box.hidden = !message;
 }
 
-// API key: asked for when the server answers 401/403, kept in sessionStorage (gone when the tab closes).
-const KEY_STORE = "imsrc-api-key";
-let keyRequest = null; // one pending question, shared by every request that needs the key
-
-function storedKey() {
-  return sessionStorage.getItem(KEY_STORE) || "";
-}
-
-function showKeyState() {
-  $("key-state").hidden = !storedKey();
-}
-
-function askForKey(reason) {
-  if (!keyRequest) {
-    keyRequest = new Promise((resolve, reject) => {
-      $("key-reason").textContent = reason;
-      $("key-panel").hidden = false;
-      $("key-input").value = "";
-      $("key-input").focus();
-      const done = (ok) => {
-        $("key-panel").hidden = true;
-        $("key-panel").onsubmit = null;
-        $("key-cancel").onclick = null;
-        keyRequest = null;
-        ok ? resolve() : reject(new Error(reason));
-      };
-      $("key-panel").onsubmit = (e) => {
-        e.preventDefault();
-        const key = $("key-input").value.trim();
-        if (!key) return;
-        sessionStorage.setItem(KEY_STORE, key);
-        showKeyState();
-        done(true);
-      };
-      $("key-cancel").onclick = () => done(false);
-    });
-  }
-  return keyRequest;
-}
-
-async function api(path, options = {}, retried = false) {
-  const headers = new Headers(options.headers || {});
-  if (storedKey()) headers.set("X-API-Key", storedKey());
-  let response;
-  try {
-    response = await fetch(path, { ...options, headers });
-  } catch (err) {
-    throw new Error(`server unreachable: ${err.message}`);
-  }
-  const body = response.headers.get("content-type")?.includes("json") ? await response.json() : null;
-  const detail = (body && body.detail) || `${response.status} ${response.statusText}`;
-  const keyProblem = response.status === 401 || (response.status === 403 && detail.includes("API key"));
-  if (keyProblem && !retried) {
-    await askForKey(`This needs an API key: ${detail}`);
-    return api(path, options, true);
-  }
-  if (keyProblem) {
-    sessionStorage.removeItem(KEY_STORE); // the key just given did not do: ask again next time
-    showKeyState();
-  }
-  if (!response.ok) {
-    throw new Error(detail);
-  }
-  return body;
-}
-
-function clampInput(input, name) {
+function clampInput(input, name, round = true) {
   const lo = bounds[name].min, hi = bounds[name].max;
-  const value = Math.round(Number(input.value));
+  const value = round ? Math.round(Number(input.value)) : Number(input.value);
   const clamped = Number.isFinite(value) ? Math.min(hi, Math.max(lo, value)) : lo;
   input.value = clamped;
   return clamped;
@@ -94,36 +32,82 @@ function setQuery(file) {
   preview.src = URL.createObjectURL(file);
   preview.hidden = false;
   $("drop-hint").textContent = file.name;
-  $("search-btn").disabled = false;
-  $("prototypes-btn").disabled = false;
+  $("query-url").value = "";
+  enableSearch();
 }
 
-function card(hit) {
-  const div = document.createElement("a");
+function enableSearch() {
+  const ready = Boolean(queryFile) || $("query-url").value.trim() !== "";
+  $("search-btn").disabled = !ready;
+  $("prototypes-btn").disabled = !ready;
+}
+
+// The query as a form: the URL when one is typed, else the picked file.
+function queryForm() {
+  const form = new FormData();
+  const url = $("query-url").value.trim();
+  if (url) form.append("url", url);
+  else if (queryFile) form.append("file", queryFile);
+  else return null;
+  return form;
+}
+
+// A stored image: click it for more like it; open the original or delete it from its corner.
+function card(hit, testid = "result") {
+  const id = hit.image_id ?? hit.id;
+  const div = document.createElement("div");
   div.className = "card";
-  div.href = hit.url;
-  div.target = "_blank";
-  div.dataset.testid = "result";
+  div.dataset.testid = testid;
+  div.dataset.imageId = id;
+  div.title = `image ${id}: click for more like it`;
   div.innerHTML = `<img loading="lazy" alt="">
-    <div class="meta"><span class="cat"></span><span class="score"></span></div>`;
+    <div class="meta"><span class="cat"></span><span class="score"></span></div>
+    <div class="actions"><a class="open" target="_blank">open</a><button class="link delete" data-testid="delete">delete</button></div>`;
   div.querySelector("img").src = hit.thumbnail_url;
+  div.querySelector(".open").href = hit.url;
   div.querySelector(".cat").textContent = (hit.category ?? "—") + (hit.label_given === false ? " (predicted)" : "");
   if (hit.score !== undefined) {
     div.querySelector(".score").textContent = `#${hit.rank} · cos ${hit.score.toFixed(3)}`;
   }
+  div.addEventListener("click", (ev) => {
+    if (ev.target.closest(".actions")) return;
+    similarTo(id, 0);
+  });
+  div.querySelector(".delete").addEventListener("click", () => deleteImage(id));
   return div;
 }
 
+async function deleteImage(imageId) {
+  if (!window.confirm(`Delete image ${imageId} from the catalogue?`)) return;
+  showError("");
+  try {
+    await api(`/images/${imageId}`, { method: "DELETE" });
+    document.querySelectorAll(`[data-image-id="${imageId}"]`).forEach((el) => el.remove());
+    refreshCatalogueViews();
+  } catch (err) {
+    showError(`Delete failed: ${err.message}`);
+  }
+}
+
+function refreshCatalogueViews() {
+  loadStatus();
+  loadCategories().catch(() => {});
+  Views.loadMap().catch((err) => showError(`Map failed: ${err.message}`));
+  Views.loadGallery().catch((err) => showError(`Gallery failed: ${err.message}`));
+}
+
+// Stage 1's ranking as bars: their length is the prototype's cosine, relative to the best one.
 function renderCategories(categories) {
   const list = $("categories");
   list.innerHTML = "";
+  const best = Math.max(1e-6, ...categories.map((c) => c.score));
   for (const c of categories) {
     const li = document.createElement("li");
     li.className = c.searched ? "searched" : "";
     li.dataset.testid = "category";
     li.innerHTML = `<span class="name"></span><span class="bar"><span></span></span><span class="val"></span>`;
     li.querySelector(".name").textContent = c.category + (c.searched ? " ✓" : "");
-    li.querySelector(".bar span").style.width = `${Math.max(0, c.score) * 100}%`;
+    li.querySelector(".bar span").style.width = `${(Math.max(0, c.score) / best) * 100}%`;
     li.querySelector(".val").textContent = c.score.toFixed(3);
     list.appendChild(li);
   }
@@ -135,44 +119,67 @@ function renderTimings(timings, extra = "") {
 }
 
 // The search options as query parameters, each clamped to the bounds the server enforces.
-function searchParams() {
-  return new URLSearchParams({
+function searchParams(pageOffset) {
+  const params = new URLSearchParams({
     limit: clampInput($("limit"), "limit"),
     top_categories: clampInput($("top-categories"), "top_categories"),
     nprobe: clampInput($("nprobe"), "nprobe"),
     use_prototypes: $("use-prototypes").checked,
+    offset: Math.min(bounds.offset.max, Math.max(0, pageOffset)),
   });
+  if ($("min-score").value.trim() !== "") params.set("min_score", clampInput($("min-score"), "min_score", false));
+  document.querySelectorAll("#filter-categories input:checked").forEach((box) => params.append("categories", box.value));
+  return params;
 }
 
-async function runSearch() {
-  if (!queryFile) return;
+function showResults(data, title) {
+  $("results-title").textContent = title;
+  const grid = $("results");
+  grid.innerHTML = "";
+  if (!data.results.length) grid.innerHTML = '<p class="muted">No images found.</p>';
+  data.results.forEach((hit) => grid.appendChild(card(hit)));
+  renderCategories(data.categories);
+  renderTimings(data.timings_ms);
+  offset = data.offset;
+  $("page-prev").hidden = offset === 0;
+  $("page-next").hidden = data.results.length < data.limit || offset + data.limit > bounds.offset.max;
+}
+
+function describe(data) {
+  const mode = data.use_prototypes ? `two-stage, top ${data.top_categories} categories` : "exact";
+  const cut = data.min_score !== null ? `, cosine ≥ ${data.min_score}` : "";
+  const only = data.category_filter ? `, only ${data.category_filter.join(", ")}` : "";
+  const page = data.offset ? `, from #${data.offset + 1}` : "";
+  return `${mode}${only}${cut}${page}; scanned ${data.vectors_scanned} of ${data.vectors_total} vectors`;
+}
+
+async function runSearch(pageOffset = 0) {
+  const form = queryForm();
+  if (!form) return;
+  lastQuery = { form };
   showError("");
-  const form = new FormData();
-  form.append("file", queryFile);
-  const params = searchParams();
+  const params = searchParams(pageOffset);
   $("results").innerHTML = '<p class="muted">Searching…</p>';
   try {
     const data = await api(`/search?${params}`, { method: "POST", body: form });
-    $("results-title").textContent =
-      `Results (${data.use_prototypes ? `two-stage, top ${data.top_categories} categories` : "exact"}; ` +
-      `scanned ${data.vectors_scanned} of ${data.vectors_total} vectors)`;
-    const grid = $("results");
-    grid.innerHTML = "";
-    if (!data.results.length) grid.innerHTML = '<p class="muted">No images found.</p>';
-    data.results.forEach((hit) => grid.appendChild(card(hit)));
-    renderCategories(data.categories);
-    renderTimings(data.timings_ms);
+    showResults(data, `Results (${describe(data)})`);
+    if (pageOffset === 0) Views.placeQuery(queryForm()).catch((err) => showError(`Map failed: ${err.message}`));
   } catch (err) {
     $("results").innerHTML = "";
     showError(`Search failed: ${err.message}`);
   }
 }
 
+function turnPage(step) {
+  const next = Math.max(0, offset + step * clampInput($("limit"), "limit"));
+  if (lastQuery && lastQuery.imageId !== undefined) similarTo(lastQuery.imageId, next);
+  else runSearch(next);
+}
+
 async function runPrototypes() {
-  if (!queryFile) return;
+  const form = queryForm();
+  if (!form) return;
   showError("");
-  const form = new FormData();
-  form.append("file", queryFile);
   try {
     const data = await api("/search/prototypes", { method: "POST", body: form });
     renderCategories(data.categories);
@@ -191,7 +198,17 @@ async function loadCategories() {
   select.length = 1;
   const chips = $("category-list");
   chips.innerHTML = "";
+  const filters = $("filter-categories");
+  const checked = new Set([...filters.querySelectorAll("input:checked")].map((box) => box.value));
+  filters.innerHTML = "";
   for (const c of cats) {
+    const label = document.createElement("label");
+    label.className = "chip";
+    label.innerHTML = `<input type="checkbox" data-testid="filter-category"> <span></span>`;
+    label.querySelector("input").value = c.name;
+    label.querySelector("input").checked = checked.has(c.name);
+    label.querySelector("span").textContent = c.name;
+    filters.appendChild(label);
     select.add(new Option(`${c.name} (${c.images})`, c.name));
     const chip = document.createElement("button");
     chip.className = "chip";
@@ -210,10 +227,7 @@ async function browse(categoryId, offset) {
     const grid = $("browse");
     if (offset === 0) grid.innerHTML = "";
     page.items.forEach((img) => {
-      const c = card({ ...img, rank: 0 });
-      c.title = `image ${img.id}: click to search with it`;
-      c.onclick = (ev) => { ev.preventDefault(); similarTo(img.id); };
-      grid.appendChild(c);
+      grid.appendChild(card({ ...img, image_id: img.id, rank: 0 }));
     });
     browseState = { categoryId, offset: offset + page.items.length, total: page.total };
     $("browse-more").hidden = browseState.offset >= page.total;
@@ -222,16 +236,14 @@ async function browse(categoryId, offset) {
   }
 }
 
-async function similarTo(imageId) {
-  const params = searchParams();
+async function similarTo(imageId, pageOffset = 0) {
+  lastQuery = { imageId };
+  showError("");
+  const params = searchParams(pageOffset);
   try {
     const data = await api(`/images/${imageId}/similar?${params}`);
-    $("results-title").textContent = `Similar to image ${imageId}`;
-    const grid = $("results");
-    grid.innerHTML = "";
-    data.results.forEach((hit) => grid.appendChild(card(hit)));
-    renderCategories(data.categories);
-    renderTimings(data.timings_ms);
+    showResults(data, `Similar to image ${imageId} (${describe(data)})`);
+    Views.markImage(imageId);
     window.scrollTo({ top: 0, behavior: "smooth" });
   } catch (err) {
     showError(`Search failed: ${err.message}`);
@@ -247,13 +259,17 @@ async function upload(event) {
   form.append("file", file);
   if ($("upload-category").value) form.append("category", $("upload-category").value);
   if ($("upload-description").value) form.append("description", $("upload-description").value);
+  form.append("on_near_duplicate", $("upload-near").value);
+  $("upload-near-list").innerHTML = "";
   try {
     const r = await api("/upload", { method: "POST", body: form });
     const how = r.label_given ? "" : ` (predicted, prototype similarity ${r.category_score.toFixed(3)})`;
+    const near = r.near_duplicates.length ? ` It has ${r.near_duplicates.length} near-duplicate(s) already stored:` : "";
     $("upload-result").textContent = r.duplicate
       ? `Already stored as image ${r.image_id} (${r.category}).`
-      : `Stored as image ${r.image_id} in ${r.category}${how}.`;
-    await Promise.all([loadCategories(), loadStatus()]);
+      : `Stored as image ${r.image_id} in ${r.category}${how}.${near}`;
+    r.near_duplicates.forEach((hit) => $("upload-near-list").appendChild(card(hit, "near-duplicate")));
+    refreshCatalogueViews();
   } catch (err) {
     showError(`Upload failed: ${err.message}`);
   }
@@ -264,8 +280,7 @@ async function loadStatus() {
     const s = await api("/status");
     $("status-line").textContent =
       `${s.database.images} images · ${s.database.categories.length} categories · ${s.model.id} on ${s.model.device}`;
-    $("status").textContent = JSON.stringify(
-      { model: s.model, index: s.index, images: s.database.images, uptime_s: s.uptime_s }, null, 2);
+    Views.renderStatus(s, lastJobs);
     $("use-prototypes").defaultChecked = s.settings.use_prototype_filtering;
     if (!bounds.fromServer) {
       bounds = { ...s.settings.bounds, fromServer: true };
@@ -274,83 +289,11 @@ async function loadStatus() {
                                        ["nprobe", "nprobe", s.index.default_nprobe]]) {
         Object.assign($(id), { min: bounds[name].min, max: bounds[name].max, value });
       }
+      Object.assign($("min-score"), { min: bounds.min_score.min, max: bounds.min_score.max });
     }
   } catch (err) {
     $("status-line").textContent = "status unavailable";
     showError(`Status failed: ${err.message}`);
-  }
-}
-
-// --- catalogue jobs: hand over an archive or URLs, watch the progress --------------------------------
-
-let jobsTimer = null;
-
-function jobCard(job) {
-  const div = document.createElement("div");
-  div.className = `job ${job.state}`;
-  div.dataset.testid = `job-${job.id}`;
-  const pct = Math.round(job.progress * 100);
-  const rate = job.images_per_s ? ` · ${job.images_per_s.toFixed(1)} images/s` : "";
-  div.innerHTML = `<div class="job-head"></div><progress max="100"></progress><div class="job-counts muted"></div>`;
-  div.querySelector(".job-head").textContent = `#${job.id} ${job.kind} · ${job.state} · ${pct} %`;
-  const bar = div.querySelector("progress");
-  bar.value = pct;
-  bar.dataset.testid = `job-progress-${job.id}`;
-  div.querySelector(".job-counts").textContent =
-    `${job.done} / ${job.total} done: ${job.added} added, ${job.duplicates} duplicates, ${job.failed} failed` +
-    (job.skipped ? `, ${job.skipped} skipped` : "") + rate + (job.message ? ` — ${job.message}` : "");
-  if (job.failures.length) {
-    const details = document.createElement("details");
-    details.innerHTML = `<summary></summary><ul></ul>`;
-    details.querySelector("summary").textContent = `${job.failures.length} failure(s)`;
-    for (const f of job.failures) {
-      const li = document.createElement("li");
-      li.textContent = `${f.source}: ${f.reason}`;
-      details.querySelector("ul").appendChild(li);
-    }
-    div.appendChild(details);
-  }
-  if (!["succeeded", "failed", "cancelled"].includes(job.state)) {
-    const cancel = document.createElement("button");
-    cancel.className = "link";
-    cancel.textContent = "cancel";
-    cancel.addEventListener("click", async () => {
-      try { await api(`/jobs/${job.id}/cancel`, { method: "POST" }); loadJobs(); }
-      catch (err) { showError(`Cancel failed: ${err.message}`); }
-    });
-    div.appendChild(cancel);
-  }
-  return div;
-}
-
-async function loadJobs() {
-  clearTimeout(jobsTimer);
-  try {
-    const list = await api("/jobs");
-    const box = $("jobs");
-    box.innerHTML = "";
-    if (!list.length) box.innerHTML = '<p class="muted">No jobs yet.</p>';
-    list.forEach((job) => box.appendChild(jobCard(job)));
-    if (list.some((job) => !["succeeded", "failed", "cancelled"].includes(job.state))) {
-      jobsTimer = setTimeout(loadJobs, 1000); // live while a job runs
-    } else if (list.length) {
-      loadStatus();
-      loadCategories().catch(() => {});
-    }
-  } catch (err) {
-    showError(`Jobs failed: ${err.message}`);
-  }
-}
-
-async function submitJob(event, path, body) {
-  event.preventDefault();
-  showError("");
-  try {
-    await api(path, { method: "POST", ...body });
-    event.target.reset();
-    loadJobs();
-  } catch (err) {
-    showError(`Job not started: ${err.message}`);
   }
 }
 
@@ -360,7 +303,17 @@ function init() {
   ["dragenter", "dragover"].forEach((t) => zone.addEventListener(t, (e) => { e.preventDefault(); zone.classList.add("over"); }));
   ["dragleave", "drop"].forEach((t) => zone.addEventListener(t, () => zone.classList.remove("over")));
   zone.addEventListener("drop", (e) => { e.preventDefault(); setQuery(e.dataTransfer.files[0]); });
-  $("search-btn").addEventListener("click", runSearch);
+  $("search-btn").addEventListener("click", () => runSearch(0));
+  $("query-url").addEventListener("input", enableSearch);
+  $("page-prev").addEventListener("click", () => turnPage(-1));
+  $("page-next").addEventListener("click", () => turnPage(1));
+  $("filter-categories").addEventListener("change", () => {
+    const n = document.querySelectorAll("#filter-categories input:checked").length;
+    $("filter-summary").textContent = n ? `(${n})` : "(all)";
+  });
+  $("map").addEventListener("click", (ev) => { const p = Views.nearestPoint(ev); if (p) similarTo(p.image_id, 0); });
+  $("duplicates-btn").addEventListener("click", () => Views.loadDuplicates(0).catch((err) => showError(`Duplicates failed: ${err.message}`)));
+  $("duplicates-more").addEventListener("click", () => Views.loadDuplicates(Views.duplicatesOffset).catch((err) => showError(`Duplicates failed: ${err.message}`)));
   $("prototypes-btn").addEventListener("click", runPrototypes);
   $("upload-form").addEventListener("submit", upload);
   $("archive-form").addEventListener("submit", (e) => {
@@ -379,6 +332,8 @@ function init() {
   loadStatus();
   loadCategories().catch((err) => showError(`Categories failed: ${err.message}`));
   loadJobs();
+  Views.loadMap().catch((err) => showError(`Map failed: ${err.message}`));
+  Views.loadGallery().catch((err) => showError(`Gallery failed: ${err.message}`));
 }
 
 init();

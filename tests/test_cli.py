@@ -12,6 +12,7 @@ from backend.db import migrate
 from backend.db.models import Image
 from backend.db.session import session_scope
 from tests.utils.cli import run_cli
+from tests.utils.http_images import serving
 from tests.utils.settings import CIFAR_SUBSET
 
 run = run_cli
@@ -67,6 +68,17 @@ def test_end_to_end_populate_index_search(env: dict[str, str], tmp_path: Path, c
         assert set(line["results"][0]) >= {"image_id", "category", "score"} and "timings_ms" in line
     exact = json.loads(run(env, "search", str(queries[0]), "--no-prototypes", "--json").stdout)
     assert exact["vectors_scanned"] == exact["vectors_total"] == 60
+    # A URL, filters and a page: the same answer as the file with the same parameters.
+    with serving({"/q0.png": queries[0].read_bytes()}) as site:
+        args = ["--no-prototypes", "--category", "cat", "--category", "dog", "--offset", "2", "--limit", "3", "--json"]
+        by_url = run({**env, "ALLOW_PRIVATE_URLS": "true"}, "search", f"{site}/q0.png", *args)
+        assert by_url.returncode == 0, by_url.stderr
+        refused = run(env, "search", f"{site}/q0.png")
+        assert refused.returncode == 2 and "ALLOW_PRIVATE_URLS" in refused.stderr
+    by_file = json.loads(run(env, "search", str(queries[0]), *args).stdout)
+    assert json.loads(by_url.stdout)["results"] == by_file["results"]
+    assert [h["rank"] for h in by_file["results"]] == [3, 4, 5] and by_file["vectors_scanned"] == 12
+    assert {h["category"] for h in by_file["results"]} <= {"cat", "dog"}
 
     status = json.loads(run(env, "status", "--json").stdout)
     assert status["database"]["images"] == 60 and status["index"]["current"]
@@ -112,6 +124,13 @@ def test_end_to_end_populate_index_search(env: dict[str, str], tmp_path: Path, c
         ({"VECTOR_CODEC": "pq7"}, ["status"], "7 does not divide the vector dimension 1280"),
         ({"FAISS_NPROBE": "0"}, ["status"], "FAISS_NPROBE"),
         ({}, ["search", "setup.sh", "--nprobe", "0"], "--nprobe: 0 is not allowed"),
+        # Filters and paging (issue 23): the API's bounds.
+        ({}, ["search", "setup.sh", "--min-score", "1.5"], "--min-score: 1.5 is not allowed"),
+        ({}, ["search", "setup.sh", "--min-score", "nan"], "--min-score: nan is not allowed"),
+        ({}, ["search", "setup.sh", "--offset", "1001"], "--offset: 1001 is not allowed"),
+        ({}, ["search", "setup.sh", "--category", " "], "category name must not be empty"),
+        ({}, ["search", "ftp://example.com/a.png"], "cannot read"),
+        ({}, ["search", "http://127.0.0.1:9/a.png"], "ALLOW_PRIVATE_URLS"),
     ],
 )
 def test_bad_input_is_one_line_and_changes_nothing(env: dict[str, str], extra_env: dict, args: list[str], message: str) -> None:

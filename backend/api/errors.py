@@ -44,6 +44,7 @@ _DESCRIPTIONS = {
     401: "no API key, or an invalid or revoked one",
     403: "the API key lacks the scope, or a cross-site request",
     404: "not found",
+    409: "conflicts with what is stored (a near-duplicate, with on_near_duplicate=refuse)",
     413: "request body larger than MAX_UPLOAD_SIZE",
     422: "invalid parameters",
     503: "database unavailable, or the request not answered within REQUEST_TIMEOUT_SECONDS",

@@ -17,7 +17,7 @@ from backend import jobs as jobs_queue
 from backend.api.errors import install_error_handlers
 from backend.api.limits import BodyLimit, RequestBudget
 from backend.api.observability import RequestLog, instrument
-from backend.api.routes import categories, images, jobs, search, system
+from backend.api.routes import categories, duplicates, images, jobs, search, system, views
 from backend.api.routes.jobs import ARCHIVE_PATH
 from backend.api.security import (
     SAFE_METHODS,
@@ -148,7 +148,7 @@ def create_app(settings: Settings | None = None, service: SearchService | None =
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=trusted_hosts(settings), www_redirect=False)
     app.add_middleware(RequestLog)
 
-    for module in (search, images, categories, jobs, system):
+    for module in (search, images, duplicates, views, categories, jobs, system):
         app.include_router(module.router)
 
     @app.get("/", include_in_schema=False, dependencies=[guard(Access.PUBLIC)])

@@ -5,8 +5,9 @@ from pathlib import PurePath
 
 from pydantic import BaseModel
 
+from backend.core.search_params import SearchParams
 from backend.db.models import Image
-from backend.service import SearchResult, Status
+from backend.service import Hit, SearchResult, Status
 
 
 def image_urls(image_id: int) -> dict[str, str]:
@@ -61,6 +62,17 @@ class SearchHit(BaseModel):
     url: str
     thumbnail_url: str
 
+    @classmethod
+    def of(cls, hit: Hit) -> "SearchHit":
+        return cls(
+            image_id=hit.image_id,
+            rank=hit.rank,
+            category=hit.category,
+            label_given=hit.label_given,
+            score=hit.score,
+            **image_urls(hit.image_id),
+        )
+
 
 class CategoryScoreOut(BaseModel):
     category_id: int
@@ -76,33 +88,33 @@ class SearchResponse(BaseModel):
     use_prototypes: bool
     top_categories: int | None
     limit: int
+    offset: int  # results skipped before this page; ranks count from the first page
+    min_score: float | None  # the relevance cut-off, when one was asked for
+    category_filter: list[str] | None  # the categories the search was restricted to, when it was
     vectors_scanned: int
     vectors_total: int
     timings_ms: dict[str, float]
 
     @classmethod
-    def of(cls, result: SearchResult, limit: int) -> "SearchResponse":
+    def of(cls, result: SearchResult, params: SearchParams) -> "SearchResponse":
         return cls(
-            results=[
-                SearchHit(
-                    image_id=h.image_id,
-                    rank=h.rank,
-                    category=h.category,
-                    label_given=h.label_given,
-                    score=h.score,
-                    **image_urls(h.image_id),
-                )
-                for h in result.results
-            ],
+            results=[SearchHit.of(h) for h in result.results],
             categories=[CategoryScoreOut(**vars(c)) for c in result.categories],
             searched_categories=result.searched_categories,
             use_prototypes=result.use_prototypes,
             top_categories=result.top_categories,
-            limit=limit,
+            limit=params.limit,
+            offset=params.offset,
+            min_score=params.min_score,
+            category_filter=list(params.categories) if params.categories else None,
             vectors_scanned=result.vectors_scanned,
             vectors_total=result.vectors_total,
             timings_ms=result.timings_ms,
         )
+
+
+class SearchBatchResponse(BaseModel):
+    queries: list[SearchResponse]  # one per query file, in the order sent
 
 
 class PrototypeResponse(BaseModel):
@@ -116,6 +128,7 @@ class UploadResponse(BaseModel):
     category: str | None
     label_given: bool
     category_score: float | None  # prototype similarity when the category was predicted
+    near_duplicates: list[SearchHit]  # stored images at or above NEAR_DUPLICATE_THRESHOLD, best first
     url: str
     thumbnail_url: str
 
@@ -160,3 +173,24 @@ class PrototypesRebuilt(BaseModel):
 
 class DeletedOut(BaseModel):
     deleted: int
+
+
+class DuplicateImage(BaseModel):
+    image_id: int
+    url: str
+    thumbnail_url: str
+
+
+class DuplicateGroup(BaseModel):
+    category: str | None
+    images: list[DuplicateImage]  # ascending ids
+    min_score: float  # the weakest cosine that joined the group
+    max_score: float
+
+
+class DuplicatesPage(BaseModel):
+    threshold: float
+    total: int  # groups in the catalogue
+    offset: int
+    limit: int
+    groups: list[DuplicateGroup]

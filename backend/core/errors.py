@@ -33,6 +33,10 @@ class PayloadTooLarge(AppError):
     status_code = 413
 
 
+class Conflict(AppError):
+    status_code = 409
+
+
 class Unprocessable(AppError):
     status_code = 422
 

@@ -1,5 +1,6 @@
 """The web page in a real browser (Debian's chromium driven by Playwright) against a real server process."""
 
+import io
 import os
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from backend.core.config import PROJECT_ROOT
 from backend.datasets import Dataset, balanced
 from backend.db.session import session_scope
 from backend.ingest import ingest
+from tests.utils.http_images import serving
 from tests.utils.server import running_server
 
 CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
@@ -40,7 +42,8 @@ def _env(engine: Engine, data_dir: Path, **extra: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def server(browser_db: Engine, tmp_path_factory) -> str:
     """The default AUTH_MODE=writes: searching is public, uploading needs a key."""
-    with running_server(_env(browser_db, tmp_path_factory.mktemp("browser-data"))) as server:
+    # Private addresses allowed: the URL search test serves its image from 127.0.0.1.
+    with running_server(_env(browser_db, tmp_path_factory.mktemp("browser-data"), ALLOW_PRIVATE_URLS="true")) as server:
         yield server.url
 
 
@@ -160,6 +163,93 @@ def test_a_zip_from_the_page_reaches_100_percent_and_is_searchable(
     page.click("[data-testid=search-btn]")
     page.wait_for_selector("[data-testid=results] [data-testid=result]")
     assert "cos 1.000" in page.inner_text("[data-testid=results] [data-testid=result] >> nth=0")
+
+
+def test_the_pictures_search_by_url_filters_paging_duplicates_and_delete(
+    page, server: str, write_key: str, cifar_queries: Dataset, tmp_path: Path
+) -> None:
+    """A fresh tab: every new part of the page works, and nothing is logged to the console on the way
+    (the favicon included) until the one 401 a delete without a key is meant to get."""
+    pg = page.context.browser.new_page(viewport={"width": 1300, "height": 1000})
+    problems: list[str] = []
+    pg.on("console", lambda m: problems.append(m.text) if m.type in ("error", "warning") else None)
+    pg.on("pageerror", lambda e: problems.append(str(e)))
+    pg.goto(f"{server}/")
+    pg.wait_for_selector("[data-testid=status-category]")
+    status = pg.inner_text("[data-testid=status]")
+    assert "Model" in status and "efficientnet_lite0" in status and "{" not in status  # a panel, not JSON
+    assert len(pg.query_selector_all("[data-testid=status-category]")) == 10
+    pg.wait_for_function("document.querySelectorAll('[data-testid=gallery-row]').length === 10")
+    assert len(pg.query_selector_all("[data-testid=gallery-row] >> nth=0 >> [data-testid=gallery-image]")) == 6
+    pg.wait_for_function("Number(document.getElementById('map').dataset.points) >= 100")
+
+    sample = next(s for s in cifar_queries.samples if s.label == "ship")
+    with serving({"/ship.png": sample.load()}) as site:
+        pg.fill("[data-testid=query-url]", f"{site}/ship.png")
+        pg.fill("[data-testid=limit]", "5")
+        pg.click("[data-testid=search-btn]")
+        pg.wait_for_selector("[data-testid=results] [data-testid=result]")
+        pg.wait_for_function("document.getElementById('map').dataset.query")  # the query placed on the map
+        assert len(pg.query_selector_all("[data-testid=results] [data-testid=result]")) == 5
+        bars = pg.query_selector_all("[data-testid=category]")
+        assert len(bars) == 10 and len(pg.query_selector_all("[data-testid=category].searched")) == 3
+
+        pg.click("[data-testid=page-next]")  # the next five: ranks 6 to 10
+        pg.wait_for_function("document.querySelector('[data-testid=results] .score')?.textContent.startsWith('#6 ')")
+        pg.click("[data-testid=filter-box] summary")
+        pg.check("[data-testid=filter-category][value=cat]")
+        pg.click("[data-testid=search-btn]")
+        pg.wait_for_function("document.getElementById('results-title').textContent.includes('only cat')")
+        cats = {c.inner_text().split("\n")[0] for c in pg.query_selector_all("[data-testid=results] [data-testid=result]")}
+        assert cats == {"cat"}
+        pg.fill("[data-testid=min-score]", "0.99")
+        pg.click("[data-testid=search-btn]")
+        pg.wait_for_function("document.getElementById('results').textContent.includes('No images found')")
+        pg.fill("[data-testid=min-score]", "")
+        pg.uncheck("[data-testid=filter-category][value=cat]")
+        pg.click("[data-testid=search-btn]")
+        pg.wait_for_selector("[data-testid=results] [data-testid=result]")
+
+    # More like this: a click on a result searches with it.
+    first = pg.get_attribute("[data-testid=results] [data-testid=result] >> nth=0", "data-image-id")
+    pg.click("[data-testid=results] [data-testid=result] >> nth=0 >> img")
+    pg.wait_for_function(f"document.getElementById('results-title').textContent.includes('Similar to image {first}')")
+
+    # A near-duplicate (a mirrored copy of a stored image) shows up in the duplicates view.
+    from PIL import Image, ImageOps
+
+    original = Image.open(io.BytesIO(httpx.get(f"{server}/images/{first}").content)).convert("RGB")
+    copy = io.BytesIO()
+    ImageOps.mirror(original).save(copy, "PNG")
+    info = httpx.get(f"{server}/images/{first}/info").json()
+    stored = httpx.post(
+        f"{server}/upload",
+        files={"file": ("m.png", copy.getvalue())},
+        data={"category": info["category"]},
+        headers={"X-API-Key": write_key},
+    ).json()
+    assert int(first) in [h["image_id"] for h in stored["near_duplicates"]]
+    pg.click("[data-testid=duplicates-btn]")
+    group = f"[data-testid=dup-group]:has([data-image-id='{stored['image_id']}'])"
+    pg.wait_for_selector(group)
+    assert pg.query_selector(f"{group} [data-image-id='{first}']") is not None
+    assert problems == [], problems
+
+    # Delete the copy from the page: more like the original shows it; deleting asks for the key (the one
+    # 401), then deletes.
+    pg.click(f"{group} [data-image-id='{first}']")
+    pg.wait_for_selector(f"[data-testid=results] [data-image-id='{stored['image_id']}']")
+    pg.once("dialog", lambda d: d.accept())
+    pg.click(f"[data-testid=results] [data-image-id='{stored['image_id']}'] [data-testid=delete]")
+    pg.wait_for_selector("[data-testid=key-panel]:not([hidden])")
+    pg.fill("[data-testid=key-input]", write_key)
+    pg.click("[data-testid=key-submit]")
+    pg.wait_for_function(f"!document.querySelector(\"[data-image-id='{stored['image_id']}']\")")
+    assert httpx.get(f"{server}/images/{stored['image_id']}").status_code == 404
+    assert len(problems) == 1 and "401" in problems[0], problems
+    ARTIFACTS.mkdir(exist_ok=True)
+    pg.screenshot(path=str(ARTIFACTS / "page-pictures.png"), full_page=True)
+    pg.close()
 
 
 ATTACK_PAGE = """<!doctype html><html><body>

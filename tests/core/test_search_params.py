@@ -39,4 +39,32 @@ def test_page_bounds_are_the_enforced_ones() -> None:
         "limit": {"min": 1, "max": sp.LIMIT_MAX},
         "top_categories": {"min": 1, "max": sp.TOP_CATEGORIES_MAX},
         "nprobe": {"min": 1, "max": sp.NPROBE_MAX},
+        "offset": {"min": 0, "max": sp.OFFSET_MAX},
+        "min_score": {"min": -1.0, "max": 1.0},
+        "categories": {"min": 1, "max": sp.CATEGORIES_MAX},
+        "queries": {"min": 1, "max": sp.QUERIES_MAX},
     }
+
+
+@pytest.mark.parametrize(
+    "kwargs, word",
+    [
+        ({"offset": -1}, "offset"),
+        ({"offset": sp.OFFSET_MAX + 1}, "offset"),
+        ({"min_score": 1.01}, "min_score"),
+        ({"min_score": -1.5}, "min_score"),
+        ({"min_score": float("nan")}, "min_score"),
+        ({"categories": ["cat", "  "]}, "categories"),
+        ({"categories": ["c\x00t"]}, "categories"),
+        ({"categories": [f"c{i}" for i in range(sp.CATEGORIES_MAX + 1)]}, "categories"),
+    ],
+)
+def test_filters_out_of_bounds_are_one_clear_error(tmp_path, kwargs: dict, word: str) -> None:
+    with pytest.raises(Unprocessable, match=word):
+        SearchParams.resolve(make_settings(tmp_path), **kwargs)
+
+
+def test_category_names_are_trimmed_once_each_in_order(tmp_path) -> None:
+    params = SearchParams.resolve(make_settings(tmp_path), categories=[" dog", "cat ", "dog"])
+    assert params.categories == ("dog", "cat")
+    assert SearchParams.resolve(make_settings(tmp_path), categories=[]).categories is None

@@ -2,7 +2,7 @@
 
 from collections import OrderedDict
 from threading import Lock
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, Request, Response, UploadFile
 
@@ -18,7 +18,7 @@ from backend.api.deps import (
     SettingsDep,
 )
 from backend.api.errors import error_responses
-from backend.api.schemas import DeletedOut, ImageInfo, UploadResponse, image_urls
+from backend.api.schemas import DeletedOut, ImageInfo, SearchHit, UploadResponse, image_urls
 from backend.api.security import Access, guard
 from backend.api.uploads import read_image
 from backend.db.session import session_scope
@@ -66,7 +66,7 @@ def _not_modified(request: Request, etag: str) -> bool:
     status_code=201,
     dependencies=[guard(Access.WRITE), OneFile],
     responses=error_responses(
-        400, 413, 422, ok={200: {"model": UploadResponse, "description": "these exact bytes were stored before"}}
+        400, 409, 413, 422, ok={200: {"model": UploadResponse, "description": "these exact bytes were stored before"}}
     ),
 )
 def upload(
@@ -79,10 +79,14 @@ def upload(
         Form(description="existing category; predicted from prototypes if absent", json_schema_extra=NAME_SCHEMA),
     ] = None,
     description: Annotated[Description, Form(description="free text", json_schema_extra=TEXT_SCHEMA)] = None,
+    on_near_duplicate: Annotated[
+        Literal["keep", "refuse"], Form(description="refuse: do not store an image with stored near-duplicates (409)")
+    ] = "keep",
 ) -> UploadResponse:
-    """Store an image with its embedding; it is searchable at once. Exact duplicates are not stored twice."""
+    """Store an image with its embedding; it is searchable at once. Exact duplicates are not stored twice;
+    near-duplicates (cosine at least NEAR_DUPLICATE_THRESHOLD) are listed, or refused on request."""
     image = read_image(file, settings)
-    result = service.upload(image, category, description)
+    result = service.upload(image, category, description, refuse_near_duplicates=on_near_duplicate == "refuse")
     if result.duplicate:
         response.status_code = 200
     return UploadResponse(
@@ -91,6 +95,7 @@ def upload(
         category=result.category,
         label_given=result.label_given,
         category_score=result.category_score,
+        near_duplicates=[SearchHit.of(h) for h in result.near_duplicates],
         **image_urls(result.image_id),
     )
 

@@ -1,17 +1,18 @@
 """Search endpoints. Handlers are plain `def`: FastAPI runs them in its thread pool, so decoding,
-embedding and FAISS work never block the event loop."""
+downloading, embedding and FAISS work never block the event loop."""
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Query, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 
-from backend.api.deps import ImageId, OneFile, ServiceDep, SettingsDep
+from backend.api.deps import ImageId, ServiceDep, SettingsDep
 from backend.api.errors import error_responses
-from backend.api.schemas import CategoryScoreOut, PrototypeResponse, SearchResponse
+from backend.api.query_images import FILE_HELP, URL_HELP, query_form, query_images
+from backend.api.schemas import CategoryScoreOut, PrototypeResponse, SearchBatchResponse, SearchResponse
 from backend.api.security import Access, guard
-from backend.api.uploads import read_image
 from backend.core import search_params as sp
 from backend.core.search_params import SearchParams
+from backend.queries import URL_MAX
 
 router = APIRouter(tags=["search"])
 
@@ -21,41 +22,56 @@ TopCategories = Annotated[
 ]
 UsePrototypes = Annotated[bool | None, Query(description=sp.USE_PROTOTYPES_HELP)]
 Nprobe = Annotated[int | None, Query(ge=sp.NPROBE_MIN, le=sp.NPROBE_MAX, description=sp.NPROBE_HELP)]
+Offset = Annotated[int | None, Query(ge=sp.OFFSET_MIN, le=sp.OFFSET_MAX, description=sp.OFFSET_HELP)]
+MinScore = Annotated[
+    float | None, Query(ge=sp.MIN_SCORE_MIN, le=sp.MIN_SCORE_MAX, allow_inf_nan=False, description=sp.MIN_SCORE_HELP)
+]
+Categories = Annotated[list[str] | None, Query(max_length=sp.CATEGORIES_MAX, description=sp.CATEGORIES_HELP)]
+Files = Annotated[list[UploadFile] | None, File(description=FILE_HELP)]
+Url = Annotated[str | None, Form(max_length=URL_MAX, description=URL_HELP)]
 
 
-@router.post(
-    "/search",
-    response_model=SearchResponse,
-    dependencies=[guard(Access.SEARCH), OneFile],
-    responses=error_responses(400, 413, 422),
-)
-def search(
-    service: ServiceDep,
+def _params(
     settings: SettingsDep,
-    file: Annotated[UploadFile, File(description="query image")],
     limit: Limit = None,
     use_prototypes: UsePrototypes = None,
     top_categories: TopCategories = None,
     nprobe: Nprobe = None,
-) -> SearchResponse:
-    """Images most similar to the uploaded one, with cosine scores and per-stage timings."""
-    params = SearchParams.resolve(settings, limit, top_categories, use_prototypes, nprobe)
-    image = read_image(file, settings)
-    (result,) = service.search([image.rgb], params)
-    return SearchResponse.of(result, params.limit)
+    offset: Offset = None,
+    min_score: MinScore = None,
+    categories: Categories = None,
+) -> SearchParams:
+    return SearchParams.resolve(settings, limit, top_categories, use_prototypes, nprobe, offset, min_score, categories)
+
+
+Params = Annotated[SearchParams, Depends(_params)]
+
+
+@router.post(
+    "/search",
+    response_model=SearchResponse | SearchBatchResponse,
+    dependencies=[guard(Access.SEARCH), Depends(query_form(sp.QUERIES_MAX))],
+    responses=error_responses(400, 413, 422),
+)
+def search(
+    service: ServiceDep, settings: SettingsDep, params: Params, file: Files = None, url: Url = None
+) -> SearchResponse | SearchBatchResponse:
+    """Images most similar to the uploaded one (or the one at `url`), with cosine scores and per-stage
+    timings. Several files: `{"queries": [...]}`, one result set per file, in order (embedded together)."""
+    images = query_images(file, url, settings)
+    results = [SearchResponse.of(r, params) for r in service.search([i.rgb for i in images], params)]
+    return results[0] if len(results) == 1 else SearchBatchResponse(queries=results)
 
 
 @router.post(
     "/search/prototypes",
     response_model=PrototypeResponse,
-    dependencies=[guard(Access.SEARCH), OneFile],
+    dependencies=[guard(Access.SEARCH), Depends(query_form(1))],
     responses=error_responses(400, 413, 422),
 )
-def search_prototypes(
-    service: ServiceDep, settings: SettingsDep, file: Annotated[UploadFile, File(description="query image")]
-) -> PrototypeResponse:
+def search_prototypes(service: ServiceDep, settings: SettingsDep, file: Files = None, url: Url = None) -> PrototypeResponse:
     """Only stage 1: every category ranked by the cosine similarity of its prototype to the image."""
-    image = read_image(file, settings)
+    (image,) = query_images(file, url, settings)
     (ranking,), timings = service.rank_categories([image.rgb])
     return PrototypeResponse(categories=[CategoryScoreOut(**vars(c)) for c in ranking], timings_ms=timings)
 
@@ -66,15 +82,6 @@ def search_prototypes(
     dependencies=[guard(Access.SEARCH)],
     responses=error_responses(404, 422),
 )
-def similar(
-    image_id: ImageId,
-    service: ServiceDep,
-    settings: SettingsDep,
-    limit: Limit = None,
-    use_prototypes: UsePrototypes = None,
-    top_categories: TopCategories = None,
-    nprobe: Nprobe = None,
-) -> SearchResponse:
+def similar(image_id: ImageId, service: ServiceDep, params: Params) -> SearchResponse:
     """Search with a stored image as the query (the image itself is left out of the results)."""
-    params = SearchParams.resolve(settings, limit, top_categories, use_prototypes, nprobe)
-    return SearchResponse.of(service.similar_to(image_id, params), params.limit)
+    return SearchResponse.of(service.similar_to(image_id, params), params)

@@ -1,0 +1,95 @@
+"""`python -m backend.cli search`: query images given as files or http(s) URLs, with the API's parameters
+and bounds (backend.core.search_params)."""
+
+import argparse
+import json
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from backend.core import search_params as sp
+from backend.core.config import Settings
+from backend.core.errors import AppError
+
+if TYPE_CHECKING:  # the service pulls in torch and FAISS: imported lazily so `--help` stays fast
+    from backend.service import SearchResult, SearchService
+
+
+def number_in(kind: Callable[[str], int | float], low: float, high: float | None = None) -> Callable[[str], int | float]:
+    """An argparse type: a number of `kind` in [low, high], else argparse's one `error:` line and exit 2."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if kind is int else ''}number") from None
+        if not low <= value <= (high if high is not None else value):  # also refuses nan
+            wanted = f"between {low:g} and {high:g}" if high is not None else f"at least {low:g}"
+            raise argparse.ArgumentTypeError(f"{text} is not allowed: must be {wanted}")
+        return value
+
+    return parse
+
+
+def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    return number_in(int, low, high)  # type: ignore[return-value]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("images", nargs="+", help="image files, or http(s) URLs (downloaded like URL ingestion)")
+    p.add_argument("--limit", type=int_in(sp.LIMIT_MIN, sp.LIMIT_MAX), help=sp.LIMIT_HELP)
+    p.add_argument("--top-categories", type=int_in(sp.TOP_CATEGORIES_MIN, sp.TOP_CATEGORIES_MAX), help=sp.TOP_CATEGORIES_HELP)
+    p.add_argument("--nprobe", type=int_in(sp.NPROBE_MIN, sp.NPROBE_MAX), help=sp.NPROBE_HELP)
+    p.add_argument("--offset", type=int_in(sp.OFFSET_MIN, sp.OFFSET_MAX), help=sp.OFFSET_HELP)
+    p.add_argument("--min-score", type=number_in(float, sp.MIN_SCORE_MIN, sp.MIN_SCORE_MAX), help=sp.MIN_SCORE_HELP)
+    p.add_argument("--category", dest="categories", action="append", metavar="NAME", help=sp.CATEGORIES_HELP + "; repeat")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
+        "--no-prototypes", dest="use_prototypes", action="store_false", default=None, help="exact search over all vectors"
+    )
+    group.add_argument("--prototypes", dest="use_prototypes", action="store_true", help="two-stage search")
+    p.add_argument("--json", action="store_true", help="one JSON object per query image per line")
+
+
+def run(args: argparse.Namespace, settings: Settings, open_service: Callable[[], "SearchService"]) -> None:
+    from backend.imaging import decode_image
+    from backend.queries import image_from_url, is_url
+
+    params = sp.SearchParams.resolve(
+        settings, args.limit, args.top_categories, args.use_prototypes, args.nprobe, args.offset, args.min_score, args.categories
+    )
+    images = []
+    for name in args.images:
+        if is_url(name):
+            images.append(image_from_url(name, settings).rgb)
+            continue
+        try:
+            data = Path(name).read_bytes()
+        except OSError as exc:
+            raise AppError(f"{name}: cannot read ({exc.strerror})") from exc
+        images.append(decode_image(data, settings.max_image_pixels, name=str(name)).rgb)
+    results = open_service().search(images, params)
+    for name, result in zip(args.images, results, strict=True):
+        if args.json:
+            print(json.dumps({"query": str(name), **result_dict(result)}))
+            continue
+        mode = f"two-stage, top {params.top_categories} categories" if params.use_prototypes else "exact"
+        scanned = f"scanned {result.vectors_scanned}/{result.vectors_total} vectors"
+        print(f"{name}  ({mode}; {scanned}; {result.timings_ms['total']:.1f} ms)")
+        ranking = ", ".join(f"{c.category}{'*' if c.searched else ''} {c.score:.3f}" for c in result.categories[:5])
+        print(f"  categories: {ranking}")
+        for hit in result.results:
+            print(f"  {hit.rank:>3}. image {hit.image_id:<8} {hit.category or '-':<14} cosine {hit.score:.4f}")
+
+
+def result_dict(result: "SearchResult") -> dict:
+    return {
+        "results": [asdict(h) for h in result.results],
+        "categories": [{"category": c.category, "score": c.score, "searched": c.searched} for c in result.categories],
+        "searched_categories": result.searched_categories,
+        "use_prototypes": result.use_prototypes,
+        "vectors_scanned": result.vectors_scanned,
+        "vectors_total": result.vectors_total,
+        "timings_ms": result.timings_ms,
+    }

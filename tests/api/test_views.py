@@ -1,0 +1,70 @@
+"""The prototype gallery and the catalogue map over a real database and model, against NumPy."""
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine
+
+from backend import catalogue
+from backend.datasets import Dataset
+from backend.db.session import session_scope
+from tests.utils.app import app_client, small_catalogue
+
+
+@pytest.fixture(scope="module")
+def engine(databases, embedder, cifar_train: Dataset) -> Engine:
+    return small_catalogue(databases, embedder, cifar_train)
+
+
+@pytest.fixture(scope="module")
+def client(engine: Engine, embedder, tmp_path_factory) -> Iterator[TestClient]:
+    with app_client(engine, embedder, tmp_path_factory.mktemp("views")) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def stored(engine: Engine, embedder):
+    with session_scope(engine) as session:
+        return (
+            catalogue.load_vectors(session, embedder.model_id),
+            catalogue.load_prototypes(session, embedder.model_id),
+            catalogue.category_ids(session),
+        )
+
+
+def test_gallery_shows_the_images_nearest_each_prototype(client: TestClient, stored) -> None:
+    vectors, prototypes, ids = stored
+    body = client.get("/prototypes/gallery?per_category=4").json()
+    assert sorted(c["category"] for c in body["categories"]) == sorted(ids)
+    for row in body["categories"]:
+        j = list(prototypes.category_ids).index(row["category_id"])
+        mask = vectors.category_ids == row["category_id"]
+        scores = vectors.vectors[mask] @ prototypes.vectors[j]
+        order = np.argsort(-scores)[:4]
+        assert [i["image_id"] for i in row["images"]] == vectors.ids[mask][order].tolist()
+        np.testing.assert_allclose([i["score"] for i in row["images"]], scores[order], atol=1e-5)
+    assert client.get("/prototypes/gallery?per_category=0").status_code == 422
+
+
+def test_map_is_the_pca_of_the_embeddings_and_places_queries_on_it(client: TestClient, stored) -> None:
+    vectors, _, ids = stored
+    body = client.get("/map").json()
+    points = body["points"]
+    assert len(points) == len(vectors.ids) == 100  # under MAP_POINTS: every image
+    xy = np.array([[p["x"], p["y"]] for p in points])
+    row_of = {int(i): r for r, i in enumerate(vectors.ids)}
+    x = vectors.vectors[[row_of[p["image_id"]] for p in points]].astype(np.float64)
+    centred = x - x.mean(axis=0)
+    _, s, vt = np.linalg.svd(centred, full_matrices=False)
+    want = centred @ vt[:2].T
+    for axis in range(2):  # the same axes, up to their sign
+        assert abs(np.corrcoef(xy[:, axis], want[:, axis])[0, 1]) > 0.999
+    np.testing.assert_allclose(body["explained"], (s[:2] ** 2 / (s**2).sum()), atol=1e-4)
+    assert {p["category"] for p in points} == set(ids)
+    # A stored image sent as a query lands on its own point.
+    some = points[17]
+    placed = client.post("/map/place", files={"file": ("q.png", client.get(f"/images/{some['image_id']}").content)}).json()
+    assert placed["x"] == pytest.approx(some["x"], abs=1e-3) and placed["y"] == pytest.approx(some["y"], abs=1e-3)
+    assert client.get("/map").json() == body  # cached, and the same
