@@ -25,7 +25,8 @@ from backend.db.models import CatalogueJob, CatalogueJobChunk, CatalogueJobItem,
 from backend.db.session import session_scope
 from backend.imaging import DecodedImage, decode_image
 from backend.jobs.state import FINAL, MAX_FAILURES, finish_if_done, lookup
-from backend.urls import FetchLimits, fetch
+from backend.queries import fetch_limits
+from backend.urls import fetch
 
 log = logging.getLogger("backend.jobs")
 
@@ -132,7 +133,7 @@ def _load_chunk(engine: Engine, job_id: int, chunk: int) -> tuple[list[Catalogue
 
 
 def _decode_items(items: list[CatalogueJobItem], settings: Settings, result: ChunkResult) -> Decoded:
-    limits = FetchLimits(settings.url_timeout_seconds, settings.max_upload_size, allow_private=settings.allow_private_urls)
+    limits = fetch_limits(settings)
 
     def load(item: CatalogueJobItem) -> tuple[CatalogueJobItem, DecodedImage | str]:
         try:
