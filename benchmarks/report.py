@@ -11,12 +11,13 @@ def print_report(report: dict) -> None:
     )
     if "embed" in report:
         print("\nembedding throughput (images/s)")
-        print(f"  {'model':<36}{'runtime':>8}{'batch':>6}{'px':>6}{'model only':>12}{'+ decode':>10}")
+        print(f"  {'model':<52}{'runtime':>8}{'batch':>6}{'px':>6}{'model only':>12}{'+ decode':>10}")
         for r in report["embed"]:
             print(
-                f"  {r['model']:<36}{r['runtime']:>8}{r['batch']:>6}{r['input_px']:>6}{r['images_per_s']:>12.1f}"
+                f"  {r['model']:<52}{r['runtime']:>8}{r['batch']:>6}{r['input_px']:>6}{r['images_per_s']:>12.1f}"
                 f"{r['images_per_s_with_decode']:>10.1f}"
             )
+        print_int8_goal(report["embed"], hw.get("int8_dot_product", False))
     if "search" in report:
         print(f"\nsearch latency (ms, one query, k=10) and throughput ({N_CATEGORIES} clustered categories, d={DIM})")
         print(f"  {'vectors':>9} {'search':<12}{'p50':>8}{'p95':>8}{'p99':>8}{'q/s':>9}{'scanned':>9}{'x p50':>7}{'x q/s':>7}")
@@ -70,6 +71,24 @@ def print_report(report: dict) -> None:
             f"\ningestion: {r['end_to_end_images_per_s']} images/s end to end (decode + embed + store) vs "
             f"{r['embedding_only_images_per_s']} embedding alone ({r['images']} CIFAR-10 images)"
         )
+
+
+def print_int8_goal(rows: list[dict], dot_product: bool) -> None:
+    """int8 against fp32 (same model, runtime and input size), at the largest batch both were run at."""
+    lite0 = [r for r in rows if r["runtime"] == "onnx" and r["input_px"] == 224 and r["model"].startswith("efficientnet_lite0/")]
+    speed = {(r["batch"], r.get("precision", "fp32")): r["images_per_s"] for r in lite0}
+    batches = sorted(b for b, p in speed if p == "int8" and (b, "fp32") in speed)
+    if not batches:
+        return
+    b = batches[-1]
+    ratio = speed[(b, "int8")] / speed[(b, "fp32")]
+    note = (
+        ""
+        if dot_product
+        else "; this CPU has no 8-bit dot-product instructions (VNNI/AMX/dotprod): int8 is not expected to be faster"
+    )
+    goal = ("met" if ratio >= 1.8 else "MISSED") if b == 32 else "measured at batch 32 by the full run"
+    print(f"  int8 / fp32 at batch {b}: x{ratio:.2f} (goal >= 1.8 at batch 32: {goal}){note}")
 
 
 def print_indexes(sections: list[dict]) -> None:

@@ -48,7 +48,12 @@ def run(settings: Settings, quick: bool) -> list[dict]:
     queries = [s.load() for s in cifar_samples(settings, 20, "test").samples]
     with TempDatabase() as db:
         ingest(catalogue, create_embedder(settings, DEFAULT_MODEL), db.engine, 10**7, progress=False)
-        env = {**os.environ, "DATABASE_URL": db.url.render_as_string(hide_password=False), "DATA_DIR": str(db.data_dir)}
+        env = {
+            **os.environ,
+            "DATABASE_URL": db.url.render_as_string(hide_password=False),
+            "DATA_DIR": str(db.data_dir),
+            "ONNX_CACHE_DIR": str(settings.onnx_dir),  # no export at start-up: the graph is cached by model id
+        }
         with running_server(env) as server:
             base = server.url
             rows = []

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -45,8 +44,8 @@ def run(settings: Settings, quick: bool) -> dict:
     pixels = [decode_image(s.load(), settings.max_image_pixels).rgb for s in dataset.samples[:256]]
     alone = throughput(lambda: embedder.embed(pixels), len(pixels), 2.0)
     out: dict = {"images": n, "embedding_alone_images_per_s": round(alone, 1), "workers": {}}
-    onnx_dir = Path(tempfile.mkdtemp(prefix="imsrc-bench-onnx-"))
-    for count in (1, 2):
+    onnx_dir = settings.onnx_dir  # the exported graphs are cached by model id: workers reuse this process's
+    for count in (1,) if quick else (1, 2):
         with TempDatabase() as db:
             url = db.url.render_as_string(hide_password=False)
             procs = _workers(url, db.data_dir, onnx_dir, count)
@@ -85,6 +84,7 @@ def _visibility(settings: Settings, dataset, onnx_dir: Path) -> float:
             "DATABASE_URL": url,
             "DATA_DIR": str(db.data_dir / "server"),
             "SERVE_WORKER": "false",
+            "ONNX_CACHE_DIR": str(onnx_dir),
             "AUTH_MODE": "off",
         }
         server = subprocess.Popen(
