@@ -9,7 +9,7 @@ from backend.api.deps import ImageId, OneFile, ServiceDep, SettingsDep
 from backend.api.errors import error_responses
 from backend.api.schemas import CategoryScoreOut, PrototypeResponse, SearchResponse
 from backend.api.security import Access, guard
-from backend.api.uploads import read_image
+from backend.api.uploads import read_query
 from backend.core import search_params as sp
 from backend.core.search_params import SearchParams
 
@@ -40,8 +40,8 @@ def search(
 ) -> SearchResponse:
     """Images most similar to the uploaded one, with cosine scores and per-stage timings."""
     params = SearchParams.resolve(settings, limit, top_categories, use_prototypes, nprobe)
-    image = read_image(file, settings)
-    (result,) = service.search([image.rgb], params)
+    image = read_query(file, settings, service.embedder.image_size)
+    (result,) = service.search([image], params)
     return SearchResponse.of(result, params.limit)
 
 
@@ -55,8 +55,8 @@ def search_prototypes(
     service: ServiceDep, settings: SettingsDep, file: Annotated[UploadFile, File(description="query image")]
 ) -> PrototypeResponse:
     """Only stage 1: every category ranked by the cosine similarity of its prototype to the image."""
-    image = read_image(file, settings)
-    (ranking,), timings = service.rank_categories([image.rgb])
+    image = read_query(file, settings, service.embedder.image_size)
+    (ranking,), timings = service.rank_categories([image])
     return PrototypeResponse(categories=[CategoryScoreOut(**vars(c)) for c in ranking], timings_ms=timings)
 
 
