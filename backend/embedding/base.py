@@ -224,4 +224,7 @@ def _ort_session(path: Path) -> Any:
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
+    # Idle intra-op threads spin-wait for the next operator by default, taking a core from decoding, the
+    # database and HTTP: off, a search request on a busy 2-core machine took half the time (issue 22).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
