@@ -37,12 +37,12 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 
 
 def run(settings: Settings, quick: bool) -> dict:
-    n = 256 if quick else 2000
+    n = 64 if quick else 2000
     dataset = cifar_samples(settings, n, "train")
     embedder = create_embedder(settings)
     embedder.load()
     pixels = [decode_image(s.load(), settings.max_image_pixels).rgb for s in dataset.samples[:256]]
-    alone = throughput(lambda: embedder.embed(pixels), len(pixels), 2.0)
+    alone = throughput(lambda: embedder.embed(pixels), len(pixels), 0.5 if quick else 2.0)
     out: dict = {"images": n, "embedding_alone_images_per_s": round(alone, 1), "workers": {}}
     onnx_dir = settings.onnx_dir  # the exported graphs are cached by model id: workers reuse this process's
     for count in (1,) if quick else (1, 2):
