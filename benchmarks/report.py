@@ -17,7 +17,8 @@ def print_report(report: dict) -> None:
                 f"  {r['model']:<52}{r['runtime']:>8}{r['batch']:>6}{r['input_px']:>6}{r['images_per_s']:>12.1f}"
                 f"{r['images_per_s_with_decode']:>10.1f}"
             )
-        print_int8_goal(report["embed"], hw.get("int8_dot_product", False))
+    if "precision" in report:
+        print_precision(report["precision"])
     if "search" in report:
         print(f"\nsearch latency (ms, one query, k=10) and throughput ({N_CATEGORIES} clustered categories, d={DIM})")
         print(f"  {'vectors':>9} {'search':<12}{'p50':>8}{'p95':>8}{'p99':>8}{'q/s':>9}{'scanned':>9}{'x p50':>7}{'x q/s':>7}")
@@ -85,22 +86,17 @@ def print_ingest(r: dict) -> None:
             print(f"  int8 pipelined >= {r['goal_int8_images_per_s']:.0f} images/s: {'met' if met else 'MISSED'}")
 
 
-def print_int8_goal(rows: list[dict], dot_product: bool) -> None:
-    """int8 against fp32 (same model, runtime and input size), at the largest batch both were run at."""
-    lite0 = [r for r in rows if r["runtime"] == "onnx" and r["input_px"] == 224 and r["model"].startswith("efficientnet_lite0/")]
-    speed = {(r["batch"], r.get("precision", "fp32")): r["images_per_s"] for r in lite0}
-    batches = sorted(b for b, p in speed if p == "int8" and (b, "fp32") in speed)
-    if not batches:
+def print_precision(r: dict) -> None:
+    if "skipped" in r:
+        print(f"\nint8 against fp32: skipped ({r['skipped']})")
         return
-    b = batches[-1]
-    ratio = speed[(b, "int8")] / speed[(b, "fp32")]
-    note = (
-        ""
-        if dot_product
-        else "; this CPU has no 8-bit dot-product instructions (VNNI/AMX/dotprod): int8 is not expected to be faster"
-    )
-    goal = ("met" if ratio >= 1.8 else "MISSED") if b == 32 else "measured at batch 32 by the full run"
-    print(f"  int8 / fp32 at batch {b}: x{ratio:.2f} (goal >= 1.8 at batch 32: {goal}){note}")
+    print(f"\nint8 ({r['int8_model']}) against fp32, images/s, measured in alternation")
+    for row in r["rows"]:
+        print(
+            f"  batch {row['batch']:>3}: fp32 {row['fp32_images_per_s']:>7.1f}, int8 {row['int8_images_per_s']:>7.1f}  x{row['ratio']:.2f}"
+        )
+    goal = "measured at batch 32 by the full run" if r["met"] is None else ("met" if r["met"] else "MISSED")
+    print(f"  goal int8 >= {r['goal']}x fp32 at batch 32: {goal}" + (f"; {r['warning']}" if r["warning"] else ""))
 
 
 def print_indexes(sections: list[dict]) -> None:

@@ -1,8 +1,8 @@
 """Speed benchmarks: `python benchmarks/run.py [--quick] [--json] [--sections a,b]` (or `python -m backend.cli
 benchmark ...`, which forwards here).
 
-Sections: embed (model throughput), search (exact vs two-stage latency at 10k/100k/1M vectors), build
-(index from the database, and a server following another process's writes against a full rebuild), http
+Sections: embed (model throughput), precision (int8 against fp32), search (exact vs two-stage latency at
+10k/100k/1M vectors), build (index from the database, and a server following another process's writes against a full rebuild), http
 (POST /search under concurrency), ingest (end to end vs embedding alone). Every database it needs is a
 throwaway embedded PostgreSQL in a temporary folder.
 """
@@ -19,9 +19,9 @@ if __package__ in (None, ""):
 from backend.core.config import Settings, get_settings
 from benchmarks.harness import hardware
 from benchmarks.report import print_report
-from benchmarks.sections import build, embed, http, indexes, ingest, jobs, search
+from benchmarks.sections import build, embed, http, indexes, ingest, jobs, precision, search
 
-SECTIONS = ("embed", "search", "indexes", "build", "http", "ingest", "jobs")
+SECTIONS = ("embed", "precision", "search", "indexes", "build", "http", "ingest", "jobs")
 
 
 def run_benchmarks(args: argparse.Namespace, settings: Settings) -> dict:
@@ -32,6 +32,7 @@ def run_benchmarks(args: argparse.Namespace, settings: Settings) -> dict:
     report: dict = {"mode": "quick" if args.quick else "full", "hardware": hardware()}
     steps: dict[str, Callable[[], object]] = {
         "embed": lambda: embed.run(settings, args.quick),
+        "precision": lambda: precision.run(settings, args.quick),
         "search": lambda: search.run(args.quick),
         "indexes": lambda: indexes.run(settings, args.quick, tuple(args.index_sizes.split(","))),
         "build": lambda: build.run(args.quick),
