@@ -92,9 +92,8 @@ def print_precision(r: dict) -> None:
         return
     print(f"\nint8 ({r['int8_model']}) against fp32, images/s, measured in alternation")
     for row in r["rows"]:
-        print(
-            f"  batch {row['batch']:>3}: fp32 {row['fp32_images_per_s']:>7.1f}, int8 {row['int8_images_per_s']:>7.1f}  x{row['ratio']:.2f}"
-        )
+        fp32, int8 = row["fp32_images_per_s"], row["int8_images_per_s"]
+        print(f"  batch {row['batch']:>3}: fp32 {fp32:>7.1f}, int8 {int8:>7.1f}  x{row['ratio']:.2f}")
     goal = "measured at batch 32 by the full run" if r["met"] is None else ("met" if r["met"] else "MISSED")
     print(f"  goal int8 >= {r['goal']}x fp32 at batch 32: {goal}" + (f"; {r['warning']}" if r["warning"] else ""))
 

@@ -2,9 +2,9 @@
 benchmark ...`, which forwards here).
 
 Sections: embed (model throughput), precision (int8 against fp32), search (exact vs two-stage latency at
-10k/100k/1M vectors), build (index from the database, and a server following another process's writes against a full rebuild), http
-(POST /search under concurrency), ingest (end to end vs embedding alone). Every database it needs is a
-throwaway embedded PostgreSQL in a temporary folder.
+10k/100k/1M vectors), build (index from the database, and a server following another process's writes
+against a full rebuild), http (POST /search under concurrency), ingest (end to end vs embedding alone).
+Every database it needs is a throwaway one on an embedded PostgreSQL started once per run.
 """
 
 import argparse
