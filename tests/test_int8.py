@@ -71,3 +71,10 @@ def test_slow_int8_is_said_not_hidden() -> None:
         assert quantize.speed_warning(1.9) is None
     else:
         assert warning is not None and "no 8-bit dot-product" in warning
+
+
+def test_int8_without_calibration_images_says_what_to_set(tmp_path) -> None:
+    settings = make_settings(tmp_path, embed_calibration_dir=tmp_path / "nowhere")
+    model = create_embedder(settings, precision="int8", runtime="onnx")
+    with pytest.raises(ConfigurationError, match="set EMBED_CALIBRATION_DIR"):
+        model.model_id  # noqa: B018 - the calibration images name the model

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from backend.core.config import Settings
+from backend.core.errors import ConfigurationError, InvalidInput
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +59,16 @@ def calibration_for(settings: Settings) -> Calibration:
     folder = settings.embed_calibration_dir
 
     def load() -> list[tuple[str, bytes]]:
-        if folder is not None:
-            dataset = load_dataset("folder", folder, "all", CALIBRATION_IMAGES, settings)
-        else:
-            dataset = load_dataset("cifar10", None, "train", CALIBRATION_IMAGES, settings)
+        try:
+            if folder is not None:
+                dataset = load_dataset("folder", folder, "all", CALIBRATION_IMAGES, settings)
+            else:
+                dataset = load_dataset("cifar10", None, "train", CALIBRATION_IMAGES, settings)
+        except InvalidInput as exc:
+            raise ConfigurationError(
+                f"EMBED_PRECISION=int8 calibrates on real images, and none could be read: {exc.message} "
+                "(set EMBED_CALIBRATION_DIR to <category>/<image> folders of about 100 catalogue images)"
+            ) from exc
         return [(s.source, s.load()) for s in dataset.samples]
 
     return Calibration(f"folder {folder}" if folder else "CIFAR-10 train split", load)
