@@ -39,10 +39,11 @@ def print_report(report: dict) -> None:
     if "jobs" in report:
         r = report["jobs"]
         per = ", ".join(f"{w} worker(s) {v['images_per_s']} images/s" for w, v in r["workers"].items())
+        seen = r["server_sees_worker_s"]
         print(
             f"\ncatalogue jobs ({r['images']} CIFAR-10 images): {per}; embedding alone in one process "
-            f"{r['embedding_alone_images_per_s']} images/s; a server finds a separate worker's image "
-            f"{r['server_sees_worker_s']} s after its job ends"
+            f"{r['embedding_alone_images_per_s']} images/s"
+            + (f"; a server finds a separate worker's image {seen} s after its job ends" if seen is not None else "")
         )
     if "build" in report:
         print("\nindex build from the database")

@@ -388,8 +388,8 @@ def run(settings: Settings, quick: bool, sizes: tuple[str, ...] = ("real", "1M",
     ]
     out = []
     if "real" in sizes:
-        # --quick: a smoke run on 500 + 100 images (embedding all 6,000 took minutes on a busy machine)
-        stored, q, ql = real(settings, "cifar10", 100 if quick else None, 500 if quick else None)
+        # --quick: a smoke run on 300 + 60 images (embedding all 6,000 took minutes on a busy machine)
+        stored, q, ql = real(settings, "cifar10", 60 if quick else None, 300 if quick else None)
         out.append(compare("CIFAR-10 subset (Lite0)", stored, q, ql, real_specs[:2], with_pgvector=not quick))
         if not quick:
             stored, q, ql = real(settings, "fashion-mnist", None)
