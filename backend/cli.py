@@ -275,8 +275,9 @@ def cmd_restore(args: argparse.Namespace, settings: Settings) -> None:
 
 def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> None:
     from backend.evaluation import run_evaluation
+    from backend.precision_cost import run_comparison
 
-    run_evaluation(args, settings)
+    (run_comparison if args.compare_int8 else run_evaluation)(args, settings)
 
 
 def cmd_benchmark(args: argparse.Namespace, settings: Settings) -> None:
@@ -345,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--catalogue-size", type=int_in(1), help="train-split images in the catalogue (default: all)")
     p.add_argument("--queries", type=int_in(1), help="test-split query images (default: all)")
     p.add_argument("--model", help="embedding model (default MODEL_NAME)")
+    p.add_argument("--compare-int8", action="store_true", help="fp32 against int8 embeddings (EMBED_PRECISION)")
     p.add_argument("--json", action="store_true")
 
     p = command("api-key", cmd_api_key, "create, list and revoke API keys")

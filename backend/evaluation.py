@@ -142,8 +142,8 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def run_evaluation(args: argparse.Namespace, settings: Settings) -> dict:
-    embedder = create_embedder(settings, args.model)
+def evaluation_sets(args: argparse.Namespace, settings: Settings) -> tuple[Dataset, Dataset]:
+    """The catalogue and the queries `evaluate` was asked for."""
     source: Path | None = args.source
     if args.dataset == "folder":
         # A folder has no splits: every fifth image of each category is a query, the rest the catalogue.
@@ -153,11 +153,18 @@ def run_evaluation(args: argparse.Namespace, settings: Settings) -> dict:
         for s in everything.samples:
             position[s.label] = position.get(s.label, -1) + 1
             split[position[s.label] % 5 == 4].append(s)
-        catalogue_set = Dataset("folder", balanced(split[False], args.catalogue_size))
-        query_set = Dataset("folder", balanced(split[True], args.queries))
-    else:
-        catalogue_set = load_dataset(args.dataset, source, "train", args.catalogue_size, settings)
-        query_set = load_dataset(args.dataset, source, "test", args.queries, settings)
+        return Dataset("folder", balanced(split[False], args.catalogue_size)), Dataset(
+            "folder", balanced(split[True], args.queries)
+        )
+    return (
+        load_dataset(args.dataset, source, "train", args.catalogue_size, settings),
+        load_dataset(args.dataset, source, "test", args.queries, settings),
+    )
+
+
+def run_evaluation(args: argparse.Namespace, settings: Settings) -> dict:
+    embedder = create_embedder(settings, args.model)
+    catalogue_set, query_set = evaluation_sets(args, settings)
     progress = not args.json
     catalogue = embed_cached(catalogue_set, embedder, settings, progress)
     queries = embed_cached(query_set, embedder, settings, progress)

@@ -2,7 +2,10 @@
 
 import hashlib
 import io
+import math
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,8 +63,10 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_image(data: bytes, max_pixels: int, name: str = "image") -> DecodedImage:
-    """Validate and fully decode `data`; raises InvalidImage with one clear line otherwise."""
+@contextmanager
+def _opened(data: bytes, max_pixels: int, name: str) -> Iterator[Image.Image]:
+    """The image `data` holds, checked (format, size) before any pixel is decoded; every failure inside the
+    block (corrupt or truncated data, bombs) becomes one InvalidImage line."""
     if not data:
         raise InvalidImage(f"{name}: empty file")
     try:
@@ -76,8 +81,7 @@ def decode_image(data: bytes, max_pixels: int, name: str = "image") -> DecodedIm
                     f"{name}: image too large ({img.width}x{img.height} pixels; the limit is "
                     f"{max_pixels:,} pixels, MAX_IMAGE_PIXELS)"
                 )
-            img.load()  # forces a full decode: truncated or corrupt data fails here
-            rgb = _to_rgb(img)
+            yield img
     except InvalidImage:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -86,7 +90,29 @@ def decode_image(data: bytes, max_pixels: int, name: str = "image") -> DecodedIm
         raise InvalidImage(f"{name}: not an image (no supported image format recognised)") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise InvalidImage(f"{name}: corrupt or truncated image ({exc})") from exc
+
+
+def decode_image(data: bytes, max_pixels: int, name: str = "image") -> DecodedImage:
+    """Validate and fully decode `data`; raises InvalidImage with one clear line otherwise."""
+    with _opened(data, max_pixels, name) as img:
+        fmt = img.format or ""
+        img.load()  # forces a full decode: truncated or corrupt data fails here
+        rgb = _to_rgb(img)
     return DecodedImage(data, sha256_of(data), fmt, rgb.width, rgb.height, rgb)
+
+
+def decode_for_model(data: bytes, max_pixels: int, side: int, name: str = "image") -> Image.Image:
+    """Only the pixels a model with `side` x `side` input needs, as RGB: a JPEG is decoded at the smallest
+    DCT scale (1/2, 1/4, 1/8) that keeps its short side at least `side`, which skips most of the decoding
+    of a large photo; other formats are decoded whole. For queries, which are neither stored nor hashed;
+    the vector differs from a full decode's within the tolerance tests/test_imaging.py measures."""
+    with _opened(data, max_pixels, name) as img:
+        if img.format in ("JPEG", "MPO"):
+            short = min(img.width, img.height)
+            scale = side / short
+            img.draft("RGB", (max(1, math.ceil(img.width * scale)), max(1, math.ceil(img.height * scale))))
+        img.load()
+        return _to_rgb(img)
 
 
 def encode_png(pixels: np.ndarray) -> bytes:

@@ -190,7 +190,7 @@ class SearchService:
             t2 = time.perf_counter()
             total = index.ntotal
             category_ids = index.category_ids
-        with session_scope(self.engine) as session:
+        with session_scope(self.engine, single_read=True) as session:  # the database says which hits still exist
             meta = catalogue.result_metadata(session, {int(i) for i in hits.ids.ravel() if i >= 0})
         t3 = time.perf_counter()
         n = len(queries)

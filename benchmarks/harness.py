@@ -1,23 +1,26 @@
 """What every benchmark section shares: the machine, timing, data (real CIFAR-10 and synthetic clustered
 vectors) and a throwaway database seeded through the catalogue's own functions."""
 
+import atexit
 import os
 import platform
 import tempfile
 import time
+import uuid
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import psutil
-from sqlalchemy import Engine
+from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import URL, make_url
 
 from backend import catalogue
 from backend.core.config import Settings
 from backend.datasets import Dataset, balanced, find_cifar10, load_cifar10
 from backend.db.session import session_scope
+from backend.embedding import quantize
 from backend.imaging import ImageBytes
 from backend.vectors import l2_normalise
 
@@ -67,6 +70,7 @@ def hardware() -> dict:
         "faiss": faiss.__version__,
         "faiss_threads": faiss.omp_get_max_threads(),
         "cuda": torch.cuda.is_available(),
+        "int8_dot_product": quantize.int8_cpu(),  # VNNI/AMX/dotprod: what makes EMBED_PRECISION=int8 pay
     }
 
 
@@ -88,24 +92,44 @@ def clustered(n: int, seed: int = 0, n_queries: int = 256) -> tuple[np.ndarray, 
     return x, labels, l2_normalise(q)
 
 
+class _Server:
+    """One embedded PostgreSQL per benchmark process (starting one costs seconds); sections get databases."""
+
+    url: URL | None = None
+
+    @classmethod
+    def admin_url(cls) -> URL:
+        if cls.url is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                import pgserver
+
+            tmp = tempfile.TemporaryDirectory(prefix="imsrc-bench-pg-")
+            server = pgserver.get_server(Path(tmp.name) / "pgdata", cleanup_mode="delete")
+            atexit.register(tmp.cleanup)
+            atexit.register(server.cleanup)  # runs first: stop the server, then remove its folder
+            cls.url = make_url(server.get_uri()).set(drivername="postgresql+psycopg2")
+        return cls.url
+
+
 class TempDatabase:
-    """A throwaway embedded PostgreSQL with the schema applied."""
+    """A throwaway database with the schema applied, on the process's embedded PostgreSQL."""
 
     url: URL
     engine: Engine
     data_dir: Path
 
     def __enter__(self) -> "TempDatabase":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import pgserver
-
         from backend.db import migrate
         from backend.db.session import make_engine
 
+        admin = _Server.admin_url()
+        self.name = f"bench_{uuid.uuid4().hex[:12]}"
+        self.admin = create_engine(admin, isolation_level="AUTOCOMMIT")
+        with self.admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{self.name}"'))
         self.tmp = tempfile.TemporaryDirectory(prefix="imsrc-bench-")
-        self.server = pgserver.get_server(Path(self.tmp.name) / "pgdata", cleanup_mode="delete")
-        self.url = make_url(self.server.get_uri()).set(drivername="postgresql+psycopg2")
+        self.url = admin.set(database=self.name)
         self.engine = make_engine(self.url)
         migrate.upgrade(self.engine)
         self.data_dir = Path(self.tmp.name) / "data"
@@ -113,7 +137,10 @@ class TempDatabase:
 
     def __exit__(self, *exc: object) -> None:
         self.engine.dispose()
-        self.server.cleanup()
+        with self.admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)'))
+        self.admin.dispose()
+        self.tmp.cleanup()
 
 
 def seed_vectors(engine: Engine, model: str, x: np.ndarray, labels: np.ndarray, first: int = 0, chunk: int = 5000) -> None:

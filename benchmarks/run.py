@@ -1,15 +1,16 @@
 """Speed benchmarks: `python benchmarks/run.py [--quick] [--json] [--sections a,b]` (or `python -m backend.cli
 benchmark ...`, which forwards here).
 
-Sections: embed (model throughput), search (exact vs two-stage latency at 10k/100k/1M vectors), build
-(index from the database, and a server following another process's writes against a full rebuild), http
-(POST /search under concurrency), ingest (end to end vs embedding alone). Every database it needs is a
-throwaway embedded PostgreSQL in a temporary folder.
+Sections: embed (model throughput), precision (int8 against fp32), search (exact vs two-stage latency at
+10k/100k/1M vectors), build (index from the database, and a server following another process's writes
+against a full rebuild), http (POST /search under concurrency), ingest (end to end vs embedding alone).
+Every database it needs is a throwaway one on an embedded PostgreSQL started once per run.
 """
 
 import argparse
 import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,9 +20,9 @@ if __package__ in (None, ""):
 from backend.core.config import Settings, get_settings
 from benchmarks.harness import hardware
 from benchmarks.report import print_report
-from benchmarks.sections import build, embed, http, indexes, ingest, jobs, search
+from benchmarks.sections import build, embed, http, indexes, ingest, jobs, precision, search
 
-SECTIONS = ("embed", "search", "indexes", "build", "http", "ingest", "jobs")
+SECTIONS = ("embed", "precision", "search", "indexes", "build", "http", "ingest", "jobs")
 
 
 def run_benchmarks(args: argparse.Namespace, settings: Settings) -> dict:
@@ -32,6 +33,7 @@ def run_benchmarks(args: argparse.Namespace, settings: Settings) -> dict:
     report: dict = {"mode": "quick" if args.quick else "full", "hardware": hardware()}
     steps: dict[str, Callable[[], object]] = {
         "embed": lambda: embed.run(settings, args.quick),
+        "precision": lambda: precision.run(settings, args.quick),
         "search": lambda: search.run(args.quick),
         "indexes": lambda: indexes.run(settings, args.quick, tuple(args.index_sizes.split(","))),
         "build": lambda: build.run(args.quick),
@@ -39,9 +41,13 @@ def run_benchmarks(args: argparse.Namespace, settings: Settings) -> dict:
         "ingest": lambda: ingest.run(settings, args.quick),
         "jobs": lambda: jobs.run(settings, args.quick),
     }
+    report["seconds"] = {}  # per section: what keeps --quick under a minute, or not
     for name in SECTIONS:
         if name in wanted:
+            start = time.perf_counter()
             report[name] = steps[name]()
+            report["seconds"][name] = round(time.perf_counter() - start, 1)
+            print(f"  ({name}: {report['seconds'][name]} s)", file=sys.stderr)
     if args.json:
         print(json.dumps(report))
     else:

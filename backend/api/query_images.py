@@ -5,12 +5,12 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from fastapi import Request, UploadFile
+from PIL import Image
 from starlette.datastructures import UploadFile as FormFile
 
-from backend.api.uploads import read_image
+from backend.api.uploads import read_query
 from backend.core.config import Settings
 from backend.core.errors import Unprocessable
-from backend.imaging import DecodedImage
 from backend.queries import image_from_url
 
 FILE_HELP = "query image; several `file` fields search each, one result set per file, in order"
@@ -42,10 +42,11 @@ def query_form(max_files: int) -> Callable[[Request], Coroutine[Any, Any, None]]
     return check
 
 
-def query_images(files: list[UploadFile] | None, url: str | None, settings: Settings) -> list[DecodedImage]:
-    """The decoded query images, in the order sent (run in a worker thread: reads and downloads block)."""
+def query_images(files: list[UploadFile] | None, url: str | None, settings: Settings, side: int) -> list[Image.Image]:
+    """The query images as RGB, in the order sent (run in a worker thread: reads and downloads block); an
+    uploaded file is decoded only as far as a model with `side` px input needs."""
     if url is not None:
-        return [image_from_url(url, settings)]
+        return [image_from_url(url, settings).rgb]
     if not files:  # query_form let nothing through without a file or a URL; this says so if it ever does
         raise Unprocessable("file: send a query image in the field 'file', or its address in 'url'")
-    return [read_image(f, settings) for f in files]
+    return [read_query(f, settings, side) for f in files]

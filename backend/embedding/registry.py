@@ -2,6 +2,7 @@
 
 from backend.core.config import Settings
 from backend.core.errors import ConfigurationError
+from backend.embedding import quantize
 from backend.embedding.base import Embedder
 from backend.embedding.efficientnet import EfficientNetLiteEmbedder
 from backend.embedding.models import MODEL_NAMES, MODELS
@@ -18,6 +19,7 @@ def create_embedder(
     batch_size: int | None = None,
     runtime: str | None = None,
     weights: str | None = None,
+    precision: str | None = None,
 ) -> Embedder:
     """The settings' embedder; keyword arguments override single settings (evaluation, benchmarks)."""
     name = model_name or settings.model_name
@@ -32,4 +34,6 @@ def create_embedder(
         batch_size=batch_size or settings.embed_batch_size,
         runtime=runtime or settings.embed_runtime,
         onnx_dir=settings.onnx_dir,
+        precision=precision or settings.embed_precision,
+        calibration=quantize.calibration_for(settings),
     )

@@ -279,9 +279,11 @@ def goal(rows: list[dict]) -> dict:
 # --- data ---------------------------------------------------------------------------------------------
 
 
-def real(settings: Settings, dataset: str, query_limit: int | None) -> tuple[StoredVectors, np.ndarray, np.ndarray]:
+def real(
+    settings: Settings, dataset: str, query_limit: int | None, train_limit: int | None = None
+) -> tuple[StoredVectors, np.ndarray, np.ndarray]:
     embedder = create_embedder(settings)
-    train = load_dataset(dataset, None, "train", None, settings)
+    train = load_dataset(dataset, None, "train", train_limit, settings)
     test = load_dataset(dataset, None, "test", query_limit, settings)
     catalogue = embed_cached(train, embedder, settings)
     queries = embed_cached(test, embedder, settings)
@@ -386,7 +388,8 @@ def run(settings: Settings, quick: bool, sizes: tuple[str, ...] = ("real", "1M",
     ]
     out = []
     if "real" in sizes:
-        stored, q, ql = real(settings, "cifar10", None)
+        # --quick: a smoke run on 300 + 60 images (embedding all 6,000 took minutes on a busy machine)
+        stored, q, ql = real(settings, "cifar10", 60 if quick else None, 300 if quick else None)
         out.append(compare("CIFAR-10 subset (Lite0)", stored, q, ql, real_specs[:2], with_pgvector=not quick))
         if not quick:
             stored, q, ql = real(settings, "fashion-mnist", None)

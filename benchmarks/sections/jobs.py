@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,15 +37,15 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 
 
 def run(settings: Settings, quick: bool) -> dict:
-    n = 256 if quick else 2000
+    n = 64 if quick else 2000
     dataset = cifar_samples(settings, n, "train")
     embedder = create_embedder(settings)
     embedder.load()
     pixels = [decode_image(s.load(), settings.max_image_pixels).rgb for s in dataset.samples[:256]]
-    alone = throughput(lambda: embedder.embed(pixels), len(pixels), 2.0)
+    alone = throughput(lambda: embedder.embed(pixels), len(pixels), 0.5 if quick else 2.0)
     out: dict = {"images": n, "embedding_alone_images_per_s": round(alone, 1), "workers": {}}
-    onnx_dir = Path(tempfile.mkdtemp(prefix="imsrc-bench-onnx-"))
-    for count in (1, 2):
+    onnx_dir = settings.onnx_dir  # the exported graphs are cached by model id: workers reuse this process's
+    for count in (1,) if quick else (1, 2):
         with TempDatabase() as db:
             url = db.url.render_as_string(hide_password=False)
             procs = _workers(url, db.data_dir, onnx_dir, count)
@@ -66,7 +65,8 @@ def run(settings: Settings, quick: bool) -> dict:
                 _stop(procs)
             out["workers"][count] = {"images_per_s": round(job.added / seconds, 1), "added": job.added, "state": job.state}
             print(f"  jobs: {count} worker(s): {job.added / seconds:.1f} images/s ({job.added} added)", file=sys.stderr)
-    out["server_sees_worker_s"] = _visibility(settings, dataset, onnx_dir)
+    # --quick leaves out the second server and worker: starting them was a third of the smoke run
+    out["server_sees_worker_s"] = None if quick else _visibility(settings, dataset, onnx_dir)
     return out
 
 
@@ -85,6 +85,7 @@ def _visibility(settings: Settings, dataset, onnx_dir: Path) -> float:
             "DATABASE_URL": url,
             "DATA_DIR": str(db.data_dir / "server"),
             "SERVE_WORKER": "false",
+            "ONNX_CACHE_DIR": str(onnx_dir),
             "AUTH_MODE": "off",
         }
         server = subprocess.Popen(

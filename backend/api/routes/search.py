@@ -58,8 +58,8 @@ def search(
 ) -> SearchResponse | SearchBatchResponse:
     """Images most similar to the uploaded one (or the one at `url`), with cosine scores and per-stage
     timings. Several files: `{"queries": [...]}`, one result set per file, in order (embedded together)."""
-    images = query_images(file, url, settings)
-    results = [SearchResponse.of(r, params) for r in service.search([i.rgb for i in images], params)]
+    images = query_images(file, url, settings, service.embedder.image_size)
+    results = [SearchResponse.of(r, params) for r in service.search(images, params)]
     return results[0] if len(results) == 1 else SearchBatchResponse(queries=results)
 
 
@@ -71,8 +71,8 @@ def search(
 )
 def search_prototypes(service: ServiceDep, settings: SettingsDep, file: Files = None, url: Url = None) -> PrototypeResponse:
     """Only stage 1: every category ranked by the cosine similarity of its prototype to the image."""
-    (image,) = query_images(file, url, settings)
-    (ranking,), timings = service.rank_categories([image.rgb])
+    (image,) = query_images(file, url, settings, service.embedder.image_size)
+    (ranking,), timings = service.rank_categories([image])
     return PrototypeResponse(categories=[CategoryScoreOut(**vars(c)) for c in ranking], timings_ms=timings)
 
 

@@ -1,0 +1,159 @@
+"""EMBED_PRECISION=int8: the exported fp32 graph, statically quantized (QDQ) and cached beside it.
+
+What was measured on the project's Lite0 graph (issue 22) fixes the recipe: per-channel weights (per-tensor
+scales collapse EfficientNet's depthwise convolutions, cosine 0.75), unsigned 8-bit activations with signed
+8-bit weights (signed activations were slower), static calibration on real images (dynamic quantization was
+3.5x slower than fp32). The calibration images are recorded (their sources and hashes, beside the graph) and
+their hash names both the graph file and the vectors' model id: a different sample is a different model.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from backend.core.config import Settings
+from backend.core.errors import ConfigurationError, InvalidInput
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_IMAGES = 100
+# CPU features that make 8-bit convolutions fast in ONNX Runtime (x86: VNNI, AMX; ARM: dot product).
+INT8_CPU_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
+SLOW_SPEEDUP = 1.2  # below this measured int8/fp32 ratio, int8 is not worth its accuracy cost
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A sample of real images to calibrate activation ranges on; `load` gives (source, bytes) pairs."""
+
+    description: str
+    load: Callable[[], list[tuple[str, bytes]]]
+
+    @cached_property
+    def images(self) -> list[tuple[str, bytes]]:
+        return self.load()
+
+    @cached_property
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for _, data in self.images:
+            h.update(hashlib.sha256(data).digest())
+        return h.hexdigest()[:12]
+
+
+def calibration_for(settings: Settings) -> Calibration:
+    """EMBED_CALIBRATION_DIR (`<category>/<image>` folders, like catalogue imports), else CIFAR-10's train
+    split (CIFAR10_DIR, or downloaded into DATA_DIR as `populate` does): CALIBRATION_IMAGES of them, spread
+    over the categories."""
+    from backend.datasets import load_dataset  # datasets imports the settings: avoid a cycle
+
+    folder = settings.embed_calibration_dir
+
+    def load() -> list[tuple[str, bytes]]:
+        try:
+            if folder is not None:
+                dataset = load_dataset("folder", folder, "all", CALIBRATION_IMAGES, settings)
+            else:
+                dataset = load_dataset("cifar10", None, "train", CALIBRATION_IMAGES, settings)
+        except InvalidInput as exc:
+            raise ConfigurationError(
+                f"EMBED_PRECISION=int8 calibrates on real images, and none could be read: {exc.message} "
+                "(set EMBED_CALIBRATION_DIR to <category>/<image> folders of about 100 catalogue images)"
+            ) from exc
+        return [(s.source, s.load()) for s in dataset.samples]
+
+    return Calibration(f"folder {folder}" if folder else "CIFAR-10 train split", load)
+
+
+def int8_cpu() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:
+        return False
+    return any(flag in flags for flag in INT8_CPU_FLAGS)
+
+
+def int8_path(fp32_path: Path, calibration: Calibration) -> Path:
+    return fp32_path.with_name(f"{fp32_path.stem}.int8-{calibration.digest}.onnx")
+
+
+def quantize(fp32_path: Path, calibration: Calibration, inputs: np.ndarray) -> Path:
+    """The int8 graph for `fp32_path`, built once from `inputs` (N, 3, S, S) model inputs of `calibration`."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    path = int8_path(fp32_path, calibration)
+    if path.is_file():
+        return path
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    prepared = path.with_suffix(f".{os.getpid()}.pre")
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"pixels": inputs[i : i + 10]} for i in range(0, len(inputs), 10)])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.batches, None)
+
+    quiet = _DropRootRecords()  # onnxruntime's quantizer logs a line per adjusted scale to the root logger
+    logging.getLogger().addFilter(quiet)
+    log.info("quantizing %s to int8 on %d calibration images (%s)", fp32_path.name, len(inputs), calibration.description)
+    try:
+        quant_pre_process(str(fp32_path), str(prepared))  # shape inference and folding: cleaner QDQ placement
+        quantize_static(
+            str(prepared), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+        )  # fmt: skip
+        record = {
+            "calibration": calibration.description,
+            "images": [[s, hashlib.sha256(d).hexdigest()] for s, d in calibration.images],
+        }
+        path.with_suffix(".calibration.json").write_text(json.dumps(record, indent=1))
+        os.replace(tmp, path)  # atomic: a concurrent process never reads a half-written graph
+    finally:
+        logging.getLogger().removeFilter(quiet)
+        tmp.unlink(missing_ok=True)
+        prepared.unlink(missing_ok=True)
+    return path
+
+
+class _DropRootRecords(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
+
+
+def measured_speedup(fp32: Any, int8: Any, inputs: np.ndarray, repeats: int = 3) -> float:
+    """int8 over fp32 images/s on `inputs` (best of `repeats` each, after a warm-up run)."""
+
+    def best(session: Any) -> float:
+        session.run(None, {"pixels": inputs})
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            session.run(None, {"pixels": inputs})
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    return best(fp32) / best(int8)
+
+
+def speed_warning(speedup: float | None) -> str | None:
+    """One line when int8 is not expected to pay for its accuracy cost here, else None."""
+    if not int8_cpu():
+        return (
+            "EMBED_PRECISION=int8: this CPU has no 8-bit dot-product instructions (VNNI, AMX or dotprod): "
+            "int8 may be no faster than fp32 here while costing accuracy"
+        )
+    if speedup is not None and speedup < SLOW_SPEEDUP:
+        return f"EMBED_PRECISION=int8: measured only {speedup:.2f}x the fp32 speed here: fp32 is the better choice"
+    return None
