@@ -221,9 +221,8 @@ class FastScanIndex(TwoStageIndex):
         for i in range(n):
             found = rows[i][rows[i] >= 0]
             found = found[self.row_ids.data[found] >= 0]  # a dead row is never returned
-            exact = self.vectors.get(found) @ x[i]
-            best = np.argsort(-exact, kind="stable")[:k]
-            scores[i, : len(best)], ids[i, : len(best)] = exact[best], self.row_ids.data[found[best]]
+            best, best_rows = self.vectors.best(found, x[i], k)
+            scores[i, : len(best)], ids[i, : len(best)] = best, self.row_ids.data[best_rows]
         scanned = np.where(lists >= 0, self._sizes[np.maximum(lists, 0)], 0).sum(axis=1)
         return SearchHits(scores, ids, scanned)
 

@@ -5,6 +5,11 @@ written once per build (rows streamed to a private temporary file, renamed into 
 saved) and never changed after: several processes may map it at once. Rows added later live in RAM and
 travel in the index cache file. A fixed header (magic, build token, dimension, rows) ties the file to the
 index it belongs to: a missing, truncated, resized or foreign file is refused (ValueError), never trusted.
+
+A shortlist is scored by FAISS's float16 scalar quantizer (SIMD) over its gathered rows: numpy converts
+float16 one element at a time, 6x slower here for 50 rows of 1280 dimensions. (bfloat16 rows, which numpy
+decodes with a shift, were as fast but lost 0.005 of recall@10 on CIFAR-10: their 8-bit mantissa swaps
+close neighbours.)
 """
 
 import os
@@ -14,6 +19,7 @@ import uuid
 import weakref
 from pathlib import Path
 
+import faiss
 import numpy as np
 
 MAGIC = b"\x00IMSRC-RERANK-1\n"
@@ -87,21 +93,36 @@ class RerankFile:
         return start
 
     def get(self, rows: np.ndarray) -> np.ndarray:
-        """The rows as float32 (n, dim)."""
+        """The rows, float16 (n, dim), gathered from the file and RAM."""
         rows = np.asarray(rows, dtype=np.int64)
-        out = np.empty((len(rows), self.dim), dtype=np.float32)
+        if not self.tail.n:  # the common case: every row in the file
+            return self._mapped()[rows]
+        if not self.file_rows:
+            return self.tail.view[rows]
+        out = np.empty((len(rows), self.dim), dtype=ROW_DTYPE)
         in_file = rows < self.file_rows
-        if in_file.any():
-            out[in_file] = self._mapped()[rows[in_file]]
-        if not in_file.all():
-            out[~in_file] = self.tail.view[rows[~in_file] - self.file_rows]
+        out[in_file] = self._mapped()[rows[in_file]]
+        out[~in_file] = self.tail.view[rows[~in_file] - self.file_rows]
         return out
+
+    def best(self, rows: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The k of `rows` with the highest inner product with `query`: (scores, rows), best first."""
+        k = min(k, len(rows))
+        if not k:
+            return np.zeros(0, np.float32), np.zeros(0, np.int64)
+        scorer = faiss.IndexScalarQuantizer(self.dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+        faiss.copy_array_to_vector(np.ascontiguousarray(self.get(rows)).view(np.uint8).ravel(), scorer.codes)
+        scorer.ntotal = len(rows)
+        scores, where = scorer.search(np.ascontiguousarray(query[None, :], dtype=np.float32), k)
+        return scores[0], np.asarray(rows, dtype=np.int64)[where[0]]
 
     def _mapped(self) -> np.ndarray:
         if self._map is None or len(self._map) < self.file_rows:  # the spool grew since it was mapped
             name = self.path or self._spool
             assert name is not None
-            self._map = np.memmap(name, ROW_DTYPE, "r", HEADER_BYTES, (self.file_rows, self.dim))
+            # A plain array over the mapping (it keeps the mapping alive): numpy's memmap subclass makes every
+            # gather build another memmap object, several times slower for a shortlist.
+            self._map = np.asarray(np.memmap(name, ROW_DTYPE, "r", HEADER_BYTES, (self.file_rows, self.dim)))
         return self._map
 
     def file_bytes(self) -> int:

@@ -137,14 +137,7 @@ def stored_out_of_line(engine: Engine) -> tuple[str, int]:
 
 
 def test_vectors_are_stored_inline_and_0005_downgrades_cleanly(engine: Engine) -> None:
-    config = migrate._config()
-
-    def to(revision: str, step) -> None:  # type: ignore[no-untyped-def]
-        with engine.begin() as conn:
-            config.attributes["connection"] = conn
-            step(config, revision)
-
-    to("0004", command.downgrade)
+    migrate.downgrade(engine, "0004")
     rng = np.random.default_rng(0)
     vectors = rng.normal(size=(20, 1280)).astype(np.float32)  # written the old way: each 5 KB out of line, in TOAST
     images = [decode_image(encode_png(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)), 10**6) for _ in range(20)]
@@ -161,7 +154,7 @@ def test_vectors_are_stored_inline_and_0005_downgrades_cleanly(engine: Engine) -
         assert catalogue.head(s, "m/big") == head and catalogue.changes_since(s, "m/big", head).added.ids.tolist() == []
     np.testing.assert_array_equal(after.vectors, before.vectors)
     assert after.ids.tolist() == ids and np.array_equal(after.vectors, vectors)
-    to("0004", command.downgrade)  # and back: out of line again, the same values
+    migrate.downgrade(engine, "0004")  # and back: out of line again, the same values
     assert stored_out_of_line(engine)[0] == "x" and stored_out_of_line(engine)[1] > 0
     with session_scope(engine) as s:
         np.testing.assert_array_equal(catalogue.load_vectors(s, "m/big").vectors, before.vectors)

@@ -22,7 +22,8 @@ depends_on = None
 def _rewrite(storage: str) -> None:
     # One ALTER TABLE: the rewrite it forces runs after both changes, so it stores every value the new way.
     op.execute(
-        f"ALTER TABLE embeddings ALTER COLUMN vector TYPE bytea USING vector || ''::bytea, ALTER COLUMN vector SET STORAGE {storage}"
+        "ALTER TABLE embeddings ALTER COLUMN vector TYPE bytea USING vector || ''::bytea, "
+        f"ALTER COLUMN vector SET STORAGE {storage}"
     )
 
 
