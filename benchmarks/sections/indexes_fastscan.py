@@ -100,13 +100,51 @@ def fashion(queries: int | None) -> dict:
     return with_fastscan(section)
 
 
+def threshold(stored: StoredVectors, q: np.ndarray, sizes: tuple[int, ...]) -> list[dict]:
+    """auto's switch: flat against fastscan (pq dim/4, nprobe 32, re-rank 50) on growing prefixes of one
+    catalogue; flat is exact inside the top categories, so fastscan must be clearly faster to be chosen."""
+    out = []
+    for n in sizes:
+        part = StoredVectors(stored.ids[:n], stored.category_ids[:n], stored.vectors[:n])
+        truth = indexes.exact(part.vectors, q)[0]
+        row = {"vectors": n}
+        for name, spec, nprobe in (("flat", IndexSpec("flat"), None), ("fastscan", IndexSpec("fastscan", "pq320", 256), 32)):
+            t = time.perf_counter()
+            index = TwoStageIndex.build(
+                "bench",
+                q.shape[1],
+                list(range(int(part.category_ids.max()) + 1)),
+                part,
+                PrototypeMatrix.of(part.category_ids, part.vectors),
+                spec,
+            )
+            build_s = time.perf_counter() - t
+
+            def one(i: int, index: TwoStageIndex = index, nprobe: int | None = nprobe) -> None:
+                _, cats = index.rank_categories(q[i : i + 1], indexes.TOP_C)
+                index.search(q[i : i + 1], indexes.K, cats, nprobe, SHORTLISTS[0])
+
+            _, cats = index.rank_categories(q, indexes.TOP_C)
+            found = index.search(q, indexes.K, cats, nprobe, SHORTLISTS[0]).ids
+            row[name] = {"recall@10": indexes.recall(found, truth), **indexes.latency(one, len(q)), "build_s": build_s}
+        indexes.log(f"auto threshold at {n:,}: {row}")
+        out.append(row)
+    return out
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--queries", type=int, default=None, help="test images used as queries (default all 10,000)")
     parser.add_argument("--json", type=Path, help="also write the section as JSON here")
+    parser.add_argument("--threshold", action="store_true", help="measure auto's flat/fastscan switch instead")
     args = parser.parse_args()
     from benchmarks.report import print_indexes
 
+    if args.threshold:
+        data, queries, _ = indexes.real(get_settings(), "fashion-mnist", args.queries)
+        rows_ = threshold(data, queries, (5_000, 10_000, 20_000, 40_000, 60_000))
+        print(json.dumps({"hardware": hardware(), "threshold": rows_}, indent=1))
+        raise SystemExit(0)
     report = {"hardware": hardware(), "indexes": [fashion(args.queries)]}
     print(json.dumps(report["hardware"]))
     print_indexes(report["indexes"])
