@@ -1,10 +1,12 @@
 """fastscan (4-bit PQ sub-lists re-ranked from a float16 file) and auto, on the real CIFAR-10 catalogue
 embedded with the real Lite0 weights, through the index, the cache and the service."""
 
+import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from sqlalchemy import Engine
@@ -19,6 +21,7 @@ from backend.index_fastscan import FastScanIndex, resolve
 from backend.ingest import ingest
 from backend.service import SearchService
 from backend.vectors import StoredVectors
+from tests.utils.server import running_server
 from tests.utils.settings import make_settings
 
 SPEC = IndexSpec("fastscan", "pq320", 6)  # 10 sub-lists a category of 60, 160 bytes a vector
@@ -143,6 +146,25 @@ def test_service_follows_writes_and_never_returns_a_deleted_image(fastscan: Sear
     assert other.cache.origin.startswith("loaded from cache")
     (hit,) = other.search([image.rgb], params)
     assert added.image_id not in [r.image_id for r in hit.results]
+
+
+def test_a_server_loads_the_saved_fastscan_index_and_searches_it(fastscan: SearchService, cifar_queries, tmp_path: Path) -> None:
+    shutil.copytree(fastscan.embedder.onnx_dir, tmp_path / "cache" / "onnx")
+    env = {
+        **os.environ,
+        "DATABASE_URL": fastscan.engine.url.render_as_string(hide_password=False),
+        "DATA_DIR": str(tmp_path),
+        "FAISS_INDEX_TYPE": "fastscan",
+        "FAISS_LIST_SIZE": "8",
+    }
+    query = cifar_queries.samples[0].load()
+    with running_server(env) as server, httpx.Client(base_url=server.url, timeout=60) as http:
+        body = http.post("/search?limit=5&top_categories=2&nprobe=4", files={"file": ("q.png", query)}).json()
+        assert len(body["results"]) == 5 and body["vectors_scanned"] < body["vectors_total"] == 200
+        status = http.get("/status").json()["index"]  # what the page shows
+        assert (status["type"], status["why"], status["rerank"]) == ("fastscan", "FAISS_INDEX_TYPE=fastscan", "float16 file")
+        assert status["origin"].startswith("loaded from cache")
+        assert 'id="status"' in http.get("/", follow_redirects=True).text
 
 
 def spoil_missing(path: Path, _: Path) -> None:
