@@ -197,16 +197,13 @@ class FastScanIndex(TwoStageIndex):
         is None), re-scored exactly from the float16 rows; the best k kept."""
         x = np.ascontiguousarray(queries, dtype=np.float32)
         n, short = len(x), max(k, shortlist)
-        if categories is None:
-            probe = [np.arange(self.ivf.nlist, dtype=np.int64)] * n
-        else:
-            probe = [self.probe_lists(x[i], np.asarray(categories[i]), nprobe) for i in range(n)]
-        width = max((len(p) for p in probe), default=0)
+        every = np.arange(len(self.category_ids))
+        probe = [self._probe(x[i], every if categories is None else np.asarray(categories[i]), nprobe) for i in range(n)]
+        width = max((len(p) for p, _ in probe), default=0)
         lists = np.full((n, width), -1, dtype=np.int64)  # -1: FAISS skips
         coarse = np.zeros((n, width), dtype=np.float32)
-        for i, p in enumerate(probe):
-            lists[i, : len(p)] = p
-            coarse[i, : len(p)] = self.centroids[p] @ x[i]  # by residual: part of every code's score
+        for i, (p, c) in enumerate(probe):
+            lists[i, : len(p)], coarse[i, : len(p)] = p, c
         scores = np.full((n, k), -np.inf, dtype=np.float32)
         ids = np.full((n, k), -1, dtype=np.int64)
         if width == 0 or self.ntotal == 0:
@@ -225,6 +222,22 @@ class FastScanIndex(TwoStageIndex):
             scores[i, : len(best)], ids[i, : len(best)] = best, self.row_ids.data[best_rows]
         scanned = np.where(lists >= 0, self._sizes[np.maximum(lists, 0)], 0).sum(axis=1)
         return SearchHits(scores, ids, scanned)
+
+    def _probe(self, query: np.ndarray, categories: np.ndarray, nprobe: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """`probe_lists`' choice with each list's coarse score (query . centroid), which by residual is part of
+        every code's score: each category's centroids scored in place, as one block."""
+        cats = np.asarray(categories, dtype=np.int64)
+        cats = cats[cats >= 0]
+        bounds = list(zip(self.offsets[cats].tolist(), self.offsets[cats + 1].tolist(), strict=True))
+        if not bounds:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        lists = np.concatenate([np.arange(lo, hi) for lo, hi in bounds])
+        scores = np.concatenate([self.centroids[lo:hi] @ query for lo, hi in bounds])
+        if nprobe is None or len(lists) <= nprobe:
+            return lists, scores
+        untrained = np.repeat(self.trained_sizes[cats] == 0, [hi - lo for lo, hi in bounds])  # always scanned
+        pick = np.argpartition(-np.where(untrained, np.inf, scores), nprobe - 1)[:nprobe]
+        return lists[pick], scores[pick]
 
     # --- what status shows, and the cache file ----------------------------------------------
 

@@ -142,7 +142,7 @@ if __name__ == "__main__":
 
     if args.threshold:
         data, queries, _ = indexes.real(get_settings(), "fashion-mnist", args.queries)
-        rows_ = threshold(data, queries, (5_000, 10_000, 20_000, 40_000, 60_000))
+        rows_ = threshold(data, queries, (5_000, 10_000, 20_000, 40_000))
         print(json.dumps({"hardware": hardware(), "threshold": rows_}, indent=1))
         raise SystemExit(0)
     report = {"hardware": hardware(), "indexes": [fashion(args.queries)]}
