@@ -27,7 +27,7 @@ K, TOP_C, TARGET_RECALL = 10, 3, 0.97
 NPROBES = (8, 16, 24, 32, 48, 64, 96)
 EF_SEARCH = (8, 12, 16, 24, 32, 48, 64, 96, 128, 256, 512)
 SINGLES = 300  # single queries timed per configuration
-SHORTLIST = 50  # re-ranked candidates (RERANK_CANDIDATES' default)
+SHORTLIST = 50  # re-ranked candidates (ivf pq; fastscan sweeps its own, RERANK_CANDIDATES' default 100 among them)
 PG_QUERIES = 300  # pgvector: recall over the first queries only (each is a SQL round trip)
 
 
