@@ -291,14 +291,18 @@ class TwoStageIndex:
                 lists[rows] = lo + np.argmax(vectors[rows] @ self.centroids[lo:hi].T, axis=1)
         return lists
 
-    def add(self, ids: np.ndarray, category_ids: np.ndarray, vectors: np.ndarray) -> None:
-        if len(ids) == 0:
-            return
+    def placed(self, category_ids: np.ndarray, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Vectors as contiguous float32, with their lists; KeyError for a category not in this index."""
         unknown = {int(c) for c in category_ids if int(c) not in self.list_of}
         if unknown:
             raise KeyError(f"categories {sorted(unknown)} are not in this index")
         x = np.ascontiguousarray(vectors, dtype=np.float32)
-        lists = np.ascontiguousarray(self.assign(category_ids, x))
+        return x, np.ascontiguousarray(self.assign(category_ids, x))
+
+    def add(self, ids: np.ndarray, category_ids: np.ndarray, vectors: np.ndarray) -> None:
+        if len(ids) == 0:
+            return
+        x, lists = self.placed(category_ids, vectors)
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         for ivf in self._ivfs():
             ivf.add_core(len(x), swig_ptr(x), swig_ptr(ids), swig_ptr(lists))
@@ -534,15 +538,18 @@ class TwoStageIndex:
         index.ivf, index.store = loaded[0], (loaded[1] if len(loaded) > 1 else None)
         if index.store is not None and index.store.ntotal != index.ivf.ntotal:
             raise ValueError("the re-ranking copy does not match the index")
-        ivf = index.ivf
-        index.trained_sizes = np.asarray(trained_sizes, dtype=np.int64)
-        index.codec_trained_on = codec_trained_on
-        quantizer = cast(faiss.IndexFlatIP, faiss.downcast_index(ivf.quantizer))
-        if quantizer.ntotal != ivf.nlist:
-            raise ValueError("the FAISS index has no centroid for every list")
-        index.centroids = quantizer.reconstruct_n(0, quantizer.ntotal)
-        index._sizes = index._read_sizes()
+        index._loaded(trained_sizes, codec_trained_on)
         return index
+
+    def _loaded(self, trained_sizes: list[int], codec_trained_on: int) -> None:
+        """The state kept beside the FAISS lists, after `read` put them in place."""
+        self.trained_sizes = np.asarray(trained_sizes, dtype=np.int64)
+        self.codec_trained_on = codec_trained_on
+        quantizer = cast(faiss.IndexFlatIP, faiss.downcast_index(self.ivf.quantizer))
+        if quantizer.ntotal != self.ivf.nlist:
+            raise ValueError("the FAISS index has no centroid for every list")
+        self.centroids = quantizer.reconstruct_n(0, quantizer.ntotal)
+        self._sizes = self._read_sizes()
 
 
 def _pq_m(codec: str) -> int | None:

@@ -138,11 +138,7 @@ class FastScanIndex(TwoStageIndex):
     def add(self, ids: np.ndarray, category_ids: np.ndarray, vectors: np.ndarray) -> None:
         if len(ids) == 0:
             return
-        unknown = {int(c) for c in category_ids if int(c) not in self.list_of}
-        if unknown:
-            raise KeyError(f"categories {sorted(unknown)} are not in this index")
-        x = np.ascontiguousarray(vectors, dtype=np.float32)
-        lists = np.ascontiguousarray(self.assign(category_ids, x))
+        x, lists = self.placed(category_ids, vectors)
         codes = np.zeros((len(x), self.ivf.code_size), dtype=np.uint8)
         self.ivf.encode_vectors(len(x), swig_ptr(x), swig_ptr(lists), swig_ptr(codes), False)
         first = self.vectors.append(x)
@@ -314,11 +310,7 @@ class FastScanIndex(TwoStageIndex):
         index.vectors.tail.extend(tail)
         index.row_ids.extend(row_ids)
         index.row_list.extend(row_list)
-        index.trained_sizes = np.asarray(trained_sizes, dtype=np.int64)
-        index.codec_trained_on = codec_trained_on
-        quantizer = faiss.downcast_index(ivf.quantizer)
-        index.centroids = quantizer.reconstruct_n(0, quantizer.ntotal)
-        index._sizes = index._read_sizes()
+        index._loaded(trained_sizes, codec_trained_on)
         return index
 
 
