@@ -119,7 +119,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> None:
     print(f"database  {db.server}")
     print(f"model     {status.model.id} on {status.model.device}")
     print(f"images    {db.images} ({db.vectors_for_model} with {status.model.id} vectors)")
-    print(f"index     {idx.type}: {idx.vectors} vectors, {'current' if idx.current else 'stale or not loaded'} ({idx.origin})")
+    print(f"index     {idx.type} ({idx.why}): {idx.vectors} vectors, {'current' if idx.current else 'stale'} ({idx.origin})")
     rerank = f" re-ranked from {idx.rerank}" if idx.rerank != "none" else ""
     print(
         f"          {idx.codec} codec{rerank}, {idx.lists} lists, nprobe {idx.default_nprobe}, {idx.memory_bytes / 2**20:.1f} MiB"

@@ -8,6 +8,8 @@ one `IndexIVF` whose inverted lists each belong to exactly one category:
   the catalogue. New vectors go to their category's nearest sub-list, so adding needs no retraining; a
   category new since training has one list that is always scanned, and `stale_categories` names the
   categories a rebuild should retrain.
+- `fastscan`: the same sub-lists holding 4-bit PQ codes scanned by SIMD, re-ranked exactly from a float16
+  file (backend/index_fastscan.py). `auto` picks flat or fastscan by catalogue size at each build.
 Probing every list is an exact search over all vectors (with the float32 codec). The codec (float32,
 float16, sq8, pq<M>) is how the lists store vectors: never by residual, so codes do not depend on the
 list, and a list can be copied or a vector moved without re-encoding.
@@ -15,7 +17,8 @@ Scores are inner products of L2-normalised vectors, i.e. cosine similarities.
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import cast
 
 import faiss
@@ -24,7 +27,7 @@ from faiss import swig_ptr
 
 from backend.core.config import Settings
 from backend.core.errors import ConfigurationError
-from backend.core.search_params import CODEC_PATTERN, INDEX_KINDS, IndexKind
+from backend.core.search_params import AUTO_FASTSCAN_FROM, CODEC_PATTERN, INDEX_KINDS, IndexKind
 from backend.vectors import PrototypeMatrix, StoredVectors, l2_normalise
 
 _SQ_TYPES = {"float16": faiss.ScalarQuantizer.QT_fp16, "sq8": faiss.ScalarQuantizer.QT_8bit}
@@ -47,6 +50,9 @@ class IndexSpec:
     codec: str = "float32"
     list_size: int = 256  # ivf: vectors per sub-list when a category is trained
     rerank: str = "none"  # a second copy of the vectors (float32/float16) to re-rank a shortlist exactly
+    fastscan_m: int = 0  # auto: the PQ sub-quantizers of fastscan above the threshold (fastscan: codec pq<M>)
+    auto_threshold: int = AUTO_FASTSCAN_FROM  # auto: fastscan from this many vectors, flat below
+    store_dir: Path | None = field(default=None, compare=False)  # fastscan: where its re-rank file lives
 
     def __post_init__(self) -> None:
         if self.rerank not in RERANK_CODECS:
@@ -59,6 +65,8 @@ class IndexSpec:
             raise ValueError(f"unknown vector codec {self.codec!r}; choose float32, float16, sq8 or pq<M> (e.g. pq64)")
         if self.list_size < 1:
             raise ValueError("list size must be at least 1")
+        if self.kind == "fastscan" and (self.pq_m is None or self.rerank != "none"):
+            raise ValueError("fastscan stores 4-bit PQ codes (codec pq<M>) and re-ranks from its own float16 file")
 
     @property
     def pq_m(self) -> int | None:
@@ -69,9 +77,9 @@ class IndexSpec:
         return PQ_TRAIN_POINTS if self.pq_m else SQ_TRAIN_POINTS
 
     def check_dim(self, dim: int) -> None:
-        m = self.pq_m
-        if m is not None and dim % m:
-            raise ValueError(f"codec {self.codec}: {m} does not divide the vector dimension {dim}")
+        for m, name in ((self.pq_m, f"codec {self.codec}"), (self.fastscan_m or None, f"FASTSCAN_M={self.fastscan_m}")):
+            if m is not None and dim % m:
+                raise ValueError(f"{name}: {m} does not divide the vector dimension {dim}")
 
     def lists_for(self, vectors: int) -> int:
         return 1 if self.kind == "flat" else max(1, round(vectors / self.list_size))
@@ -84,7 +92,7 @@ class IndexSpec:
         """Which share of a catalogue of `sizes[category]` vectors to train on: enough for k-means
         (TRAIN_POINTS_PER_LIST per sub-list) and for the codec, and no more."""
         total = sum(sizes.values())
-        need = TRAIN_POINTS_PER_LIST * sum(self.lists_for(n) for n in sizes.values()) if self.kind == "ivf" else 0
+        need = TRAIN_POINTS_PER_LIST * sum(self.lists_for(n) for n in sizes.values()) if self.kind != "flat" else 0
         if self.trains_codec:
             need = max(need, self.codec_train_points)
         return 1.0 if total == 0 else min(1.0, need / total)
@@ -98,11 +106,28 @@ class IndexSpec:
 def index_spec(settings: Settings, dim: int) -> IndexSpec:
     """The layout the settings ask for, checked against the model's dimension: one clear error at start-up."""
     try:
-        spec = IndexSpec(settings.faiss_index_type, settings.vector_codec, settings.faiss_list_size, settings.rerank)
+        kind, codec, rerank = settings.faiss_index_type, settings.vector_codec, settings.rerank
+        m = settings.fastscan_m or dim // 4
+        if kind == "fastscan":
+            if (codec, rerank) != ("float32", "none"):
+                raise ValueError("fastscan has its own codes (FASTSCAN_M) and re-rank file: unset VECTOR_CODEC and RERANK")
+            codec = f"pq{m}"
+        spec = IndexSpec(kind, codec, settings.faiss_list_size, rerank, m, settings.faiss_auto_threshold, settings.index_dir)
         spec.check_dim(dim)
     except ValueError as exc:
-        raise ConfigurationError(f"FAISS_INDEX_TYPE / VECTOR_CODEC / RERANK: {exc}") from None
+        raise ConfigurationError(f"FAISS_INDEX_TYPE / VECTOR_CODEC / RERANK / FASTSCAN_M: {exc}") from None
     return spec
+
+
+def index_class(kind: str) -> type["TwoStageIndex"]:
+    """The class behind an index type: fastscan's lists and re-rank file live in backend/index_fastscan.py."""
+    if kind == "fastscan":
+        from backend.index_fastscan import FastScanIndex
+
+        return FastScanIndex
+    if kind not in ("flat", "ivf"):
+        raise ValueError(f"no index of type {kind!r} can be built (auto is resolved by catalogue size first)")
+    return TwoStageIndex
 
 
 def sample_cut(fraction: float) -> int:
@@ -137,7 +162,7 @@ class TwoStageIndex:
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # category j: lists offsets[j]..[j+1]
         self.trained_sizes = np.zeros(len(counts), dtype=np.int64)  # vectors at training; 0 = untrained
         self.codec_trained_on = 0  # vectors the sq8 / PQ codec was trained on
-        self.ivf = _new_ivf(spec.codec, dim, int(self.offsets[-1]))
+        self.ivf = self._new_lists(int(self.offsets[-1]))
         # The re-ranking copy: same lists and ids, looked up by id (a hash-table direct map) for a shortlist.
         self.store = None if spec.rerank == "none" else _new_ivf(spec.rerank, dim, int(self.offsets[-1]))
         if self.store is not None:
@@ -162,7 +187,7 @@ class TwoStageIndex:
         for cid in category_ids:
             have = int((sample.category_ids == cid).sum())
             per_category.append(max(1, min(spec.lists_for(sizes.get(cid, 0)), have)))
-        index = cls(model, dim, category_ids, spec, per_category)
+        index = index_class(spec.kind)(model, dim, category_ids, spec, per_category)
         for j, cid in enumerate(category_ids):
             x = sample.vectors[sample.category_ids == cid]
             if spec.kind == "flat":
@@ -190,8 +215,14 @@ class TwoStageIndex:
         for ivf in index._ivfs():
             ivf.quantizer.add(index.centroids)  # kept in the file; not used to assign (we do, per category)
         index._reserve(sizes, sample)
-        index.codec_trained_on = _train_codec(index.ivf, spec, sample.vectors)
+        index.codec_trained_on = index._train_codec(sample)
         return index
+
+    def _new_lists(self, nlist: int) -> faiss.IndexIVF:
+        return _new_ivf(self.spec.codec, self.dim, nlist)
+
+    def _train_codec(self, sample: StoredVectors) -> int:
+        return _train_codec(self.ivf, self.spec, sample.vectors)
 
     @classmethod
     def build(
@@ -260,14 +291,18 @@ class TwoStageIndex:
                 lists[rows] = lo + np.argmax(vectors[rows] @ self.centroids[lo:hi].T, axis=1)
         return lists
 
-    def add(self, ids: np.ndarray, category_ids: np.ndarray, vectors: np.ndarray) -> None:
-        if len(ids) == 0:
-            return
+    def placed(self, category_ids: np.ndarray, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Vectors as contiguous float32, with their lists; KeyError for a category not in this index."""
         unknown = {int(c) for c in category_ids if int(c) not in self.list_of}
         if unknown:
             raise KeyError(f"categories {sorted(unknown)} are not in this index")
         x = np.ascontiguousarray(vectors, dtype=np.float32)
-        lists = np.ascontiguousarray(self.assign(category_ids, x))
+        return x, np.ascontiguousarray(self.assign(category_ids, x))
+
+    def add(self, ids: np.ndarray, category_ids: np.ndarray, vectors: np.ndarray) -> None:
+        if len(ids) == 0:
+            return
+        x, lists = self.placed(category_ids, vectors)
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         for ivf in self._ivfs():
             ivf.add_core(len(x), swig_ptr(x), swig_ptr(ids), swig_ptr(lists))
@@ -293,7 +328,7 @@ class TwoStageIndex:
         copied in memory, list by list, so a new category costs a memory copy, not a rebuild."""
         union = sorted(set(self.category_ids) | {int(c) for c in category_ids})
         per_category = [int(np.diff(self.offsets)[self.list_of[c]]) if c in self.list_of else 1 for c in union]
-        grown = TwoStageIndex(self.model, self.dim, union, self.spec, per_category)
+        grown = type(self)(self.model, self.dim, union, self.spec, per_category)
         _copy_codec(self.ivf, grown.ivf, self.spec)
         moves = []  # (old list, new list)
         for old_j, cid in enumerate(self.category_ids):
@@ -491,6 +526,7 @@ class TwoStageIndex:
         lists_per_category: list[int],
         trained_sizes: list[int],
         codec_trained_on: int,
+        store_dir: Path | None = None,  # where fastscan's re-rank file lives; the others keep everything in `source`
     ) -> "TwoStageIndex":
         """The inverse of `write` + `describe`, without prototypes (they come from the database: see
         `set_prototypes`); raises ValueError when the bytes do not fit the description."""
@@ -502,15 +538,18 @@ class TwoStageIndex:
         index.ivf, index.store = loaded[0], (loaded[1] if len(loaded) > 1 else None)
         if index.store is not None and index.store.ntotal != index.ivf.ntotal:
             raise ValueError("the re-ranking copy does not match the index")
-        ivf = index.ivf
-        index.trained_sizes = np.asarray(trained_sizes, dtype=np.int64)
-        index.codec_trained_on = codec_trained_on
-        quantizer = cast(faiss.IndexFlatIP, faiss.downcast_index(ivf.quantizer))
-        if quantizer.ntotal != ivf.nlist:
-            raise ValueError("the FAISS index has no centroid for every list")
-        index.centroids = quantizer.reconstruct_n(0, quantizer.ntotal)
-        index._sizes = index._read_sizes()
+        index._loaded(trained_sizes, codec_trained_on)
         return index
+
+    def _loaded(self, trained_sizes: list[int], codec_trained_on: int) -> None:
+        """The state kept beside the FAISS lists, after `read` put them in place."""
+        self.trained_sizes = np.asarray(trained_sizes, dtype=np.int64)
+        self.codec_trained_on = codec_trained_on
+        quantizer = cast(faiss.IndexFlatIP, faiss.downcast_index(self.ivf.quantizer))
+        if quantizer.ntotal != self.ivf.nlist:
+            raise ValueError("the FAISS index has no centroid for every list")
+        self.centroids = quantizer.reconstruct_n(0, quantizer.ntotal)
+        self._sizes = self._read_sizes()
 
 
 def _pq_m(codec: str) -> int | None:

@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import BinaryIO, Literal
@@ -40,7 +40,8 @@ from backend.core.locks import ReadWriteLock
 from backend.core.search_params import IndexKind
 from backend.db import migrate
 from backend.db.session import session_scope
-from backend.index import SAMPLE_MULTIPLIER, IndexSpec, TwoStageIndex, sample_cut
+from backend.index import SAMPLE_MULTIPLIER, IndexSpec, TwoStageIndex, index_class, sample_cut
+from backend.index_fastscan import resolve
 from backend.telemetry import INDEX_REFRESHES, INDEX_VECTORS
 from backend.vectors import StoredVectors
 
@@ -114,6 +115,7 @@ def build_from_database(
         category_ids = sorted(catalogue.category_ids(session).values())
         prototypes = catalogue.load_prototypes(session, model)
         sizes = catalogue.category_vector_counts(session, model)
+        spec = resolve(spec, sum(sizes.values()))  # auto: flat or fastscan by catalogue size
         if sum(sizes.values()) * dim * 4 <= in_memory_bytes:
             index = TwoStageIndex.build(model, dim, category_ids, catalogue.load_vectors(session, model), prototypes, spec)
         else:
@@ -136,7 +138,7 @@ def prune_change_log(engine: Engine, keep_days: float) -> int:
 class IndexCache:
     def __init__(self, engine: Engine, model: str, dim: int, directory: Path, spec: IndexSpec | None = None) -> None:
         self.engine, self.model, self.dim, self.directory = engine, model, dim, directory
-        self.spec = spec or IndexSpec()
+        self.spec = replace(spec or IndexSpec(), store_dir=directory)
         self.lock = ReadWriteLock()  # searches read; applying changes and swapping write
         self._apply = threading.Lock()  # one thread at a time moves the watermark
         self._build = threading.RLock()  # one load or full rebuild at a time
@@ -356,16 +358,17 @@ class IndexCache:
             raise CacheRejected(f"header of the wrong shape ({exc.error_count()} problems)") from exc
         with session_scope(self.engine) as session:
             identity = catalogue.identity(session)
+        spec = resolve(self.spec, header.vectors)
         expected = {
             "catalogue_id": identity.catalogue_id,
             "system_identifier": identity.system_identifier,
             "schema_revision": migrate.head_revision(),
             "model": self.model,
             "dim": self.dim,
-            "index_type": self.spec.kind,
-            "codec": self.spec.codec,
-            "list_size": self.spec.list_size,
-            "rerank": self.spec.rerank,
+            "index_type": spec.kind,
+            "codec": spec.codec,
+            "list_size": spec.list_size,
+            "rerank": spec.rerank,
         }
         for key, want in expected.items():
             if getattr(header, key) != want:
@@ -405,7 +408,7 @@ class IndexCache:
                     "codec_trained_on",
                 }
             )
-            index = TwoStageIndex.read(source, self.model, self.dim, **layout)
+            index = index_class(header.index_type).read(source, self.model, self.dim, **layout, store_dir=self.directory)
         except ValueError as exc:
             raise CacheRejected(str(exc)) from exc
         if index.ntotal != header.vectors:

@@ -16,7 +16,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from backend import catalogue, near_duplicates, search_filters
+from backend import catalogue, index_fastscan, near_duplicates, search_filters
 from backend.core import search_params
 from backend.core.config import Settings
 from backend.core.errors import Conflict, InvalidInput, NotFound
@@ -114,7 +114,8 @@ class RefreshStatus(BaseModel):
 
 
 class IndexStatus(BaseModel):
-    type: str
+    type: str  # the live index's type (FAISS_INDEX_TYPE=auto: flat or fastscan, by catalogue size)
+    why: str  # why it has that type
     codec: str
     rerank: str  # none, or the copy a shortlist is re-scored from
     lists: int  # inverted lists: one per category (flat) or k-means sub-lists (ivf)
@@ -335,9 +336,7 @@ class SearchService:
                 categories=[CategoryCount(id=cid, name=name, images=n, labelled=given) for cid, name, n, given in counts],
             ),
             index=IndexStatus(
-                type=self.settings.faiss_index_type,
-                codec=self.settings.vector_codec,
-                rerank=self.settings.rerank,
+                **index_fastscan.status_fields(cache.spec, index),
                 lists=int(index.ivf.nlist) if index else 0,
                 default_nprobe=self.settings.faiss_nprobe,
                 retrain=index.needs_retraining() if index else [],

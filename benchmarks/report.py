@@ -59,6 +59,13 @@ def print_report(report: dict) -> None:
                 f"{f['incremental_s'] * 1000:.1f} ms incremental vs {f['full_rebuild_s'] * 1000:.0f} ms full rebuild "
                 f"(x{f['full_rebuild_s'] / f['incremental_s']:.0f})"
             )
+            if "storage" in r:
+                s = r["storage"]
+                print(
+                    f"  {'':>9} reading every vector (binary COPY): {s['inline_read_vectors_per_s']:,}/s stored inline "
+                    f"(0005, table+TOAST {s['inline_table_mb']} MB) vs {s['toast_read_vectors_per_s']:,}/s in TOAST "
+                    f"(0004, {s['toast_table_mb']} MB); migration 0005 took {s['migration_0005_s']} s"
+                )
     if "http" in report:
         print_http(report["http"])
     if "ingest" in report:
@@ -113,7 +120,9 @@ def print_indexes(sections: list[dict]) -> None:
             print(
                 f"  {r['method']:<44}{r['knob']:<15}{r['recall@10']:>7.3f}{p10:>7}{r['p50']:>8.3f}{r['p95']:>8.3f}"
                 f"{r['memory_mb']:>9.0f}{r['build_s']:>9.1f}"
+                + (f"  + re-rank file {r['rerank_file_mb']:.0f} MB" if "rerank_file_mb" in r else "")
             )
+        print_fastscan_goal(s.get("fastscan_goal"))
         g = s["goal"]
         if "index_memory_gb" in s:
             o = g.get("ours")
@@ -131,6 +140,19 @@ def print_indexes(sections: list[dict]) -> None:
             )
         else:
             print(f"  goal: {'met' if g['met'] else 'MISSED'}: {g.get('why', '')}")
+
+
+def print_fastscan_goal(g: dict | None) -> None:
+    if g is None:
+        return
+    if "hnsw" not in g:
+        print(f"  fastscan goal: {'met' if g['met'] else 'MISSED'}: {g.get('why', '')}")
+        return
+    print(
+        f"  fastscan goal (C=3 at R@10 >= 0.97, p50 <= 0.8x HNSW at that recall): {'met' if g['met'] else 'MISSED'}: "
+        f"{g['ours']['method']} {g['ours']['knob']} R@10 {g['ours']['recall@10']:.3f} {g['ours']['p50']:.3f} ms vs HNSW "
+        f"{g['hnsw']['knob']} R@10 {g['hnsw']['recall@10']:.3f} {g['hnsw']['p50']:.3f} ms (x{g['ratio']:.2f})"
+    )
 
 
 def markdown_indexes(sections: list[dict]) -> str:

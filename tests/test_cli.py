@@ -84,6 +84,23 @@ def test_end_to_end_populate_index_search(env: dict[str, str], tmp_path: Path, c
     assert status["database"]["images"] == 60 and status["index"]["current"]
 
 
+def test_fastscan_through_the_cli(env: dict[str, str], tmp_path: Path, cifar_queries) -> None:
+    env = {**env, "FAISS_INDEX_TYPE": "fastscan", "FAISS_LIST_SIZE": "8"}
+    assert run(env, "init-db").returncode == 0
+    assert run(env, "populate", "--dataset", "cifar10", "--split", "train", "--num-images", "60", "--quiet").returncode == 0
+    r = run(env, "build-index")
+    assert "60 vectors in 10 categories" in r.stdout, r.stderr
+    assert len(list((Path(env["DATA_DIR"]) / "index").glob("*.rerank"))) == 1  # the float16 copy, beside the index
+    query = tmp_path / "q.png"
+    query.write_bytes(cifar_queries.samples[0].load())
+    line = json.loads(run(env, "search", str(query), "--limit", "4", "--top-categories", "2", "--json").stdout)
+    assert len(line["results"]) == 4 and {h["category"] for h in line["results"]} <= set(line["searched_categories"])
+    assert line["vectors_scanned"] < 60
+    r = run(env, "status")
+    assert "index     fastscan (FAISS_INDEX_TYPE=fastscan): 60 vectors, current (loaded from cache" in r.stdout, r.stdout
+    assert "pq320x4 codec re-ranked from float16 file" in r.stdout
+
+
 @pytest.mark.parametrize(
     ("extra_env", "args", "message"),
     [
@@ -123,6 +140,10 @@ def test_end_to_end_populate_index_search(env: dict[str, str], tmp_path: Path, c
         ({"VECTOR_CODEC": "int4"}, ["status"], "VECTOR_CODEC"),
         ({"VECTOR_CODEC": "pq7"}, ["status"], "7 does not divide the vector dimension 1280"),
         ({"FAISS_NPROBE": "0"}, ["status"], "FAISS_NPROBE"),
+        # fastscan and auto (issue 20): M must divide the dimension; fastscan has its own codes and re-rank copy.
+        ({"FASTSCAN_M": "7"}, ["status"], "FASTSCAN_M=7: 7 does not divide the vector dimension 1280"),
+        ({"FAISS_INDEX_TYPE": "fastscan", "VECTOR_CODEC": "sq8"}, ["status"], "unset VECTOR_CODEC and RERANK"),
+        ({"FAISS_AUTO_THRESHOLD": "-1"}, ["status"], "FAISS_AUTO_THRESHOLD"),
         ({}, ["search", "setup.sh", "--nprobe", "0"], "--nprobe: 0 is not allowed"),
         # Filters and paging (issue 23): the API's bounds.
         ({}, ["search", "setup.sh", "--min-score", "1.5"], "--min-score: 1.5 is not allowed"),

@@ -11,6 +11,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from backend.core.errors import ConfigurationError
 from backend.core.search_params import (
+    AUTO_FASTSCAN_FROM,
     CODEC_PATTERN,
     INDEX_KIND_ALIASES,
     LIMIT_MAX,
@@ -64,8 +65,13 @@ class Settings(BaseSettings):
 
     # Index and search (backend/index.py). flat: each top category scanned whole (exact inside them);
     # ivf: categories split by k-means into sub-lists of about FAISS_LIST_SIZE vectors, of which a search
-    # scans the FAISS_NPROBE nearest among the top categories' (per request: nprobe).
-    faiss_index_type: Literal["flat", "ivf"] = "flat"
+    # scans the FAISS_NPROBE nearest among the top categories' (per request: nprobe); fastscan: the same
+    # sub-lists as 4-bit PQ codes (FASTSCAN_M of them, 0 = dimension / 4), the best RERANK_CANDIDATES
+    # re-scored from a float16 file under DATA_DIR/index; auto: flat below FAISS_AUTO_THRESHOLD vectors,
+    # fastscan from it (decided at each full build).
+    faiss_index_type: Literal["flat", "ivf", "fastscan", "auto"] = "auto"
+    fastscan_m: int = Field(0, ge=0, le=4096)
+    faiss_auto_threshold: int = Field(AUTO_FASTSCAN_FROM, ge=0)
     faiss_list_size: int = Field(256, ge=8, le=1_000_000)
     faiss_nprobe: int = Field(NPROBE_DEFAULT, ge=NPROBE_MIN, le=NPROBE_MAX)
     # How the index holds vectors in memory: float32 (exact), float16 (half the memory), sq8 (a quarter),
@@ -74,7 +80,7 @@ class Settings(BaseSettings):
     # With a compressed codec (pq<M> above all), keep a second copy of the vectors (float32 or float16) and
     # re-score the best RERANK_CANDIDATES exactly: PQ's speed at close to float32's recall, for the memory.
     rerank: Literal["none", "float32", "float16"] = "none"
-    rerank_candidates: int = Field(50, ge=1, le=1000)
+    rerank_candidates: int = Field(100, ge=1, le=1000)  # fastscan needs 100 for recall@10 0.97 on Fashion-MNIST
     use_prototype_filtering: bool = True
     default_top_categories: int = Field(3, ge=TOP_CATEGORIES_MIN, le=TOP_CATEGORIES_MAX)
     default_search_limit: int = Field(10, ge=LIMIT_MIN, le=LIMIT_MAX)

@@ -12,8 +12,10 @@ from backend.core.text import clean_name
 if TYPE_CHECKING:
     from backend.core.config import Settings
 
-IndexKind = Literal["flat", "ivf"]
-INDEX_KINDS: tuple[IndexKind, ...] = ("flat", "ivf")
+IndexKind = Literal["flat", "ivf", "fastscan", "auto"]
+INDEX_KINDS: tuple[IndexKind, ...] = ("flat", "ivf", "fastscan", "auto")
+# auto: an exact flat scan of the top categories below this many vectors, fastscan from it (README, "auto").
+AUTO_FASTSCAN_FROM = 10_000
 # The names users of the original design know (FAISS_INDEX_TYPE=flatl2|ivfflat|hnsw).
 INDEX_KIND_ALIASES = {"flatl2": "flat", "ivfflat": "ivf"}
 CODEC_PATTERN = re.compile(r"^(float32|float16|sq8|pq([1-9][0-9]*))$")

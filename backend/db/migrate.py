@@ -1,5 +1,7 @@
 """Schema migrations (Alembic, scripts in db/migrations)."""
 
+from collections.abc import Callable
+
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
@@ -7,6 +9,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
 
 from backend.core.config import PROJECT_ROOT
+from backend.db.session import session_scope
 
 
 def _config() -> Config:
@@ -17,11 +20,21 @@ def _config() -> Config:
 
 def upgrade(engine: Engine) -> str:
     """Bring the schema to the newest revision; returns it."""
-    config = _config()
-    with engine.begin() as conn:
-        config.attributes["connection"] = conn
-        command.upgrade(config, "head")
+    _run(engine, command.upgrade, "head")
     return head_revision()
+
+
+def downgrade(engine: Engine, revision: str) -> None:
+    _run(engine, command.downgrade, revision)
+
+
+def _run(engine: Engine, step: Callable[[Config, str], None], revision: str) -> None:
+    """In one transaction with a bulk session's deadline, not the engine's: a migration may rewrite a large
+    table (0005 rewrites the embeddings)."""
+    config = _config()
+    with session_scope(engine, bulk=True) as session:
+        config.attributes["connection"] = session.connection()
+        step(config, revision)
 
 
 def head_revision() -> str:

@@ -6,6 +6,7 @@ import time
 from backend.index import IndexSpec
 from backend.index_cache import IndexCache, build_from_database
 from benchmarks.harness import DIM, TempDatabase, clustered, rss_mb, seed_vectors
+from benchmarks.sections import storage
 
 MODEL = "synthetic/none/0px"
 
@@ -39,6 +40,7 @@ def run(quick: bool) -> list[dict]:
             t = time.perf_counter()
             server.rebuild("benchmark")
             rebuild_s = time.perf_counter() - t
+            layout = storage.compare(db.engine, MODEL)
         del x
         rows.append(
             {
@@ -49,12 +51,14 @@ def run(quick: bool) -> list[dict]:
                 "rss_mb": round(rss_mb()),
                 "rss_growth_mb": round(growth),
                 "follow": {"added": added, "incremental_s": round(follow_s, 4), "full_rebuild_s": round(rebuild_s, 3)},
+                "storage": layout,
             }
         )
         print(
             f"  build from database, {n:,} vectors: {n / seconds:,.0f} vectors/s (streamed {n / streamed_s:,.0f}); "
             f"follow {added:,} added: "
-            f"{follow_s * 1000:.1f} ms incremental vs {rebuild_s * 1000:.0f} ms full rebuild",
+            f"{follow_s * 1000:.1f} ms incremental vs {rebuild_s * 1000:.0f} ms full rebuild; reading all vectors: "
+            f"{layout['inline_read_vectors_per_s']:,}/s inline vs {layout['toast_read_vectors_per_s']:,}/s in TOAST",
             file=sys.stderr,
         )
     return rows

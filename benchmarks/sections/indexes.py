@@ -9,6 +9,7 @@ under DATA_DIR/cache; 1M and 10M synthetic vectors (`synthetic_chunk`), 10M buil
 import sys
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 
 import faiss
 import numpy as np
@@ -26,7 +27,7 @@ K, TOP_C, TARGET_RECALL = 10, 3, 0.97
 NPROBES = (8, 16, 24, 32, 48, 64, 96)
 EF_SEARCH = (8, 12, 16, 24, 32, 48, 64, 96, 128, 256, 512)
 SINGLES = 300  # single queries timed per configuration
-SHORTLIST = 50  # re-ranked candidates (RERANK_CANDIDATES' default)
+SHORTLIST = 50  # re-ranked candidates (ivf pq; fastscan sweeps its own, RERANK_CANDIDATES' default 100 among them)
 PG_QUERIES = 300  # pgvector: recall over the first queries only (each is a SQL round trip)
 
 
@@ -87,22 +88,31 @@ def ours(
 
 
 def sweep_ours(
-    index: TwoStageIndex, q: np.ndarray, truth: np.ndarray, spec: IndexSpec, build_s: float, q_labels=None, labels=None
+    index: TwoStageIndex,
+    q: np.ndarray,
+    truth: np.ndarray,
+    spec: IndexSpec,
+    build_s: float,
+    q_labels=None,
+    labels=None,
+    shortlist: int = SHORTLIST,
 ) -> list[dict]:
     rows = []
     _, top = index.rank_categories(q, TOP_C)
     # What scanning every list of the top categories reaches: more nprobe cannot do better.
-    ceiling = recall(index.search(q, K, top, None, SHORTLIST).ids, truth) if spec.kind == "ivf" else 1.0
-    for nprobe in NPROBES if spec.kind == "ivf" else (None,):
+    ceiling = recall(index.search(q, K, top, None, shortlist).ids, truth) if spec.kind != "flat" else 1.0
+    for nprobe in NPROBES if spec.kind != "flat" else (None,):
 
         def one(i: int, nprobe: int | None = nprobe) -> None:
             _, cats = index.rank_categories(q[i : i + 1], TOP_C)
-            index.search(q[i : i + 1], K, cats, nprobe, SHORTLIST)
+            index.search(q[i : i + 1], K, cats, nprobe, shortlist)
 
         _, cats = index.rank_categories(q, TOP_C)
-        found = index.search(q, K, cats, nprobe, SHORTLIST).ids
-        name = f"ours {spec.kind} {spec.codec} C={TOP_C}" + (f" list {spec.list_size}" if spec.kind == "ivf" else "")
-        name += f" +{spec.rerank} rerank {SHORTLIST}" if spec.rerank != "none" else ""
+        found = index.search(q, K, cats, nprobe, shortlist).ids
+        codec = f"{spec.codec}x4" if spec.kind == "fastscan" else spec.codec
+        name = f"ours {spec.kind} {codec} C={TOP_C}" + (f" list {spec.list_size}" if spec.kind != "flat" else "")
+        name += f" +{spec.rerank} rerank {shortlist}" if spec.rerank != "none" else ""
+        name += f", rerank {shortlist}" if spec.kind == "fastscan" else ""
         r = row(
             name,
             f"nprobe {nprobe}" if nprobe else "all lists",
@@ -241,6 +251,7 @@ def compare(
     specs: list[IndexSpec],
     with_pgvector: bool,
     with_hnsw: bool = True,
+    more_rows: Callable[..., list[dict]] | None = None,  # (stored, q, truth, q_labels, labels): e.g. fastscan's
 ) -> dict:
     labels = stored.category_ids if q_labels is not None else None
     log(f"{name}: {len(stored):,} vectors, {len(q):,} queries")
@@ -249,6 +260,8 @@ def compare(
     for spec in specs:
         rows += ours(stored, q, truth, spec, q_labels, labels)
         log(f"{name}: {rows[-1]['method']} done")
+    if more_rows is not None:
+        rows += more_rows(stored, q, truth, q_labels, labels)
     if with_hnsw:
         rows += hnsw(stored.vectors, q, truth, q_labels, labels)
         log(f"{name}: HNSW done")
@@ -386,14 +399,17 @@ def run(settings: Settings, quick: bool, sizes: tuple[str, ...] = ("real", "1M",
         IndexSpec("ivf", "sq8", 64),
         IndexSpec("ivf", "pq128", 64, rerank="float32"),
     ]
+    from benchmarks.sections import indexes_fastscan as fs
+
     out = []
     if "real" in sizes:
         # --quick: a smoke run on 300 + 60 images (embedding all 6,000 took minutes on a busy machine)
         stored, q, ql = real(settings, "cifar10", 60 if quick else None, 300 if quick else None)
-        out.append(compare("CIFAR-10 subset (Lite0)", stored, q, ql, real_specs[:2], with_pgvector=not quick))
+        small = partial(fs.rows, list_size=64, ms=(320,), shortlists=(50,))
+        out.append(fs.with_fastscan(compare("CIFAR-10 subset (Lite0)", stored, q, ql, real_specs[:2], not quick, True, small)))
         if not quick:
             stored, q, ql = real(settings, "fashion-mnist", None)
-            out.append(compare("Fashion-MNIST train (Lite0)", stored, q, ql, real_specs, with_pgvector=True))
+            out.append(fs.with_fastscan(compare("Fashion-MNIST train (Lite0)", stored, q, ql, real_specs, True, True, fs.rows)))
     if "1M" in sizes and not quick:
         parts = [synthetic_chunk(s, e) for s, e in chunks(1_000_000, 100_000)]
         stored = StoredVectors(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("ids", "category_ids", "vectors")))
@@ -412,9 +428,12 @@ def run(settings: Settings, quick: bool, sizes: tuple[str, ...] = ("real", "1M",
                     IndexSpec("ivf", "pq128", 256, rerank="float32"),
                 ],
                 with_pgvector=False,
+                more_rows=fs.rows,
             )
         )
+        fs.with_fastscan(out[-1])
         del stored
     if "10M" in sizes and not quick:
         out.append(ten_million(10_000_000, IndexSpec("ivf", "sq8", 1024)))
+        out.append(fs.ten_million(10_000_000))
     return out

@@ -17,10 +17,10 @@ MODEL = "m/test/8px"
 
 
 def test_migrations_create_schema_at_head(engine: Engine) -> None:
-    assert migrate.current_revision(engine) == migrate.head_revision() == "0004"
+    assert migrate.current_revision(engine) == migrate.head_revision() == "0005"
     tables = set(inspect(engine).get_table_names())
     assert {"categories", "images", "embeddings", "prototypes", "catalogue_meta", "deleted_embeddings", "api_keys"} <= tables
-    assert migrate.upgrade(engine) == "0004"  # idempotent
+    assert migrate.upgrade(engine) == "0005"  # idempotent
 
 
 def add(engine: Engine, n: int, category: str = "a", seed: int = 0) -> list[int]:
@@ -123,6 +123,42 @@ def test_vectors_round_trip_compactly(engine: Engine) -> None:
     np.testing.assert_array_equal(stored.vectors, vectors)
     assert stored.ids.tolist() == ids
     assert dict(zip(protos.category_ids.tolist(), protos.counts.tolist(), strict=True)) == {cats["a"]: 2, cats["b"]: 1}
+
+
+def stored_out_of_line(engine: Engine) -> tuple[str, int]:
+    """The vector column's storage and the bytes of the embeddings table's TOAST relation."""
+    with engine.connect() as conn:
+        return conn.execute(
+            text(
+                "SELECT a.attstorage, pg_relation_size(c.reltoastrelid) FROM pg_class c "
+                "JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = 'vector' WHERE c.relname = 'embeddings'"
+            )
+        ).one()
+
+
+def test_vectors_are_stored_inline_and_0005_downgrades_cleanly(engine: Engine) -> None:
+    migrate.downgrade(engine, "0004")
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(20, 1280)).astype(np.float32)  # written the old way: each 5 KB out of line, in TOAST
+    images = [decode_image(encode_png(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)), 10**6) for _ in range(20)]
+    with session_scope(engine) as s:
+        cid = catalogue.ensure_categories(s, ["a"])["a"]
+        ids = catalogue.add_images(s, "m/big", [catalogue.NewImage(img, cid, True) for img in images], vectors)
+    assert stored_out_of_line(engine)[0] == "x" and stored_out_of_line(engine)[1] > 20 * 5120
+    with session_scope(engine, snapshot=True) as s:
+        before, head = catalogue.load_vectors(s, "m/big"), catalogue.head(s, "m/big")
+    migrate.upgrade(engine)  # rewrites the table: every vector inline, nothing changed
+    assert stored_out_of_line(engine) == ("m", 0)
+    with session_scope(engine, snapshot=True) as s:
+        after = catalogue.load_vectors(s, "m/big")  # through the binary COPY reader
+        assert catalogue.head(s, "m/big") == head and catalogue.changes_since(s, "m/big", head).added.ids.tolist() == []
+    np.testing.assert_array_equal(after.vectors, before.vectors)
+    assert after.ids.tolist() == ids and np.array_equal(after.vectors, vectors)
+    migrate.downgrade(engine, "0004")  # and back: out of line again, the same values
+    assert stored_out_of_line(engine)[0] == "x" and stored_out_of_line(engine)[1] > 0
+    with session_scope(engine) as s:
+        np.testing.assert_array_equal(catalogue.load_vectors(s, "m/big").vectors, before.vectors)
+    migrate.upgrade(engine)
 
 
 def test_a_failed_transaction_writes_nothing(engine: Engine) -> None:

@@ -1,0 +1,348 @@
+"""`fastscan`: the ivf type's category x k-means sub-lists holding 4-bit PQ codes, re-ranked exactly.
+
+The lists are one `IndexIVFPQFastScan` (M sub-quantizers of 4 bits, by residual, inner product) whose
+list numbers are exactly `TwoStageIndex`'s: stage 1, the top-C restriction and nprobe are unchanged. Codes
+are scanned with SIMD lookup tables (tens of times more vectors per millisecond than sq8); the best
+max(k, RERANK_CANDIDATES) by the codes are re-scored from float16 rows in a memory-mapped file
+(backend/rerank_file.py), so RAM holds the codes and two small arrays per row only.
+
+Facts of faiss 1.15.1 this relies on:
+- fast-scan lists hold codes packed in blocks of 32; `add_core` / `add_sa_codes` would store unpacked
+  ones. We encode (`encode_vectors`), pack with the index's `CodePacker` and `add_entries` ourselves.
+  `BlockInvertedLists.add_entries` overruns its buffer when a list already holds a multiple of
+  `block_size` entries: such a list is rewritten whole instead of appended to.
+- by residual with inner product, the coarse score (query . centroid) is part of every code's score, so
+  `search_preassigned` gets the real coarse scores.
+- List entries are row numbers of the re-rank file (`row_ids` maps a row to its image). A deletion
+  compacts the lists it touches at once, under the index's write lock (fast-scan lists cannot drop an
+  entry in place): a deleted image is never returned, and its row is also marked dead (-1) and skipped
+  by the re-ranking, a second guard.
+"""
+
+import io
+from collections.abc import Callable
+from pathlib import Path
+
+import faiss
+import numpy as np
+from faiss import swig_ptr
+
+from backend.index import PQ_TRAIN_POINTS, IndexSpec, SearchHits, TwoStageIndex, _train_codec
+from backend.rerank_file import Growing, RerankFile
+from backend.vectors import StoredVectors
+
+NBITS, BLOCK = 4, 32  # 4-bit codes, 32 to a SIMD block
+
+
+def resolve(spec: IndexSpec, vectors: int) -> IndexSpec:
+    """The concrete layout of an `auto` spec for a catalogue of `vectors`: flat below the threshold."""
+    from dataclasses import replace
+
+    if spec.kind != "auto":
+        return spec
+    if vectors >= spec.auto_threshold:
+        return replace(spec, kind="fastscan", codec=f"pq{spec.fastscan_m}", rerank="none")
+    return replace(spec, kind="flat")
+
+
+def status_fields(configured: IndexSpec, index: TwoStageIndex | None) -> dict[str, str]:
+    """The live index's type, codec and re-ranking for status and the page, and why it has that type."""
+    if index is None:
+        return {"type": configured.kind, "why": "no index loaded yet", "codec": configured.codec, "rerank": configured.rerank}
+    live = index.spec
+    fields = {"type": live.kind, "codec": live.codec, "rerank": live.rerank, "why": f"FAISS_INDEX_TYPE={configured.kind}"}
+    if live.kind == "fastscan":
+        fields.update(codec=f"{live.codec}x4", rerank="float16 file")
+    if configured.kind == "auto":
+        n, limit = index.ntotal, configured.auto_threshold
+        fields["why"] = f"auto: {n} vectors {'>=' if n >= limit else '<'} FAISS_AUTO_THRESHOLD={limit}"
+        if resolve(configured, n).kind != live.kind:
+            fields["why"] += f"; {live.kind} when last built, the next build-index makes it {resolve(configured, n).kind}"
+    return fields
+
+
+class FastScanIndex(TwoStageIndex):
+    def __init__(self, model: str, dim: int, category_ids: list[int], spec: IndexSpec, lists_per_category: list[int]) -> None:
+        super().__init__(model, dim, category_ids, spec, lists_per_category)
+        self.packer = self.ivf.get_CodePacker()
+        self.row_ids = Growing(np.int64)  # row -> image id; -1 once deleted
+        self.row_list = Growing(np.int32)  # row -> list number
+        self.vectors = RerankFile(dim, spec.store_dir)
+
+    def _new_lists(self, nlist: int) -> faiss.IndexIVF:
+        m = self.spec.pq_m
+        assert m is not None
+        ivf = faiss.IndexIVFPQFastScan(faiss.IndexFlatIP(self.dim), self.dim, nlist, m, NBITS, faiss.METRIC_INNER_PRODUCT, BLOCK)
+        ivf.by_residual = True
+        ivf.is_trained = True  # lists are assigned by us; the codec is trained in _train_codec
+        return ivf
+
+    def _train_codec(self, sample: StoredVectors) -> int:
+        """PQ codebooks on residuals to each vector's own sub-list centroid (trained plainly on them)."""
+        known = np.isin(sample.category_ids, self.category_ids)
+        x = sample.vectors[known][:PQ_TRAIN_POINTS]
+        residuals = x - self.centroids[self.assign(sample.category_ids[known][:PQ_TRAIN_POINTS], x)]
+        self.ivf.by_residual = False
+        # M small k-means (16 centroids in dim/M dimensions): OpenMP's start-up per iteration dominates them,
+        # 18x slower with 2 threads than 1 on a busy 2-core machine (measured: 200 s against 11 s).
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)
+        try:
+            return _train_codec(self.ivf, self.spec, residuals)
+        finally:
+            self.ivf.by_residual = True
+            faiss.omp_set_num_threads(threads)
+
+    # --- the lists: packed blocks in, packed blocks out ------------------------------------
+
+    def _pack(self, codes: np.ndarray) -> np.ndarray:
+        blocks = -(-len(codes) // BLOCK)
+        padded = np.zeros((blocks * BLOCK, self.ivf.code_size), dtype=np.uint8)
+        padded[: len(codes)] = codes
+        packed = np.zeros(blocks * self.packer.block_size, dtype=np.uint8)
+        for b in range(blocks):
+            self.packer.pack_all(swig_ptr(padded[b * BLOCK :]), swig_ptr(packed[b * self.packer.block_size :]))
+        return packed
+
+    def _entries(self, list_no: int) -> tuple[np.ndarray, np.ndarray]:
+        """(row numbers, packed blocks) of a list, copied."""
+        invlists = self.ivf.invlists
+        assert invlists is not None
+        n = invlists.list_size(list_no)
+        if not n:
+            return np.zeros(0, np.int64), np.zeros(0, np.uint8)
+        size = -(-n // BLOCK) * self.packer.block_size
+        rows = faiss.rev_swig_ptr(invlists.get_ids(list_no), n).copy()
+        packed = faiss.rev_swig_ptr(invlists.get_codes(list_no), size).copy()
+        return rows, packed
+
+    def _unpack(self, packed: np.ndarray, n: int) -> np.ndarray:
+        codes = np.zeros((-(-n // BLOCK) * BLOCK, self.ivf.code_size), dtype=np.uint8)
+        for b in range(len(codes) // BLOCK):
+            self.packer.unpack_all(swig_ptr(packed[b * self.packer.block_size :]), swig_ptr(codes[b * BLOCK :]))
+        return codes[:n]
+
+    def _append(self, list_no: int, rows: np.ndarray, codes: np.ndarray) -> None:
+        invlists = self.ivf.invlists
+        assert invlists is not None
+        held = invlists.list_size(list_no)
+        if held and held % self.packer.block_size == 0:  # FAISS would overrun here: rewrite the list whole
+            old_rows, old_packed = self._entries(list_no)  # whole blocks only, as held is a multiple of 32
+            rows, packed = np.concatenate([old_rows, rows]), np.concatenate([old_packed, self._pack(codes)])
+            invlists.resize(list_no, 0)
+        else:
+            packed = self._pack(codes)
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        invlists.add_entries(list_no, len(rows), swig_ptr(rows), swig_ptr(packed))  # FAISS copies both
+
+    def add(self, ids: np.ndarray, category_ids: np.ndarray, vectors: np.ndarray) -> None:
+        if len(ids) == 0:
+            return
+        x, lists = self.placed(category_ids, vectors)
+        codes = np.zeros((len(x), self.ivf.code_size), dtype=np.uint8)
+        self.ivf.encode_vectors(len(x), swig_ptr(x), swig_ptr(lists), swig_ptr(codes), False)
+        first = self.vectors.append(x)
+        self.row_ids.extend(np.asarray(ids, dtype=np.int64))
+        self.row_list.extend(lists.astype(np.int32))
+        rows = np.arange(first, first + len(x), dtype=np.int64)
+        order = np.argsort(lists, kind="stable")
+        bounds = np.flatnonzero(np.diff(lists[order])) + 1
+        for group in np.split(order, bounds):
+            self._append(int(lists[group[0]]), rows[group], codes[group])
+        self.ivf.ntotal += len(x)
+        np.add.at(self._sizes, lists, 1)
+
+    def remove(self, ids: np.ndarray) -> int:
+        """Compact every list holding one of `ids`; their rows are marked dead."""
+        rows = np.flatnonzero(np.isin(self.row_ids.view, np.asarray(ids, dtype=np.int64)))
+        if not len(rows):
+            return 0
+        self.row_ids.data[rows] = -1
+        invlists = self.ivf.invlists
+        assert invlists is not None
+        for list_no in np.unique(self.row_list.view[rows]):
+            held, packed = self._entries(int(list_no))
+            keep = self.row_ids.view[held] >= 0
+            codes = self._unpack(packed, len(held))[keep]
+            invlists.resize(int(list_no), 0)
+            if keep.any():
+                kept, packed = np.ascontiguousarray(held[keep]), self._pack(codes)  # alive while FAISS copies them
+                invlists.add_entries(int(list_no), len(kept), swig_ptr(kept), swig_ptr(packed))
+        self.ivf.ntotal -= len(rows)
+        self._sizes = self._read_sizes()
+        return len(rows)
+
+    def with_categories(self, category_ids: list[int]) -> "TwoStageIndex":
+        grown = super().with_categories(category_ids)  # lists copied block by block, rows unchanged
+        assert isinstance(grown, FastScanIndex)
+        new_list = np.zeros(self.ivf.nlist, dtype=np.int32)  # old list number -> new
+        for j, cid in enumerate(self.category_ids):
+            lo, hi = self.offsets[j], self.offsets[j + 1]
+            new_list[lo:hi] = grown.offsets[grown.list_of[cid]] + np.arange(hi - lo)
+        grown.row_ids.extend(self.row_ids.view)
+        grown.row_list.extend(new_list[self.row_list.view])
+        grown.vectors = self.vectors  # append-only: rows the old index holds stay valid for it
+        return grown
+
+    # --- searching ----------------------------------------------------------------------------
+
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        categories: np.ndarray | None = None,
+        nprobe: int | None = None,
+        shortlist: int = 0,
+    ) -> SearchHits:
+        """The best max(k, shortlist) by the codes among the probed sub-lists (every list when `categories`
+        is None), re-scored exactly from the float16 rows; the best k kept."""
+        x = np.ascontiguousarray(queries, dtype=np.float32)
+        n, short = len(x), max(k, shortlist)
+        every = np.arange(len(self.category_ids))
+        probe = [self._probe(x[i], every if categories is None else np.asarray(categories[i]), nprobe) for i in range(n)]
+        width = max((len(p) for p, _ in probe), default=0)
+        lists = np.full((n, width), -1, dtype=np.int64)  # -1: FAISS skips
+        coarse = np.zeros((n, width), dtype=np.float32)
+        for i, (p, c) in enumerate(probe):
+            lists[i, : len(p)], coarse[i, : len(p)] = p, c
+        scores = np.full((n, k), -np.inf, dtype=np.float32)
+        ids = np.full((n, k), -1, dtype=np.int64)
+        if width == 0 or self.ntotal == 0:
+            return SearchHits(scores, ids, np.zeros(n, dtype=np.int64))
+        rough = np.full((n, short), -np.inf, dtype=np.float32)
+        rows = np.full((n, short), -1, dtype=np.int64)
+        params = faiss.SearchParametersIVF()
+        params.nprobe = width  # per call, so concurrent searches with different C are safe
+        self.ivf.search_preassigned_c(  # type: ignore[attr-defined]
+            n, swig_ptr(x), short, swig_ptr(lists), swig_ptr(coarse), swig_ptr(rough), swig_ptr(rows), False, params
+        )
+        for i in range(n):
+            found = rows[i][rows[i] >= 0]
+            found = found[self.row_ids.data[found] >= 0]  # a dead row is never returned
+            best, best_rows = self.vectors.best(found, x[i], k)
+            scores[i, : len(best)], ids[i, : len(best)] = best, self.row_ids.data[best_rows]
+        scanned = np.where(lists >= 0, self._sizes[np.maximum(lists, 0)], 0).sum(axis=1)
+        return SearchHits(scores, ids, scanned)
+
+    def _probe(self, query: np.ndarray, categories: np.ndarray, nprobe: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """`probe_lists`' choice with each list's coarse score (query . centroid), which by residual is part of
+        every code's score: each category's centroids scored in place, as one block."""
+        cats = np.asarray(categories, dtype=np.int64)
+        cats = cats[cats >= 0]
+        bounds = list(zip(self.offsets[cats].tolist(), self.offsets[cats + 1].tolist(), strict=True))
+        if not bounds:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        lists = np.concatenate([np.arange(lo, hi) for lo, hi in bounds])
+        scores = np.concatenate([self.centroids[lo:hi] @ query for lo, hi in bounds])
+        if nprobe is None or len(lists) <= nprobe:
+            return lists, scores
+        untrained = np.repeat(self.trained_sizes[cats] == 0, [hi - lo for lo, hi in bounds])  # always scanned
+        pick = np.argpartition(-np.where(untrained, np.inf, scores), nprobe - 1)[:nprobe]
+        return lists[pick], scores[pick]
+
+    # --- what status shows, and the cache file ----------------------------------------------
+
+    def memory_bytes(self) -> int:
+        """Packed codes, list ids, the row arrays, centroids, prototypes and the rows not yet in the file."""
+        codes = sum(-(-int(s) // BLOCK) * self.packer.block_size for s in self._sizes)
+        rows = self.row_ids.nbytes + self.row_list.nbytes + self.vectors.tail.nbytes
+        return codes + 8 * self.ntotal + rows + (len(self.centroids) + len(self.category_ids)) * self.dim * 4
+
+    def rerank_path(self, directory: Path) -> Path:
+        return directory / f"{self.model.replace('/', '_')}.rerank"
+
+    def write(self, sink: Callable[[bytes], object]) -> None:
+        """The lists, then the row arrays, the re-rank file's token and the rows not in it; the file itself
+        is published (renamed into place) first, under the spec's store_dir."""
+        directory = self.vectors.directory or self.spec.store_dir
+        if directory is None:
+            raise ValueError("fastscan needs a directory for its re-rank file")
+        self.vectors.publish(self.rerank_path(directory))
+        faiss.write_index(self.ivf, faiss.PyCallbackIOWriter(sink))  # type: ignore[attr-defined]
+        out = _Sink(sink)
+        token = np.frombuffer(self.vectors.token, dtype=np.uint8)
+        counts = np.array([self.vectors.file_rows, self.row_ids.n], dtype=np.int64)
+        for array in (token, counts, self.row_ids.view, self.row_list.view, self.vectors.tail.view):
+            np.lib.format.write_array(out, np.ascontiguousarray(array), allow_pickle=False)
+
+    @classmethod
+    def read(
+        cls,
+        source: Callable[[int], bytes],
+        model: str,
+        dim: int,
+        category_ids: list[int],
+        index_type: str,
+        codec: str,
+        list_size: int,
+        rerank: str,
+        lists_per_category: list[int],
+        trained_sizes: list[int],
+        codec_trained_on: int,
+        store_dir: Path | None = None,
+    ) -> "FastScanIndex":
+        """The inverse of `write`; ValueError when the lists, the arrays or the re-rank file do not fit."""
+        spec = IndexSpec("fastscan", codec, list_size, rerank)  # no store_dir: nothing to spool, the file is opened
+        if len(lists_per_category) != max(1, len(category_ids)) or len(trained_sizes) != len(lists_per_category):
+            raise ValueError("the list layout does not match the categories")
+        index = cls(model, dim, category_ids, spec, lists_per_category)
+        try:
+            ivf = faiss.read_index(faiss.PyCallbackIOReader(source))  # type: ignore[attr-defined]
+        except RuntimeError as exc:
+            raise ValueError(f"not a FAISS index: {exc}") from exc
+        nlist, m = sum(lists_per_category), spec.pq_m
+        if not isinstance(ivf, faiss.IndexIVFPQFastScan) or (ivf.d, ivf.nlist, ivf.pq.M, ivf.pq.nbits) != (dim, nlist, m, NBITS):
+            raise ValueError("the FAISS index does not match its description")
+        reader = _Source(source)
+        try:
+            token, counts, row_ids, row_list, tail = (np.lib.format.read_array(reader, allow_pickle=False) for _ in range(5))
+        except (ValueError, OSError, EOFError) as exc:
+            raise ValueError(f"the row arrays are damaged: {exc}") from exc
+        file_rows, rows = (int(c) for c in counts)
+        if len(row_ids) != rows or len(row_list) != rows or tail.shape != (rows - file_rows, dim):
+            raise ValueError("the row arrays do not match each other")
+        if int((row_ids >= 0).sum()) != ivf.ntotal:
+            raise ValueError("the row arrays do not match the lists")
+        if store_dir is None:
+            raise ValueError("fastscan needs a directory for its re-rank file")
+        index.ivf, index.packer = ivf, ivf.get_CodePacker()
+        index.vectors = RerankFile.open(index.rerank_path(store_dir), dim, token.tobytes(), file_rows)
+        index.vectors.tail.extend(tail)
+        index.row_ids.extend(row_ids)
+        index.row_list.extend(row_list)
+        index._loaded(trained_sizes, codec_trained_on)
+        return index
+
+
+class _Sink(io.RawIOBase):
+    """numpy's array writer on top of the cache's byte sink."""
+
+    def __init__(self, sink: Callable[[bytes], object]) -> None:
+        self.sink = sink
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:  # type: ignore[no-untyped-def]
+        self.sink(bytes(data))
+        return len(data)
+
+
+class _Source(io.RawIOBase):
+    """numpy's array reader on top of the cache's byte source (which may return short reads)."""
+
+    def __init__(self, source: Callable[[int], bytes]) -> None:
+        self.source = source
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        parts, left = [], n
+        while left > 0:
+            chunk = self.source(left)
+            if not chunk:
+                break
+            parts.append(chunk)
+            left -= len(chunk)
+        return b"".join(parts)
