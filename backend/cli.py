@@ -106,8 +106,9 @@ def cmd_populate(args: argparse.Namespace, settings: Settings) -> None:
 def cmd_build_index(args: argparse.Namespace, settings: Settings) -> None:
     _require_schema()
     service = _service(settings)
-    index = service.cache.rebuild("requested by build-index")
+    index = service.rebuild_index("requested by build-index")
     print(f"index for {service.model}: {index.ntotal} vectors in {len(index.category_ids)} categories, {service.cache.origin}")
+    print(f"stage 1: {service.stage1.ranker} (STAGE1={settings.stage1}; {service.stage1.reason})")
 
 
 def cmd_rebuild_prototypes(args: argparse.Namespace, settings: Settings) -> None:
@@ -128,9 +129,9 @@ def cmd_search(args: argparse.Namespace, settings: Settings) -> None:
             data = Path(path).read_bytes()
         except OSError as exc:
             raise AppError(f"{path}: cannot read ({exc.strerror})") from exc
-        images.append(decode_image(data, settings.max_image_pixels, name=str(path)).rgb)
+        images.append(decode_image(data, settings.max_image_pixels, name=str(path)))
     service = _service(settings)
-    results = service.search(images, params)
+    results = service.search([i.rgb for i in images], params, [i.sha256 for i in images])
     for path, result in zip(args.images, results, strict=True):
         if args.json:
             print(json.dumps({"query": str(path), **_result_dict(result)}))
@@ -149,7 +150,7 @@ def cmd_search(args: argparse.Namespace, settings: Settings) -> None:
 def _result_dict(result: "SearchResult") -> dict:
     return {
         "results": [asdict(h) for h in result.results],
-        "categories": [{"category": c.category, "score": c.score, "searched": c.searched} for c in result.categories],
+        "categories": [asdict(c) for c in result.categories],
         "searched_categories": result.searched_categories,
         "use_prototypes": result.use_prototypes,
         "vectors_scanned": result.vectors_scanned,
@@ -177,6 +178,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> None:
     )
     for reason in idx.retrain:
         print(f"          retrain on the next build-index: {reason}")
+    print(f"stage 1   {status.stage1.ranker} (STAGE1={status.stage1.setting}): {status.stage1.reason}")
     for cat in db.categories:
         print(f"  {cat.name:<20} {cat.images:>7} images ({cat.labelled} labelled)")
 

@@ -76,7 +76,7 @@ def upload(
     file: Annotated[UploadFile, File(description="image file")],
     category: Annotated[
         OptionalCategoryName,
-        Form(description="existing category; predicted from prototypes if absent", json_schema_extra=NAME_SCHEMA),
+        Form(description="existing category; predicted by stage 1 if absent", json_schema_extra=NAME_SCHEMA),
     ] = None,
     description: Annotated[Description, Form(description="free text", json_schema_extra=TEXT_SCHEMA)] = None,
 ) -> UploadResponse:
@@ -91,6 +91,7 @@ def upload(
         category=result.category,
         label_given=result.label_given,
         category_score=result.category_score,
+        category_probability=result.category_probability,
         **image_urls(result.image_id),
     )
 

@@ -41,7 +41,7 @@ def search(
     """Images most similar to the uploaded one, with cosine scores and per-stage timings."""
     params = SearchParams.resolve(settings, limit, top_categories, use_prototypes, nprobe)
     image = read_image(file, settings)
-    (result,) = service.search([image.rgb], params)
+    (result,) = service.search([image.rgb], params, [image.sha256])
     return SearchResponse.of(result, params.limit)
 
 
@@ -54,7 +54,7 @@ def search(
 def search_prototypes(
     service: ServiceDep, settings: SettingsDep, file: Annotated[UploadFile, File(description="query image")]
 ) -> PrototypeResponse:
-    """Only stage 1: every category ranked by the cosine similarity of its prototype to the image."""
+    """Only stage 1: every category ranked by the active stage-1 ranker (STAGE1), with probabilities."""
     image = read_image(file, settings)
     (ranking,), timings = service.rank_categories([image.rgb])
     return PrototypeResponse(categories=[CategoryScoreOut(**vars(c)) for c in ranking], timings_ms=timings)
