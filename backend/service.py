@@ -176,38 +176,45 @@ class SearchService:
         start = time.perf_counter()
         queries = self.embed(images)
         embed_s = time.perf_counter() - start
-        results = self.search_vectors(queries, params, sha256s=sha256s)
+        results = self.search_vectors(queries, params, images=own_image.query_images(images, sha256s))
         for r in results:
             r.timings_ms["embed"] = _ms(embed_s / len(results))
             r.timings_ms["total"] = round(r.timings_ms["total"] + r.timings_ms["embed"], 3)
         return results
 
     def search_vectors(
-        self, queries: np.ndarray, params: SearchParams, exclude: int | None = None, sha256s: list[str] | None = None
+        self,
+        queries: np.ndarray,
+        params: SearchParams,
+        exclude: int | None = None,
+        images: list[own_image.QueryImage] | None = None,
     ) -> list[SearchResult]:
+        """`images`: the query images, so that a stored image finds itself first (backend/own_image.py)."""
         limit, top_categories, use_prototypes = params.limit, params.top_categories, params.use_prototypes
         k = limit + (1 if exclude is not None else 0)
-        stored = own_image.stored_copies(self.engine, self.model, queries, sha256s)
         with self.cache.reading() as index:
             t0 = time.perf_counter()
             ranking = self.stage1.rank(index, queries)
             t1 = time.perf_counter()
             searched = ranking.positions[:, :top_categories] if use_prototypes else None
             hits = index.search(queries, k, searched, params.nprobe, self.settings.rerank_candidates)
-            outside = (np.full(len(queries), -np.inf), np.full(len(queries), -1))
-            if searched is not None and exclude is None:
+            outside: list[list[tuple[int, float]]] = [[] for _ in queries]
+            if searched is not None and images is not None:
                 probe = own_image.probe_categories(self.stage1, index, queries, ranking, top_categories)
                 outside = own_image.nearest_outside(index, queries, probe, params.nprobe)
             t2 = time.perf_counter()
             total = index.ntotal
             category_ids = index.category_ids
         n = len(queries)
-        ranked = []
-        for q in range(n):
-            found = [(int(i), float(s)) for s, i in zip(hits.scores[q], hits.ids[q], strict=True) if i >= 0 and i != exclude]
-            best_inside = found[0][1] if found else -np.inf
-            own = own_image.own_candidate(stored[q], (int(outside[1][q]), float(outside[0][q])), best_inside)
-            ranked.append(own_image.own_first(found, own, limit))
+        found = [
+            [(int(i), float(s)) for s, i in zip(hs, hi, strict=True) if i >= 0 and i != exclude]
+            for hs, hi in zip(hits.scores, hits.ids, strict=True)
+        ]
+        own: list[tuple[int, float] | None] = [None] * n
+        if images is not None:
+            candidates = [f[: own_image.CANDIDATES] + o for f, o in zip(found, outside, strict=True)]
+            own = own_image.find_own(self.engine, self.model, queries, images, candidates)
+        ranked = [own_image.own_first(f, o, limit) for f, o in zip(found, own, strict=True)]
         with session_scope(self.engine) as session:
             meta = catalogue.result_metadata(session, {i for hits_q in ranked for i, _ in hits_q})
         t3 = time.perf_counter()

@@ -58,7 +58,7 @@ class Stage1Status(BaseModel):
 
 
 class Stage1:
-    def __init__(self, engine: Engine, model: str, dim: int, setting: str = "auto") -> None:
+    def __init__(self, engine: Engine | None, model: str, dim: int, setting: str = "auto") -> None:
         if setting not in STAGE1_KINDS:
             raise ValueError(f"unknown stage 1 {setting!r}; choose one of: {', '.join(STAGE1_KINDS)}")
         self.engine, self.model, self.dim, self.setting = engine, model, dim, setting
@@ -93,9 +93,10 @@ class Stage1:
             if why is None and trained is None:
                 trained = _decode(session.get_one(Stage1Model, self.model))
                 why = None if trained is not None else "its stored arrays do not fit together"
-        self._install(trained, None if trained is None or meta is None else int(meta[1]), why)
+        self.use(trained, None if trained is None or meta is None else int(meta[1]), why)
 
-    def _install(self, trained: Trained | None, change: int | None, why: str | None) -> None:
+    def use(self, trained: Trained | None, change: int | None, why: str | None) -> None:
+        """Rank with `trained` from now on (None: prototype), trained at `change`; `why` it is not used."""
         self.trained, self.trained_change, self._columns, self._loaded = trained, change, None, True
         self.reason = why or f"trained at change {change}"
         if why and self.setting in ("centroids", "classifier"):
@@ -110,7 +111,7 @@ class Stage1:
                 change = catalogue.head(session, self.model)
                 lacking = _too_few_labels(session, self.model)
                 if lacking is not None:
-                    self._install(None, None, lacking)
+                    self.use(None, None, lacking)
                     return self.reason
                 total = int(catalogue.load_prototypes(session, self.model).counts.sum())
                 cut = min(SAMPLE_MODULUS, -(-MAX_TRAIN_LABELS * SAMPLE_MODULUS // total))
@@ -119,7 +120,7 @@ class Stage1:
             trained = train_rankers(labelled.ids, labelled.category_ids, labelled.vectors)
             with session_scope(self.engine) as session:
                 _store(session, self.model, self.dim, change, trained)
-            self._install(trained, change, None)
+            self.use(trained, change, None)
             log.info("stage 1 for %s trained on %d labels at change %d: %s", self.model, trained.labels, change, trained.heldout)
             return self.reason
 

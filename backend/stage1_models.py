@@ -18,7 +18,7 @@ from backend.vectors import PrototypeMatrix, l2_normalise
 SEED = 1234
 HELDOUT_MULTIPLIER, HELDOUT_MODULUS, HELDOUT_CUT = 40503, 10_000, 1_000  # 10 % of ids, decided by the id alone
 SUB_CENTROIDS = 16  # per category (fewer for small categories)
-POINTS_PER_SUB_CENTROID = 32  # a category of n labels gets at most n // this sub-centroids
+POINTS_PER_SUB_CENTROID = 39  # a category of n labels gets at most n // this (what FAISS k-means asks for)
 KMEANS_ITERATIONS = 20
 
 
@@ -78,7 +78,15 @@ class Centroids:
             elif k == 1:
                 block = l2_normalise(x.mean(axis=0, keepdims=True))
             else:
-                km = faiss.Kmeans(dim, k, niter=KMEANS_ITERATIONS, seed=SEED, spherical=True, max_points_per_centroid=256)
+                km = faiss.Kmeans(
+                    dim,
+                    k,
+                    niter=KMEANS_ITERATIONS,
+                    seed=SEED,
+                    spherical=True,
+                    max_points_per_centroid=256,
+                    min_points_per_centroid=1,
+                )
                 km.train(x)
                 block = np.asarray(km.centroids, dtype=np.float32)
             blocks.append(block)
@@ -113,10 +121,10 @@ class LinearSoftmax:
         vectors: np.ndarray,
         labels: np.ndarray,
         n_categories: int,
-        epochs: int = 30,
-        batch: int = 256,
+        epochs: int = 20,
+        batch: int = 512,
         lr: float = 1e-2,
-        min_steps: int = 1500,
+        min_steps: int = 800,
         weight_decay: float = 1e-4,
     ) -> "LinearSoftmax":
         """Adam on shuffled mini-batches of the softmax cross-entropy, each class weighted by 1 / its count
