@@ -4,7 +4,7 @@ Stage 2 searches only the top-C categories, so a stored image whose category sta
 be missed by its own copy. Beside stage 2:
 - the query's bytes: a stored image with the same SHA-256 comes first (its stored vector gives the score);
 - near copies (resized, re-encoded): the categories of the query's globally nearest sub-centroids (stage 1's
-  `centroids`, or the next categories by prototype while none are trained) are probed for a few hits. Those
+  `centroids`) and the next category by stage 1 are probed for a few hits. Those
   and the best hits inside are candidates; one whose 16x16 grey thumbnail matches the query's (mean absolute
   difference under NEAR_COPY_MAX_DIFF: measured at most 0.018 for copies and at least 0.02 between distinct
   images on CIFAR-10 and Fashion-MNIST) is the stored original and comes first.
@@ -24,9 +24,9 @@ from backend.db.session import session_scope
 from backend.index import TwoStageIndex
 from backend.stage1 import Ranking, Stage1
 
-PROBE_SUB_CENTROIDS = 2  # nearest sub-centroids whose categories are probed beside the top-C
-PROBE_BY_PROTOTYPE = 1  # categories after the top-C probed while no sub-centroids are trained
-CANDIDATES = 3  # hits inside and outside the searched categories checked as near copies
+PROBE_SUB_CENTROIDS = 8  # nearest sub-centroids whose categories are probed beside the top-C ...
+PROBE_BY_RANK = 1  # ... with the next category by stage 1
+CANDIDATES = 5  # hits inside and outside the searched categories checked as near copies
 NEAR_COPY_MIN_COSINE = 0.6  # below this a hit is not checked (re-encoded 32-pixel images measured >= 0.6)
 NEAR_COPY_MAX_DIFF = 0.015  # mean absolute difference of 16x16 grey thumbnails (pixels in 0..1)
 THUMBNAIL = (16, 16)
@@ -48,9 +48,10 @@ def query_images(images: list[PILImage.Image], sha256s: list[str] | None) -> lis
 
 def probe_categories(stage1: Stage1, index: TwoStageIndex, queries: np.ndarray, ranking: Ranking, top: int) -> np.ndarray:
     """(n, P) index categories to probe for each query beyond its top `top` ones (-1: none)."""
-    nearest = stage1.nearest_categories(index, queries, PROBE_SUB_CENTROIDS)
-    if nearest is None:
-        nearest = ranking.positions[:, top : top + PROBE_BY_PROTOTYPE]
+    nearest = ranking.positions[:, top : top + PROBE_BY_RANK]
+    by_centroid = stage1.nearest_categories(index, queries, PROBE_SUB_CENTROIDS)
+    if by_centroid is not None:
+        nearest = np.concatenate([nearest, by_centroid], axis=1)
     searched = ranking.positions[:, :top]
     outside = (nearest[:, :, None] != searched[:, None, :]).all(axis=2)
     return np.where(outside, nearest, -1)
