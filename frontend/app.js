@@ -123,8 +123,11 @@ function renderCategories(categories) {
     li.dataset.testid = "category";
     li.innerHTML = `<span class="name"></span><span class="bar"><span></span></span><span class="val"></span>`;
     li.querySelector(".name").textContent = c.category + (c.searched ? " ✓" : "");
-    li.querySelector(".bar span").style.width = `${Math.max(0, c.score) * 100}%`;
-    li.querySelector(".val").textContent = c.score.toFixed(3);
+    // Stage 1's calibrated probability when a ranker is trained; its cosine score otherwise.
+    const p = c.probability;
+    li.querySelector(".bar span").style.width = `${Math.max(0, p ?? c.score) * 100}%`;
+    li.querySelector(".val").textContent = p == null ? c.score.toFixed(3) : `${(p * 100).toFixed(1)} %`;
+    li.title = `score ${c.score.toFixed(3)}` + (p == null ? "" : ` · probability ${p.toFixed(3)}`);
     list.appendChild(li);
   }
 }
@@ -249,7 +252,10 @@ async function upload(event) {
   if ($("upload-description").value) form.append("description", $("upload-description").value);
   try {
     const r = await api("/upload", { method: "POST", body: form });
-    const how = r.label_given ? "" : ` (predicted, prototype similarity ${r.category_score.toFixed(3)})`;
+    const p = r.category_probability;
+    const how = r.label_given
+      ? ""
+      : ` (predicted${p == null ? `, score ${r.category_score.toFixed(3)}` : `, probability ${(p * 100).toFixed(1)} %`})`;
     $("upload-result").textContent = r.duplicate
       ? `Already stored as image ${r.image_id} (${r.category}).`
       : `Stored as image ${r.image_id} in ${r.category}${how}.`;
