@@ -122,14 +122,14 @@ class LinearSoftmax:
         vectors: np.ndarray,
         labels: np.ndarray,
         n_categories: int,
-        epochs: int = 20,
+        epochs: int = 40,
         batch: int = 512,
-        lr: float = 1e-2,
+        lr: float = 3e-2,
         min_steps: int = 800,
-        weight_decay: float = 1e-4,
+        weight_decay: float = 0.0,
     ) -> "LinearSoftmax":
         """Adam on shuffled mini-batches of the softmax cross-entropy, each class weighted by 1 / its count
-        (a rare category counts as much as a common one), with a little L2 decay."""
+        (a rare category counts as much as a common one); no weight decay by default (on Fashion-MNIST 1e-4 cost 2 points of accuracy)."""
         x = np.ascontiguousarray(vectors, dtype=np.float32)
         y = np.asarray(labels, dtype=np.int64)
         n, dim = x.shape
