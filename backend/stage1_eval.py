@@ -59,7 +59,7 @@ def compare_rankers(index: TwoStageIndex, labels: np.ndarray, vectors: np.ndarra
     return {"exact_P@10": metrics.precision_at_k(exact_rel, 10), "auto": trained.best(), "rows": rows}
 
 
-def synthetic_latency(categories: int = SYNTHETIC_CATEGORIES, dim: int = SYNTHETIC_DIM, queries: int = 200) -> dict[str, float]:
+def synthetic_latency(categories: int = SYNTHETIC_CATEGORIES, dim: int = SYNTHETIC_DIM, queries: int = 100) -> dict[str, float]:
     """Stage-1 latency per ranker for a catalogue of `categories` categories: rankers of the real shapes
     (16 sub-centroids a category, a dim x categories classifier) with random values; ranking cost does not
     depend on the values. The index holds one vector per category (stage 1 never reads the vectors)."""
