@@ -21,7 +21,7 @@ from sqlalchemy import Engine, select
 from backend import catalogue
 from backend.db.models import Image
 from backend.db.session import session_scope
-from backend.index import TwoStageIndex
+from backend.index import SearchHits, TwoStageIndex
 from backend.stage1 import Ranking, Stage1
 
 PROBE_SUB_CENTROIDS = 8  # nearest sub-centroids whose categories are probed beside the top-C ...
@@ -67,6 +67,28 @@ def nearest_outside(
     return [
         [(int(i), float(s)) for s, i in zip(hs, hi, strict=True) if i >= 0] for hs, hi in zip(hits.scores, hits.ids, strict=True)
     ]
+
+
+def results(
+    engine: Engine,
+    model: str,
+    queries: np.ndarray,
+    hits: SearchHits,
+    exclude: int | None,
+    outside: list[list[tuple[int, float]]],
+    images: list[QueryImage] | None,
+    limit: int,
+) -> list[list[tuple[int, float]]]:
+    """Each query's (id, score) results: stage 2's hits (without `exclude`), its own image first if it has one."""
+    found = [
+        [(int(i), float(s)) for s, i in zip(scores, ids, strict=True) if i >= 0 and i != exclude]
+        for scores, ids in zip(hits.scores, hits.ids, strict=True)
+    ]
+    own: list[tuple[int, float] | None] = [None] * len(queries)
+    if images is not None:
+        candidates = [f[:CANDIDATES] + o for f, o in zip(found, outside, strict=True)]
+        own = find_own(engine, model, queries, images, candidates)
+    return [own_first(f, o, limit) for f, o in zip(found, own, strict=True)]
 
 
 def own_first(hits: list[tuple[int, float]], own: tuple[int, float] | None, limit: int) -> list[tuple[int, float]]:

@@ -206,15 +206,7 @@ class SearchService:
             total = index.ntotal
             category_ids = index.category_ids
         n = len(queries)
-        found = [
-            [(int(i), float(s)) for s, i in zip(hs, hi, strict=True) if i >= 0 and i != exclude]
-            for hs, hi in zip(hits.scores, hits.ids, strict=True)
-        ]
-        own: list[tuple[int, float] | None] = [None] * n
-        if images is not None:
-            candidates = [f[: own_image.CANDIDATES] + o for f, o in zip(found, outside, strict=True)]
-            own = own_image.find_own(self.engine, self.model, queries, images, candidates)
-        ranked = [own_image.own_first(f, o, limit) for f, o in zip(found, own, strict=True)]
+        ranked = own_image.results(self.engine, self.model, queries, hits, exclude, outside, images, limit)
         with session_scope(self.engine) as session:
             meta = catalogue.result_metadata(session, {i for hits_q in ranked for i, _ in hits_q})
         t3 = time.perf_counter()
