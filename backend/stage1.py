@@ -67,7 +67,8 @@ class Stage1:
         self.reason = "not loaded"
         self._loaded = False
         self._checked_at = -1  # the watermark `refresh` last checked at
-        self._columns: tuple[tuple[int, ...], np.ndarray] | None = None  # index categories -> trained columns
+        # (trained ranker's id, index categories) -> each trained category's number in the index
+        self._columns: tuple[tuple[int, tuple[int, ...]], np.ndarray] | None = None
         self._training = threading.Lock()
 
     # --- which ranker ---------------------------------------------------------------------------
@@ -151,7 +152,7 @@ class Stage1:
         else:
             logits = np.full((len(queries), n_cat), UNKNOWN_LOGIT, np.float32)
             learned = trained.classifier.logits(queries) if ranker == "classifier" else trained.centroids.logits(queries)
-            columns = self._index_columns(index)
+            columns = self._index_columns(trained, index)
             known = columns >= 0
             logits[:, columns[known]] = learned[:, known]
             positions = np.argsort(-logits, axis=1, kind="stable")
@@ -162,19 +163,19 @@ class Stage1:
     def nearest_categories(self, index: TwoStageIndex, queries: np.ndarray, top: int) -> np.ndarray | None:
         """(n, top) index categories of each query's globally nearest sub-centroids (-1 for one not in the
         index); None while none were trained."""
-        if self.trained is None:
+        trained = self.trained  # one read: a retrain may swap it meanwhile
+        if trained is None:
             return None
-        return self._index_columns(index)[self.trained.centroids.nearest_categories(queries, top)]
+        return self._index_columns(trained, index)[trained.centroids.nearest_categories(queries, top)]
 
-    def _index_columns(self, index: TwoStageIndex) -> np.ndarray:
-        """For each trained category: its number in the index (-1 if the index has no such category)."""
-        assert self.trained is not None
-        key = tuple(index.category_ids)
-        if self._columns is None or self._columns[0] != key:
-            where = index.list_of
-            cols = np.asarray([where.get(int(c), -1) for c in self.trained.category_ids], dtype=np.int64)
-            self._columns = (key, cols)
-        return self._columns[1]
+    def _index_columns(self, trained: Trained, index: TwoStageIndex) -> np.ndarray:
+        """For each of `trained`'s categories: its number in the index (-1 if the index has no such category)."""
+        key = (id(trained), tuple(index.category_ids))
+        cached = self._columns
+        if cached is None or cached[0] != key:
+            cols = np.asarray([index.list_of.get(int(c), -1) for c in trained.category_ids], dtype=np.int64)
+            cached = self._columns = (key, cols)
+        return cached[1]
 
     def status(self) -> Stage1Status:
         ranker, trained = self.ranker, self.trained
