@@ -250,9 +250,9 @@ def _vector_query(model: str):  # type: ignore[no-untyped-def]
     )
 
 
-def load_vectors(session: Session, model: str, sample: tuple[int, int] | None = None) -> StoredVectors:
+def load_vectors(session: Session, model: str, sample: tuple[int, int] | None = None, given_only: bool = False) -> StoredVectors:
     """`model`'s stored vectors (or a sample, see `stream_vectors`) in memory, by id."""
-    stored = _concat(list(stream_vectors(session, model, sample=sample)))
+    stored = _concat(list(stream_vectors(session, model, sample=sample, given_only=given_only)))
     order = np.argsort(stored.ids, kind="stable")
     return StoredVectors(stored.ids[order], stored.category_ids[order], stored.vectors[order])
 
@@ -273,12 +273,12 @@ _COPY_TRAILER = b"\xff\xff"
 
 
 def stream_vectors(
-    session: Session, model: str, chunk_rows: int = 50_000, sample: tuple[int, int] | None = None
+    session: Session, model: str, chunk_rows: int = 50_000, sample: tuple[int, int] | None = None, given_only: bool = False
 ) -> Iterator[StoredVectors]:
     """`model`'s stored vectors in chunks, read with a binary COPY (no per-row decoding: fixed-size rows
     parsed by NumPy) on a second connection that imports this session's snapshot, so the stream sees
     exactly what the session sees. `sample=(multiplier, cut)`: only ids with id*multiplier % 10000 < cut
-    (`backend.index.train_sample`'s rule)."""
+    (`backend.index.train_sample`'s rule); `given_only`: only images whose label was given (stage 1's training)."""
     import psycopg
 
     snapshot = session.scalar(text("SELECT pg_export_snapshot()"))
@@ -296,7 +296,8 @@ def stream_vectors(
             ("vec", VECTOR_DTYPE, (dim,)),
         ]
     )
-    where = "e.model = %s" + (" AND (e.image_id * %s) %% 10000 < %s" if sample else "")
+    where = "e.model = %s" + (" AND i.label_given" if given_only else "")
+    where += " AND (e.image_id * %s) %% 10000 < %s" if sample else ""
     query = (
         "COPY (SELECT e.image_id, coalesce(i.category_id, -1)::int8, e.vector FROM embeddings e "
         f"JOIN images i ON i.id = e.image_id WHERE {where}) TO STDOUT (FORMAT binary)"

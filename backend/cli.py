@@ -89,8 +89,9 @@ def cmd_populate(args: argparse.Namespace, settings: Settings) -> None:
 def cmd_build_index(args: argparse.Namespace, settings: Settings) -> None:
     _require_schema()
     service = _service(settings)
-    index = service.cache.rebuild("requested by build-index")
+    index = service.rebuild_index("requested by build-index")
     print(f"index for {service.model}: {index.ntotal} vectors in {len(index.category_ids)} categories, {service.cache.origin}")
+    print(f"stage 1: {service.stage1.ranker} (STAGE1={settings.stage1}; {service.stage1.reason})")
 
 
 def cmd_rebuild_prototypes(args: argparse.Namespace, settings: Settings) -> None:
@@ -126,6 +127,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> None:
     )
     for reason in idx.retrain:
         print(f"          retrain on the next build-index: {reason}")
+    print(f"stage 1   {status.stage1.ranker} (STAGE1={status.stage1.setting}): {status.stage1.reason}")
     for cat in db.categories:
         print(f"  {cat.name:<20} {cat.images:>7} images ({cat.labelled} labelled)")
 

@@ -62,14 +62,14 @@ def run(args: argparse.Namespace, settings: Settings, open_service: Callable[[],
     images = []
     for name in args.images:
         if is_url(name):
-            images.append(image_from_url(name, settings).rgb)
+            images.append(image_from_url(name, settings))
             continue
         try:
             data = Path(name).read_bytes()
         except OSError as exc:
             raise AppError(f"{name}: cannot read ({exc.strerror})") from exc
-        images.append(decode_image(data, settings.max_image_pixels, name=str(name)).rgb)
-    results = open_service().search(images, params)
+        images.append(decode_image(data, settings.max_image_pixels, name=str(name)))
+    results = open_service().search([i.rgb for i in images], params, [i.sha256 for i in images])
     for name, result in zip(args.images, results, strict=True):
         if args.json:
             print(json.dumps({"query": str(name), **result_dict(result)}))

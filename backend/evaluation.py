@@ -21,6 +21,7 @@ from backend.embedding.base import Embedder
 from backend.embedding.registry import create_embedder
 from backend.imaging import decode_image
 from backend.index import TwoStageIndex
+from backend.stage1_eval import compare_rankers, format_stage1, synthetic_latency
 from backend.vectors import PrototypeMatrix, StoredVectors
 
 TOP_C = (1, 2, 3, 5)
@@ -169,6 +170,10 @@ def run_evaluation(args: argparse.Namespace, settings: Settings) -> dict:
     catalogue = embed_cached(catalogue_set, embedder, settings, progress)
     queries = embed_cached(query_set, embedder, settings, progress)
     report = {"dataset": args.dataset, "model": embedder.model_id}
-    report.update(evaluate_index(build_index(catalogue, embedder.model_id), catalogue, queries))
-    print(json.dumps(report) if args.json else format_table(report))
+    index = build_index(catalogue, embedder.model_id)
+    report.update(evaluate_index(index, catalogue, queries))
+    q_labels = np.array([catalogue.names.index(queries.names[i]) for i in queries.labels])
+    report["stage1"] = compare_rankers(index, catalogue.labels, catalogue.vectors, queries.vectors, q_labels)
+    report["stage1"]["synthetic_latency_ms"] = synthetic_latency()
+    print(json.dumps(report) if args.json else format_table(report) + "\n" + format_stage1(report["stage1"]))
     return report

@@ -16,7 +16,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from backend import catalogue, index_fastscan, near_duplicates, search_filters
+from backend import catalogue, index_fastscan, near_duplicates, own_image, search_filters
 from backend.core import search_params
 from backend.core.config import Settings
 from backend.core.errors import Conflict, InvalidInput, NotFound
@@ -26,8 +26,9 @@ from backend.db.session import get_engine, location, session_scope
 from backend.embedding.base import Embedder
 from backend.embedding.registry import create_embedder
 from backend.imaging import DecodedImage
-from backend.index import index_spec
+from backend.index import TwoStageIndex, index_spec
 from backend.index_cache import IndexCache
+from backend.stage1 import Ranking, Stage1, Stage1Status
 from backend.telemetry import EMBED_IMAGES, EMBED_SECONDS, SEARCH_STAGE_SECONDS
 
 log = logging.getLogger(__name__)
@@ -51,8 +52,9 @@ class Hit:
 class CategoryScore:
     category_id: int
     category: str
-    score: float
+    score: float  # stage 1's score: cosine similarity (prototype, centroids) or logit (classifier)
     searched: bool
+    probability: float | None = None  # calibrated on held-out labels; None while no ranker is trained
 
 
 @dataclass
@@ -77,6 +79,7 @@ class UploadResult:
     label_given: bool
     duplicate: bool
     category_score: float | None = None
+    category_probability: float | None = None
     near_duplicates: list[Hit] = field(default_factory=list)  # stored images at or above NEAR_DUPLICATE_THRESHOLD
 
 
@@ -143,6 +146,7 @@ class Status(BaseModel):
     model: ModelStatus
     database: DatabaseStatus
     index: IndexStatus
+    stage1: Stage1Status
     settings: SearchSettings
 
 
@@ -154,6 +158,7 @@ class SearchService:
         self.cache = IndexCache(
             self.engine, self.embedder.model_id, self.embedder.dim, settings.index_dir, index_spec(settings, self.embedder.dim)
         )
+        self.stage1 = Stage1(self.engine, self.embedder.model_id, self.embedder.dim, settings.stage1)
         self._names: dict[int, str] = {}
 
     @property
@@ -168,50 +173,59 @@ class SearchService:
         EMBED_IMAGES.inc(len(images))
         return vectors
 
-    def search(self, images: list[PILImage.Image], params: SearchParams) -> list[SearchResult]:
+    def search(self, images: list[PILImage.Image], params: SearchParams, sha256s: list[str] | None = None) -> list[SearchResult]:
+        """`sha256s`: the queries' bytes' digests, so that a stored image finds itself (backend/own_image.py)."""
         start = time.perf_counter()
         queries = self.embed(images)
         embed_s = time.perf_counter() - start
-        results = self.search_vectors(queries, params)
+        results = self.search_vectors(queries, params, images=own_image.query_images(images, sha256s))
         for r in results:
             r.timings_ms["embed"] = _ms(embed_s / len(results))
             r.timings_ms["total"] = round(r.timings_ms["total"] + r.timings_ms["embed"], 3)
         return results
 
-    def search_vectors(self, queries: np.ndarray, params: SearchParams, exclude: int | None = None) -> list[SearchResult]:
+    def search_vectors(
+        self,
+        queries: np.ndarray,
+        params: SearchParams,
+        exclude: int | None = None,
+        images: list[own_image.QueryImage] | None = None,
+    ) -> list[SearchResult]:
+        """`images`: the query images, so that a stored image finds itself first (backend/own_image.py)."""
         top_categories, use_prototypes = params.top_categories, params.use_prototypes
         k = search_filters.depth(params, 1 if exclude is not None else 0)
         wanted = search_filters.category_filter(self.engine, params.categories)
         with self.cache.reading() as index:
             t0 = time.perf_counter()
-            cat_scores, cat_lists = index.rank_categories(queries)
+            ranking = self.stage1.rank(index, queries)
             t1 = time.perf_counter()
-            searched = search_filters.stage_two_categories(cat_lists, index.list_of, wanted, params)
+            searched = search_filters.stage_two_categories(ranking.positions, index.list_of, wanted, params)
             hits = index.search(queries, k, searched, params.nprobe, self.settings.rerank_candidates)
+            outside: list[list[tuple[int, float]]] = [[] for _ in queries]
+            if searched is not None and images is not None:
+                probe = own_image.probe_categories(self.stage1, index, queries, ranking, top_categories)
+                outside = own_image.nearest_outside(index, queries, probe, params.nprobe)
             t2 = time.perf_counter()
             total = index.ntotal
             category_ids = index.category_ids
-        with session_scope(self.engine, single_read=True) as session:  # the database says which hits still exist
-            meta = catalogue.result_metadata(session, {int(i) for i in hits.ids.ravel() if i >= 0})
-        t3 = time.perf_counter()
         n = len(queries)
+        ranked = own_image.results(self.engine, self.model, queries, hits, exclude, outside, images, k)
+        with session_scope(self.engine, single_read=True) as session:  # the database says which hits still exist
+            meta = catalogue.result_metadata(session, {i for hits_q in ranked for i, _ in hits_q})
+        t3 = time.perf_counter()
         for stage, seconds in (("prototypes", t1 - t0), ("search", t2 - t1), ("fetch", t3 - t2)):
             SEARCH_STAGE_SECONDS.labels(stage).observe(seconds / n)
         out = []
         for q in range(n):
+            ids = np.asarray([i for i, _ in ranked[q]], dtype=np.int64)
+            scores = np.asarray([sc for _, sc in ranked[q]], dtype=np.float32)
             results = [
                 Hit(image_id, self._name(meta[image_id][0]), meta[image_id][1], score, rank)
-                for rank, image_id, score in search_filters.page(
-                    hits.scores[q], hits.ids[q], lambda i: i != exclude and i in meta, params
-                )
+                for rank, image_id, score in search_filters.page(scores, ids, lambda i: i in meta, params)
             ]
             chosen = set(searched[q].tolist()) if searched is not None else set(range(len(category_ids)))
-            categories = self._ranking(category_ids, cat_scores[q], cat_lists[q], chosen)
-            timings = {
-                "prototypes": _ms((t1 - t0) / n),
-                "search": _ms((t2 - t1) / n),
-                "fetch": _ms((t3 - t2) / n),
-            }
+            categories = self._ranking(category_ids, ranking, q, chosen)
+            timings = {"prototypes": _ms((t1 - t0) / n), "search": _ms((t2 - t1) / n), "fetch": _ms((t3 - t2) / n)}
             timings["total"] = round(sum(timings.values()), 3)
             out.append(
                 SearchResult(
@@ -227,23 +241,30 @@ class SearchService:
         return out
 
     def rank_categories(self, images: list[PILImage.Image]) -> tuple[list[list[CategoryScore]], dict[str, float]]:
-        """Stage 1 only: every category ranked by its prototype's cosine similarity."""
+        """Stage 1 only: every category ranked by the active stage-1 ranker, with its probability."""
         t0 = time.perf_counter()
         queries = self.embed(images)
         t1 = time.perf_counter()
         with self.cache.reading() as index:
-            scores, lists = index.rank_categories(queries)
+            ranking = self.stage1.rank(index, queries)
             ids = index.category_ids
         t2 = time.perf_counter()
-        rankings = [self._ranking(ids, sr, lr, set()) for sr, lr in zip(scores, lists, strict=True)]
+        rankings = [self._ranking(ids, ranking, q, set()) for q in range(len(queries))]
         return rankings, {"embed": _ms(t1 - t0), "prototypes": _ms(t2 - t1), "total": _ms(t2 - t0)}
 
-    def _ranking(self, category_ids: list[int], scores: np.ndarray, lists: np.ndarray, searched: set[int]) -> list[CategoryScore]:
-        """One query's stage-1 result as named categories, best first; `searched` holds list numbers."""
+    def _ranking(self, category_ids: list[int], ranking: Ranking, q: int, searched: set[int]) -> list[CategoryScore]:
+        """Query q's stage-1 result as named categories, best first; `searched` holds category numbers."""
+        probabilities = ranking.probabilities[q] if ranking.probabilities is not None else [None] * len(ranking.scores[q])
         return [
-            CategoryScore(category_ids[lst], self._name(category_ids[lst]) or "", float(s), int(lst) in searched)
-            for s, lst in zip(scores, lists, strict=True)
-            if lst >= 0
+            CategoryScore(
+                category_ids[p],
+                self._name(category_ids[p]) or "",
+                float(s),
+                int(p) in searched,
+                None if pr is None else float(pr),
+            )
+            for s, p, pr in zip(ranking.scores[q], ranking.positions[q], probabilities, strict=True)
+            if p >= 0
         ]
 
     def similar_to(self, image_id: int, params: SearchParams) -> SearchResult:
@@ -276,21 +297,25 @@ class SearchService:
         if near and refuse_near_duplicates:
             found = ", ".join(f"{h.image_id} (cosine {h.score:.3f})" for h in near[:5])
             raise Conflict(f"near-duplicate of stored images {found}; not stored (on_near_duplicate=refuse)")
-        predicted_score = None
+        predicted_score = predicted_probability = None
         if category_id is None:
             with self.cache.reading() as index:
                 if not index.prototype_counts.any():
                     raise InvalidInput("no category prototypes yet: give a category with the upload")
-                scores, lists = index.rank_categories(vector, top=1)
-                category_id = index.category_ids[int(lists[0, 0])]
-            predicted_score = float(scores[0, 0])
+                ranking = self.stage1.rank(index, vector, top=1)
+                category_id = index.category_ids[int(ranking.positions[0, 0])]
+            predicted_score = float(ranking.scores[0, 0])
+            if ranking.probabilities is not None:
+                predicted_probability = float(ranking.probabilities[0, 0])
         item = catalogue.NewImage(image, category_id, label_given=predicted_score is None, description=description)
         try:
             image_id = self._write(lambda session: catalogue.add_images(session, self.model, [item], vector)[0])
         except IntegrityError:  # the same bytes were stored concurrently
             with session_scope(self.engine) as session:
                 return self._duplicate(session, image.sha256)
-        return UploadResult(image_id, self._name(category_id), item.label_given, False, predicted_score, near)
+        return UploadResult(
+            image_id, self._name(category_id), item.label_given, False, predicted_score, predicted_probability, near
+        )
 
     def _duplicate(self, session: Session, sha256: str) -> UploadResult:
         stored = catalogue.get_image(session, catalogue.existing_by_sha(session, [sha256])[sha256])
@@ -298,6 +323,18 @@ class SearchService:
 
     def delete(self, image_id: int) -> Image:
         return self._write(lambda session: catalogue.delete_image(session, image_id))
+
+    def refresh(self) -> None:
+        """The server's tick: follow other processes' changes, then let stage 1 check whether to retrain."""
+        self.cache.refresh()
+        self.stage1.refresh(self.cache.watermark)
+
+    def rebuild_index(self, reason: str) -> TwoStageIndex:
+        """A full rebuild of the index, then stage 1 retrained on the given labels (build-index)."""
+        index = self.cache.rebuild(reason)
+        if self.settings.stage1 != "prototype":
+            self.stage1.retrain()
+        return index
 
     def rebuild_prototypes(self) -> int:
         return self._write(lambda session: catalogue.rebuild_prototypes(session, self.model))
@@ -356,4 +393,5 @@ class SearchService:
                 default_search_limit=self.settings.default_search_limit,
                 bounds=search_params.bounds(),
             ),
+            stage1=self.stage1.status(),
         )

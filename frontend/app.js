@@ -96,7 +96,7 @@ function refreshCatalogueViews() {
   Views.loadGallery().catch((err) => showError(`Gallery failed: ${err.message}`));
 }
 
-// Stage 1's ranking as bars: their length is the prototype's cosine, relative to the best one.
+// Stage 1's ranking as bars: the calibrated probability when a ranker is trained, else the score relative to the best.
 function renderCategories(categories) {
   const list = $("categories");
   list.innerHTML = "";
@@ -107,8 +107,11 @@ function renderCategories(categories) {
     li.dataset.testid = "category";
     li.innerHTML = `<span class="name"></span><span class="bar"><span></span></span><span class="val"></span>`;
     li.querySelector(".name").textContent = c.category + (c.searched ? " ✓" : "");
-    li.querySelector(".bar span").style.width = `${(Math.max(0, c.score) / best) * 100}%`;
-    li.querySelector(".val").textContent = c.score.toFixed(3);
+    // Stage 1's calibrated probability when a ranker is trained; its score relative to the best otherwise.
+    const p = c.probability;
+    li.querySelector(".bar span").style.width = `${(p == null ? Math.max(0, c.score) / best : p) * 100}%`;
+    li.querySelector(".val").textContent = p == null ? c.score.toFixed(3) : `${(p * 100).toFixed(1)} %`;
+    li.title = `score ${c.score.toFixed(3)}` + (p == null ? "" : ` · probability ${p.toFixed(3)}`);
     list.appendChild(li);
   }
 }
@@ -263,7 +266,10 @@ async function upload(event) {
   $("upload-near-list").innerHTML = "";
   try {
     const r = await api("/upload", { method: "POST", body: form });
-    const how = r.label_given ? "" : ` (predicted, prototype similarity ${r.category_score.toFixed(3)})`;
+    const p = r.category_probability;
+    const how = r.label_given
+      ? ""
+      : ` (predicted${p == null ? `, score ${r.category_score.toFixed(3)}` : `, probability ${(p * 100).toFixed(1)} %`})`;
     const near = r.near_duplicates.length ? ` It has ${r.near_duplicates.length} near-duplicate(s) already stored:` : "";
     $("upload-result").textContent = r.duplicate
       ? `Already stored as image ${r.image_id} (${r.category}).`

@@ -53,6 +53,7 @@ def test_end_to_end_populate_index_search(env: dict[str, str], tmp_path: Path, c
     assert "0 images added, 60 already stored" in r.stdout  # rerun resumes, stores nothing twice
     r = run(env, "build-index")
     assert "60 vectors in 10 categories" in r.stdout
+    assert "stage 1: prototype (STAGE1=auto; too few given labels" in r.stdout  # 6 a category: nothing trained
 
     queries = []
     for i, s in enumerate(cifar_queries.samples[:3]):

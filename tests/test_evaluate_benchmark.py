@@ -31,12 +31,22 @@ def test_evaluate_reports_every_metric_and_caches_embeddings(tmp_path: Path) -> 
     assert rows["two-stage C=1"]["fraction_scanned"] == 0.1
     assert rows["two-stage C=10 (all)"]["recall@10_vs_exact"] == 1
     assert rows["two-stage C=1"]["recall@10_vs_exact"] <= rows["two-stage C=5"]["recall@10_vs_exact"]
+    stage1 = {row["stage1"]: row for row in report["stage1"]["rows"]}
+    assert set(stage1) == set(report["stage1"]["synthetic_latency_ms"]) == {"prototype", "centroids", "classifier"}
+    assert report["stage1"]["auto"] in stage1
+    # The prototype ranker is the one the table above measured; every ranker is far above chance (0.1).
+    assert stage1["prototype"]["top1"] == report["prototype_top1_accuracy"]
+    assert stage1["prototype"]["P@10 C=1"] == rows["two-stage C=1"]["precision@10"]
+    for row in stage1.values():
+        assert 0.5 <= row["top1"] <= row["top3"] <= 1 and row["latency_ms"] > 0 and row["train_s"] >= 0
+        assert 0 < row["R@10/exact C=1"] <= row["R@10/exact C=3"] <= 1
 
     cached = list((tmp_path / "cache" / "embeddings").rglob("*.npz"))
     assert len(cached) == 2
     again = cli(tmp_path, "evaluate", "--catalogue-size", "200", "--queries", "40")
     assert again.returncode == 0 and "embed cifar10" not in again.stderr  # nothing re-embedded
     assert "nearest-prototype category accuracy" in again.stdout
+    assert "stage 1 (exact search P@10" in again.stdout and "1000 synthetic categories" in again.stdout
 
 
 def test_benchmark_quick_prints_every_section(tmp_path: Path) -> None:

@@ -54,7 +54,7 @@ async def _refresh_index(service: SearchService, settings: Settings) -> None:
     while True:
         await asyncio.sleep(every_s)
         try:
-            await run_in_threadpool(service.cache.refresh)
+            await run_in_threadpool(service.refresh)
             if time.monotonic() - pruned_at > PRUNE_EVERY_S:
                 await run_in_threadpool(prune_change_log, service.engine, settings.change_log_retention_days)
                 pruned_at = time.monotonic()

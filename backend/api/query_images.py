@@ -42,11 +42,15 @@ def query_form(max_files: int) -> Callable[[Request], Coroutine[Any, Any, None]]
     return check
 
 
-def query_images(files: list[UploadFile] | None, url: str | None, settings: Settings, side: int) -> list[Image.Image]:
-    """The query images as RGB, in the order sent (run in a worker thread: reads and downloads block); an
-    uploaded file is decoded only as far as a model with `side` px input needs."""
+def query_images(
+    files: list[UploadFile] | None, url: str | None, settings: Settings, side: int
+) -> tuple[list[Image.Image], list[str]]:
+    """The query images as RGB and the sha256 of their bytes, in the order sent (run in a worker thread:
+    reads and downloads block); an uploaded file is decoded only as far as a model with `side` px input needs."""
     if url is not None:
-        return [image_from_url(url, settings).rgb]
+        image = image_from_url(url, settings)
+        return [image.rgb], [image.sha256]
     if not files:  # query_form let nothing through without a file or a URL; this says so if it ever does
         raise Unprocessable("file: send a query image in the field 'file', or its address in 'url'")
-    return [read_query(f, settings, side) for f in files]
+    read = [read_query(f, settings, side) for f in files]
+    return [image for image, _ in read], [sha for _, sha in read]

@@ -77,8 +77,9 @@ class SearchHit(BaseModel):
 class CategoryScoreOut(BaseModel):
     category_id: int
     category: str
-    score: float  # cosine similarity of the query to the category prototype
+    score: float  # stage 1's score: cosine similarity (prototype, centroids) or logit (classifier)
     searched: bool
+    probability: float | None  # calibrated on held-out labels (null while stage 1 has nothing trained)
 
 
 class SearchResponse(BaseModel):
@@ -127,7 +128,8 @@ class UploadResponse(BaseModel):
     duplicate: bool  # true: these exact bytes were stored before, as image_id
     category: str | None
     label_given: bool
-    category_score: float | None  # prototype similarity when the category was predicted
+    category_score: float | None  # stage 1's score when the category was predicted
+    category_probability: float | None  # and its calibrated probability (null while nothing is trained)
     near_duplicates: list[SearchHit]  # stored images at or above NEAR_DUPLICATE_THRESHOLD, best first
     url: str
     thumbnail_url: str

@@ -1,5 +1,7 @@
 """Reading an uploaded file within MAX_UPLOAD_SIZE and decoding it, off the event loop."""
 
+import hashlib
+
 from fastapi import UploadFile
 from PIL.Image import Image
 
@@ -21,6 +23,9 @@ def read_image(file: UploadFile, settings: Settings) -> DecodedImage:
     return decode_image(_read(file, settings), settings.max_image_pixels, name=echo(file.filename or "upload"))
 
 
-def read_query(file: UploadFile, settings: Settings, side: int) -> Image:
-    """A query image: only what a model with `side` px input needs is decoded (nothing is stored)."""
-    return decode_for_model(_read(file, settings), settings.max_image_pixels, side, name=echo(file.filename or "upload"))
+def read_query(file: UploadFile, settings: Settings, side: int) -> tuple[Image, str]:
+    """A query image: only what a model with `side` px input needs is decoded (nothing is stored); with
+    the sha256 of its bytes, so that a stored image finds itself (backend/own_image.py)."""
+    data = _read(file, settings)
+    image = decode_for_model(data, settings.max_image_pixels, side, name=echo(file.filename or "upload"))
+    return image, hashlib.sha256(data).hexdigest()

@@ -82,6 +82,10 @@ class Settings(BaseSettings):
     rerank: Literal["none", "float32", "float16"] = "none"
     rerank_candidates: int = Field(100, ge=1, le=1000)  # fastscan needs 100 for recall@10 0.97 on Fashion-MNIST
     use_prototype_filtering: bool = True
+    # Stage 1 (backend/stage1.py): how categories are ranked. prototype: averaged given-label vectors;
+    # centroids: each category's k-means sub-centroids; classifier: a linear softmax classifier on the given
+    # labels; auto: whichever ranked the held-out labels best at training (prototype until one is trained).
+    stage1: Literal["prototype", "centroids", "classifier", "auto"] = "auto"
     default_top_categories: int = Field(3, ge=TOP_CATEGORIES_MIN, le=TOP_CATEGORIES_MAX)
     default_search_limit: int = Field(10, ge=LIMIT_MIN, le=LIMIT_MAX)
     # The server checks this often whether other processes (a CLI populate, a worker, another server)

@@ -167,3 +167,23 @@ class CatalogueJobItem(Base):
     url: Mapped[str | None] = mapped_column(Text)
     data: Mapped[bytes | None] = mapped_column(LargeBinary)
     image_id: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class Stage1Model(Base):
+    """Stage 1's learned rankers for one model (migration 0006), derived from the given labels."""
+
+    __tablename__ = "stage1_models"
+
+    model: Mapped[str] = mapped_column(String(128), primary_key=True)
+    dim: Mapped[int] = mapped_column(Integer)
+    trained_change: Mapped[int] = mapped_column(BigInteger)
+    labels: Mapped[int] = mapped_column(Integer)
+    category_ids: Mapped[list[int]] = mapped_column(ARRAY(Integer))
+    classifier_weights: Mapped[bytes] = mapped_column(LargeBinary)
+    classifier_bias: Mapped[bytes] = mapped_column(LargeBinary)
+    centroid_vectors: Mapped[bytes] = mapped_column(LargeBinary)
+    centroid_offsets: Mapped[list[int]] = mapped_column(ARRAY(Integer))
+    temperatures: Mapped[dict] = mapped_column(JSONB)
+    heldout: Mapped[dict] = mapped_column(JSONB)
+    train_seconds: Mapped[dict] = mapped_column(JSONB)
+    trained_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

@@ -283,3 +283,20 @@ def test_info_never_shows_server_paths() -> None:
     assert _shown_source("cat/sub/a.png") == "cat/sub/a.png"
     assert _shown_source("cifar10:data_batch_1:17") == "cifar10:data_batch_1:17"
     assert _shown_source(None) is None
+
+
+def test_stage1_trained_by_a_rebuild_gives_probabilities(client: TestClient, query_png: dict[str, bytes]) -> None:
+    client.post("/admin/rebuild-index")  # trains stage 1 on the 100 given labels (10 a category)
+    stage1 = client.get("/status").json()["stage1"]
+    assert stage1["setting"] == "auto" and stage1["ranker"] in ("prototype", "centroids", "classifier")
+    assert stage1["labels"] == image_count(client) and stage1["ranker"] == max(
+        ("prototype", "centroids", "classifier"),
+        key=lambda r: (stage1["heldout"][r]["top1"], -("prototype", "centroids", "classifier").index(r)),
+    )
+    body = client.post("/search/prototypes", files={"file": ("q.png", query_png["ship"])}).json()
+    probabilities = [c["probability"] for c in body["categories"]]
+    assert len(probabilities) == 10 and abs(sum(probabilities) - 1) < 1e-4
+    assert probabilities == sorted(probabilities, reverse=True)
+    upload = client.post("/upload", files={"file": ("a.png", query_png["airplane"])}).json()
+    assert upload["label_given"] is False and 0 < upload["category_probability"] <= 1
+    client.delete(f"/images/{upload['image_id']}")

@@ -76,7 +76,7 @@ def upload(
     file: Annotated[UploadFile, File(description="image file")],
     category: Annotated[
         OptionalCategoryName,
-        Form(description="existing category; predicted from prototypes if absent", json_schema_extra=NAME_SCHEMA),
+        Form(description="existing category; predicted by stage 1 if absent", json_schema_extra=NAME_SCHEMA),
     ] = None,
     description: Annotated[Description, Form(description="free text", json_schema_extra=TEXT_SCHEMA)] = None,
     on_near_duplicate: Annotated[
@@ -95,6 +95,7 @@ def upload(
         category=result.category,
         label_given=result.label_given,
         category_score=result.category_score,
+        category_probability=result.category_probability,
         near_duplicates=[SearchHit.of(h) for h in result.near_duplicates],
         **image_urls(result.image_id),
     )

@@ -58,8 +58,8 @@ def search(
 ) -> SearchResponse | SearchBatchResponse:
     """Images most similar to the uploaded one (or the one at `url`), with cosine scores and per-stage
     timings. Several files: `{"queries": [...]}`, one result set per file, in order (embedded together)."""
-    images = query_images(file, url, settings, service.embedder.image_size)
-    results = [SearchResponse.of(r, params) for r in service.search(images, params)]
+    images, sha256s = query_images(file, url, settings, service.embedder.image_size)
+    results = [SearchResponse.of(r, params) for r in service.search(images, params, sha256s)]
     return results[0] if len(results) == 1 else SearchBatchResponse(queries=results)
 
 
@@ -70,8 +70,8 @@ def search(
     responses=error_responses(400, 413, 422),
 )
 def search_prototypes(service: ServiceDep, settings: SettingsDep, file: Files = None, url: Url = None) -> PrototypeResponse:
-    """Only stage 1: every category ranked by the cosine similarity of its prototype to the image."""
-    (image,) = query_images(file, url, settings, service.embedder.image_size)
+    """Only stage 1: every category ranked by the active stage-1 ranker (STAGE1), with probabilities."""
+    (image,), _ = query_images(file, url, settings, service.embedder.image_size)
     (ranking,), timings = service.rank_categories([image])
     return PrototypeResponse(categories=[CategoryScoreOut(**vars(c)) for c in ranking], timings_ms=timings)
 

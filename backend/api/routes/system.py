@@ -63,8 +63,8 @@ async def status(service: ServiceDep, request: Request) -> StatusOut:
 
 @router.post("/admin/rebuild-index", dependencies=[guard(Access.ADMIN)], responses=error_responses())
 def rebuild_index(service: ServiceDep) -> RebuildOut:
-    """Rebuild the FAISS index from the vectors stored in the database (no re-embedding)."""
-    index = service.cache.rebuild("requested by POST /admin/rebuild-index")
+    """Rebuild the FAISS index from the vectors stored in the database (no re-embedding); retrain stage 1."""
+    index = service.rebuild_index("requested by POST /admin/rebuild-index")
     return RebuildOut(vectors=index.ntotal, categories=len(index.category_ids), origin=service.cache.origin)
 
 

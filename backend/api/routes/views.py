@@ -98,6 +98,6 @@ def catalogue_map(service: ServiceDep) -> MapOut:
 )
 def place(service: ServiceDep, settings: SettingsDep, file: Files = None, url: Url = None) -> Position:
     """Where a query image (a file, or `url`) falls on the map."""
-    (image,) = query_images(file, url, settings, service.embedder.image_size)
+    (image,), _ = query_images(file, url, settings, service.embedder.image_size)
     x, y = catalogue_views.catalogue_map(service).place(service.embed([image]))[0]
     return Position(x=float(x), y=float(y))
