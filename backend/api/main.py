@@ -88,6 +88,31 @@ async def _resume_staging(app: FastAPI, settings: Settings) -> None:
         await asyncio.sleep(RESUME_EVERY_S)
 
 
+def _add_middleware(app: FastAPI, settings: Settings) -> None:
+    """The request path, outermost last (see the comments): every request passes through all of them."""
+    # Innermost first: cross-site writes are refused before any work, CORS answers preflights for listed
+    # origins only, and every request (refused ones too) is logged once.
+    app.add_middleware(SameOriginWrites, allowed_origins=settings.cors_origins)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=sorted({"GET", "POST", "DELETE"} | SAFE_METHODS),
+            allow_headers=["X-API-Key", "Authorization", "Content-Type", "X-Request-ID"],
+            expose_headers=["X-Request-ID"],
+        )
+    app.add_middleware(KeyBeforeBody, routes_of=app)  # a write without its key is refused before its body is read
+    too_large = f"request body larger than MAX_UPLOAD_SIZE ({settings.max_upload_size:,} bytes) allows"
+    archive_too_large = f"archive larger than MAX_ARCHIVE_SIZE ({settings.max_archive_size:,} bytes) allows"
+    larger = {ARCHIVE_PATH: (settings.max_archive_size + MULTIPART_OVERHEAD, archive_too_large)}
+    app.add_middleware(BodyLimit, max_bytes=settings.max_upload_size + MULTIPART_OVERHEAD, message=too_large, larger=larger)
+    # An archive upload may take longer than a search: an hour for its body (it is staged in the background).
+    app.add_middleware(RequestBudget, seconds=settings.request_timeout_seconds, longer={ARCHIVE_PATH: 3600.0})
+    # A Host that is not this server (DNS rebinding) is refused before anything else looks at the request.
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=trusted_hosts(settings), www_redirect=False)
+    app.add_middleware(RequestLog)
+
+
 def create_app(settings: Settings | None = None, service: SearchService | None = None) -> FastAPI:
     settings = settings or (service.settings if service else get_settings())
 
@@ -126,27 +151,7 @@ def create_app(settings: Settings | None = None, service: SearchService | None =
 
     install_error_handlers(app)
     instrument(app)
-    # Innermost first: cross-site writes are refused before any work, CORS answers preflights for listed
-    # origins only, and every request (refused ones too) is logged once.
-    app.add_middleware(SameOriginWrites, allowed_origins=settings.cors_origins)
-    if settings.cors_origins:
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=settings.cors_origins,
-            allow_methods=sorted({"GET", "POST", "DELETE"} | SAFE_METHODS),
-            allow_headers=["X-API-Key", "Authorization", "Content-Type", "X-Request-ID"],
-            expose_headers=["X-Request-ID"],
-        )
-    app.add_middleware(KeyBeforeBody, routes_of=app)  # a write without its key is refused before its body is read
-    too_large = f"request body larger than MAX_UPLOAD_SIZE ({settings.max_upload_size:,} bytes) allows"
-    archive_too_large = f"archive larger than MAX_ARCHIVE_SIZE ({settings.max_archive_size:,} bytes) allows"
-    larger = {ARCHIVE_PATH: (settings.max_archive_size + MULTIPART_OVERHEAD, archive_too_large)}
-    app.add_middleware(BodyLimit, max_bytes=settings.max_upload_size + MULTIPART_OVERHEAD, message=too_large, larger=larger)
-    # An archive upload may take longer than a search: an hour for its body (it is staged in the background).
-    app.add_middleware(RequestBudget, seconds=settings.request_timeout_seconds, longer={ARCHIVE_PATH: 3600.0})
-    # A Host that is not this server (DNS rebinding) is refused before anything else looks at the request.
-    app.add_middleware(TrustedHostMiddleware, allowed_hosts=trusted_hosts(settings), www_redirect=False)
-    app.add_middleware(RequestLog)
+    _add_middleware(app, settings)
 
     for module in (search, images, duplicates, views, categories, jobs, system):
         app.include_router(module.router)
