@@ -14,14 +14,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, create_engine, func, select, text
+from sqlalchemy import Engine, func, select, text
 
 from backend import jobs
 from backend.core.config import PROJECT_ROOT
 from backend.datasets import load_cifar10
 from backend.db import migrate
 from backend.db.models import Image
-from backend.db.session import session_scope
+from backend.db.session import make_engine, session_scope
 from tests.utils.settings import CIFAR_SUBSET, make_settings
 
 pytestmark = pytest.mark.model  # worker processes load the real Lite0 weights
@@ -39,7 +39,7 @@ def db(databases, tmp_path: Path) -> Iterator[tuple[str, Engine]]:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     databases.created.append(name)
     url = databases.server_url.set(database=name)
-    engine = create_engine(url)
+    engine = make_engine(url)
     migrate.upgrade(engine)
     yield url.render_as_string(hide_password=False), engine
     engine.dispose()

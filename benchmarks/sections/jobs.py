@@ -8,8 +8,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
+from sqlalchemy import Engine
 
 from backend import jobs
 from backend.core.config import PROJECT_ROOT, Settings
@@ -36,6 +38,14 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             p.kill()
 
 
+def _cifar_job(settings: Settings, engine: Engine, queue: Any, model: str, n: int, chunk: int) -> int:
+    """A dataset job of `n` balanced CIFAR-10 train images (the ones `cifar_samples` picks), staged now."""
+    params = {"dataset": "cifar10", "split": "train", "num_images": n}
+    job_id = jobs.create_job(settings, engine, "dataset", model, params, None)
+    jobs.stage_job(settings.model_copy(update={"job_chunk_size": chunk}), engine, queue, job_id)
+    return job_id
+
+
 def run(settings: Settings, quick: bool) -> dict:
     n = 64 if quick else 2000
     dataset = cifar_samples(settings, n, "train")
@@ -51,13 +61,11 @@ def run(settings: Settings, quick: bool) -> dict:
             procs = _workers(url, db.data_dir, onnx_dir, count)
             try:
                 # Warm-up: each worker loads the model on its first chunk; time the real job only.
-                warm = jobs.create_job(db.engine, "dataset", embedder.model_id, {}, None)
                 queue = jobs.open_queue(db.engine)
-                jobs.stage_items(db.engine, queue, warm, jobs.sample_items(dataset.samples[: 4 * count]), 2)
+                warm = _cifar_job(settings, db.engine, queue, embedder.model_id, 4 * count, 2)
                 jobs.wait_for(db.engine, warm, 300)
-                job_id = jobs.create_job(db.engine, "dataset", embedder.model_id, {}, None)
                 start = time.perf_counter()
-                jobs.stage_items(db.engine, queue, job_id, jobs.sample_items(dataset.samples), settings.job_chunk_size)
+                job_id = _cifar_job(settings, db.engine, queue, embedder.model_id, n, settings.job_chunk_size)
                 job = jobs.wait_for(db.engine, job_id, 1800)
                 seconds = time.perf_counter() - start
                 queue.close()
@@ -66,11 +74,11 @@ def run(settings: Settings, quick: bool) -> dict:
             out["workers"][count] = {"images_per_s": round(job.added / seconds, 1), "added": job.added, "state": job.state}
             print(f"  jobs: {count} worker(s): {job.added / seconds:.1f} images/s ({job.added} added)", file=sys.stderr)
     # --quick leaves out the second server and worker: starting them was a third of the smoke run
-    out["server_sees_worker_s"] = None if quick else _visibility(settings, dataset, onnx_dir)
+    out["server_sees_worker_s"] = None if quick else _visibility(settings, onnx_dir)
     return out
 
 
-def _visibility(settings: Settings, dataset, onnx_dir: Path) -> float:
+def _visibility(settings: Settings, onnx_dir: Path) -> float:
     """Seconds from a separate worker's job ending to the server (SERVE_WORKER=false) answering with one
     of its images as the top hit; bounded by INDEX_REFRESH_SECONDS (default 2)."""
     import socket
@@ -105,14 +113,12 @@ def _visibility(settings: Settings, dataset, onnx_dir: Path) -> float:
                         break
                 except httpx.HTTPError:
                     time.sleep(0.5)
-            samples = dataset.samples[:64]
             queue = jobs.open_queue(db.engine)
-            job_id = jobs.create_job(db.engine, "dataset", "efficientnet_lite0/imagenet/224px", {}, None)
-            jobs.stage_items(db.engine, queue, job_id, jobs.sample_items(samples), 32)
+            job_id = _cifar_job(settings, db.engine, queue, "efficientnet_lite0/imagenet/224px", 64, 32)
             queue.close()
             jobs.wait_for(db.engine, job_id, 600)
             ended = time.perf_counter()
-            query = samples[-1].load()
+            query = cifar_samples(settings, 64).samples[-1].load()  # the same 64 the job staged
             while time.perf_counter() - ended < 60:
                 hit = httpx.post(
                     f"{base}/search?limit=1&use_prototypes=false", files={"file": ("q.png", query, "image/png")}, timeout=30
