@@ -136,6 +136,17 @@ def catalogue_engine(databases: Databases, embedder: EfficientNetLiteEmbedder, c
     return eng
 
 
+@pytest.fixture(scope="module")
+def service(catalogue_engine: Engine, embedder: EfficientNetLiteEmbedder, tmp_path_factory: pytest.TempPathFactory):
+    """A search service over the shared CIFAR catalogue (read-only); modules that write define their own."""
+    from backend.service import SearchService
+    from tests.utils.settings import make_settings
+
+    svc = SearchService(make_settings(tmp_path_factory.mktemp("data"), catalogue_engine), catalogue_engine, embedder)
+    svc.cache.get()
+    return svc
+
+
 @pytest.fixture(scope="session")
 def query_vectors(embedder: EfficientNetLiteEmbedder, cifar_queries: Dataset) -> tuple[np.ndarray, list[str]]:
     from backend.imaging import decode_image

@@ -10,14 +10,6 @@ from backend.core.errors import Unprocessable
 from backend.core.search_params import SearchParams
 from backend.db.session import session_scope
 from backend.service import SearchResult, SearchService
-from tests.utils.settings import make_settings
-
-
-@pytest.fixture(scope="module")
-def service(catalogue_engine: Engine, embedder, tmp_path_factory) -> SearchService:
-    svc = SearchService(make_settings(tmp_path_factory.mktemp("data"), catalogue_engine), catalogue_engine, embedder)
-    svc.cache.get()
-    return svc
 
 
 @pytest.fixture(scope="module")

@@ -8,19 +8,11 @@ from backend import catalogue
 from backend.core.search_params import SearchParams
 from backend.db.session import session_scope
 from backend.service import SearchService
-from tests.utils.settings import make_settings
 
 # Chance is 0.10 (10 balanced categories). Lite0 ImageNet features reach ~0.70 on a 5,000-image
 # catalogue; with 60 images per category we measured 0.63 here, so 0.50 leaves room for noise
 # while failing on anything broken (random weights measure ~0.2, wrong scaling ~0.3).
 MIN_PRECISION_AT_10 = 0.50
-
-
-@pytest.fixture(scope="module")
-def service(catalogue_engine: Engine, embedder, tmp_path_factory) -> SearchService:
-    svc = SearchService(make_settings(tmp_path_factory.mktemp("data"), catalogue_engine), catalogue_engine, embedder)
-    svc.cache.get()
-    return svc
 
 
 @pytest.fixture(scope="module")
