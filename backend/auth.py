@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Literal, get_args
 
-from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from backend.core.errors import NotFound, Unprocessable
 from backend.core.text import clean_name, echo
-from backend.db.models import ApiKey
+from backend.storage import api_keys
+from backend.storage.schema import ApiKey
 
 Scope = Literal["search", "write", "admin", "metrics"]
 SCOPES: tuple[Scope, ...] = get_args(Scope)
@@ -74,36 +74,24 @@ def create_key(session: Session, name: str, scopes: list[str]) -> tuple[KeyInfo,
     scopes = parse_scopes(scopes)
     while True:  # 8 hex characters: a collision is rare, but the prefix must be unique
         prefix = secrets.token_hex(4)
-        if session.scalar(select(ApiKey.id).where(ApiKey.prefix == prefix)) is None:
+        if not api_keys.prefix_taken(session, prefix):
             break
     key = f"imsrc_{prefix}_{secrets.token_urlsafe(SECRET_BYTES)}"
-    row = ApiKey(name=name, prefix=prefix, key_sha256=_sha256(key), scopes=scopes)
-    session.add(row)
-    session.flush()
-    session.refresh(row)
-    return KeyInfo.of(row), key
+    return KeyInfo.of(api_keys.add_key(session, name, prefix, _sha256(key), scopes)), key
 
 
 def list_keys(session: Session, include_revoked: bool = False) -> list[KeyInfo]:
-    query = select(ApiKey).order_by(ApiKey.id)
-    if not include_revoked:
-        query = query.where(ApiKey.revoked_at.is_(None))
-    return [KeyInfo.of(row) for row in session.scalars(query)]
+    return [KeyInfo.of(row) for row in api_keys.all_keys(session, include_revoked)]
 
 
 def revoke(session: Session, which: str) -> KeyInfo:
     """Revoke a key named by its id, its prefix or its name (when exactly one live key has that name)."""
-    live = select(ApiKey).where(ApiKey.revoked_at.is_(None))
-    if which.isdigit() and len(which) < 10:
-        rows = list(session.scalars(live.where(ApiKey.id == int(which))))
-    else:
-        rows = list(session.scalars(live.where((ApiKey.prefix == which) | (ApiKey.name == which))))
+    rows = api_keys.live_keys(session, which)
     if not rows:
         raise NotFound(f"no live API key with id, prefix or name {echo(which)!r}")
     if len(rows) > 1:
         raise Unprocessable(f"{len(rows)} live keys are named {echo(which)!r}: revoke by id or prefix")
-    rows[0].revoked_at = datetime.now(UTC)
-    session.flush()
+    api_keys.revoke_key(session, rows[0], datetime.now(UTC))
     return KeyInfo.of(rows[0])
 
 
@@ -112,15 +100,14 @@ def authenticate(session: Session, key: str) -> KeyInfo | None:
     match = KEY_PATTERN.match(key.strip())
     row = None
     if match:
-        row = session.scalar(select(ApiKey).where(ApiKey.prefix == match.group(1), ApiKey.revoked_at.is_(None)))
+        row = api_keys.live_key_by_prefix(session, match.group(1))
     # Compared in constant time, and compared even when no row matched, so timing says nothing about the key.
     same = hmac.compare_digest(row.key_sha256 if row is not None else _NO_KEY_SHA, _sha256(key.strip()))
     if row is None or not same:
         return None
     now = datetime.now(UTC)
     if row.last_used_at is None or now - row.last_used_at > LAST_USED_EVERY:
-        session.execute(update(ApiKey).where(ApiKey.id == row.id).values(last_used_at=now))
-        row.last_used_at = now
+        api_keys.mark_used(session, row, now)
     return KeyInfo.of(row)
 
 

@@ -14,11 +14,11 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 
 from backend.core.errors import AppError, DatabaseUnavailable
-from backend.db import embedded, migrate
-from backend.db.session import session_scope
+from backend.storage import change_log, embedded, migrate
+from backend.storage.engine import server_major_version, session_scope
 
 TOOL_TIMEOUT_S = 3600.0
 
@@ -61,11 +61,6 @@ def find_tool(name: str, server_major: int) -> Tool:
     return usable[0]
 
 
-def server_major(engine: Engine) -> int:
-    with engine.connect() as conn:
-        return int(conn.execute(text("SHOW server_version_num")).scalar_one()) // 10000
-
-
 def _libpq(engine: Engine) -> tuple[str, dict[str, str]]:
     """The database's URL for libpq tools, and an environment with the password (never on the command line)."""
     url = engine.url.set(drivername="postgresql")
@@ -92,7 +87,7 @@ def backup(engine: Engine, target: Path) -> int:
         raise AppError(f"{target} is a directory: give a file name")
     if not target.parent.is_dir():
         raise AppError(f"{target.parent} does not exist")
-    tool = find_tool("pg_dump", server_major(engine))
+    tool = find_tool("pg_dump", server_major_version(engine))
     url, env = _libpq(engine)
     partial = target.with_name(f".{target.name}.partial")
     try:
@@ -109,7 +104,7 @@ def restore(engine: Engine, source: Path) -> None:
     source = source.expanduser()
     if not source.is_file():
         raise AppError(f"{source}: no such backup file")
-    tool = find_tool("pg_restore", server_major(engine))
+    tool = find_tool("pg_restore", server_major_version(engine))
     url, env = _libpq(engine)
     _run([str(tool.path), "--list", str(source)], env, f"{source} is not a pg_dump custom-format backup: pg_restore")
     engine.dispose()  # our own pooled connections would hold locks on the tables being replaced
@@ -130,4 +125,4 @@ def restore(engine: Engine, source: Path) -> None:
     )
     migrate.upgrade(engine)  # a backup from an older version of this program
     with session_scope(engine) as session:
-        session.execute(text("UPDATE catalogue_meta SET catalogue_id = gen_random_uuid()"))
+        change_log.new_catalogue_id(session)

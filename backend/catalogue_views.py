@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from backend import catalogue
-from backend.db.session import session_scope
+from backend.storage import catalogue, vector_reader
+from backend.storage.engine import session_scope
 
 if TYPE_CHECKING:
     from backend.service import SearchService
@@ -66,7 +66,7 @@ def catalogue_map(service: "SearchService") -> CatalogueMap:
         if cached is not None and cached[0] == key:
             return cached[1]
     with session_scope(service.engine) as session:
-        stored = catalogue.load_vectors(session, service.model)
+        stored = vector_reader.load_vectors(session, service.model)
     made = project(stored.ids, stored.category_ids, stored.vectors)
     with _lock:
         _maps[id(service)] = (key, made)

@@ -21,7 +21,7 @@ from backend.cli_search import int_in
 from backend.core.config import Settings, get_settings
 from backend.core.errors import AppError
 from backend.datasets import DATASETS
-from backend.db.session import DATABASE_ERRORS, database_problem
+from backend.storage.engine import DATABASE_ERRORS, database_problem
 from backend.telemetry import configure_logging
 
 if TYPE_CHECKING:  # the service pulls in torch and FAISS: imported lazily so `--help` stays fast
@@ -35,8 +35,8 @@ def _service(settings: Settings) -> "SearchService":
 
 
 def cmd_init_db(args: argparse.Namespace, settings: Settings) -> None:
-    from backend.db import migrate
-    from backend.db.session import get_engine, location
+    from backend.storage import migrate
+    from backend.storage.engine import get_engine, location
 
     engine = get_engine()
     revision = migrate.upgrade(engine)
@@ -44,8 +44,8 @@ def cmd_init_db(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def _require_schema() -> None:
-    from backend.db import migrate
-    from backend.db.session import get_engine
+    from backend.storage import migrate
+    from backend.storage.engine import get_engine
 
     current = migrate.current_revision(get_engine())
     if current != migrate.head_revision():
@@ -54,9 +54,9 @@ def _require_schema() -> None:
 
 def cmd_populate(args: argparse.Namespace, settings: Settings) -> None:
     from backend.datasets import load_dataset
-    from backend.db.session import get_engine
     from backend.embedding.registry import create_embedder
     from backend.ingest import ingest
+    from backend.storage.engine import get_engine
 
     _require_schema()
     dataset = load_dataset(args.dataset, args.source, args.split, args.num_images, settings)
@@ -156,7 +156,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> None:
     """Run catalogue-job chunks until SIGINT/SIGTERM; start as many as you like, on any machine."""
     from backend import jobs
-    from backend.db.session import get_engine
+    from backend.storage.engine import get_engine
 
     _require_schema()
     print(f"worker: {args.concurrency or settings.worker_concurrency} chunk(s) at a time; Ctrl-C stops it", flush=True)
@@ -172,7 +172,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> None:
 
 def cmd_jobs(args: argparse.Namespace, settings: Settings) -> None:
     from backend import jobs
-    from backend.db.session import get_engine
+    from backend.storage.engine import get_engine
 
     _require_schema()
     engine = get_engine()
@@ -200,7 +200,7 @@ def cmd_jobs(args: argparse.Namespace, settings: Settings) -> None:
 
 def cmd_api_key(args: argparse.Namespace, settings: Settings) -> None:
     from backend import auth
-    from backend.db.session import session_scope
+    from backend.storage.engine import session_scope
 
     _require_schema()
     if args.action == "create":
@@ -231,7 +231,7 @@ def _ensure_admin_key(path: Path) -> None:
     import os
 
     from backend import auth
-    from backend.db.session import session_scope
+    from backend.storage.engine import session_scope
 
     existing = path.read_text().strip() if path.is_file() else ""
     with session_scope() as session:
@@ -253,7 +253,7 @@ def _ensure_admin_key(path: Path) -> None:
 
 def cmd_backup(args: argparse.Namespace, settings: Settings) -> None:
     from backend.backup import backup
-    from backend.db.session import get_engine
+    from backend.storage.engine import get_engine
 
     _require_schema()
     size = backup(get_engine(), args.file)
@@ -262,7 +262,7 @@ def cmd_backup(args: argparse.Namespace, settings: Settings) -> None:
 
 def cmd_restore(args: argparse.Namespace, settings: Settings) -> None:
     from backend.backup import restore
-    from backend.db.session import get_engine, location
+    from backend.storage.engine import get_engine, location
 
     engine = get_engine()
     where = location(settings, engine)

@@ -3,7 +3,7 @@
 The database is the truth. An index is described by the catalogue it came from and a *watermark*: the
 newest change number (migration 0002) it reflects. Change numbers are handed out in commit order, so
 an index at watermark W becomes current by applying exactly the embeddings stamped after W and the
-deletions logged after W (`catalogue.changes_since`), in time proportional to the change.
+deletions logged after W (`change_log.changes_since`), in time proportional to the change.
 
 - Never lose an acknowledged write: a writer commits, then calls `after_write`, which applies every change
   up to at least its own before it answers. A full rebuild reads one snapshot (REPEATABLE READ) at
@@ -35,13 +35,12 @@ from typing import BinaryIO, Literal
 from pydantic import BaseModel, Field, ValidationError
 from sqlalchemy import Engine
 
-from backend import catalogue
 from backend.core.locks import ReadWriteLock
 from backend.core.search_params import IndexKind
-from backend.db import migrate
-from backend.db.session import session_scope
 from backend.index import SAMPLE_MULTIPLIER, IndexSpec, TwoStageIndex, index_class, sample_cut
 from backend.index_fastscan import resolve
+from backend.storage import catalogue, change_log, migrate, vector_reader
+from backend.storage.engine import session_scope
 from backend.telemetry import INDEX_REFRESHES, INDEX_VECTORS
 from backend.vectors import StoredVectors
 
@@ -84,7 +83,7 @@ class CacheRejected(Exception):
 @dataclass(frozen=True)
 class Built:
     index: TwoStageIndex
-    identity: catalogue.CatalogueIdentity
+    identity: change_log.CatalogueIdentity
     watermark: int
 
 
@@ -110,21 +109,21 @@ def build_from_database(
     """A new index from one consistent snapshot of the stored vectors and prototype sums (never re-embeds)."""
     spec = spec or IndexSpec()
     with session_scope(engine, snapshot=True, bulk=True) as session:
-        identity = catalogue.identity(session)
-        watermark = catalogue.head(session, model)
+        identity = change_log.identity(session)
+        watermark = change_log.head(session, model)
         category_ids = sorted(catalogue.category_ids(session).values())
         prototypes = catalogue.load_prototypes(session, model)
         sizes = catalogue.category_vector_counts(session, model)
         spec = resolve(spec, sum(sizes.values()))  # auto: flat or fastscan by catalogue size
         if sum(sizes.values()) * dim * 4 <= in_memory_bytes:
-            index = TwoStageIndex.build(model, dim, category_ids, catalogue.load_vectors(session, model), prototypes, spec)
+            index = TwoStageIndex.build(model, dim, category_ids, vector_reader.load_vectors(session, model), prototypes, spec)
         else:
             sample_rule = (SAMPLE_MULTIPLIER, sample_cut(spec.train_fraction(sizes)))
-            sample = catalogue.load_vectors(session, model, sample_rule) if sample_rule[1] else StoredVectors.empty(dim)
+            sample = vector_reader.load_vectors(session, model, sample_rule) if sample_rule[1] else StoredVectors.empty(dim)
             index = TwoStageIndex.train(model, dim, category_ids, spec, sizes, sample)
             del sample
             index.set_prototypes(prototypes)
-            for chunk in catalogue.stream_vectors(session, model, CHUNK_ROWS):
+            for chunk in vector_reader.stream_vectors(session, model, CHUNK_ROWS):
                 index.add(chunk.ids, chunk.category_ids, chunk.vectors)
     return Built(index, identity, watermark)
 
@@ -132,7 +131,7 @@ def build_from_database(
 def prune_change_log(engine: Engine, keep_days: float) -> int:
     """Forget deletions older than `keep_days`: a cache that old rebuilds in full instead of following."""
     with session_scope(engine) as session:
-        return catalogue.prune_deletions(session, datetime.now(UTC) - timedelta(days=keep_days))
+        return change_log.prune_deletions(session, datetime.now(UTC) - timedelta(days=keep_days))
 
 
 class IndexCache:
@@ -143,7 +142,7 @@ class IndexCache:
         self._apply = threading.Lock()  # one thread at a time moves the watermark
         self._build = threading.RLock()  # one load or full rebuild at a time
         self._index: TwoStageIndex | None = None
-        self._identity: catalogue.CatalogueIdentity | None = None
+        self._identity: change_log.CatalogueIdentity | None = None
         self._watermark = 0
         self.origin = "not loaded"
         self.last_refresh: RefreshReport | None = None
@@ -221,14 +220,14 @@ class IndexCache:
     def _install(self, built: Built) -> tuple[int, int]:
         """Apply the changes after `built.watermark` and make the result the live index. Caller holds _apply."""
         with session_scope(self.engine, snapshot=True, bulk=True) as session:
-            identity = catalogue.identity(session)
+            identity = change_log.identity(session)
             if identity.catalogue_id != built.identity.catalogue_id:
                 raise CacheRejected("the database now holds another catalogue")
             if built.watermark > identity.changes_issued:  # e.g. the database was restored from an older backup
                 raise CacheRejected(f"built at change {built.watermark}, past the database's newest ({identity.changes_issued})")
             if built.watermark < identity.deletions_pruned_through:
                 raise CacheRejected(f"deletions after change {built.watermark} were pruned from the log")
-            changes = catalogue.changes_since(session, self.model, built.watermark)
+            changes = change_log.changes_since(session, self.model, built.watermark)
             reload = changes.prototypes_changed or len(changes.added) > 0 or not built.index.prototypes_set
             prototypes = catalogue.load_prototypes(session, self.model) if reload else None
         index = built.index
@@ -285,8 +284,8 @@ class IndexCache:
         if self._index is None or self._identity is None:
             return False
         with session_scope(self.engine, snapshot=True) as session:
-            same = catalogue.identity(session).catalogue_id == self._identity.catalogue_id
-            return same and catalogue.head(session, self.model) == self._watermark
+            same = change_log.identity(session).catalogue_id == self._identity.catalogue_id
+            return same and change_log.head(session, self.model) == self._watermark
 
     # --- the cache file -----------------------------------------------------------------------
 
@@ -357,7 +356,7 @@ class IndexCache:
         except ValidationError as exc:
             raise CacheRejected(f"header of the wrong shape ({exc.error_count()} problems)") from exc
         with session_scope(self.engine) as session:
-            identity = catalogue.identity(session)
+            identity = change_log.identity(session)
         spec = resolve(self.spec, header.vectors)
         expected = {
             "catalogue_id": identity.catalogue_id,

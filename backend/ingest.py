@@ -15,13 +15,13 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
 from tqdm import tqdm
 
-from backend import catalogue
 from backend.core.errors import InvalidImage
 from backend.datasets import Dataset, Sample
-from backend.db.session import session_scope
 from backend.embedding.base import Embedder
 from backend.imaging import ImageBytes, decode_image
 from backend.pipeline import DEFAULT_DECODERS, run_pipeline
+from backend.storage import catalogue
+from backend.storage.engine import session_scope
 
 log = logging.getLogger(__name__)
 MAX_ERRORS = 20  # error lines kept in a report

@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from backend import catalogue
 from backend.core.search_params import SearchParams
-from backend.db.session import session_scope
+from backend.storage import vector_reader
+from backend.storage.engine import session_scope
 from backend.vectors import StoredVectors
 
 if TYPE_CHECKING:
@@ -64,7 +64,7 @@ _cache: dict[int, tuple[tuple[int, str, float], list[Group]]] = {}
 
 def _find_groups(service: "SearchService", threshold: float) -> list[Group]:
     with session_scope(service.engine) as session:
-        stored = catalogue.load_vectors(session, service.model)
+        stored = vector_reader.load_vectors(session, service.model)
     links = _links(service, stored, threshold)
     parent: dict[int, int] = {}
     for a, b, _ in links:

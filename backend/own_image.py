@@ -16,13 +16,12 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image as PILImage
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine
 
-from backend import catalogue
-from backend.db.models import Image
-from backend.db.session import session_scope
 from backend.index import SearchHits, TwoStageIndex
 from backend.stage1 import Ranking, Stage1
+from backend.storage import catalogue
+from backend.storage.engine import session_scope
 
 PROBE_SUB_CENTROIDS = 8  # nearest sub-centroids whose categories are probed beside the top-C ...
 PROBE_BY_RANK = 1  # ... with the next category by stage 1
@@ -108,9 +107,7 @@ def find_own(
     with session_scope(engine) as session:
         same = catalogue.existing_by_sha(session, shas)
         vectors = {i: catalogue.image_vector(session, i, model) for i in same.values()}
-        data: dict[int, bytes] = {}
-        if check:
-            data = {int(i): bytes(raw) for i, raw in session.execute(select(Image.id, Image.data).where(Image.id.in_(check)))}
+        data = catalogue.image_data(session, check)
     stored_thumbnails = {i: _stored_thumbnail(raw) for i, raw in data.items()}
     out: list[tuple[int, float] | None] = []
     for query, image, cands in zip(queries, images, candidates, strict=True):

@@ -11,11 +11,11 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 from sqlalchemy import Engine
 
-from backend import catalogue
 from backend.core.errors import Unprocessable
 from backend.core.search_params import SearchParams
 from backend.core.text import echo
-from backend.db.session import session_scope
+from backend.storage import catalogue
+from backend.storage.engine import session_scope
 
 
 def category_filter(engine: Engine, names: Sequence[str] | None) -> list[int] | None:

@@ -16,19 +16,20 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from backend import catalogue, index_fastscan, near_duplicates, own_image, search_filters
+from backend import index_fastscan, near_duplicates, own_image, search_filters
 from backend.core import search_params
 from backend.core.config import Settings
 from backend.core.errors import Conflict, InvalidInput, NotFound
 from backend.core.search_params import SearchParams
-from backend.db.models import Image
-from backend.db.session import get_engine, location, session_scope
 from backend.embedding.base import Embedder
 from backend.embedding.registry import create_embedder
 from backend.imaging import DecodedImage
 from backend.index import TwoStageIndex, index_spec
 from backend.index_cache import IndexCache
 from backend.stage1 import Ranking, Stage1, Stage1Status
+from backend.storage import catalogue
+from backend.storage.engine import get_engine, location, session_scope
+from backend.storage.schema import Image
 from backend.telemetry import EMBED_IMAGES, EMBED_SECONDS, SEARCH_STAGE_SECONDS
 
 log = logging.getLogger(__name__)

@@ -18,15 +18,15 @@ from typing import Literal, get_args
 
 import numpy as np
 from pydantic import BaseModel
-from sqlalchemy import Engine, func, select
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from backend import catalogue
-from backend.db.models import DeletedEmbedding, Embedding, Image, Stage1Model
-from backend.db.session import session_scope
 from backend.index import SAMPLE_MODULUS, SAMPLE_MULTIPLIER, TwoStageIndex
 from backend.stage1_models import Centroids, LinearSoftmax, Trained, softmax, train_rankers
+from backend.storage import catalogue, change_log, vector_reader
+from backend.storage import stage1 as stage1_rows
+from backend.storage.engine import session_scope
+from backend.storage.schema import Stage1Model
 
 log = logging.getLogger(__name__)
 
@@ -84,15 +84,11 @@ class Stage1:
     def load(self) -> None:
         """Check the stored row and believe it only if it passes; its arrays are read only when it is new."""
         with session_scope(self.engine, snapshot=True) as session:
-            meta = session.execute(
-                select(Stage1Model.dim, Stage1Model.trained_change, Stage1Model.labels, Stage1Model.category_ids).where(
-                    Stage1Model.model == self.model
-                )
-            ).first()
+            meta = stage1_rows.stored_summary(session, self.model)
             why = "nothing trained yet" if meta is None else _why_not(session, self.model, self.dim, *meta)
             trained = self.trained if why is None and meta is not None and self.trained_change == meta[1] else None
             if why is None and trained is None:
-                trained = _decode(session.get_one(Stage1Model, self.model))
+                trained = _decode(stage1_rows.stored_row(session, self.model))
                 why = None if trained is not None else "its stored arrays do not fit together"
         self.use(trained, None if trained is None or meta is None else int(meta[1]), why)
 
@@ -109,7 +105,7 @@ class Stage1:
         """Train on the given labels of one snapshot and store the result (replacing the old row)."""
         with self._training:
             with session_scope(self.engine, snapshot=True, bulk=True) as session:
-                change = catalogue.head(session, self.model)
+                change = change_log.head(session, self.model)
                 lacking = _too_few_labels(session, self.model)
                 if lacking is not None:
                     self.use(None, None, lacking)
@@ -117,7 +113,7 @@ class Stage1:
                 total = int(catalogue.load_prototypes(session, self.model).counts.sum())
                 cut = min(SAMPLE_MODULUS, -(-MAX_TRAIN_LABELS * SAMPLE_MODULUS // total))
                 sample = (SAMPLE_MULTIPLIER, cut) if cut < SAMPLE_MODULUS else None
-                labelled = catalogue.load_vectors(session, self.model, sample, given_only=True)
+                labelled = vector_reader.load_vectors(session, self.model, sample, given_only=True)
             trained = train_rankers(labelled.ids, labelled.category_ids, labelled.vectors)
             with session_scope(self.engine) as session:
                 _store(session, self.model, self.dim, change, trained)
@@ -205,25 +201,12 @@ def _too_few_labels(session: Session, model: str) -> str | None:
     return None
 
 
-def _labels_changed_since(session: Session, model: str, change: int) -> int:
-    """Given-label embeddings stamped after `change` plus embeddings deleted after it (every deletion counts:
-    the log does not say whether the label was given)."""
-    added = session.scalar(
-        select(func.count())
-        .select_from(Embedding)
-        .join(Image, Image.id == Embedding.image_id)
-        .where(Embedding.model == model, Embedding.seq > change, Image.label_given)
-    )
-    removed = session.scalar(select(func.count()).where(DeletedEmbedding.model == model, DeletedEmbedding.seq > change))
-    return int(added or 0) + int(removed or 0)
-
-
 def _why_not(session: Session, model: str, dim: int, row_dim: int, change: int, labels: int, categories: list[int]) -> str | None:
     """Why the stored row (trained for `row_dim` at `change` on `labels` labels of `categories`) must not be
     used now; None when it may."""
     if row_dim != dim:
         return f"trained for {row_dim} dimensions, the model has {dim}"
-    identity = catalogue.identity(session)
+    identity = change_log.identity(session)
     if change > identity.changes_issued:
         return f"trained at change {change}, past the catalogue's newest ({identity.changes_issued})"
     if change < identity.deletions_pruned_through:
@@ -231,7 +214,7 @@ def _why_not(session: Session, model: str, dim: int, row_dim: int, change: int, 
     unknown = sorted(set(catalogue.load_prototypes(session, model).category_ids.tolist()) - set(categories))
     if unknown:
         return f"categories with given labels it was not trained on: ids {unknown[:10]}"
-    changed = _labels_changed_since(session, model, change)
+    changed = stage1_rows.labels_changed_since(session, model, change)
     if changed > RETRAIN_FRACTION * max(labels, 1):
         return f"{changed} labels changed since it was trained on {labels} (change {change})"
     return None
@@ -250,10 +233,8 @@ def _store(session: Session, model: str, dim: int, change: int, trained: Trained
         "temperatures": trained.temperatures,
         "heldout": trained.heldout,
         "train_seconds": trained.train_seconds,
-        "trained_at": func.now(),
     }
-    statement = insert(Stage1Model).values(model=model, **values)
-    session.execute(statement.on_conflict_do_update(index_elements=[Stage1Model.model], set_=values))
+    stage1_rows.store(session, model, values)
 
 
 def _decode(row: Stage1Model) -> Trained | None:

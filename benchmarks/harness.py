@@ -16,12 +16,12 @@ import psutil
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import URL, make_url
 
-from backend import catalogue
 from backend.core.config import Settings
 from backend.datasets import Dataset, balanced, find_cifar10, load_cifar10
-from backend.db.session import session_scope
 from backend.embedding import quantize
 from backend.imaging import ImageBytes
+from backend.storage import catalogue
+from backend.storage.engine import session_scope
 from backend.vectors import l2_normalise
 
 DIM = 1280
@@ -120,8 +120,8 @@ class TempDatabase:
     data_dir: Path
 
     def __enter__(self) -> "TempDatabase":
-        from backend.db import migrate
-        from backend.db.session import make_engine
+        from backend.storage import migrate
+        from backend.storage.engine import make_engine
 
         admin = _Server.admin_url()
         self.name = f"bench_{uuid.uuid4().hex[:12]}"

@@ -17,10 +17,10 @@ from sqlalchemy.engine import URL, make_url
 
 from backend.core.config import PROJECT_ROOT
 from backend.datasets import Dataset, balanced, load_cifar10
-from backend.db import migrate
-from backend.db.session import make_engine
 from backend.embedding.efficientnet import EfficientNetLiteEmbedder
 from backend.embedding.models import MODELS
+from backend.storage import migrate
+from backend.storage.engine import make_engine
 from tests.utils.settings import CATALOGUE_SIZE, CIFAR_SUBSET, QUERY_COUNT
 
 _SESSION_STARTED = time.time()

@@ -7,13 +7,14 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import Engine
 
-from backend import auth, catalogue
+from backend import auth
 from backend.core.search_params import SearchParams
 from backend.datasets import Dataset, balanced
-from backend.db.session import session_scope
 from backend.imaging import decode_image
 from backend.ingest import ingest
 from backend.service import SearchService
+from backend.storage import catalogue, change_log
+from backend.storage.engine import session_scope
 from tests.utils.cli import run_cli
 from tests.utils.settings import make_settings
 
@@ -49,7 +50,7 @@ def test_backup_restores_an_identical_catalogue(
     query = embedder.embed([decode_image(cifar_queries.samples[0].load(), 10**7).rgb])[0]
     before = _snapshot(service, query)
     with session_scope(engine) as session:
-        old_identity = catalogue.identity(session)
+        old_identity = change_log.identity(session)
 
     dump = tmp_path / "catalogue.dump"
     r = _cli(engine, data, "backup", str(dump))
@@ -74,7 +75,7 @@ def test_backup_restores_an_identical_catalogue(
     assert after == before
     assert "rebuilt from database" in restored.cache.origin  # the cache saved after the backup is not believed
     with session_scope(engine) as session:
-        assert catalogue.identity(session).catalogue_id != old_identity.catalogue_id
+        assert change_log.identity(session).catalogue_id != old_identity.catalogue_id
 
     # The running service notices too: its next refresh rebuilds from the restored database.
     report = service.cache.refresh()

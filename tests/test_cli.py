@@ -8,9 +8,9 @@ import pytest
 from sqlalchemy import Engine, func, select
 
 from backend.core.config import PROJECT_ROOT
-from backend.db import migrate
-from backend.db.models import Image
-from backend.db.session import session_scope
+from backend.storage import migrate
+from backend.storage.engine import session_scope
+from backend.storage.schema import Image
 from tests.utils.cli import run_cli
 from tests.utils.http_images import serving
 from tests.utils.settings import CIFAR_SUBSET
@@ -33,7 +33,7 @@ def env(databases, tmp_path: Path) -> dict[str, str]:
 def image_count(url: str) -> int:
     from sqlalchemy.engine import make_url
 
-    from backend.db.session import make_engine
+    from backend.storage.engine import make_engine
 
     engine: Engine = make_engine(make_url(url).set(drivername="postgresql+psycopg2"))
     with session_scope(engine) as s:
@@ -168,7 +168,7 @@ def test_folder_with_undecodable_names_ingests_and_reruns(env: dict[str, str], t
     from PIL import Image as PILImage
     from sqlalchemy.engine import make_url
 
-    from backend.db.session import make_engine
+    from backend.storage.engine import make_engine
 
     root = tmp_path / "photos"
     os.makedirs(os.fsencode(root / "caf") + b"\xe9")  # Latin-1 names, as old cameras and archives make them

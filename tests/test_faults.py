@@ -28,9 +28,9 @@ from sqlalchemy.engine import URL, make_url
 
 from backend.core.config import PROJECT_ROOT
 from backend.datasets import Dataset, balanced
-from backend.db import migrate
-from backend.db.session import make_engine
 from backend.ingest import ingest
+from backend.storage import migrate
+from backend.storage.engine import make_engine
 from tests.utils.server import RunningServer, running_server
 
 DB_TIMEOUT_S = 2.0
@@ -373,7 +373,9 @@ def test_embedded_postgres_stops_with_serve_on_sigterm_and_kill(tmp_path: Path) 
     # start adopts it, and the stale handle does not keep a clean stop from stopping it.
     with running_server(env) as server:
         postgres = _postmaster(data_dir)
-        watchdogs = [p for p in psutil.Process(server.process.pid).children() if "backend.db.embedded" in " ".join(p.cmdline())]
+        watchdogs = [
+            p for p in psutil.Process(server.process.pid).children() if "backend.storage.embedded" in " ".join(p.cmdline())
+        ]
         assert len(watchdogs) == 1
         for p in [*watchdogs, psutil.Process(server.process.pid)]:
             p.kill()

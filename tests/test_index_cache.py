@@ -16,16 +16,16 @@ import numpy as np
 import pytest
 from sqlalchemy import Engine, func, select
 
-from backend import catalogue
 from backend.core.config import PROJECT_ROOT
 from backend.core.search_params import SearchParams
 from backend.datasets import Dataset, balanced
-from backend.db.models import Embedding
-from backend.db.session import session_scope
 from backend.imaging import decode_image
 from backend.index_cache import MAGIC, IndexCache, prune_change_log
 from backend.ingest import ingest
 from backend.service import SearchService
+from backend.storage import catalogue
+from backend.storage.engine import session_scope
+from backend.storage.schema import Embedding
 from tests.utils.server import running_server
 from tests.utils.settings import CIFAR_SUBSET, make_settings
 
@@ -233,10 +233,10 @@ def run_python(code: str, engine: Engine, data_dir: Path) -> None:
 ANOTHER_WRITER = """
 import dataclasses
 from sqlalchemy import select
-from backend import catalogue
+from backend.storage import catalogue
 from backend.datasets import Dataset, load_dataset
-from backend.db.models import Embedding
-from backend.db.session import get_engine, session_scope
+from backend.storage.schema import Embedding
+from backend.storage.engine import get_engine, session_scope
 from backend.embedding.registry import create_embedder
 from backend.core.config import get_settings
 from backend.ingest import ingest
@@ -298,7 +298,7 @@ def test_a_running_server_follows_another_process_without_a_full_rebuild(
         first = http.get(f"/categories/{victim}/images?limit=1").json()["items"][0]
         victim_bytes = http.get(first["url"]).content
         run_python(
-            f"from backend import catalogue\nfrom backend.db.session import session_scope, get_engine\n"
+            f"from backend.storage import catalogue\nfrom backend.storage.engine import session_scope, get_engine\n"
             f"with session_scope(get_engine()) as s: catalogue.delete_image(s, {first['id']})",
             engine,
             tmp_path,

@@ -11,15 +11,16 @@ import numpy as np
 import pytest
 from sqlalchemy import Engine
 
-from backend import catalogue, index_cache
+from backend import index_cache
 from backend.core.search_params import SearchParams
 from backend.datasets import Dataset, balanced
-from backend.db.session import session_scope
 from backend.imaging import decode_image
 from backend.index import IndexSpec, TwoStageIndex, train_sample
 from backend.index_fastscan import FastScanIndex, resolve
 from backend.ingest import ingest
 from backend.service import SearchService
+from backend.storage import catalogue, vector_reader
+from backend.storage.engine import session_scope
 from backend.vectors import StoredVectors
 from tests.utils.server import running_server
 from tests.utils.settings import make_settings
@@ -33,7 +34,7 @@ RECALL = [(8, 0.85), (16, 0.95), (10_000, 0.99)]
 @pytest.fixture(scope="module")
 def stored(catalogue_engine: Engine, embedder):
     with session_scope(catalogue_engine) as session:
-        return catalogue.load_vectors(session, embedder.model_id), catalogue.load_prototypes(session, embedder.model_id)
+        return vector_reader.load_vectors(session, embedder.model_id), catalogue.load_prototypes(session, embedder.model_id)
 
 
 def exact_top3(stored, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -201,7 +202,7 @@ def test_a_bad_rerank_file_is_rejected_and_rebuilt(fastscan: SearchService, tmp_
 
 def vector_probe(service: SearchService) -> np.ndarray:
     with session_scope(service.engine) as session:
-        first = catalogue.load_vectors(session, service.model).vectors[:1]
+        first = vector_reader.load_vectors(session, service.model).vectors[:1]
     return first
 
 

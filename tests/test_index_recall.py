@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from sqlalchemy import Engine
 
-from backend import catalogue
-from backend.db.session import session_scope
 from backend.index import IndexSpec, TwoStageIndex
+from backend.storage import catalogue, vector_reader
+from backend.storage.engine import session_scope
 
 # Measured here (recall@10 vs exact search inside the same top-3 categories; 10 sub-lists a category):
 # nprobe 8 of 30: 0.905 (69 of 180 vectors scanned); every list: float32 1.000, float16 1.000, sq8 0.997,
@@ -26,7 +26,7 @@ CASES = [
 @pytest.fixture(scope="module")
 def stored(catalogue_engine: Engine, embedder):
     with session_scope(catalogue_engine) as session:
-        return catalogue.load_vectors(session, embedder.model_id), catalogue.load_prototypes(session, embedder.model_id)
+        return vector_reader.load_vectors(session, embedder.model_id), catalogue.load_prototypes(session, embedder.model_id)
 
 
 @pytest.mark.parametrize(("spec", "nprobe", "floor"), CASES, ids=[f"{s.kind}-{s.codec}-{s.rerank}-{n}" for s, n, _ in CASES])

@@ -7,15 +7,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-from backend import catalogue, jobs
+from backend import jobs
 from backend.core.config import PROJECT_ROOT
 from backend.core.search_params import SearchParams
 from backend.datasets import Dataset, balanced
-from backend.db.session import session_scope
 from backend.embedding.registry import create_embedder
 from backend.imaging import decode_image
 from backend.ingest import ingest
 from backend.service import SearchService
+from backend.storage import catalogue
+from backend.storage.engine import session_scope
 from tests.utils.settings import CIFAR_SUBSET, make_settings
 
 

@@ -19,9 +19,9 @@ from sqlalchemy import Engine, func, select, text
 from backend import jobs
 from backend.core.config import PROJECT_ROOT
 from backend.datasets import load_cifar10
-from backend.db import migrate
-from backend.db.models import Image
-from backend.db.session import make_engine, session_scope
+from backend.storage import migrate
+from backend.storage.engine import make_engine, session_scope
+from backend.storage.schema import Image
 from tests.utils.settings import CIFAR_SUBSET, make_settings
 
 pytestmark = pytest.mark.model  # worker processes load the real Lite0 weights
@@ -335,8 +335,8 @@ def test_populate_in_the_background_is_a_job_the_workers_finish(db, workers: Wor
 
 
 def test_reembedding_with_another_model_keeps_the_vectors_apart(db, workers: Workers, tmp_path: Path, cifar) -> None:
-    from backend import catalogue
     from backend.embedding.registry import create_embedder
+    from backend.storage import catalogue, vector_reader
 
     _url, engine = db
     settings = make_settings(tmp_path / "server", engine, job_chunk_size=8)
@@ -353,7 +353,7 @@ def test_reembedding_with_another_model_keeps_the_vectors_apart(db, workers: Wor
     with session_scope(engine) as session:
         assert dict(catalogue.model_ids(session)) == {"efficientnet_lite0/imagenet/224px": 12, lite2: 12}
         assert catalogue.load_prototypes(session, lite2).counts.sum() == 12
-        assert catalogue.load_vectors(session, lite2).vectors.shape == (12, 1280)
+        assert vector_reader.load_vectors(session, lite2).vectors.shape == (12, 1280)
     nothing = jobs.create_job(settings, engine, "reembed", lite2, {"model_name": "efficientnet_lite2"}, None)
     jobs.stage_job(settings, engine, queue, nothing)
     assert jobs.get_job(engine, nothing).state == "failed"  # every image has one already: nothing to do

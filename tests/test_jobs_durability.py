@@ -19,8 +19,8 @@ from sqlalchemy import Engine, func, select
 from backend import jobs
 from backend.archives import extract_archive
 from backend.datasets import load_cifar10
-from backend.db.models import CatalogueJob, CatalogueJobItem, Image
-from backend.db.session import session_scope
+from backend.storage.engine import session_scope
+from backend.storage.schema import CatalogueJob, CatalogueJobItem, Image
 from tests.utils.server import running_server
 from tests.utils.settings import CIFAR_SUBSET, make_settings
 

@@ -10,9 +10,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import Engine
 
-from backend import catalogue, duplicate_eval
+from backend import duplicate_eval
 from backend.datasets import Dataset
-from backend.db.session import session_scope
+from backend.storage import catalogue, vector_reader
+from backend.storage.engine import session_scope
 from tests.utils.app import app_client, small_catalogue
 from tests.utils.settings import make_settings
 
@@ -53,7 +54,7 @@ def client(engine: Engine, embedder, tmp_path_factory) -> Iterator[TestClient]:
 
 def stored(engine: Engine, model: str):
     with session_scope(engine) as session:
-        return catalogue.load_vectors(session, model), {v: k for k, v in catalogue.category_ids(session).items()}
+        return vector_reader.load_vectors(session, model), {v: k for k, v in catalogue.category_ids(session).items()}
 
 
 def test_upload_answers_with_near_duplicates_and_refuses_on_request(client: TestClient, engine: Engine, embedder) -> None:

@@ -8,10 +8,10 @@ from PIL import Image as PILImage
 from sqlalchemy import Engine, select
 
 from backend.core.search_params import SearchParams
-from backend.db.models import Image
-from backend.db.session import session_scope
 from backend.imaging import decode_image
 from backend.service import SearchService
+from backend.storage.engine import session_scope
+from backend.storage.schema import Image
 from tests.test_stage1 import copy_catalogue
 from tests.utils.settings import make_settings
 

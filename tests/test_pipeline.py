@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 from sqlalchemy import Engine, func, select
 
-from backend import catalogue
 from backend.datasets import Dataset, Sample, balanced
-from backend.db.models import Category, Embedding, Prototype
-from backend.db.models import Image as ImageRow
-from backend.db.session import session_scope
 from backend.ingest import ingest
 from backend.pipeline import run_pipeline
+from backend.storage import catalogue
+from backend.storage.engine import session_scope
+from backend.storage.schema import Category, Embedding, Prototype
+from backend.storage.schema import Image as ImageRow
 
 BATCH = 16
 

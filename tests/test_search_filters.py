@@ -5,17 +5,17 @@ import numpy as np
 import pytest
 from sqlalchemy import Engine
 
-from backend import catalogue
 from backend.core.errors import Unprocessable
 from backend.core.search_params import SearchParams
-from backend.db.session import session_scope
 from backend.service import SearchResult, SearchService
+from backend.storage import catalogue, vector_reader
+from backend.storage.engine import session_scope
 
 
 @pytest.fixture(scope="module")
 def stored(catalogue_engine: Engine, embedder):
     with session_scope(catalogue_engine) as session:
-        vectors = catalogue.load_vectors(session, embedder.model_id)
+        vectors = vector_reader.load_vectors(session, embedder.model_id)
         ids = catalogue.category_ids(session)
     return vectors, ids
 

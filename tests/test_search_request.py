@@ -6,14 +6,14 @@ import numpy as np
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 
-from backend import catalogue
 from backend.api.main import create_app
 from backend.core.search_params import SearchParams
 from backend.datasets import Dataset, balanced
-from backend.db.session import session_scope
 from backend.imaging import decode_image
 from backend.ingest import ingest
 from backend.service import SearchService
+from backend.storage import catalogue
+from backend.storage.engine import session_scope
 from tests.utils.images import photo_jpeg
 from tests.utils.settings import make_settings
 

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from sqlalchemy import Engine
 
-from backend import catalogue
 from backend.core.search_params import SearchParams
-from backend.db.session import session_scope
 from backend.service import SearchService
+from backend.storage import catalogue, vector_reader
+from backend.storage.engine import session_scope
 
 # Chance is 0.10 (10 balanced categories). Lite0 ImageNet features reach ~0.70 on a 5,000-image
 # catalogue; with 60 images per category we measured 0.63 here, so 0.50 leaves room for noise
@@ -18,7 +18,7 @@ MIN_PRECISION_AT_10 = 0.50
 @pytest.fixture(scope="module")
 def stored(catalogue_engine: Engine, embedder):
     with session_scope(catalogue_engine) as session:
-        vectors = catalogue.load_vectors(session, embedder.model_id)
+        vectors = vector_reader.load_vectors(session, embedder.model_id)
         names = {cid: name for name, cid in catalogue.category_ids(session).items()}
     return vectors, names
 

@@ -7,16 +7,16 @@ import pytest
 from PIL import Image
 from sqlalchemy import Engine, func, select
 
-from backend import catalogue
 from backend.core.errors import InvalidInput, Unprocessable
 from backend.core.search_params import SearchParams
 from backend.datasets import Dataset, Sample, balanced
-from backend.db.models import Embedding, Prototype
-from backend.db.models import Image as ImageRow
-from backend.db.session import session_scope
 from backend.imaging import decode_image
 from backend.ingest import ingest
 from backend.service import SearchService
+from backend.storage import catalogue, vector_reader
+from backend.storage.engine import session_scope
+from backend.storage.schema import Embedding, Prototype
+from backend.storage.schema import Image as ImageRow
 from tests.utils.images import png
 from tests.utils.settings import make_settings
 
@@ -71,7 +71,7 @@ def test_unreadable_files_are_counted_not_fatal(engine: Engine, embedder, small:
 
 def test_prototypes_are_exact_running_means(service: SearchService, engine: Engine) -> None:
     with session_scope(engine) as s:
-        stored = catalogue.load_vectors(s, service.model)
+        stored = vector_reader.load_vectors(s, service.model)
         protos = catalogue.load_prototypes(s, service.model)
     for cid, vec, n in zip(protos.category_ids, protos.vectors, protos.counts, strict=True):
         members = stored.vectors[stored.category_ids == cid]

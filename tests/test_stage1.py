@@ -7,20 +7,20 @@ import numpy as np
 import pytest
 from sqlalchemy import Engine, select, update
 
-from backend import catalogue
-from backend.db.models import Image, Stage1Model
-from backend.db.session import session_scope
 from backend.imaging import ImageBytes
 from backend.index import TwoStageIndex
 from backend.stage1 import MIN_LABELS_PER_CATEGORY, RETRAIN_FRACTION, Stage1
 from backend.stage1_models import heldout_mask, softmax, train_rankers
+from backend.storage import catalogue, change_log, vector_reader
+from backend.storage.engine import session_scope
+from backend.storage.schema import Image, Stage1Model
 from backend.vectors import PrototypeMatrix, StoredVectors
 
 
 @pytest.fixture(scope="module")
 def stored(catalogue_engine: Engine, embedder) -> StoredVectors:
     with session_scope(catalogue_engine) as session:
-        return catalogue.load_vectors(session, embedder.model_id)
+        return vector_reader.load_vectors(session, embedder.model_id)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def copy_catalogue(source: Engine, target: Engine, model: str, given: int | None
     """The source catalogue's images and vectors into `target`; only the first `given` per category keep a
     given label (the others are stored as predicted). No re-embedding."""
     with session_scope(source) as session:
-        vectors = catalogue.load_vectors(session, model)
+        vectors = vector_reader.load_vectors(session, model)
         rows = {i.id: i for i in session.scalars(select(Image).order_by(Image.id))}
         names = {cid: name for name, cid in catalogue.category_ids(session).items()}
         images = {i: ImageBytes(r.data, r.sha256, r.format, r.width, r.height) for i, r in rows.items()}
@@ -121,7 +121,7 @@ def test_classifier_is_never_trained_on_predicted_labels(catalogue_engine: Engin
     stage1.retrain()
     assert stage1.trained is not None and stage1.ranker == "classifier"
     with session_scope(engine) as session:
-        given = catalogue.load_vectors(session, embedder.model_id, given_only=True)
+        given = vector_reader.load_vectors(session, embedder.model_id, given_only=True)
         flags = {i: g for i, g in session.execute(select(Image.id, Image.label_given))}
     assert len(given) == 400 and all(flags[i] for i in given.ids.tolist())
     assert stage1.trained.labels == 400
@@ -153,7 +153,7 @@ def test_retraining_follows_label_changes(catalogue_engine: Engine, engine: Engi
     other = Stage1(engine, embedder.model_id, embedder.dim, "auto")  # another process: loads and checks
     assert other.ranker == "prototype" and "labels changed" in other.reason
     with session_scope(engine) as session:
-        watermark = catalogue.head(session, embedder.model_id)
+        watermark = change_log.head(session, embedder.model_id)
     stage1.refresh(watermark)  # the server's tick: stale, so it retrains in the background
     for thread in [t for t in threading.enumerate() if t.name == "stage1-retrain"]:
         thread.join(timeout=120)

@@ -17,7 +17,7 @@ from starlette.routing import BaseRoute, Match
 
 from backend.core.errors import AppError
 from backend.core.text import echo
-from backend.db.session import DATABASE_ERRORS, database_problem
+from backend.storage.engine import DATABASE_ERRORS, database_problem
 from backend.telemetry import DATABASE_ERRORS_TOTAL
 
 log = logging.getLogger(__name__)

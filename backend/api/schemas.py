@@ -6,8 +6,8 @@ from pathlib import PurePath
 from pydantic import BaseModel
 
 from backend.core.search_params import SearchParams
-from backend.db.models import Image
 from backend.service import Hit, SearchResult, Status
+from backend.storage.schema import Image
 
 
 def image_urls(image_id: int) -> dict[str, str]:

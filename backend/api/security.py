@@ -28,7 +28,7 @@ from backend import auth
 from backend.api.errors import api_routes, error_responses
 from backend.core.config import Settings
 from backend.core.errors import ConfigurationError, Forbidden, Unauthorized
-from backend.db.session import session_scope
+from backend.storage.engine import session_scope
 
 
 class Access(StrEnum):

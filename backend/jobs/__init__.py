@@ -5,7 +5,7 @@ re-embedding. Its items are staged in the database (`catalogue_job_items`), so a
 reaches the database can run any chunk (JOB_CHUNK_SIZE items, one task, one transaction). One bad item
 fails that item only; an unusable input fails the job with one message. Cancelling stops new chunks.
 
-- `state`: the job's row, counts and final states;
+- `backend.storage.jobs`: the job's row, counts and final states;
 - `sources`: what each kind of job stages, in a fixed order;
 - `staging`: chunks and their tasks committed together; resumed after a crash; files swept;
 - `chunks`: running one chunk in a worker;
@@ -34,7 +34,7 @@ from backend.jobs.staging import (
     sweep_job_files,
     sweep_orphans,
 )
-from backend.jobs.state import (
+from backend.storage.jobs import (
     FINAL,
     cancel_job,
     fail_job,
@@ -43,7 +43,7 @@ from backend.jobs.state import (
     list_jobs,
     wait_for,
 )
-from backend.jobs.state import create_job as _create_row
+from backend.storage.jobs import create_job as _create_row
 
 __all__ = [
     "FINAL",

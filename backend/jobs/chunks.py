@@ -14,18 +14,18 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, delete, select, update
+from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from backend import catalogue
 from backend.core.config import Settings
 from backend.core.errors import InvalidInput
-from backend.db.models import CatalogueJob, CatalogueJobChunk, CatalogueJobItem, Image
-from backend.db.session import session_scope
 from backend.imaging import DecodedImage, decode_image
-from backend.jobs.state import FINAL, MAX_FAILURES, finish_if_done, lookup
 from backend.queries import fetch_limits
+from backend.storage import catalogue
+from backend.storage.engine import session_scope
+from backend.storage.jobs import FINAL, MAX_FAILURES, delete_chunk_items, finish_if_done, load_chunk, lock_chunk_mark, lookup
+from backend.storage.schema import CatalogueJobItem
 from backend.urls import fetch
 
 log = logging.getLogger("backend.jobs")
@@ -72,7 +72,7 @@ def ingest_chunk(
     settings: Settings, engine: Engine, embedders: Callable[[str | None], Any], job_id: int, chunk: int
 ) -> ChunkResult:
     """Decode (or download), embed and store one chunk, then account for it, all in one transaction."""
-    loaded = _load_chunk(engine, job_id, chunk)
+    loaded = load_chunk(engine, job_id, chunk)
     if loaded is None:
         return ChunkResult(skipped=True)
     items, model_name = loaded
@@ -99,37 +99,6 @@ def ingest_chunk(
             len(result.failures),
         )
     return result
-
-
-def _load_chunk(engine: Engine, job_id: int, chunk: int) -> tuple[list[CatalogueJobItem], str | None] | None:
-    """The chunk's items (a re-embedding item with its stored image's bytes) and the job's model name; None
-    when the chunk is done or the job has ended. The job is `running` from its first chunk on."""
-    with session_scope(engine) as session:
-        job = session.execute(select(CatalogueJob.state, CatalogueJob.params).where(CatalogueJob.id == job_id)).first()
-        done = session.scalar(
-            select(CatalogueJobChunk.finished_at).where(CatalogueJobChunk.job_id == job_id, CatalogueJobChunk.chunk == chunk)
-        )
-        if job is None or job.state in FINAL or done is not None:
-            return None
-        session.execute(
-            update(CatalogueJob)
-            .where(CatalogueJob.id == job_id, CatalogueJob.state == "queued")
-            .values(state="running", started_at=datetime.now(UTC))
-        )
-        items = list(
-            session.scalars(
-                select(CatalogueJobItem)
-                .where(CatalogueJobItem.job_id == job_id, CatalogueJobItem.chunk == chunk)
-                .order_by(CatalogueJobItem.item)
-            )
-        )
-        wanted = [i.image_id for i in items if i.image_id is not None]
-        stored = dict(session.execute(select(Image.id, Image.data).where(Image.id.in_(wanted))).tuples().all()) if wanted else {}
-        for item in items:
-            session.expunge(item)
-            if item.image_id is not None:  # re-embedding: the stored image's own bytes
-                item.data = stored.get(item.image_id, b"")
-        return items, job.params.get("model_name")
 
 
 def _decode_items(items: list[CatalogueJobItem], settings: Settings, result: ChunkResult) -> Decoded:
@@ -159,9 +128,7 @@ def _decode_items(items: list[CatalogueJobItem], settings: Settings, result: Chu
 def _commit_chunk(session: Session, embedder: Any, job_id: int, chunk: int, decoded: Decoded, result: ChunkResult) -> None:
     """Store the chunk's vectors (new images, or another model's embeddings of stored ones) and account for
     it, in the caller's one transaction."""
-    mark = session.scalars(
-        select(CatalogueJobChunk).where(CatalogueJobChunk.job_id == job_id, CatalogueJobChunk.chunk == chunk).with_for_update()
-    ).first()
+    mark = lock_chunk_mark(session, job_id, chunk)
     fresh = _to_embed(session, decoded)
     vectors = embedder.embed([img.rgb for _, img in fresh]) if fresh else None  # before the job's row is locked
     job = lookup(session, job_id, lock=True)  # a cancel waits for this commit, or this sees the cancel
@@ -176,7 +143,7 @@ def _commit_chunk(session: Session, embedder: Any, job_id: int, chunk: int, deco
     job.failed += len(result.failures)
     job.failures = (job.failures + result.failures)[:MAX_FAILURES]
     mark.finished_at = datetime.now(UTC)
-    session.execute(delete(CatalogueJobItem).where(CatalogueJobItem.job_id == job_id, CatalogueJobItem.chunk == chunk))
+    delete_chunk_items(session, job_id, chunk)
 
 
 def _to_embed(session: Session, decoded: Decoded) -> Decoded:

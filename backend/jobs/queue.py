@@ -17,8 +17,8 @@ from procrastinate.contrib.sqlalchemy import SQLAlchemyPsycopg2Connector
 from sqlalchemy import Engine
 
 from backend.core.config import Settings
-from backend.db.session import libpq_url
 from backend.jobs.chunks import ChunkRunner
+from backend.storage.engine import libpq_url
 
 log = logging.getLogger("backend.jobs")
 

@@ -7,14 +7,15 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine
 
-from backend import catalogue
 from backend.core.config import Settings
 from backend.core.errors import InvalidInput
 from backend.datasets import Sample, load_dataset, load_folder
-from backend.db.models import CatalogueJob, CatalogueJobItem
-from backend.db.session import session_scope
+from backend.storage import catalogue
+from backend.storage.engine import session_scope
+from backend.storage.jobs import staged_image_ids
+from backend.storage.schema import CatalogueJob, CatalogueJobItem
 
 
 @dataclass
@@ -95,6 +96,6 @@ def _reembed(engine: Engine, job: CatalogueJob) -> Found:
     """Every stored image without the job's model's embedding and not staged already, by id: workers read
     its bytes from the database."""
     with session_scope(engine) as session:
-        staged = set(session.scalars(select(CatalogueJobItem.image_id).where(CatalogueJobItem.job_id == job.id)))
+        staged = staged_image_ids(session, job.id)
         ids = [i for i in catalogue.images_without(session, job.model) if i not in staged]
     return Found(CatalogueJobItem(source=f"image {i}", image_id=i) for i in ids)

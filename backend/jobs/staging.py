@@ -16,28 +16,40 @@ import shutil
 import socket
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 import procrastinate
-from sqlalchemy import Engine, delete, select, text, update
+from sqlalchemy import Engine
 
 from backend.core.config import Settings
 from backend.core.errors import InvalidInput
 from backend.core.failpoints import failpoint
-from backend.db.models import CatalogueJob, CatalogueJobChunk, CatalogueJobItem
-from backend.db.session import DATABASE_ERRORS, session_scope
 from backend.jobs import sources
 from backend.jobs.queue import defer_chunk
-from backend.jobs.state import FINAL, MAX_FAILURES, fail_job, finish_if_done, get_job, jsonb, lookup, set_params
+from backend.storage.engine import DATABASE_ERRORS, session_scope
+from backend.storage.jobs import (
+    FINAL,
+    MAX_FAILURES,
+    add_chunk,
+    fail_job,
+    fail_orphan,
+    finish_if_done,
+    get_job,
+    lookup,
+    set_params,
+    staging_is_free,
+    staging_lock,
+    unfinished_jobs,
+    unstaged_jobs,
+)
+from backend.storage.schema import CatalogueJob, CatalogueJobItem
 
 Queue = procrastinate.App
 
 log = logging.getLogger("backend.jobs")
 
-LOCK_CLASS = 0x4A4F4253  # "JOBS": advisory locks (LOCK_CLASS, job id) mark a job being staged
 ORPHANED_AFTER_S = 600.0
 
 
@@ -62,23 +74,6 @@ def save_input(settings: Settings, job_id: int, fill: Callable[[Path], object]) 
     part = path.with_suffix(".part")
     fill(part)
     part.rename(path)
-
-
-@contextmanager
-def staging_lock(engine: Engine, job_id: int, wait: bool) -> Iterator[bool]:
-    """Hold the job's staging lock on a connection of its own for as long as staging runs; yields False
-    when another process holds it (and `wait` is off)."""
-    with engine.connect() as conn:
-        call = "pg_advisory_lock" if wait else "pg_try_advisory_lock"
-        got = conn.execute(text(f"SELECT {call}(:c, :j)"), {"c": LOCK_CLASS, "j": job_id}).scalar() is not False
-        conn.commit()  # a session-level lock outlives the transaction; no transaction stays open
-        try:
-            yield got
-        finally:
-            if got:
-                with suppress(*DATABASE_ERRORS):  # a lost connection has released it already
-                    conn.execute(text("SELECT pg_advisory_unlock(:c, :j)"), {"c": LOCK_CLASS, "j": job_id})
-                    conn.commit()
 
 
 @dataclass
@@ -152,11 +147,7 @@ def _flush(engine: Engine, queue: Queue, job_id: int, number: int, chunk: list[C
         job = lookup(session, job_id, lock=True)  # a cancel waits for this chunk, or this chunk sees it
         if job.state in FINAL:
             raise _Ended
-        session.add(CatalogueJobChunk(job_id=job_id, chunk=number))
-        session.flush()
-        for n, item in enumerate(chunk):
-            item.job_id, item.chunk, item.item = job_id, number, n
-        session.add_all(chunk)
+        add_chunk(session, job_id, number, chunk)
         job.chunks, job.total = number + 1, job.total + len(chunk)
         session.flush()
         defer_chunk(queue, session.connection(), job_id, number)
@@ -195,15 +186,7 @@ def resume_staging(settings: Settings, engine: Engine, queue: Queue) -> list[int
     """Resume, each in a thread, the staging of every unfinished job whose input this machine holds."""
     me = stager_id(settings)
     with session_scope(engine) as session:
-        ids = list(
-            session.scalars(
-                select(CatalogueJob.id).where(
-                    CatalogueJob.state.not_in(FINAL),
-                    CatalogueJob.params["staged"].as_boolean().is_(False),
-                    CatalogueJob.params["stager"].as_string().is_(None) | (CatalogueJob.params["stager"].as_string() == me),
-                )
-            )
-        )
+        ids = [job_id for job_id, _ in unstaged_jobs(session, stager=me)]
     for job_id in ids:
         start(settings, engine, queue, job_id, wait=False)
     return ids
@@ -220,13 +203,7 @@ def sweep_job_files(settings: Settings, engine: Engine) -> int:
     if not root.is_dir():
         return 0
     with session_scope(engine) as session:
-        live = {
-            job_id
-            for job_id, params in session.execute(
-                select(CatalogueJob.id, CatalogueJob.params).where(CatalogueJob.state.not_in(FINAL))
-            )
-            if not params.get("staged")
-        }
+        live = {job_id for job_id, params in unfinished_jobs(session) if not params.get("staged")}
     gone = [entry for entry in root.iterdir() if not (entry.name.isdigit() and int(entry.name) in live)]
     for entry in gone:
         if entry.is_dir():
@@ -241,29 +218,15 @@ def sweep_orphans(engine: Engine) -> None:
     machine never came back to resume them)."""
     now = datetime.now(UTC)
     with session_scope(engine) as session:
-        unstaged = session.execute(
-            select(CatalogueJob.id, CatalogueJob.params).where(
-                CatalogueJob.state.not_in(FINAL), CatalogueJob.params["staged"].as_boolean().is_(False)
-            )
-        ).all()
+        unstaged = unstaged_jobs(session)
     for job_id, params in unstaged:
         with session_scope(engine) as session:
-            free = session.execute(text("SELECT pg_try_advisory_xact_lock(:c, :j)"), {"c": LOCK_CLASS, "j": job_id}).scalar()
+            free = staging_is_free(session, job_id)
             since = params.get("orphaned_since")
             if not free:
                 continue
             if since is None:
                 set_params(session, job_id, orphaned_since=now.isoformat())
             elif (now - datetime.fromisoformat(since)).total_seconds() > ORPHANED_AFTER_S:
-                session.execute(delete(CatalogueJobItem).where(CatalogueJobItem.job_id == job_id))
-                session.execute(
-                    update(CatalogueJob)
-                    .where(CatalogueJob.id == job_id, CatalogueJob.state.not_in(FINAL))
-                    .where(CatalogueJob.params["staged"].as_boolean().is_(False))
-                    .values(
-                        state="failed",
-                        finished_at=now,
-                        message=f"staging stopped with its machine and did not resume within {ORPHANED_AFTER_S / 60:g} minutes",
-                        params=CatalogueJob.params.op("||")(jsonb({"staged": True})),
-                    )
-                )
+                message = f"staging stopped with its machine and did not resume within {ORPHANED_AFTER_S / 60:g} minutes"
+                fail_orphan(session, job_id, now, message)

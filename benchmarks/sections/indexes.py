@@ -16,10 +16,10 @@ import numpy as np
 
 from backend.core.config import Settings
 from backend.datasets import load_dataset
-from backend.db.session import libpq_url
 from backend.embedding.registry import create_embedder
 from backend.evaluation import embed_cached
 from backend.index import IndexSpec, TwoStageIndex
+from backend.storage.engine import libpq_url
 from backend.vectors import PrototypeMatrix, StoredVectors, l2_normalise
 from benchmarks.harness import DIM, rss_mb
 

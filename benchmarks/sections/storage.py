@@ -1,20 +1,19 @@
 """How the stored vectors are laid out in PostgreSQL, measured on one database: inline (migration 0005,
 STORAGE MAIN) against out of line in TOAST (0004, each 5 KB vector three chunks behind the TOAST index).
-A full rebuild reads every vector through the binary COPY reader, `catalogue.load_vectors`."""
+A full rebuild reads every vector through the binary COPY reader, `vector_reader.load_vectors`."""
 
 import time
 
 from sqlalchemy import Engine, text
 
-from backend import catalogue
-from backend.db import migrate
-from backend.db.session import session_scope
+from backend.storage import migrate, vector_reader
+from backend.storage.engine import session_scope
 
 
 def _read_rate(engine: Engine, model: str) -> float:
     t = time.perf_counter()
     with session_scope(engine, snapshot=True, bulk=True) as session:
-        n = len(catalogue.load_vectors(session, model))
+        n = len(vector_reader.load_vectors(session, model))
     return n / (time.perf_counter() - t)
 
 

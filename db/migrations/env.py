@@ -2,7 +2,7 @@
 
 from alembic import context
 
-from backend.db.models import Base
+from backend.storage.schema import Base
 
 connection = context.config.attributes.get("connection")
 
@@ -16,7 +16,7 @@ def run(conn) -> None:
 if connection is not None:
     run(connection)
 else:
-    from backend.db.session import get_engine
+    from backend.storage.engine import get_engine
 
     with get_engine().begin() as conn:
         run(conn)

@@ -18,10 +18,10 @@ from backend.api.main import create_app
 from backend.api.security import Access, declare_access, guard, route_access
 from backend.core.config import Settings
 from backend.datasets import Dataset, balanced
-from backend.db.models import ApiKey
-from backend.db.session import session_scope
 from backend.ingest import ingest
 from backend.service import SearchService
+from backend.storage.engine import session_scope
+from backend.storage.schema import ApiKey
 from backend.telemetry import JsonFormatter
 from tests.utils.settings import make_settings
 

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from backend import auth
-from backend.db.session import session_scope
+from backend.storage.engine import session_scope
 from tests.utils.server import RunningServer, running_server
 
 pytestmark = pytest.mark.model  # the servers load the real weights

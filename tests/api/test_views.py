@@ -7,9 +7,9 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 
-from backend import catalogue
 from backend.datasets import Dataset
-from backend.db.session import session_scope
+from backend.storage import catalogue, vector_reader
+from backend.storage.engine import session_scope
 from tests.utils.app import app_client, small_catalogue
 
 
@@ -28,7 +28,7 @@ def client(engine: Engine, embedder, tmp_path_factory) -> Iterator[TestClient]:
 def stored(engine: Engine, embedder):
     with session_scope(engine) as session:
         return (
-            catalogue.load_vectors(session, embedder.model_id),
+            vector_reader.load_vectors(session, embedder.model_id),
             catalogue.load_prototypes(session, embedder.model_id),
             catalogue.category_ids(session),
         )

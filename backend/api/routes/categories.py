@@ -4,13 +4,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Body, Query
 
-from backend import catalogue
 from backend.api.deps import BIGINT_MAX, NAME_SCHEMA, CategoryId, CategoryName, ServiceDep
 from backend.api.errors import error_responses
 from backend.api.schemas import CategoryOut, ImageInfo, ImagePage
 from backend.api.security import Access, guard
 from backend.core.errors import NotFound
-from backend.db.session import session_scope
+from backend.storage import catalogue
+from backend.storage.engine import session_scope
 
 router = APIRouter(prefix="/categories", tags=["categories"])
 

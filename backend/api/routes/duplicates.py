@@ -4,12 +4,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from backend import catalogue, near_duplicates
+from backend import near_duplicates
 from backend.api.deps import ServiceDep, SettingsDep
 from backend.api.errors import error_responses
 from backend.api.schemas import DuplicateGroup, DuplicateImage, DuplicatesPage, image_urls
 from backend.api.security import Access, guard
-from backend.db.session import session_scope
+from backend.storage import catalogue
+from backend.storage.engine import session_scope
 
 router = APIRouter(tags=["images"])
 PAGE_MAX = 100

@@ -6,7 +6,6 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, Request, Response, UploadFile
 
-from backend import catalogue
 from backend.api.deps import (
     NAME_SCHEMA,
     TEXT_SCHEMA,
@@ -21,8 +20,9 @@ from backend.api.errors import error_responses
 from backend.api.schemas import DeletedOut, ImageInfo, SearchHit, UploadResponse, image_urls
 from backend.api.security import Access, guard
 from backend.api.uploads import read_image
-from backend.db.session import session_scope
 from backend.imaging import CONTENT_TYPES, make_thumbnail
+from backend.storage import catalogue
+from backend.storage.engine import session_scope
 
 router = APIRouter(prefix="", tags=["images"])
 

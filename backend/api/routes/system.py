@@ -12,7 +12,7 @@ from backend.api.deps import ServiceDep
 from backend.api.errors import error_responses
 from backend.api.schemas import HealthOut, PrototypesRebuilt, ReadyOut, RebuildOut, StatusOut
 from backend.api.security import Access, guard, viewer_is_admin
-from backend.db.session import DATABASE_ERRORS, database_problem
+from backend.storage.engine import DATABASE_ERRORS, database_problem
 
 router = APIRouter(tags=["system"])
 

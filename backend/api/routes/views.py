@@ -5,15 +5,16 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel
 
-from backend import catalogue, catalogue_views
+from backend import catalogue_views
 from backend.api.deps import ServiceDep, SettingsDep
 from backend.api.errors import error_responses
 from backend.api.query_images import query_form, query_images
 from backend.api.routes.search import Files, Url
 from backend.api.schemas import image_urls
 from backend.api.security import Access, guard
-from backend.db.session import session_scope
 from backend.service import SearchService
+from backend.storage import catalogue
+from backend.storage.engine import session_scope
 
 router = APIRouter(tags=["catalogue"])
 GALLERY_MAX = 24

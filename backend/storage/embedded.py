@@ -9,7 +9,7 @@ and stops the server at the last one's normal exit (atexit). Two gaps are closed
   server: dead pids are dropped on every start and release, and a server left running is adopted.
 (SIGTERM is made a normal exit by the CLI, so atexit runs for it.)
 
-`python -m backend.db.embedded PGDATA PID` is the watchdog; its stdin is a pipe only the owner holds.
+`python -m backend.storage.embedded PGDATA PID` is the watchdog; its stdin is a pipe only the owner holds.
 """
 
 import logging
@@ -93,7 +93,7 @@ def _start_watchdog(pgdata: Path) -> None:
     try:
         with open(pgdata.parent / "pgserver-watchdog.log", "ab") as log_file:
             _watchdogs[pgdata] = subprocess.Popen(
-                [sys.executable, "-m", "backend.db.embedded", str(pgdata), str(os.getpid())],
+                [sys.executable, "-m", "backend.storage.embedded", str(pgdata), str(os.getpid())],
                 stdin=subprocess.PIPE,
                 stdout=log_file,
                 stderr=log_file,

@@ -7,11 +7,10 @@ import numpy as np
 from alembic import command
 from sqlalchemy import Engine, inspect, text, update
 
-from backend import catalogue
-from backend.db import migrate
-from backend.db.models import Image
-from backend.db.session import session_scope
 from backend.imaging import decode_image, encode_png
+from backend.storage import catalogue, change_log, migrate, vector_reader
+from backend.storage.engine import session_scope
+from backend.storage.schema import Image
 
 MODEL = "m/test/8px"
 
@@ -35,7 +34,7 @@ def add(engine: Engine, n: int, category: str = "a", seed: int = 0) -> list[int]
 def test_each_database_is_a_catalogue_of_its_own(databases, engine: Engine) -> None:
     other = databases.new()
     with session_scope(engine) as a, session_scope(other) as b:
-        assert catalogue.identity(a).catalogue_id != catalogue.identity(b).catalogue_id
+        assert change_log.identity(a).catalogue_id != change_log.identity(b).catalogue_id
     other.dispose()
 
 
@@ -58,14 +57,14 @@ def test_upgrading_a_filled_0001_database_numbers_its_rows(engine: Engine) -> No
         )
     migrate.upgrade(engine)
     with session_scope(engine, snapshot=True) as s:
-        changes = catalogue.changes_since(s, MODEL, 0)
+        changes = change_log.changes_since(s, MODEL, 0)
     assert changes.added.ids.tolist() == [1, 2, 3, 4, 5] and changes.head == 5
 
 
 def test_change_log_records_adds_deletes_and_relabels(engine: Engine) -> None:
     ids = add(engine, 4)
     with session_scope(engine, snapshot=True) as s:
-        start = catalogue.head(s, MODEL)
+        start = change_log.head(s, MODEL)
     with session_scope(engine) as s:
         catalogue.delete_image(s, ids[0])
     with session_scope(engine) as s:  # a label change by hand: the trigger re-numbers its embedding
@@ -73,8 +72,8 @@ def test_change_log_records_adds_deletes_and_relabels(engine: Engine) -> None:
         s.execute(update(Image).where(Image.id == ids[1]).values(category_id=other))
     new = add(engine, 1, seed=1)
     with session_scope(engine, snapshot=True) as s:
-        changes = catalogue.changes_since(s, MODEL, start)
-        assert catalogue.changes_since(s, MODEL, changes.head).added.ids.tolist() == []
+        changes = change_log.changes_since(s, MODEL, start)
+        assert change_log.changes_since(s, MODEL, changes.head).added.ids.tolist() == []
     assert sorted(changes.removed.tolist()) == [ids[0], ids[1]]
     assert changes.added.ids.tolist() == [ids[1], *new] and changes.added.category_ids[0] == other
     assert changes.prototypes_changed
@@ -89,7 +88,7 @@ def test_change_numbers_follow_commit_order(engine: Engine) -> None:
 
     def slow_writer() -> None:
         with session_scope(engine) as s:
-            catalogue.lock_changes(s)
+            change_log.lock_changes(s)
             first_in.set()
             time.sleep(0.5)
             cid = catalogue.ensure_categories(s, ["slow"])["slow"]
@@ -116,7 +115,7 @@ def test_vectors_round_trip_compactly(engine: Engine) -> None:
         items = [catalogue.NewImage(img, cats["a" if i else "b"], True) for i, img in enumerate(images)]
         ids = catalogue.add_images(s, "m/test/8px", items, vectors)
     with session_scope(engine) as s:
-        stored = catalogue.load_vectors(s, "m/test/8px")
+        stored = vector_reader.load_vectors(s, "m/test/8px")
         protos = catalogue.load_prototypes(s, "m/test/8px")
         raw = s.get(catalogue.Embedding, (ids[0], "m/test/8px")).vector
     assert len(raw) == 1280 * 4  # float32 bytes, nothing more
@@ -146,18 +145,18 @@ def test_vectors_are_stored_inline_and_0005_downgrades_cleanly(engine: Engine) -
         ids = catalogue.add_images(s, "m/big", [catalogue.NewImage(img, cid, True) for img in images], vectors)
     assert stored_out_of_line(engine)[0] == "x" and stored_out_of_line(engine)[1] > 20 * 5120
     with session_scope(engine, snapshot=True) as s:
-        before, head = catalogue.load_vectors(s, "m/big"), catalogue.head(s, "m/big")
+        before, head = vector_reader.load_vectors(s, "m/big"), change_log.head(s, "m/big")
     migrate.upgrade(engine)  # rewrites the table: every vector inline, nothing changed
     assert stored_out_of_line(engine) == ("m", 0)
     with session_scope(engine, snapshot=True) as s:
-        after = catalogue.load_vectors(s, "m/big")  # through the binary COPY reader
-        assert catalogue.head(s, "m/big") == head and catalogue.changes_since(s, "m/big", head).added.ids.tolist() == []
+        after = vector_reader.load_vectors(s, "m/big")  # through the binary COPY reader
+        assert change_log.head(s, "m/big") == head and change_log.changes_since(s, "m/big", head).added.ids.tolist() == []
     np.testing.assert_array_equal(after.vectors, before.vectors)
     assert after.ids.tolist() == ids and np.array_equal(after.vectors, vectors)
     migrate.downgrade(engine, "0004")  # and back: out of line again, the same values
     assert stored_out_of_line(engine)[0] == "x" and stored_out_of_line(engine)[1] > 0
     with session_scope(engine) as s:
-        np.testing.assert_array_equal(catalogue.load_vectors(s, "m/big").vectors, before.vectors)
+        np.testing.assert_array_equal(vector_reader.load_vectors(s, "m/big").vectors, before.vectors)
     migrate.upgrade(engine)
 
 

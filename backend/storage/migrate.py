@@ -9,7 +9,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
 
 from backend.core.config import PROJECT_ROOT
-from backend.db.session import session_scope
+from backend.storage.engine import session_scope
 
 
 def _config() -> Config:

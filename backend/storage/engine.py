@@ -99,7 +99,7 @@ def database_url(settings: Settings) -> URL:
             port=settings.db_port,
             database=settings.db_name,
         )
-    from backend.db import embedded
+    from backend.storage import embedded
 
     return embedded.start(settings)
 
@@ -145,6 +145,12 @@ def make_engine(url: URL, timeout_s: float = DB_TIMEOUT_DEFAULT_S) -> Engine:
             "(check DATABASE_URL or DB_HOST/DB_PORT/DB_NAME/DB_USER/DB_PASSWORD)"
         ) from exc
     return engine
+
+
+def server_major_version(engine: Engine) -> int:
+    """The server's PostgreSQL major version (backups pick pg_dump and pg_restore by it)."""
+    with engine.connect() as conn:
+        return int(conn.execute(text("SHOW server_version_num")).scalar_one()) // 10000
 
 
 @lru_cache
