@@ -19,7 +19,7 @@ from backend import catalogue
 from backend.core.errors import InvalidImage
 from backend.datasets import Dataset, Sample
 from backend.db.session import session_scope
-from backend.embedding.base import Embedder
+from backend.embedding.embedder import Embedder
 from backend.imaging import ImageBytes, decode_image
 from backend.pipeline import DEFAULT_DECODERS, run_pipeline
 
