@@ -20,8 +20,8 @@ COPY frontend frontend
 
 # Bake the ONNX export of the default model into the image (read-only for the server user).
 ENV ONNX_CACHE_DIR=/opt/imsrc/onnx DATA_DIR=/data
-RUN python -c "from backend.core.config import get_settings; from backend.embedding.registry import create_embedder; \
-create_embedder(get_settings()).load()" \
+RUN python -c "from backend.core.config import get_settings; from backend.embedding.cache import model_cache; \
+model_cache.get(get_settings()).load()" \
  && mkdir -p /data && chown imsrc:imsrc /data
 
 USER imsrc

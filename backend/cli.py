@@ -29,7 +29,6 @@ if TYPE_CHECKING:  # the service pulls in torch and FAISS: imported lazily so `-
 
 
 def _service(settings: Settings) -> "SearchService":
-    from backend.service import SearchService
 
     return SearchService(settings)
 
@@ -54,7 +53,8 @@ def _require_schema() -> None:
 
 def cmd_populate(args: argparse.Namespace, settings: Settings) -> None:
     from backend.datasets import load_dataset
-    from backend.embedding.registry import create_embedder
+    from backend.embedding.cache import model_cache
+    from backend.embedding.registry import model_id
     from backend.ingest import ingest
     from backend.storage.engine import get_engine
 
@@ -64,7 +64,7 @@ def cmd_populate(args: argparse.Namespace, settings: Settings) -> None:
         from backend import jobs
 
         engine = get_engine()
-        model = create_embedder(settings).model_id
+        model = model_id(settings)
         params = {"dataset": args.dataset, "split": args.split, "num_images": args.num_images}
         job_id = jobs.create_job(settings, engine, "dataset", model, params | {"source": args.source and str(args.source)}, None)
         queue = jobs.open_queue(engine)
@@ -74,7 +74,7 @@ def cmd_populate(args: argparse.Namespace, settings: Settings) -> None:
             queue.close()
         print(f"job {job_id}: {staged.total} images in {staged.chunks} chunks queued; follow it with: jobs show {job_id}")
         return
-    embedder = create_embedder(settings)
+    embedder = model_cache.get(settings)
     report = ingest(
         dataset, embedder, get_engine(), settings.max_image_pixels, batch_size=args.batch_size, progress=not args.quiet
     )

@@ -20,7 +20,7 @@ from PIL import Image, ImageEnhance, ImageOps
 
 from backend.core.config import Settings, get_settings
 from backend.datasets import Dataset, load_dataset
-from backend.embedding.base import Embedder
+from backend.embedding.embedder import Embedder
 
 THRESHOLDS = np.round(np.arange(0.80, 1.0001, 0.01), 2)
 TARGET_PRECISION = 0.99  # the default threshold is the lowest one measured at this precision
@@ -139,9 +139,9 @@ def chosen_threshold(measured: list[Pairs]) -> float:
 
 
 def report(settings: Settings, datasets: list[str], per_category: int) -> dict:
-    from backend.embedding.registry import create_embedder
+    from backend.embedding.cache import model_cache
 
-    embedder = create_embedder(settings)
+    embedder = model_cache.get(settings)
     results: dict[str, dict[str, Pairs]] = {}
     for name in datasets:
         data = load_dataset(name, None, "test", per_category * 10, settings)

@@ -17,8 +17,8 @@ from tqdm import tqdm
 from backend import metrics
 from backend.core.config import Settings
 from backend.datasets import Dataset, balanced, load_dataset
-from backend.embedding.base import Embedder
-from backend.embedding.registry import create_embedder
+from backend.embedding.cache import model_cache
+from backend.embedding.embedder import Embedder
 from backend.imaging import decode_image
 from backend.index import TwoStageIndex
 from backend.stage1_eval import compare_rankers, format_stage1, synthetic_latency
@@ -164,7 +164,7 @@ def evaluation_sets(args: argparse.Namespace, settings: Settings) -> tuple[Datas
 
 
 def run_evaluation(args: argparse.Namespace, settings: Settings) -> dict:
-    embedder = create_embedder(settings, args.model)
+    embedder = model_cache.get(settings, args.model)
     catalogue_set, query_set = evaluation_sets(args, settings)
     progress = not args.json
     catalogue = embed_cached(catalogue_set, embedder, settings, progress)

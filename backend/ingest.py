@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from backend.core.errors import InvalidImage
 from backend.datasets import Dataset, Sample
-from backend.embedding.base import Embedder
+from backend.embedding.embedder import Embedder
 from backend.imaging import ImageBytes, decode_image
 from backend.pipeline import DEFAULT_DECODERS, run_pipeline
 from backend.storage import catalogue

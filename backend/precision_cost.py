@@ -14,7 +14,7 @@ import numpy as np
 from backend import metrics
 from backend.core.config import Settings
 from backend.datasets import Dataset
-from backend.embedding.registry import create_embedder
+from backend.embedding.cache import model_cache
 from backend.evaluation import Embedded, build_index, embed_cached, evaluate_index, evaluation_sets
 
 PRECISIONS = ("fp32", "int8")
@@ -68,7 +68,7 @@ def embedded_both(
 ) -> tuple[dict[str, tuple[Embedded, Embedded]], dict[str, str]]:
     runs, ids = {}, {}
     for precision in PRECISIONS:
-        embedder = create_embedder(settings, model, precision=precision)
+        embedder = model_cache.get(settings, model, precision=precision)
         runs[precision] = (
             embed_cached(catalogue, embedder, settings, progress),
             embed_cached(queries, embedder, settings, progress),

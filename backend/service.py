@@ -21,8 +21,8 @@ from backend.core import search_params
 from backend.core.config import Settings
 from backend.core.errors import Conflict, InvalidInput, NotFound
 from backend.core.search_params import SearchParams
-from backend.embedding.base import Embedder
-from backend.embedding.registry import create_embedder
+from backend.embedding.cache import model_cache
+from backend.embedding.embedder import Embedder
 from backend.imaging import DecodedImage
 from backend.index import TwoStageIndex, index_spec
 from backend.index_cache import IndexCache
@@ -155,7 +155,7 @@ class SearchService:
     def __init__(self, settings: Settings, engine: Engine | None = None, embedder: Embedder | None = None) -> None:
         self.settings = settings
         self.engine = engine or get_engine()
-        self.embedder = embedder or create_embedder(settings)
+        self.embedder = embedder or model_cache.get(settings)
         self.cache = IndexCache(
             self.engine, self.embedder.model_id, self.embedder.dim, settings.index_dir, index_spec(settings, self.embedder.dim)
         )

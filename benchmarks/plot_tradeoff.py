@@ -16,7 +16,7 @@ if __package__ in (None, ""):
 from backend import metrics
 from backend.core.config import PROJECT_ROOT, get_settings
 from backend.datasets import load_dataset
-from backend.embedding.registry import create_embedder
+from backend.embedding.cache import model_cache
 from backend.evaluation import Embedded, build_index, embed_cached
 from benchmarks.harness import N_CATEGORIES, clustered
 from benchmarks.sections.search import time_search
@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "docs" / "two_stage_tradeoff.png")
     args = parser.parse_args()
     settings = get_settings()
-    embedder = create_embedder(settings)
+    embedder = model_cache.get(settings)
     catalogue = embed_cached(load_dataset("cifar10", None, "train", None, settings), embedder, settings)
     queries = embed_cached(load_dataset("cifar10", None, "test", None, settings), embedder, settings)
     index = build_index(catalogue, embedder.model_id)

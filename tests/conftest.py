@@ -17,7 +17,8 @@ from sqlalchemy.engine import URL, make_url
 
 from backend.core.config import PROJECT_ROOT
 from backend.datasets import Dataset, balanced, load_cifar10
-from backend.embedding.efficientnet import EfficientNetLiteEmbedder
+from backend.embedding.efficientnet import EfficientNetLiteModel
+from backend.embedding.embedder import Embedder
 from backend.embedding.models import MODELS
 from backend.storage import migrate
 from backend.storage.engine import make_engine
@@ -105,11 +106,11 @@ def engine(databases: Databases) -> Iterator[Engine]:
 
 
 @pytest.fixture(scope="session")
-def embedder(tmp_path_factory: pytest.TempPathFactory) -> EfficientNetLiteEmbedder:
+def embedder(tmp_path_factory: pytest.TempPathFactory) -> Embedder:
     """The real pretrained EfficientNet-Lite0 (on ONNX Runtime, as the server runs it), loaded once."""
     onnx_dir = tmp_path_factory.mktemp("onnx")
-    model = EfficientNetLiteEmbedder(
-        spec=MODELS["efficientnet_lite0"], device="cpu", batch_size=32, runtime="onnx", onnx_dir=onnx_dir
+    model = Embedder(
+        EfficientNetLiteModel(MODELS["efficientnet_lite0"]), device="cpu", batch_size=32, runtime="onnx", onnx_dir=onnx_dir
     )
     model.load()
     return model
@@ -126,7 +127,7 @@ def cifar_queries() -> Dataset:
 
 
 @pytest.fixture(scope="session")
-def catalogue_engine(databases: Databases, embedder: EfficientNetLiteEmbedder, cifar_train: Dataset) -> Engine:
+def catalogue_engine(databases: Databases, embedder: Embedder, cifar_train: Dataset) -> Engine:
     """A database holding the CIFAR-10 train catalogue, embedded once. Tests must not write to it."""
     from backend.ingest import ingest
 
@@ -137,7 +138,7 @@ def catalogue_engine(databases: Databases, embedder: EfficientNetLiteEmbedder, c
 
 
 @pytest.fixture(scope="module")
-def service(catalogue_engine: Engine, embedder: EfficientNetLiteEmbedder, tmp_path_factory: pytest.TempPathFactory):
+def service(catalogue_engine: Engine, embedder: Embedder, tmp_path_factory: pytest.TempPathFactory):
     """A search service over the shared CIFAR catalogue (read-only); modules that write define their own."""
     from backend.service import SearchService
     from tests.utils.settings import make_settings
@@ -148,7 +149,7 @@ def service(catalogue_engine: Engine, embedder: EfficientNetLiteEmbedder, tmp_pa
 
 
 @pytest.fixture(scope="session")
-def query_vectors(embedder: EfficientNetLiteEmbedder, cifar_queries: Dataset) -> tuple[np.ndarray, list[str]]:
+def query_vectors(embedder: Embedder, cifar_queries: Dataset) -> tuple[np.ndarray, list[str]]:
     from backend.imaging import decode_image
 
     images = [decode_image(s.load(), 10**7).rgb for s in cifar_queries.samples]

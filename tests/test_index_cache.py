@@ -237,7 +237,7 @@ from backend.storage import catalogue
 from backend.datasets import Dataset, load_dataset
 from backend.storage.schema import Embedding
 from backend.storage.engine import get_engine, session_scope
-from backend.embedding.registry import create_embedder
+from backend.embedding.cache import model_cache
 from backend.core.config import get_settings
 from backend.ingest import ingest
 settings = get_settings()
@@ -248,7 +248,7 @@ with session_scope(engine) as s:  # delete the three oldest images
 data = load_dataset("cifar10", None, "test", 30, settings)
 samples = [s for s in data.samples if s.label in ("cat", "ship")][:6]
 samples[:2] = [dataclasses.replace(s, label="brand-new-category") for s in samples[:2]]  # never seen by the server
-ingest(Dataset("x", samples), create_embedder(settings), engine, 10**7, progress=False)
+ingest(Dataset("x", samples), model_cache.get(settings), engine, 10**7, progress=False)
 """
 
 

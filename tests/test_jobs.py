@@ -335,7 +335,7 @@ def test_populate_in_the_background_is_a_job_the_workers_finish(db, workers: Wor
 
 
 def test_reembedding_with_another_model_keeps_the_vectors_apart(db, workers: Workers, tmp_path: Path, cifar) -> None:
-    from backend.embedding.registry import create_embedder
+    from backend.embedding.registry import model_id
     from backend.storage import catalogue, vector_reader
 
     _url, engine = db
@@ -345,7 +345,7 @@ def test_reembedding_with_another_model_keeps_the_vectors_apart(db, workers: Wor
     jobs.stage_archive(settings, engine, queue, first, make_archive(tmp_path / "e.zip", cifar[:12]))
     workers.start()
     assert jobs.wait_for(engine, first, 240).added == 12
-    lite2 = create_embedder(settings, "efficientnet_lite2").model_id
+    lite2 = model_id(settings, "efficientnet_lite2")
     again = jobs.create_job(settings, engine, "reembed", lite2, {"model_name": "efficientnet_lite2"}, None)
     jobs.stage_job(settings, engine, queue, again)
     job = jobs.wait_for(engine, again, 300)

@@ -2,16 +2,18 @@
 
 import importlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from backend.core.errors import ModelUnavailable
-from backend.embedding.base import Embedder
+from backend.embedding.base import EmbeddingModel
+
+if TYPE_CHECKING:
+    import torch
 
 
-class EfficientNetLiteEmbedder(Embedder):
+class EfficientNetLiteModel(EmbeddingModel):
     """The weights come from `spec.weights_package`; MODEL_WEIGHTS does not apply."""
 
     def _weights_path(self) -> Path:
@@ -29,7 +31,8 @@ class EfficientNetLiteEmbedder(Embedder):
     def weights_id(self) -> str:
         return "imagenet"
 
-    def _load(self) -> torch.nn.Module:
+    def build_network(self) -> "torch.nn.Module":
+        import torch
         from efficientnet_lite_pytorch import EfficientNet
 
         path = self._weights_path()
@@ -39,10 +42,12 @@ class EfficientNetLiteEmbedder(Embedder):
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return model
 
-    def _normalise_pixels(self, pixels: np.ndarray) -> np.ndarray:
+    def normalise_pixels(self, pixels: np.ndarray) -> np.ndarray:
         # The scaling these TF-Lite-derived weights were trained with.
         return (pixels.astype(np.float32) - 127.0) / 128.0
 
-    def _features(self, model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
-        features = model.extract_features(batch)  # type: ignore[operator]
+    def features(self, network: "torch.nn.Module", batch: "torch.Tensor") -> "torch.Tensor":
+        import torch.nn.functional as F
+
+        features = network.extract_features(batch)  # type: ignore[operator]
         return F.adaptive_avg_pool2d(features, 1).flatten(1)

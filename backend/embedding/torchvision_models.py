@@ -3,12 +3,15 @@
 import hashlib
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from backend.core.errors import ModelUnavailable
-from backend.embedding.base import Embedder
+from backend.embedding.base import EmbeddingModel
+
+if TYPE_CHECKING:
+    import torch
 
 _IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32) * 255
 _IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32) * 255
@@ -16,7 +19,7 @@ _IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32) * 255
 RANDOM_WEIGHTS = "random"  # tests only: never chosen silently, and recorded in the model id
 
 
-class ResNetEmbedder(Embedder):
+class ResNetModel(EmbeddingModel):
     """`weights`: a local state-dict file (MODEL_WEIGHTS), "random" (tests), or None for torchvision's."""
 
     @cached_property
@@ -29,7 +32,8 @@ class ResNetEmbedder(Embedder):
             return f"file-{digest}"
         return "imagenet1k"
 
-    def _load(self) -> torch.nn.Module:
+    def build_network(self) -> "torch.nn.Module":
+        import torch
         import torchvision.models as tvm
 
         builder = getattr(tvm, self.name)
@@ -58,8 +62,8 @@ class ResNetEmbedder(Embedder):
         model.fc = torch.nn.Identity()
         return model
 
-    def _normalise_pixels(self, pixels: np.ndarray) -> np.ndarray:
+    def normalise_pixels(self, pixels: np.ndarray) -> np.ndarray:
         return (pixels.astype(np.float32) - _IMAGENET_MEAN) / _IMAGENET_STD
 
-    def _features(self, model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
-        return model(batch)
+    def features(self, network: "torch.nn.Module", batch: "torch.Tensor") -> "torch.Tensor":
+        return network(batch)

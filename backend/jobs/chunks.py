@@ -7,7 +7,6 @@ after it adds nothing). Embedding happens before it, so workers embed in paralle
 only while they write."""
 
 import logging
-import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -34,24 +33,20 @@ Decoded = list[tuple[CatalogueJobItem, DecodedImage]]
 
 
 class ChunkRunner:
-    """What a worker holds between chunks: settings, engine, the embedding models it loaded (one each, on
-    first use) and what to do after a commit (serve's own worker makes the images searchable at once)."""
+    """What a worker holds between chunks: settings, engine, the embedding models (from the process's model
+    cache) and what to do after a commit (serve's own worker makes the images searchable at once)."""
 
     def __init__(self, settings: Settings, engine: Engine, after_commit: Callable[[], None] | None = None) -> None:
         self.settings, self.engine, self.after_commit = settings, engine, after_commit
-        self._models: dict[str | None, Any] = {}
-        self._lock = threading.Lock()
 
     def embedder(self, model_name: str | None = None) -> Any:
-        """The settings' model (None), or the one a re-embedding job names."""
-        with self._lock:
-            if model_name not in self._models:
-                from backend.embedding.registry import create_embedder
+        """The settings' model (None), or the one a re-embedding job names: from the process's one model
+        cache, so serve's own worker shares the server's loaded model."""
+        from backend.embedding.cache import model_cache
 
-                embedder = create_embedder(self.settings, model_name)
-                embedder.load()
-                self._models[model_name] = embedder
-            return self._models[model_name]
+        embedder = model_cache.get(self.settings, model_name)
+        embedder.load()
+        return embedder
 
     def run(self, job_id: int, chunk: int) -> "ChunkResult":
         result = ingest_chunk(self.settings, self.engine, self.embedder, job_id, chunk)

@@ -6,9 +6,9 @@ import sys
 import numpy as np
 
 from backend.core.config import Settings
-from backend.embedding.base import Embedder, onnxruntime_available
+from backend.embedding.cache import model_cache
 from backend.embedding.models import DEFAULT_MODEL, MODELS
-from backend.embedding.registry import create_embedder
+from backend.embedding.sessions import onnxruntime_available
 from backend.imaging import decode_image
 from benchmarks.harness import cifar_samples, throughput
 
@@ -25,22 +25,17 @@ def run(settings: Settings, quick: bool) -> list[dict]:
         plan += [(DEFAULT_MODEL, s, 32, runtime, "fp32") for s in (128, 160)]
     raw = [s.load() for s in cifar_samples(settings, 16 if quick else 96).samples]
     rows = []
-    cache: dict[tuple, Embedder] = {}
     for name, size, batch, rt, precision in plan:
         # Pretrained ResNet weights cannot be fetched offline; random weights cost the same compute.
-        key = (name, size, rt, precision)
-        model = cache.get(key) or create_embedder(
-            settings, name, image_size=size, runtime=rt, weights="random", precision=precision
-        )
-        cache[key] = model
-        model.batch_size = batch
+        model = model_cache.get(settings, name, image_size=size, runtime=rt, weights="random", precision=precision)
         model.load()
         n = 16 if quick else min(len(raw), max(2 * batch, 24 if MODELS[name].relative_cost > 2 else 48))
         pixels = np.stack([model.preprocess(decode_image(b, 10**7).rgb) for b in raw[:n]])
-        model.embed_pixels(pixels)  # warm-up: first runs allocate and tune
+        model.embed_pixels(pixels, batch)  # warm-up: first runs allocate and tune
         least = 0.2 if quick else 1.0
-        model_only = throughput(lambda m=model, p=pixels: m.embed_pixels(p), n, least)
-        with_decode = throughput(lambda m=model, k=n: m.embed([decode_image(b, 10**7).rgb for b in raw[:k]]), n, least)
+        model_only = throughput(lambda m=model, p=pixels, b=batch: m.embed_pixels(p, b), n, least)
+        decoded = lambda m=model, k=n, b=batch: m.embed([decode_image(x, 10**7).rgb for x in raw[:k]], b)  # noqa: E731
+        with_decode = throughput(decoded, n, least)
         rows.append(
             {
                 "model": model.model_id,

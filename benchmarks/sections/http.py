@@ -10,8 +10,8 @@ import httpx
 import numpy as np
 
 from backend.core.config import Settings
+from backend.embedding.cache import model_cache
 from backend.embedding.models import DEFAULT_MODEL
-from backend.embedding.registry import create_embedder
 from backend.ingest import ingest
 from benchmarks.harness import TempDatabase, cifar_samples, percentiles
 from tests.utils.images import photo_jpeg
@@ -50,7 +50,7 @@ def run(settings: Settings, quick: bool) -> list[dict]:
     catalogue = cifar_samples(settings, 100 if quick else 1000)
     queries = [photo_jpeg(768, 576)]
     with TempDatabase() as db:
-        ingest(catalogue, create_embedder(settings, DEFAULT_MODEL), db.engine, 10**7, progress=False)
+        ingest(catalogue, model_cache.get(settings, DEFAULT_MODEL), db.engine, 10**7, progress=False)
         env = {
             **os.environ,
             "DATABASE_URL": db.url.render_as_string(hide_password=False),

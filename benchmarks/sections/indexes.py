@@ -16,7 +16,7 @@ import numpy as np
 
 from backend.core.config import Settings
 from backend.datasets import load_dataset
-from backend.embedding.registry import create_embedder
+from backend.embedding.cache import model_cache
 from backend.evaluation import embed_cached
 from backend.index import IndexSpec, TwoStageIndex
 from backend.storage.engine import libpq_url
@@ -295,7 +295,7 @@ def goal(rows: list[dict]) -> dict:
 def real(
     settings: Settings, dataset: str, query_limit: int | None, train_limit: int | None = None
 ) -> tuple[StoredVectors, np.ndarray, np.ndarray]:
-    embedder = create_embedder(settings)
+    embedder = model_cache.get(settings)
     train = load_dataset(dataset, None, "train", train_limit, settings)
     test = load_dataset(dataset, None, "test", query_limit, settings)
     catalogue = embed_cached(train, embedder, settings)

@@ -4,9 +4,9 @@ alone, for fp32 and int8. Goals (issue 22): pipelined >= 0.9x embedding alone; >
 import sys
 
 from backend.core.config import Settings
-from backend.embedding.base import onnxruntime_available
+from backend.embedding.cache import model_cache
 from backend.embedding.models import DEFAULT_MODEL
-from backend.embedding.registry import create_embedder
+from backend.embedding.sessions import onnxruntime_available
 from backend.imaging import decode_image
 from backend.ingest import ingest
 from benchmarks.harness import TempDatabase, cifar_samples, throughput
@@ -21,7 +21,7 @@ def run(settings: Settings, quick: bool) -> dict:
     rows = []
     # --quick: fp32 only (the precision section runs int8)
     for precision in ("fp32", "int8") if onnxruntime_available() and not quick else ("fp32",):
-        embedder = create_embedder(settings, DEFAULT_MODEL, precision=precision)
+        embedder = model_cache.get(settings, DEFAULT_MODEL, precision=precision)
         embedder.load()
         embedder.embed(images[:8])  # warm-up
         alone = throughput(lambda e=embedder: e.embed(images), len(images), 0.5 if quick else 2.0)

@@ -15,7 +15,7 @@ from sqlalchemy import Engine
 
 from backend import jobs
 from backend.core.config import PROJECT_ROOT, Settings
-from backend.embedding.registry import create_embedder
+from backend.embedding.cache import model_cache
 from backend.imaging import decode_image
 from benchmarks.harness import TempDatabase, cifar_samples, throughput
 
@@ -49,7 +49,7 @@ def _cifar_job(settings: Settings, engine: Engine, queue: Any, model: str, n: in
 def run(settings: Settings, quick: bool) -> dict:
     n = 64 if quick else 2000
     dataset = cifar_samples(settings, n, "train")
-    embedder = create_embedder(settings)
+    embedder = model_cache.get(settings)
     embedder.load()
     pixels = [decode_image(s.load(), settings.max_image_pixels).rgb for s in dataset.samples[:256]]
     alone = throughput(lambda: embedder.embed(pixels), len(pixels), 0.5 if quick else 2.0)

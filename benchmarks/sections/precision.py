@@ -9,9 +9,9 @@ import numpy as np
 
 from backend.core.config import Settings
 from backend.embedding import quantize
-from backend.embedding.base import onnxruntime_available
+from backend.embedding.cache import model_cache
 from backend.embedding.models import DEFAULT_MODEL
-from backend.embedding.registry import create_embedder
+from backend.embedding.sessions import onnxruntime_available
 from backend.imaging import decode_image
 from benchmarks.harness import cifar_samples
 
@@ -32,7 +32,7 @@ def paired(runs: dict[str, Callable[[], object]], items: int, rounds: int) -> di
 def run(settings: Settings, quick: bool) -> dict:
     if not onnxruntime_available():
         return {"skipped": "onnxruntime is not installed: int8 runs on ONNX Runtime only"}
-    models = {p: create_embedder(settings, DEFAULT_MODEL, precision=p) for p in ("fp32", "int8")}
+    models = {p: model_cache.get(settings, DEFAULT_MODEL, precision=p) for p in ("fp32", "int8")}
     for m in models.values():
         m.load()
     raw = [s.load() for s in cifar_samples(settings, 32 if quick else 64).samples]
@@ -41,10 +41,9 @@ def run(settings: Settings, quick: bool) -> dict:
     for batch in (8,) if quick else (1, 8, 32):
         n = min(len(pixels), max(2 * batch, 16))
         for m in models.values():
-            m.batch_size = batch
-            m.embed_pixels(pixels[:n])  # warm-up
+            m.embed_pixels(pixels[:n], batch)  # warm-up
         chunk = pixels[:n]
-        speed = paired({p: lambda m=m, c=chunk: m.embed_pixels(c) for p, m in models.items()}, n, 3 if quick else 8)
+        speed = paired({p: lambda m=m, c=chunk, b=batch: m.embed_pixels(c, b) for p, m in models.items()}, n, 3 if quick else 8)
         rows.append(
             {
                 "batch": batch,

@@ -179,11 +179,11 @@ def create_reembed_job(request: Request, body: ReembedJob, service: ServiceDep, 
     """Embed every stored image that lacks it with another model (its vectors are kept apart; a server with
     MODEL_NAME set to it then searches them)."""
     from backend.embedding.models import MODEL_NAMES
-    from backend.embedding.registry import create_embedder
+    from backend.embedding.registry import model_id
 
     if body.model not in MODEL_NAMES:
         raise Unprocessable(f"model: unknown model {echo(body.model)!r}; choose one of: {', '.join(MODEL_NAMES)}")
-    target = create_embedder(settings, body.model).model_id  # the weights load in the workers, not here
+    target = model_id(settings, body.model)  # the weights load in the workers, not here
     job_id = _create(request, service, settings, "reembed", target, {"model_name": body.model})
     jobs.start(settings, service.engine, _queue(request), job_id)
     return JobOut.of(jobs.get_job(service.engine, job_id))

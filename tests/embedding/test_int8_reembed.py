@@ -11,7 +11,7 @@ from backend import jobs
 from backend.core.config import PROJECT_ROOT
 from backend.core.search_params import SearchParams
 from backend.datasets import Dataset, balanced
-from backend.embedding.registry import create_embedder
+from backend.embedding.registry import model_id
 from backend.imaging import decode_image
 from backend.ingest import ingest
 from backend.service import SearchService
@@ -26,7 +26,7 @@ def test_a_reembedding_job_moves_the_catalogue_to_int8(databases, embedder, cifa
     ingest(Dataset("cifar10", samples), embedder, engine, 10**7, progress=False)
     overrides = {"embed_precision": "int8", "onnx_cache_dir": embedder.onnx_dir, "job_chunk_size": 6}
     settings = make_settings(tmp_path / "server", engine, **overrides)
-    int8 = create_embedder(settings, "efficientnet_lite0").model_id
+    int8 = model_id(settings, "efficientnet_lite0")
     assert int8.startswith(embedder.model_id + "/int8-")
     env = {
         **os.environ,

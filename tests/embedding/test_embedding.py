@@ -6,9 +6,11 @@ from PIL import Image
 from pydantic import ValidationError
 
 from backend.core.errors import ConfigurationError, ModelUnavailable
+from backend.embedding.efficientnet import EfficientNetLiteModel
+from backend.embedding.embedder import Embedder, create_embedder
 from backend.embedding.models import MODEL_NAMES, MODELS
-from backend.embedding.registry import FAMILIES, create_embedder
-from backend.embedding.torchvision_models import ResNetEmbedder
+from backend.embedding.registry import FAMILIES
+from backend.embedding.torchvision_models import ResNetModel
 from tests.utils.settings import make_settings
 
 
@@ -25,11 +27,10 @@ def test_lite0_vectors_are_normalised_deterministic_and_meaningful(embedder, cif
 
 
 def test_onnx_runtime_matches_pytorch(embedder, cifar_queries) -> None:
-    from backend.embedding.efficientnet import EfficientNetLiteEmbedder
     from backend.imaging import decode_image
 
     assert embedder.runtime == "onnx"
-    torch_model = EfficientNetLiteEmbedder(spec=MODELS["efficientnet_lite0"], device="cpu", batch_size=8, runtime="torch")
+    torch_model = Embedder(EfficientNetLiteModel(MODELS["efficientnet_lite0"]), device="cpu", batch_size=8, runtime="torch")
     images = [decode_image(s.load(), 10**6).rgb for s in cifar_queries.samples[:16]]
     a, b = embedder.embed(images), torch_model.embed(images)
     assert torch_model.model_id == embedder.model_id
@@ -42,7 +43,7 @@ def test_any_size_and_mode_is_accepted(embedder) -> None:
 
 
 def test_random_weights_are_recorded_in_model_id(tmp_path) -> None:
-    model = ResNetEmbedder(spec=MODELS["resnet18"], weights="random", device="cpu", batch_size=4)
+    model = Embedder(ResNetModel(MODELS["resnet18"], weights="random"), device="cpu", batch_size=4)
     assert model.model_id == "resnet18/random/224px"
     assert model.embed([Image.new("RGB", (64, 64), "green")]).shape == (1, 512)
 
@@ -67,6 +68,6 @@ def test_unknown_model_setting_is_refused_at_start_up(tmp_path) -> None:
 def test_every_model_in_the_table_builds_with_its_own_size_and_dimension(tmp_path, name: str) -> None:
     model = create_embedder(make_settings(tmp_path, model_name=name, model_weights="random"))
     spec = MODELS[name]
-    assert isinstance(model, FAMILIES[spec.family]) and not model.loaded  # lazy: nothing loaded yet
+    assert isinstance(model.model, FAMILIES[spec.family]) and not model.loaded  # lazy: nothing loaded yet
     assert (model.name, model.dim, model.image_size) == (name, spec.dim, spec.input_size)
     assert model.model_id.startswith(f"{name}/") and model.model_id.endswith(f"/{spec.input_size}px")

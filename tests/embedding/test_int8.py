@@ -7,7 +7,8 @@ import pytest
 
 from backend.core.errors import ConfigurationError
 from backend.embedding import quantize
-from backend.embedding.registry import create_embedder
+from backend.embedding.embedder import create_embedder
+from backend.embedding.registry import model_id
 from backend.evaluation import Embedded
 from backend.imaging import decode_image
 from backend.precision_cost import compare
@@ -35,9 +36,10 @@ def _embedded(model, dataset) -> Embedded:
     return Embedded(vectors, np.array([names.index(s.label) for s in dataset.samples]), names)
 
 
-def test_int8_has_its_own_model_id_and_recorded_calibration(embedder, int8_embedder) -> None:
+def test_int8_has_its_own_model_id_and_recorded_calibration(embedder, int8_embedder, tmp_path) -> None:
     digest = int8_embedder.calibration.digest
     assert int8_embedder.model_id == f"{embedder.model_id}/int8-{digest}"
+    assert model_id(make_settings(tmp_path), precision="int8") == int8_embedder.model_id  # known without a graph
     graph = embedder.onnx_dir / f"efficientnet_lite0_imagenet_224px.int8-{digest}.onnx"
     assert graph.is_file()
     record = json.loads(graph.with_suffix(".calibration.json").read_text())
@@ -78,3 +80,5 @@ def test_int8_without_calibration_images_says_what_to_set(tmp_path) -> None:
     model = create_embedder(settings, precision="int8", runtime="onnx")
     with pytest.raises(ConfigurationError, match="set EMBED_CALIBRATION_DIR"):
         model.model_id  # noqa: B018 - the calibration images name the model
+    with pytest.raises(ConfigurationError, match="set EMBED_CALIBRATION_DIR"):
+        model_id(settings, precision="int8")
