@@ -21,8 +21,8 @@ from sqlalchemy import Engine, select
 from backend import catalogue
 from backend.db.models import Image
 from backend.db.session import session_scope
-from backend.index import SearchHits, TwoStageIndex
-from backend.stage1 import Ranking, Stage1
+from backend.index.stage1 import Ranking, Stage1
+from backend.index.two_stage import SearchHits, TwoStageIndex
 
 PROBE_SUB_CENTROIDS = 8  # nearest sub-centroids whose categories are probed beside the top-C ...
 PROBE_BY_RANK = 1  # ... with the next category by stage 1
