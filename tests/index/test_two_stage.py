@@ -45,7 +45,7 @@ def round_trip(index: TwoStageIndex, protos: PrototypeMatrix) -> TwoStageIndex:
     buf = io.BytesIO()
     index.write(buf.write)
     buf.seek(0)
-    loaded = TwoStageIndex.read(buf.read, **index.describe())
+    loaded = TwoStageIndex.read(buf.read, index.describe())
     loaded.set_prototypes(protos)
     return loaded
 
