@@ -10,7 +10,8 @@ from sqlalchemy import Engine
 from backend import catalogue
 from backend.db.session import session_scope
 from backend.index.fastscan import FastScanIndex
-from backend.index.layout import SAMPLE_MULTIPLIER, IndexLayout, sample_cut
+from backend.index.layout import IndexLayout
+from backend.index.sampling import SAMPLE_MULTIPLIER, sample_cut
 from backend.index.two_stage import TwoStageIndex
 from backend.vectors import StoredVectors
 

@@ -2,17 +2,19 @@
 
 Validated once (the settings build it, `layout_from_settings`; the settings' own validators use
 `parse_kind` / `parse_codec` from here), stored as is in the cache header (`IndexDescription`) and read
-back from it. Also the index vocabulary and the rule that picks the training sample the layout sizes.
+back from it. Also the index vocabulary. Kept free of numpy and FAISS: the settings import it.
 """
 
 import re
 from dataclasses import dataclass
-from typing import Literal, Protocol, get_args
+from typing import TYPE_CHECKING, Literal, Protocol, get_args
 
-import numpy as np
 from pydantic import BaseModel, Field
 
 from backend.core.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 IndexKind = Literal["flat", "ivf", "fastscan", "auto"]
 INDEX_KINDS: tuple[IndexKind, ...] = get_args(IndexKind)
@@ -28,8 +30,6 @@ TRAIN_POINTS_PER_LIST = 64  # k-means sample per sub-list; FAISS asks for at lea
 # sq8 ranges and PQ codebooks are trained on at most this many vectors (PQ's k-means is the slow part).
 SQ_TRAIN_POINTS, PQ_TRAIN_POINTS = 65_536, 16_384
 STALE_GROWTH = 4.0  # a trained category this many times its training size (and several lists over) is retrained
-# The training sample: ids whose (id * MULTIPLIER) % MODULUS falls under a cut (see `train_sample`).
-SAMPLE_MULTIPLIER, SAMPLE_MODULUS = 2654435761, 10_000
 
 
 def parse_kind(value: object) -> object:
@@ -125,7 +125,7 @@ class IndexLayout:
         return 1.0 if total == 0 else min(1.0, need / total)
 
     def stale_categories(
-        self, category_ids: list[int], sizes: np.ndarray, trained_sizes: np.ndarray, lists: np.ndarray
+        self, category_ids: list[int], sizes: "np.ndarray", trained_sizes: "np.ndarray", lists: "np.ndarray"
     ) -> list[int]:
         """Of categories now holding `sizes` vectors in `lists` sub-lists, trained at `trained_sizes` (0:
         untrained), those a rebuild would lay out differently: untrained ones holding vectors, and trained
@@ -203,14 +203,3 @@ def status_fields(configured: IndexLayout, live: IndexLayout | None, vectors: in
         if next_kind != live.kind:
             fields["why"] += f"; {live.kind} when last built, the next build-index makes it {next_kind}"
     return fields
-
-
-def sample_cut(fraction: float) -> int:
-    return min(SAMPLE_MODULUS, max(1, round(fraction * SAMPLE_MODULUS))) if fraction > 0 else 0
-
-
-def train_sample(ids: np.ndarray, fraction: float) -> np.ndarray:
-    """Which of `ids` train the index: a fixed pseudo-random subset decided by the id alone, so a streamed
-    rebuild (which asks the database for the same rule, see `catalogue.vector_sample`) and an in-memory
-    build train on the same vectors."""
-    return (np.asarray(ids, dtype=np.int64) * SAMPLE_MULTIPLIER) % SAMPLE_MODULUS < sample_cut(fraction)

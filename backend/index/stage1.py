@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from backend import catalogue
 from backend.db.models import DeletedEmbedding, Embedding, Image, Stage1Model
 from backend.db.session import session_scope
-from backend.index.layout import SAMPLE_MODULUS, SAMPLE_MULTIPLIER
+from backend.index.sampling import SAMPLE_MODULUS, SAMPLE_MULTIPLIER
 from backend.index.stage1_models import Centroids, LinearSoftmax, Trained, softmax, train_rankers
 from backend.index.two_stage import TwoStageIndex
 

@@ -26,7 +26,8 @@ import numpy as np
 from faiss import swig_ptr
 
 from backend.index import ivf_lists
-from backend.index.layout import STALE_GROWTH, IndexDescription, IndexLayout, train_sample
+from backend.index.layout import STALE_GROWTH, IndexDescription, IndexLayout
+from backend.index.sampling import train_sample
 from backend.vectors import PrototypeMatrix, StoredVectors
 
 

@@ -17,7 +17,8 @@ from backend.db.session import session_scope
 from backend.imaging import decode_image
 from backend.index import build
 from backend.index.fastscan import FastScanIndex
-from backend.index.layout import IndexLayout, train_sample
+from backend.index.layout import IndexLayout
+from backend.index.sampling import train_sample
 from backend.index.two_stage import TwoStageIndex
 from backend.ingest import ingest
 from backend.service import SearchService
