@@ -20,7 +20,7 @@ from backend.datasets import Dataset, balanced, load_dataset
 from backend.embedding.cache import model_cache
 from backend.embedding.embedder import Embedder
 from backend.imaging import decode_image
-from backend.index import TwoStageIndex
+from backend.index.two_stage import TwoStageIndex
 from backend.stage1_eval import compare_rankers, format_stage1, synthetic_latency
 from backend.vectors import PrototypeMatrix, StoredVectors
 

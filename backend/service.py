@@ -1,6 +1,6 @@
 """The search engine as one object: embedder + database + index cache; search, writes and status, shared by
 the CLI and the API. The index's lifecycle (load, verify, rebuild, follow changes, locking) is
-`backend.index_cache`'s."""
+`backend.index.cache`'s."""
 
 import logging
 import time
@@ -16,7 +16,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from backend import index_fastscan, near_duplicates, own_image, search_filters
+from backend import near_duplicates, search_filters
 from backend.core import search_params
 from backend.core.config import Settings
 from backend.core.errors import Conflict, InvalidInput, NotFound
@@ -24,9 +24,11 @@ from backend.core.search_params import SearchParams
 from backend.embedding.cache import model_cache
 from backend.embedding.embedder import Embedder
 from backend.imaging import DecodedImage
-from backend.index import TwoStageIndex, index_spec
-from backend.index_cache import IndexCache
-from backend.stage1 import Ranking, Stage1, Stage1Status
+from backend.index import own_image
+from backend.index.cache import IndexCache
+from backend.index.layout import layout_from_settings
+from backend.index.stage1 import Ranking, Stage1, Stage1Status
+from backend.index.two_stage import TwoStageIndex
 from backend.storage import catalogue
 from backend.storage.engine import get_engine, location, session_scope
 from backend.storage.schema import Image
@@ -156,9 +158,8 @@ class SearchService:
         self.settings = settings
         self.engine = engine or get_engine()
         self.embedder = embedder or model_cache.get(settings)
-        self.cache = IndexCache(
-            self.engine, self.embedder.model_id, self.embedder.dim, settings.index_dir, index_spec(settings, self.embedder.dim)
-        )
+        layout = layout_from_settings(settings, self.embedder.dim)
+        self.cache = IndexCache(self.engine, self.embedder.model_id, self.embedder.dim, settings.index_dir, layout)
         self.stage1 = Stage1(self.engine, self.embedder.model_id, self.embedder.dim, settings.stage1)
         self._names: dict[int, str] = {}
 
@@ -175,7 +176,7 @@ class SearchService:
         return vectors
 
     def search(self, images: list[PILImage.Image], params: SearchParams, sha256s: list[str] | None = None) -> list[SearchResult]:
-        """`sha256s`: the queries' bytes' digests, so that a stored image finds itself (backend/own_image.py)."""
+        """`sha256s`: the queries' bytes' digests, so that a stored image finds itself (backend/index/own_image.py)."""
         start = time.perf_counter()
         queries = self.embed(images)
         embed_s = time.perf_counter() - start
@@ -192,7 +193,7 @@ class SearchService:
         exclude: int | None = None,
         images: list[own_image.QueryImage] | None = None,
     ) -> list[SearchResult]:
-        """`images`: the query images, so that a stored image finds itself first (backend/own_image.py)."""
+        """`images`: the query images, so that a stored image finds itself first (backend/index/own_image.py)."""
         top_categories, use_prototypes = params.top_categories, params.use_prototypes
         k = search_filters.depth(params, 1 if exclude is not None else 0)
         wanted = search_filters.category_filter(self.engine, params.categories)
@@ -374,7 +375,7 @@ class SearchService:
                 categories=[CategoryCount(id=cid, name=name, images=n, labelled=given) for cid, name, n, given in counts],
             ),
             index=IndexStatus(
-                **index_fastscan.status_fields(cache.spec, index),
+                **cache.layout_status(),
                 lists=int(index.ivf.nlist) if index else 0,
                 default_nprobe=self.settings.faiss_nprobe,
                 retrain=index.needs_retraining() if index else [],

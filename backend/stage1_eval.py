@@ -10,9 +10,9 @@ import time
 import numpy as np
 
 from backend import metrics
-from backend.index import TwoStageIndex
-from backend.stage1 import Stage1
-from backend.stage1_models import RANKERS, Centroids, LinearSoftmax, Trained, train_rankers
+from backend.index.stage1 import Stage1
+from backend.index.stage1_models import RANKERS, Centroids, LinearSoftmax, Trained, train_rankers
+from backend.index.two_stage import TwoStageIndex
 from backend.vectors import PrototypeMatrix, StoredVectors, l2_normalise
 
 TOP_C = (1, 3)

@@ -29,7 +29,7 @@ from backend.api.security import (
     trusted_hosts,
 )
 from backend.core.config import PROJECT_ROOT, Settings, get_settings
-from backend.index_cache import prune_change_log
+from backend.index.cache import prune_change_log
 from backend.service import SearchService
 from backend.storage.engine import DATABASE_ERRORS, database_problem
 from backend.telemetry import DATABASE_ERRORS_TOTAL

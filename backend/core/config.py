@@ -11,9 +11,6 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from backend.core.errors import ConfigurationError
 from backend.core.search_params import (
-    AUTO_FASTSCAN_FROM,
-    CODEC_PATTERN,
-    INDEX_KIND_ALIASES,
     LIMIT_MAX,
     LIMIT_MIN,
     NPROBE_DEFAULT,
@@ -23,6 +20,7 @@ from backend.core.search_params import (
     TOP_CATEGORIES_MIN,
 )
 from backend.embedding.models import DEFAULT_MODEL, MODEL_NAMES
+from backend.index.layout import AUTO_FASTSCAN_FROM, IndexKind, RerankCodec, parse_codec, parse_kind
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DB_TIMEOUT_DEFAULT_S = 5.0
@@ -63,13 +61,13 @@ class Settings(BaseSettings):
     # The real images int8 is calibrated on: `<category>/<image>` folders (about 100 are used); unset = CIFAR-10.
     embed_calibration_dir: Path | None = None
 
-    # Index and search (backend/index.py). flat: each top category scanned whole (exact inside them);
+    # Index and search (backend/index/; backend/index/layout.py). flat: each top category scanned whole (exact inside them);
     # ivf: categories split by k-means into sub-lists of about FAISS_LIST_SIZE vectors, of which a search
     # scans the FAISS_NPROBE nearest among the top categories' (per request: nprobe); fastscan: the same
     # sub-lists as 4-bit PQ codes (FASTSCAN_M of them, 0 = dimension / 4), the best RERANK_CANDIDATES
     # re-scored from a float16 file under DATA_DIR/index; auto: flat below FAISS_AUTO_THRESHOLD vectors,
     # fastscan from it (decided at each full build).
-    faiss_index_type: Literal["flat", "ivf", "fastscan", "auto"] = "auto"
+    faiss_index_type: IndexKind = "auto"
     fastscan_m: int = Field(0, ge=0, le=4096)
     faiss_auto_threshold: int = Field(AUTO_FASTSCAN_FROM, ge=0)
     faiss_list_size: int = Field(256, ge=8, le=1_000_000)
@@ -79,10 +77,10 @@ class Settings(BaseSettings):
     vector_codec: str = "float32"
     # With a compressed codec (pq<M> above all), keep a second copy of the vectors (float32 or float16) and
     # re-score the best RERANK_CANDIDATES exactly: PQ's speed at close to float32's recall, for the memory.
-    rerank: Literal["none", "float32", "float16"] = "none"
+    rerank: RerankCodec = "none"
     rerank_candidates: int = Field(100, ge=1, le=1000)  # fastscan needs 100 for recall@10 0.97 on Fashion-MNIST
     use_prototype_filtering: bool = True
-    # Stage 1 (backend/stage1.py): how categories are ranked. prototype: averaged given-label vectors;
+    # Stage 1 (backend/index/stage1.py): how categories are ranked. prototype: averaged given-label vectors;
     # centroids: each category's k-means sub-centroids; classifier: a linear softmax classifier on the given
     # labels; auto: whichever ranked the held-out labels best at training (prototype until one is trained).
     stage1: Literal["prototype", "centroids", "classifier", "auto"] = "auto"
@@ -147,23 +145,12 @@ class Settings(BaseSettings):
     @field_validator("faiss_index_type", mode="before")
     @classmethod
     def _index_type(cls, value: object) -> object:
-        if isinstance(value, str):
-            value = value.strip().lower()
-            if value == "hnsw":
-                raise ValueError(
-                    "hnsw is not offered: per-category HNSW graphs were slower than ivf sub-lists and cannot remove "
-                    "vectors (README, 'Index types'); use ivf"
-                )
-            return INDEX_KIND_ALIASES.get(value, value)
-        return value
+        return parse_kind(value)
 
     @field_validator("vector_codec")
     @classmethod
     def _codec(cls, value: str) -> str:
-        value = value.strip().lower()
-        if not CODEC_PATTERN.match(value):
-            raise ValueError("unknown codec; choose float32, float16, sq8 or pq<M> with M dividing the dimension (e.g. pq64)")
-        return value
+        return parse_codec(value)
 
     @field_validator("database_url")
     @classmethod

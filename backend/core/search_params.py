@@ -1,24 +1,12 @@
 """Search parameters: their bounds and defaults in one place, for the settings, the API, the CLI and the page."""
 
-import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import Protocol
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from backend.core.errors import Unprocessable
 from backend.core.text import clean_name
-
-if TYPE_CHECKING:
-    from backend.core.config import Settings
-
-IndexKind = Literal["flat", "ivf", "fastscan", "auto"]
-INDEX_KINDS: tuple[IndexKind, ...] = ("flat", "ivf", "fastscan", "auto")
-# auto: an exact flat scan of the top categories below this many vectors, fastscan from it (README, "auto").
-AUTO_FASTSCAN_FROM = 10_000
-# The names users of the original design know (FAISS_INDEX_TYPE=flatl2|ivfflat|hnsw).
-INDEX_KIND_ALIASES = {"flatl2": "flat", "ivfflat": "ivf"}
-CODEC_PATTERN = re.compile(r"^(float32|float16|sq8|pq([1-9][0-9]*))$")
 
 LIMIT_MIN, LIMIT_MAX = 1, 50
 TOP_CATEGORIES_MIN, TOP_CATEGORIES_MAX = 1, 10
@@ -35,6 +23,16 @@ USE_PROTOTYPES_HELP = "two-stage search over the top categories (default USE_PRO
 OFFSET_HELP = f"skip this many of the best results (paging; at most {OFFSET_MAX})"
 MIN_SCORE_HELP = "only results with a cosine similarity at least this (-1 to 1)"
 CATEGORIES_HELP = f"search only these categories (up to {CATEGORIES_MAX}); two-stage search takes the top ones among them"
+
+
+class SearchDefaults(Protocol):
+    """The settings missing parameters come from (backend.core.config.Settings has them; not imported here,
+    as the settings import these bounds)."""
+
+    default_search_limit: int
+    default_top_categories: int
+    use_prototype_filtering: bool
+    faiss_nprobe: int
 
 
 class SearchParams(BaseModel):
@@ -58,7 +56,7 @@ class SearchParams(BaseModel):
     @classmethod
     def resolve(
         cls,
-        settings: "Settings",
+        settings: SearchDefaults,
         limit: int | None = None,
         top_categories: int | None = None,
         use_prototypes: bool | None = None,

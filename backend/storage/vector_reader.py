@@ -48,7 +48,7 @@ def stream_vectors(
     """`model`'s stored vectors in chunks, read with a binary COPY (no per-row decoding: fixed-size rows
     parsed by NumPy) on a second connection that imports this session's snapshot, so the stream sees
     exactly what the session sees. `sample=(multiplier, cut)`: only ids with id*multiplier % 10000 < cut
-    (`backend.index.train_sample`'s rule); `given_only`: only images whose label was given (stage 1's training)."""
+    (`backend.index.sampling.train_sample`'s rule); `given_only`: only images whose label was given (stage 1's training)."""
     import psycopg
 
     snapshot = session.scalar(text("SELECT pg_export_snapshot()"))

@@ -3,8 +3,9 @@
 import sys
 import time
 
-from backend.index import IndexSpec
-from backend.index_cache import IndexCache, build_from_database
+from backend.index.build import build_from_database
+from backend.index.cache import IndexCache
+from backend.index.layout import IndexLayout
 from benchmarks.harness import DIM, TempDatabase, clustered, rss_mb, seed_vectors
 from benchmarks.sections import storage
 
@@ -26,7 +27,7 @@ def run(quick: bool) -> list[dict]:
             del built
             # The streamed path a large catalogue takes: a training sample, then chunks (ivf sq8).
             t = time.perf_counter()
-            streamed = build_from_database(db.engine, MODEL, DIM, IndexSpec("ivf", "sq8"), in_memory_bytes=0)
+            streamed = build_from_database(db.engine, MODEL, DIM, IndexLayout("ivf", "sq8"), in_memory_bytes=0)
             streamed_s = time.perf_counter() - t
             del streamed
             # A server holding the index; another process adds `added` images; the server follows.

@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -18,7 +19,9 @@ from backend.core.config import Settings
 from backend.datasets import load_dataset
 from backend.embedding.cache import model_cache
 from backend.evaluation import embed_cached
-from backend.index import IndexSpec, TwoStageIndex
+from backend.index.build import index_class
+from backend.index.layout import IndexLayout
+from backend.index.two_stage import TwoStageIndex
 from backend.storage.engine import libpq_url
 from backend.vectors import PrototypeMatrix, StoredVectors, l2_normalise
 from benchmarks.harness import DIM, rss_mb
@@ -73,14 +76,14 @@ def ours(
     stored: StoredVectors,
     q: np.ndarray,
     truth: np.ndarray,
-    spec: IndexSpec,
+    spec: IndexLayout,
     q_labels: np.ndarray | None,
     labels: np.ndarray | None,
 ) -> list[dict]:
     """Our index at C=3 over an nprobe sweep (flat: one setting, every list of the top categories)."""
     t = time.perf_counter()
     n_cat = int(stored.category_ids.max()) + 1
-    index = TwoStageIndex.build(
+    index = index_class(spec.kind).build(
         "bench", q.shape[1], list(range(n_cat)), stored, PrototypeMatrix.of(stored.category_ids, stored.vectors), spec
     )
     build_s = time.perf_counter() - t
@@ -91,7 +94,7 @@ def sweep_ours(
     index: TwoStageIndex,
     q: np.ndarray,
     truth: np.ndarray,
-    spec: IndexSpec,
+    spec: IndexLayout,
     build_s: float,
     q_labels=None,
     labels=None,
@@ -248,7 +251,7 @@ def compare(
     stored: StoredVectors,
     q: np.ndarray,
     q_labels: np.ndarray | None,
-    specs: list[IndexSpec],
+    specs: list[IndexLayout],
     with_pgvector: bool,
     with_hnsw: bool = True,
     more_rows: Callable[..., list[dict]] | None = None,  # (stored, q, truth, q_labels, labels): e.g. fastscan's
@@ -341,9 +344,9 @@ def chunks(n: int, size: int) -> Iterator[tuple[int, int]]:
         yield start, min(n, start + size)
 
 
-def ten_million(n: int, spec: IndexSpec, n_queries: int = 200) -> dict:
+def ten_million(n: int, spec: IndexLayout, n_queries: int = 200, store_dir: Path | None = None) -> dict:
     """Built in chunks (never all float32 vectors at once): train on a sample, add 200k at a time while
-    keeping the exact top-10 of every query, then search."""
+    keeping the exact top-10 of every query, then search. `store_dir`: where fastscan spools its re-rank file."""
     log(f"{n:,} synthetic vectors, {spec.codec}, chunks of 200k")
     q, q_labels = synthetic_queries(n_queries)
     rss0 = rss_mb()
@@ -351,7 +354,7 @@ def ten_million(n: int, spec: IndexSpec, n_queries: int = 200) -> dict:
     sizes = {c: n // SYNTH_CATEGORIES for c in range(SYNTH_CATEGORIES)}
     # Any id range is a random sample here (categories by id, sub-clusters drawn at random).
     sample = synthetic_chunk(0, round(spec.train_fraction(sizes) * n))
-    index = TwoStageIndex.train("bench", DIM, list(range(SYNTH_CATEGORIES)), spec, sizes, sample)
+    index = index_class(spec.kind).train("bench", DIM, list(range(SYNTH_CATEGORIES)), spec, sizes, sample, store_dir)
     del sample
     best_s = np.full((n_queries, K), -np.inf, dtype=np.float32)
     best_i = np.full((n_queries, K), -1, dtype=np.int64)
@@ -393,11 +396,11 @@ def ten_million(n: int, spec: IndexSpec, n_queries: int = 200) -> dict:
 
 def run(settings: Settings, quick: bool, sizes: tuple[str, ...] = ("real", "1M", "10M")) -> list[dict]:
     real_specs = [
-        IndexSpec("flat"),
-        IndexSpec("ivf", "float32", 64),
-        IndexSpec("ivf", "float16", 64),
-        IndexSpec("ivf", "sq8", 64),
-        IndexSpec("ivf", "pq128", 64, rerank="float32"),
+        IndexLayout("flat"),
+        IndexLayout("ivf", "float32", 64),
+        IndexLayout("ivf", "float16", 64),
+        IndexLayout("ivf", "sq8", 64),
+        IndexLayout("ivf", "pq128", 64, rerank="float32"),
     ]
     from benchmarks.sections import indexes_fastscan as fs
 
@@ -422,10 +425,10 @@ def run(settings: Settings, quick: bool, sizes: tuple[str, ...] = ("real", "1M",
                 q,
                 ql,
                 [
-                    IndexSpec("flat"),
-                    IndexSpec("ivf", "float32", 256),
-                    IndexSpec("ivf", "sq8", 256),
-                    IndexSpec("ivf", "pq128", 256, rerank="float32"),
+                    IndexLayout("flat"),
+                    IndexLayout("ivf", "float32", 256),
+                    IndexLayout("ivf", "sq8", 256),
+                    IndexLayout("ivf", "pq128", 256, rerank="float32"),
                 ],
                 with_pgvector=False,
                 more_rows=fs.rows,
@@ -434,6 +437,6 @@ def run(settings: Settings, quick: bool, sizes: tuple[str, ...] = ("real", "1M",
         fs.with_fastscan(out[-1])
         del stored
     if "10M" in sizes and not quick:
-        out.append(ten_million(10_000_000, IndexSpec("ivf", "sq8", 1024)))
+        out.append(ten_million(10_000_000, IndexLayout("ivf", "sq8", 1024)))
         out.append(fs.ten_million(10_000_000))
     return out

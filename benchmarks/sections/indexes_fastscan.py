@@ -16,8 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from backend.core.config import get_settings
-from backend.index import IndexSpec, TwoStageIndex
-from backend.index_fastscan import FastScanIndex
+from backend.index.build import index_class
+from backend.index.fastscan import FastScanIndex
+from backend.index.layout import IndexLayout
+from backend.index.two_stage import TwoStageIndex
 from backend.vectors import PrototypeMatrix, StoredVectors
 from benchmarks.harness import hardware
 from benchmarks.sections import indexes
@@ -43,9 +45,9 @@ def rows(
     prototypes = PrototypeMatrix.of(stored.category_ids, stored.vectors)
     for m in ms:
         with tempfile.TemporaryDirectory(prefix="imsrc-rerank-") as tmp:
-            spec = IndexSpec("fastscan", f"pq{m}", list_size, store_dir=Path(tmp))
+            spec = IndexLayout("fastscan", f"pq{m}", list_size)
             t = time.perf_counter()
-            index = TwoStageIndex.build("bench", q.shape[1], list(range(n_cat)), stored, prototypes, spec)
+            index = FastScanIndex.build("bench", q.shape[1], list(range(n_cat)), stored, prototypes, spec, Path(tmp))
             build_s = time.perf_counter() - t
             assert isinstance(index, FastScanIndex)
             for shortlist in shortlists:
@@ -81,7 +83,7 @@ def with_fastscan(section: dict) -> dict:
 def ten_million(n: int = 10_000_000) -> dict:
     """10M synthetic vectors built in chunks, the re-rank rows spooled to a file as they come."""
     with tempfile.TemporaryDirectory(prefix="imsrc-rerank-") as tmp:
-        section = indexes.ten_million(n, IndexSpec("fastscan", "pq320", 1024, store_dir=Path(tmp)))
+        section = indexes.ten_million(n, IndexLayout("fastscan", "pq320", 1024), store_dir=Path(tmp))
     ok = [r for r in section["rows"] if r["recall@10"] >= 0.95 and r["p50"] <= 10]
     section["goal"] = {
         "met": bool(ok) and section["index_memory_gb"] <= 4,
@@ -95,7 +97,7 @@ def fashion(queries: int | None) -> dict:
     """Fashion-MNIST 60k (Lite0, cached embeddings under DATA_DIR/cache) alone: flat, ivf float16, fastscan,
     exact and HNSW in one run."""
     stored, q, q_labels = indexes.real(get_settings(), "fashion-mnist", queries)
-    specs = [IndexSpec("flat"), IndexSpec("ivf", "float16", 256)]
+    specs = [IndexLayout("flat"), IndexLayout("ivf", "float16", 256)]
     section = indexes.compare("Fashion-MNIST train (Lite0)", stored, q, q_labels, specs, False, True, rows)
     return with_fastscan(section)
 
@@ -108,9 +110,9 @@ def threshold(stored: StoredVectors, q: np.ndarray, sizes: tuple[int, ...]) -> l
         part = StoredVectors(stored.ids[:n], stored.category_ids[:n], stored.vectors[:n])
         truth = indexes.exact(part.vectors, q)[0]
         row = {"vectors": n}
-        for name, spec, nprobe in (("flat", IndexSpec("flat"), None), ("fastscan", IndexSpec("fastscan", "pq320", 256), 32)):
+        for name, spec, nprobe in (("flat", IndexLayout("flat"), None), ("fastscan", IndexLayout("fastscan", "pq320", 256), 32)):
             t = time.perf_counter()
-            index = TwoStageIndex.build(
+            index = index_class(spec.kind).build(
                 "bench",
                 q.shape[1],
                 list(range(int(part.category_ids.max()) + 1)),

@@ -4,7 +4,7 @@ The lists are one `IndexIVFPQFastScan` (M sub-quantizers of 4 bits, by residual,
 list numbers are exactly `TwoStageIndex`'s: stage 1, the top-C restriction and nprobe are unchanged. Codes
 are scanned with SIMD lookup tables (tens of times more vectors per millisecond than sq8); the best
 max(k, RERANK_CANDIDATES) by the codes are re-scored from float16 rows in a memory-mapped file
-(backend/rerank_file.py), so RAM holds the codes and two small arrays per row only.
+(backend/index/rerank_file.py), so RAM holds the codes and two small arrays per row only.
 
 Facts of faiss 1.15.1 this relies on:
 - fast-scan lists hold codes packed in blocks of 32; `add_core` / `add_sa_codes` would store unpacked
@@ -27,50 +27,36 @@ import faiss
 import numpy as np
 from faiss import swig_ptr
 
-from backend.index import PQ_TRAIN_POINTS, IndexSpec, SearchHits, TwoStageIndex, _train_codec
-from backend.rerank_file import Growing, RerankFile
+from backend.index import ivf_lists
+from backend.index.layout import PQ_TRAIN_POINTS, IndexDescription, IndexLayout
+from backend.index.rerank_file import Growing, RerankFile
+from backend.index.two_stage import SearchHits, TwoStageIndex
 from backend.vectors import StoredVectors
 
 NBITS, BLOCK = 4, 32  # 4-bit codes, 32 to a SIMD block
 
 
-def resolve(spec: IndexSpec, vectors: int) -> IndexSpec:
-    """The concrete layout of an `auto` spec for a catalogue of `vectors`: flat below the threshold."""
-    from dataclasses import replace
-
-    if spec.kind != "auto":
-        return spec
-    if vectors >= spec.auto_threshold:
-        return replace(spec, kind="fastscan", codec=f"pq{spec.fastscan_m}", rerank="none")
-    return replace(spec, kind="flat")
-
-
-def status_fields(configured: IndexSpec, index: TwoStageIndex | None) -> dict[str, str]:
-    """The live index's type, codec and re-ranking for status and the page, and why it has that type."""
-    if index is None:
-        return {"type": configured.kind, "why": "no index loaded yet", "codec": configured.codec, "rerank": configured.rerank}
-    live = index.spec
-    fields = {"type": live.kind, "codec": live.codec, "rerank": live.rerank, "why": f"FAISS_INDEX_TYPE={configured.kind}"}
-    if live.kind == "fastscan":
-        fields.update(codec=f"{live.codec}x4", rerank="float16 file")
-    if configured.kind == "auto":
-        n, limit = index.ntotal, configured.auto_threshold
-        fields["why"] = f"auto: {n} vectors {'>=' if n >= limit else '<'} FAISS_AUTO_THRESHOLD={limit}"
-        if resolve(configured, n).kind != live.kind:
-            fields["why"] += f"; {live.kind} when last built, the next build-index makes it {resolve(configured, n).kind}"
-    return fields
-
-
 class FastScanIndex(TwoStageIndex):
-    def __init__(self, model: str, dim: int, category_ids: list[int], spec: IndexSpec, lists_per_category: list[int]) -> None:
-        super().__init__(model, dim, category_ids, spec, lists_per_category)
+    KINDS = ("fastscan",)
+
+    def __init__(
+        self,
+        model: str,
+        dim: int,
+        category_ids: list[int],
+        layout: IndexLayout,
+        lists_per_category: list[int],
+        store_dir: Path | None = None,
+    ) -> None:
+        """As `TwoStageIndex`; rows are spooled to a re-rank file under `store_dir` (in RAM without one)."""
+        super().__init__(model, dim, category_ids, layout, lists_per_category, store_dir)
         self.packer = self.ivf.get_CodePacker()
         self.row_ids = Growing(np.int64)  # row -> image id; -1 once deleted
         self.row_list = Growing(np.int32)  # row -> list number
-        self.vectors = RerankFile(dim, spec.store_dir)
+        self.vectors = RerankFile(dim, store_dir)
 
     def _new_lists(self, nlist: int) -> faiss.IndexIVF:
-        m = self.spec.pq_m
+        m = self.layout.pq_m
         assert m is not None
         ivf = faiss.IndexIVFPQFastScan(faiss.IndexFlatIP(self.dim), self.dim, nlist, m, NBITS, faiss.METRIC_INNER_PRODUCT, BLOCK)
         ivf.by_residual = True
@@ -88,7 +74,7 @@ class FastScanIndex(TwoStageIndex):
         threads = faiss.omp_get_max_threads()
         faiss.omp_set_num_threads(1)
         try:
-            return _train_codec(self.ivf, self.spec, residuals)
+            return ivf_lists.train_codec(self.ivf, self.layout, residuals)
         finally:
             self.ivf.by_residual = True
             faiss.omp_set_num_threads(threads)
@@ -182,6 +168,7 @@ class FastScanIndex(TwoStageIndex):
         grown.row_ids.extend(self.row_ids.view)
         grown.row_list.extend(new_list[self.row_list.view])
         grown.vectors = self.vectors  # append-only: rows the old index holds stay valid for it
+        grown.store_dir = self.store_dir
         return grown
 
     # --- searching ----------------------------------------------------------------------------
@@ -253,8 +240,8 @@ class FastScanIndex(TwoStageIndex):
 
     def write(self, sink: Callable[[bytes], object]) -> None:
         """The lists, then the row arrays, the re-rank file's token and the rows not in it; the file itself
-        is published (renamed into place) first, under the spec's store_dir."""
-        directory = self.vectors.directory or self.spec.store_dir
+        is published (renamed into place) first, under the index's store_dir."""
+        directory = self.vectors.directory or self.store_dir
         if directory is None:
             raise ValueError("fastscan needs a directory for its re-rank file")
         self.vectors.publish(self.rerank_path(directory))
@@ -267,30 +254,18 @@ class FastScanIndex(TwoStageIndex):
 
     @classmethod
     def read(
-        cls,
-        source: Callable[[int], bytes],
-        model: str,
-        dim: int,
-        category_ids: list[int],
-        index_type: str,
-        codec: str,
-        list_size: int,
-        rerank: str,
-        lists_per_category: list[int],
-        trained_sizes: list[int],
-        codec_trained_on: int,
-        store_dir: Path | None = None,
+        cls, source: Callable[[int], bytes], description: IndexDescription, store_dir: Path | None = None
     ) -> "FastScanIndex":
         """The inverse of `write`; ValueError when the lists, the arrays or the re-rank file do not fit."""
-        spec = IndexSpec("fastscan", codec, list_size, rerank)  # no store_dir: nothing to spool, the file is opened
-        if len(lists_per_category) != max(1, len(category_ids)) or len(trained_sizes) != len(lists_per_category):
-            raise ValueError("the list layout does not match the categories")
-        index = cls(model, dim, category_ids, spec, lists_per_category)
+        description.check_lists()
+        lists_per_category, dim = description.lists_per_category, description.dim
+        # no store_dir: nothing to spool, the published file is opened below
+        index = cls(description.model, dim, description.category_ids, description.layout, lists_per_category)
         try:
             ivf = faiss.read_index(faiss.PyCallbackIOReader(source))  # type: ignore[attr-defined]
         except RuntimeError as exc:
             raise ValueError(f"not a FAISS index: {exc}") from exc
-        nlist, m = sum(lists_per_category), spec.pq_m
+        nlist, m = sum(lists_per_category), description.layout.pq_m
         if not isinstance(ivf, faiss.IndexIVFPQFastScan) or (ivf.d, ivf.nlist, ivf.pq.M, ivf.pq.nbits) != (dim, nlist, m, NBITS):
             raise ValueError("the FAISS index does not match its description")
         reader = _Source(source)
@@ -305,12 +280,12 @@ class FastScanIndex(TwoStageIndex):
             raise ValueError("the row arrays do not match the lists")
         if store_dir is None:
             raise ValueError("fastscan needs a directory for its re-rank file")
-        index.ivf, index.packer = ivf, ivf.get_CodePacker()
+        index.ivf, index.packer, index.store_dir = ivf, ivf.get_CodePacker(), store_dir
         index.vectors = RerankFile.open(index.rerank_path(store_dir), dim, token.tobytes(), file_rows)
         index.vectors.tail.extend(tail)
         index.row_ids.extend(row_ids)
         index.row_list.extend(row_list)
-        index._loaded(trained_sizes, codec_trained_on)
+        index._loaded(description.trained_sizes, description.codec_trained_on)
         return index
 
 

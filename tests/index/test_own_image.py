@@ -1,4 +1,4 @@
-"""An image in the catalogue finds itself first (backend/own_image.py), even when stage 1 ranks its category
+"""An image in the catalogue finds itself first (backend/index/own_image.py), even when stage 1 ranks its category
 wrong: searched with C=1, by its own bytes and by a resized copy, on the real CIFAR-10 catalogue."""
 
 import io
@@ -12,7 +12,7 @@ from backend.imaging import decode_image
 from backend.service import SearchService
 from backend.storage.engine import session_scope
 from backend.storage.schema import Image
-from tests.test_stage1 import copy_catalogue
+from tests.index.test_stage1 import copy_catalogue
 from tests.utils.settings import make_settings
 
 CASES = 25  # stored images whose own category stage 1 does not rank first

@@ -18,8 +18,8 @@ import numpy as np
 from PIL import Image as PILImage
 from sqlalchemy import Engine
 
-from backend.index import SearchHits, TwoStageIndex
-from backend.stage1 import Ranking, Stage1
+from backend.index.stage1 import Ranking, Stage1
+from backend.index.two_stage import SearchHits, TwoStageIndex
 from backend.storage import catalogue
 from backend.storage.engine import session_scope
 

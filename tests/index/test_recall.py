@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from sqlalchemy import Engine
 
-from backend.index import IndexSpec, TwoStageIndex
+from backend.index.layout import IndexLayout
+from backend.index.two_stage import TwoStageIndex
 from backend.storage import catalogue, vector_reader
 from backend.storage.engine import session_scope
 
@@ -13,13 +14,13 @@ from backend.storage.engine import session_scope
 # nprobe 8 of 30: 0.905 (69 of 180 vectors scanned); every list: float32 1.000, float16 1.000, sq8 0.997,
 # pq64 0.684, pq64 re-ranked from float32 (shortlist 50) 1.000.
 CASES = [
-    (IndexSpec("flat"), None, 1.0),
-    (IndexSpec("ivf", list_size=6), 8, 0.85),
-    (IndexSpec("ivf", list_size=6), 10_000, 1.0),
-    (IndexSpec("ivf", "float16", 6), 10_000, 0.99),
-    (IndexSpec("ivf", "sq8", 6), 10_000, 0.95),
-    (IndexSpec("ivf", "pq64", 6), 10_000, 0.55),
-    (IndexSpec("ivf", "pq64", 6, rerank="float32"), 10_000, 0.98),
+    (IndexLayout("flat"), None, 1.0),
+    (IndexLayout("ivf", list_size=6), 8, 0.85),
+    (IndexLayout("ivf", list_size=6), 10_000, 1.0),
+    (IndexLayout("ivf", "float16", 6), 10_000, 0.99),
+    (IndexLayout("ivf", "sq8", 6), 10_000, 0.95),
+    (IndexLayout("ivf", "pq64", 6), 10_000, 0.55),
+    (IndexLayout("ivf", "pq64", 6, rerank="float32"), 10_000, 0.98),
 ]
 
 
@@ -30,7 +31,7 @@ def stored(catalogue_engine: Engine, embedder):
 
 
 @pytest.mark.parametrize(("spec", "nprobe", "floor"), CASES, ids=[f"{s.kind}-{s.codec}-{s.rerank}-{n}" for s, n, _ in CASES])
-def test_recall_against_exact_on_real_vectors(stored, query_vectors, spec: IndexSpec, nprobe: int | None, floor: float) -> None:
+def test_recall_against_exact_on_real_vectors(stored, query_vectors, spec: IndexLayout, nprobe: int | None, floor: float) -> None:
     vectors, prototypes = stored
     queries = query_vectors[0]
     cats = sorted(set(vectors.category_ids.tolist()))

@@ -3,7 +3,6 @@ embedded with the real Lite0 weights, through the index, the cache and the servi
 
 import os
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -11,12 +10,14 @@ import numpy as np
 import pytest
 from sqlalchemy import Engine
 
-from backend import index_cache
 from backend.core.search_params import SearchParams
 from backend.datasets import Dataset, balanced
 from backend.imaging import decode_image
-from backend.index import IndexSpec, TwoStageIndex, train_sample
-from backend.index_fastscan import FastScanIndex, resolve
+from backend.index import build
+from backend.index.fastscan import FastScanIndex
+from backend.index.layout import IndexLayout
+from backend.index.sampling import train_sample
+from backend.index.two_stage import TwoStageIndex
 from backend.ingest import ingest
 from backend.service import SearchService
 from backend.storage import catalogue, vector_reader
@@ -25,7 +26,7 @@ from backend.vectors import StoredVectors
 from tests.utils.server import running_server
 from tests.utils.settings import make_settings
 
-SPEC = IndexSpec("fastscan", "pq320", 6)  # 10 sub-lists a category of 60, 160 bytes a vector
+SPEC = IndexLayout("fastscan", "pq320", 6)  # 10 sub-lists a category of 60, 160 bytes a vector
 # Measured here (recall@10 vs exact search inside the same top-3 categories, 100 queries, shortlist 50):
 # nprobe 8 of 30: 0.905 (69 vectors scanned); nprobe 16: 0.994 (123); every list: 1.000 (180).
 RECALL = [(8, 0.85), (16, 0.95), (10_000, 0.99)]
@@ -50,7 +51,7 @@ def test_recall_on_real_vectors_and_only_top_categories(stored, query_vectors, n
     vectors, prototypes = stored
     queries = query_vectors[0]
     cats = sorted(set(vectors.category_ids.tolist()))
-    index = TwoStageIndex.build("m", vectors.vectors.shape[1], cats, vectors, prototypes, SPEC)
+    index = FastScanIndex.build("m", vectors.vectors.shape[1], cats, vectors, prototypes, SPEC)
     assert isinstance(index, FastScanIndex) and index.ntotal == len(vectors)
     top, truth = exact_top3(stored, queries)
     hits = index.search(queries, 10, top, nprobe, shortlist=50)
@@ -85,7 +86,7 @@ def test_incremental_adds_and_deletes_equal_a_rebuild(stored, query_vectors) -> 
     sample = StoredVectors(vectors.ids[pick], vectors.category_ids[pick], vectors.vectors[pick])
 
     def trained() -> FastScanIndex:
-        index = TwoStageIndex.train("m", dim, cats, SPEC, sizes, sample)
+        index = FastScanIndex.train("m", dim, cats, SPEC, sizes, sample)
         index.set_prototypes(prototypes)
         assert isinstance(index, FastScanIndex)
         return index
@@ -207,13 +208,14 @@ def vector_probe(service: SearchService) -> np.ndarray:
 
 
 def test_streamed_build_spools_the_rerank_file_and_equals_the_in_memory_one(fastscan: SearchService, query_vectors) -> None:
-    spec, engine, model, dim = fastscan.cache.spec, fastscan.engine, fastscan.model, fastscan.embedder.dim
-    in_memory = index_cache.build_from_database(engine, model, dim, replace(spec, store_dir=None)).index
-    old_chunk, index_cache.CHUNK_ROWS = index_cache.CHUNK_ROWS, 37
+    layout, engine, model, dim = fastscan.cache.layout, fastscan.engine, fastscan.model, fastscan.embedder.dim
+    store_dir = fastscan.cache.directory
+    in_memory = build.build_from_database(engine, model, dim, layout).index
+    old_chunk, build.CHUNK_ROWS = build.CHUNK_ROWS, 37
     try:
-        streamed = index_cache.build_from_database(engine, model, dim, spec, in_memory_bytes=0).index
+        streamed = build.build_from_database(engine, model, dim, layout, in_memory_bytes=0, store_dir=store_dir).index
     finally:
-        index_cache.CHUNK_ROWS = old_chunk
+        build.CHUNK_ROWS = old_chunk
     assert isinstance(streamed, FastScanIndex) and isinstance(in_memory, FastScanIndex)
     assert streamed.vectors.file_rows == 200 and in_memory.vectors.file_rows == 0  # spooled to disk, held in RAM
     queries = query_vectors[0][:20]
@@ -240,13 +242,3 @@ def test_auto_is_flat_below_its_threshold_and_fastscan_from_it(
     # One more image past the threshold of the flat index: it follows, and says what a rebuild would do.
     below.upload(decode_image(cifar_train.samples[-1].load(), 10**7), "cat")
     assert below.status().index.why.endswith("flat when last built, the next build-index makes it fastscan")
-
-
-def test_resolve_picks_by_size() -> None:
-    auto = IndexSpec("auto", fastscan_m=320, auto_threshold=1000)
-    assert resolve(auto, 999).kind == "flat" and resolve(auto, 1000) == IndexSpec(
-        "fastscan", "pq320", fastscan_m=320, auto_threshold=1000
-    )
-    assert resolve(SPEC, 0) is SPEC
-    with pytest.raises(ValueError, match="4-bit PQ codes"):
-        IndexSpec("fastscan", "sq8")

@@ -1,23 +1,25 @@
 """The two-stage index on synthetic clustered vectors, checked against NumPy, for every type and codec."""
 
 import io
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
-from backend.index import IndexSpec, TwoStageIndex
+from backend.index.layout import IndexLayout
+from backend.index.two_stage import TwoStageIndex
 from backend.vectors import PrototypeMatrix, StoredVectors
 
 DIM = 32
 SPECS = [
-    IndexSpec("flat"),
-    IndexSpec("ivf", list_size=30),
-    IndexSpec("ivf", "float16", 30),
-    IndexSpec("ivf", "sq8", 30),
-    IndexSpec("ivf", "pq8", 30),
-    IndexSpec("flat", "sq8"),
-    IndexSpec("ivf", "pq8", 30, rerank="float32"),
-    IndexSpec("ivf", "sq8", 30, rerank="float16"),
+    IndexLayout("flat"),
+    IndexLayout("ivf", list_size=30),
+    IndexLayout("ivf", "float16", 30),
+    IndexLayout("ivf", "sq8", 30),
+    IndexLayout("ivf", "pq8", 30),
+    IndexLayout("flat", "sq8"),
+    IndexLayout("ivf", "pq8", 30, rerank="float32"),
+    IndexLayout("ivf", "sq8", 30, rerank="float16"),
 ]
 IDS = [f"{s.kind}-{s.codec}-{s.rerank}" for s in SPECS]
 
@@ -34,7 +36,7 @@ def data() -> tuple[StoredVectors, PrototypeMatrix]:
     return StoredVectors(ids, cat_ids, x), PrototypeMatrix.of(cat_ids, x)
 
 
-def build(data: tuple[StoredVectors, PrototypeMatrix], spec: IndexSpec | None = None) -> TwoStageIndex:
+def build(data: tuple[StoredVectors, PrototypeMatrix], spec: IndexLayout | None = None) -> TwoStageIndex:
     stored, protos = data
     return TwoStageIndex.build("m", DIM, list(range(10, 16)), stored, protos, spec)
 
@@ -43,7 +45,7 @@ def round_trip(index: TwoStageIndex, protos: PrototypeMatrix) -> TwoStageIndex:
     buf = io.BytesIO()
     index.write(buf.write)
     buf.seek(0)
-    loaded = TwoStageIndex.read(buf.read, **index.describe())
+    loaded = TwoStageIndex.read(buf.read, index.describe())
     loaded.set_prototypes(protos)
     return loaded
 
@@ -77,7 +79,7 @@ def test_flat_two_stage_scans_exactly_the_top_categories(data) -> None:
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=IDS)
-def test_results_only_from_the_top_categories(data, spec: IndexSpec) -> None:
+def test_results_only_from_the_top_categories(data, spec: IndexLayout) -> None:
     stored, _ = data
     index = build(data, spec)
     q = stored.vectors[:40] + 0.05
@@ -94,7 +96,7 @@ def test_results_only_from_the_top_categories(data, spec: IndexSpec) -> None:
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=IDS)
-def test_ivf_scans_less_and_nprobe_buys_recall(data, spec: IndexSpec) -> None:
+def test_ivf_scans_less_and_nprobe_buys_recall(data, spec: IndexLayout) -> None:
     stored, _ = data
     index = build(data, spec)
     exact = build(data)
@@ -113,7 +115,7 @@ def test_ivf_scans_less_and_nprobe_buys_recall(data, spec: IndexSpec) -> None:
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=IDS)
-def test_incremental_changes_equal_a_rebuild(data, spec: IndexSpec) -> None:
+def test_incremental_changes_equal_a_rebuild(data, spec: IndexLayout) -> None:
     """Trained once, then vectors added and removed one batch at a time: the same index as adding the
     final set at once (same training), list by list."""
     stored, protos = data
@@ -151,7 +153,7 @@ def test_fewer_vectors_than_k_pads_with_minus_one(data) -> None:
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=IDS)
-def test_add_remove_and_write_read(data, spec: IndexSpec) -> None:
+def test_add_remove_and_write_read(data, spec: IndexLayout) -> None:
     stored, protos = data
     index = build(data, spec)
     new = np.ones((1, DIM), dtype=np.float32) / np.sqrt(DIM)
@@ -167,16 +169,17 @@ def test_add_remove_and_write_read(data, spec: IndexSpec) -> None:
     buf = io.BytesIO()
     index.write(buf.write)
     other_codec = "float16" if spec.codec != "float16" else "sq8"
-    for wrong in ({"dim": DIM * 2}, {"codec": other_codec}, {"lists_per_category": [2] * 6}):
+    other_layout = replace(index.layout, codec=other_codec)
+    for wrong in ({"dim": DIM * 2}, {"layout": other_layout}, {"lists_per_category": [2] * 6}):
         buf.seek(0)
         with pytest.raises(ValueError, match="does not match"):
-            TwoStageIndex.read(buf.read, **{**index.describe(), **wrong})
+            TwoStageIndex.read(buf.read, index.describe().model_copy(update=wrong))
     with pytest.raises(KeyError):
         index.add(np.array([1]), np.array([99]), new)
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=IDS)
-def test_with_categories_keeps_every_entry_and_prototype(data, spec: IndexSpec) -> None:
+def test_with_categories_keeps_every_entry_and_prototype(data, spec: IndexLayout) -> None:
     stored, _ = data
     index = build(data, spec)
     grown = index.with_categories([3, 99])  # one before every category, one after: list numbers shift
@@ -199,7 +202,7 @@ def test_with_categories_keeps_every_entry_and_prototype(data, spec: IndexSpec) 
 
 def test_a_category_grown_past_its_training_is_reported(data) -> None:
     stored, protos = data
-    spec = IndexSpec("ivf", "sq8", list_size=10)
+    spec = IndexLayout("ivf", "sq8", list_size=10)
     first = stored.category_ids != 10
     first[np.flatnonzero(stored.category_ids == 10)[:3]] = True  # category 10: 3 of its ~150 vectors
     index = build((StoredVectors(stored.ids[first], stored.category_ids[first], stored.vectors[first]), protos), spec)
@@ -214,8 +217,8 @@ def test_reranking_from_floats_restores_the_exact_order(data) -> None:
     """PQ alone reorders neighbours; re-scoring its shortlist from the float copy gives the exact scores."""
     stored, _ = data
     exact = build(data)
-    plain = build(data, IndexSpec("ivf", "pq8", 30))
-    reranked = build(data, IndexSpec("ivf", "pq8", 30, rerank="float32"))
+    plain = build(data, IndexLayout("ivf", "pq8", 30))
+    reranked = build(data, IndexLayout("ivf", "pq8", 30, rerank="float32"))
     q = stored.vectors[::45] + 0.05
     _, cats = exact.rank_categories(q)
     truth = exact.search(q, 10, cats[:, :2])
@@ -226,14 +229,8 @@ def test_reranking_from_floats_restores_the_exact_order(data) -> None:
     assert reranked.memory_bytes() > plain.memory_bytes() + 900 * DIM * 4
 
 
-def test_bad_specs_are_refused() -> None:
-    with pytest.raises(ValueError, match="compressed"):
-        IndexSpec("ivf", "float32", rerank="float32")
-    with pytest.raises(ValueError, match="re-ranking codec"):
-        IndexSpec("ivf", "pq8", rerank="sq4")
-    with pytest.raises(ValueError, match="unknown index type"):
-        IndexSpec("hnsw")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="unknown vector codec"):
-        IndexSpec("ivf", "int4")
+def test_an_index_refuses_a_layout_it_cannot_hold() -> None:
     with pytest.raises(ValueError, match="does not divide"):
-        TwoStageIndex("m", 30, [1], IndexSpec("ivf", "pq8"), [1])
+        TwoStageIndex("m", 30, [1], IndexLayout("ivf", "pq8"), [1])
+    with pytest.raises(ValueError, match="cannot hold"):
+        TwoStageIndex("m", 32, [1], IndexLayout("fastscan", "pq8"), [1])

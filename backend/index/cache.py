@@ -9,82 +9,40 @@ deletions logged after W (`change_log.changes_since`), in time proportional to t
   up to at least its own before it answers. A full rebuild reads one snapshot (REPEATABLE READ) at
   watermark W, then, holding the same lock as `after_write`, applies what committed after W before it
   replaces the live index. Whatever the interleaving, nothing committed is left out.
-- Verify before believing: the cache file carries the catalogue id and PostgreSQL system identifier, the
-  model, the schema revision, the watermark and a SHA-256 of its own bytes; anything that does not match,
-  cannot be read or has the wrong shape is rebuilt from the database, with one log line saying why.
-  Files are written under a unique temporary name and renamed into place, so concurrent savers are safe.
+- Verify before believing: the cache file (`cache_file`) carries the catalogue id and PostgreSQL system
+  identifier, the model and index layout, the schema revision, the watermark and a SHA-256 of its own
+  bytes; anything that does not match, cannot be read or has the wrong shape is rebuilt from the
+  database, with one log line saying why. Files are written under a unique temporary name and renamed
+  into place, so concurrent savers are safe.
 - Follow other processes: `refresh` (the server's periodic tick) applies other writers' changes the same
   way; a full rebuild happens only when the difference cannot be derived (another catalogue, a pruned
   deletion log). `status` says which ran, how often, and why.
 """
 
-import hashlib
 import logging
 import os
-import struct
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import Literal
 
-from pydantic import BaseModel, Field, ValidationError
 from sqlalchemy import Engine
 
 from backend.core.locks import ReadWriteLock
-from backend.core.search_params import IndexKind
-from backend.index import SAMPLE_MULTIPLIER, IndexSpec, TwoStageIndex, index_class, sample_cut
-from backend.index_fastscan import resolve
-from backend.storage import catalogue, change_log, migrate, vector_reader
+from backend.index import cache_file
+from backend.index.build import Built, build_from_database
+from backend.index.cache_file import NO_FILE, CacheRejected
+from backend.index.layout import IndexLayout, status_fields
+from backend.index.two_stage import TwoStageIndex
+from backend.storage import catalogue, change_log, migrate
 from backend.storage.engine import session_scope
 from backend.telemetry import INDEX_REFRESHES, INDEX_VECTORS
-from backend.vectors import StoredVectors
 
 log = logging.getLogger(__name__)
-
-FORMAT: Literal[3] = 3
-MAGIC = b"\x00IMSRC-INDEX-CACHE-3\n"  # the file ends with: header JSON, its length (u64 LE), MAGIC
-_TRAILER = struct.Struct("<Q")
-_CHUNK = 1 << 20
-NO_FILE = "no cache file"
-
-
-class CacheHeader(BaseModel):
-    """What a cache file claims about itself; checked field by field against the database before use."""
-
-    format: Literal[3]
-    catalogue_id: str
-    system_identifier: str | None
-    schema_revision: str
-    model: str
-    dim: int = Field(gt=0)
-    watermark: int = Field(ge=0)
-    vectors: int = Field(ge=0)
-    category_ids: list[int]
-    index_type: IndexKind
-    codec: str
-    list_size: int = Field(gt=0)
-    rerank: str
-    lists_per_category: list[int]
-    trained_sizes: list[int]
-    codec_trained_on: int = Field(ge=0)
-    payload_bytes: int = Field(ge=0)
-    payload_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-
-
-class CacheRejected(Exception):
-    """A cache (file or in memory) that must not be believed; the message says why."""
-
-
-@dataclass(frozen=True)
-class Built:
-    index: TwoStageIndex
-    identity: change_log.CatalogueIdentity
-    watermark: int
 
 
 @dataclass
@@ -97,37 +55,6 @@ class RefreshReport:
     at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
-# Catalogues up to this size are read in one pass and built in memory; larger ones in two streamed passes
-# (a training sample, then every vector in chunks), never holding all float32 vectors at once.
-IN_MEMORY_BUILD_BYTES = 1 << 30
-CHUNK_ROWS = 50_000
-
-
-def build_from_database(
-    engine: Engine, model: str, dim: int, spec: IndexSpec | None = None, in_memory_bytes: int = IN_MEMORY_BUILD_BYTES
-) -> Built:
-    """A new index from one consistent snapshot of the stored vectors and prototype sums (never re-embeds)."""
-    spec = spec or IndexSpec()
-    with session_scope(engine, snapshot=True, bulk=True) as session:
-        identity = change_log.identity(session)
-        watermark = change_log.head(session, model)
-        category_ids = sorted(catalogue.category_ids(session).values())
-        prototypes = catalogue.load_prototypes(session, model)
-        sizes = catalogue.category_vector_counts(session, model)
-        spec = resolve(spec, sum(sizes.values()))  # auto: flat or fastscan by catalogue size
-        if sum(sizes.values()) * dim * 4 <= in_memory_bytes:
-            index = TwoStageIndex.build(model, dim, category_ids, vector_reader.load_vectors(session, model), prototypes, spec)
-        else:
-            sample_rule = (SAMPLE_MULTIPLIER, sample_cut(spec.train_fraction(sizes)))
-            sample = vector_reader.load_vectors(session, model, sample_rule) if sample_rule[1] else StoredVectors.empty(dim)
-            index = TwoStageIndex.train(model, dim, category_ids, spec, sizes, sample)
-            del sample
-            index.set_prototypes(prototypes)
-            for chunk in vector_reader.stream_vectors(session, model, CHUNK_ROWS):
-                index.add(chunk.ids, chunk.category_ids, chunk.vectors)
-    return Built(index, identity, watermark)
-
-
 def prune_change_log(engine: Engine, keep_days: float) -> int:
     """Forget deletions older than `keep_days`: a cache that old rebuilds in full instead of following."""
     with session_scope(engine) as session:
@@ -135,9 +62,11 @@ def prune_change_log(engine: Engine, keep_days: float) -> int:
 
 
 class IndexCache:
-    def __init__(self, engine: Engine, model: str, dim: int, directory: Path, spec: IndexSpec | None = None) -> None:
+    def __init__(self, engine: Engine, model: str, dim: int, directory: Path, layout: IndexLayout | None = None) -> None:
+        """The index of `model` under `directory` (its cache file and fastscan's re-rank file), laid out as
+        `layout` asks (auto resolved at each full build)."""
         self.engine, self.model, self.dim, self.directory = engine, model, dim, directory
-        self.spec = replace(spec or IndexSpec(), store_dir=directory)
+        self.layout = layout or IndexLayout()
         self.lock = ReadWriteLock()  # searches read; applying changes and swapping write
         self._apply = threading.Lock()  # one thread at a time moves the watermark
         self._build = threading.RLock()  # one load or full rebuild at a time
@@ -202,7 +131,7 @@ class IndexCache:
         """A full rebuild from the database, swapped in without losing any change committed meanwhile."""
         with self._build:
             start = time.perf_counter()
-            built = build_from_database(self.engine, self.model, self.dim, self.spec)
+            built = build_from_database(self.engine, self.model, self.dim, self.layout, store_dir=self.directory)
             with self._apply:
                 self._install(built)
             seconds = time.perf_counter() - start
@@ -293,129 +222,45 @@ class IndexCache:
         """Write the live index with its header, under a unique temporary name renamed into place."""
         if self._index is None or self._identity is None:
             return
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{self.path.name}.", suffix=".tmp")
-        except OSError as exc:
-            log.warning("index cache not saved (%s): the next start rebuilds from the database", exc)
-            return
-        try:
-            with os.fdopen(fd, "wb") as out, self.lock.read():
-                index = self._index
-                digest, size = hashlib.sha256(), 0
-
-                def sink(chunk: bytes) -> None:
-                    nonlocal size
-                    out.write(chunk)
-                    digest.update(chunk)
-                    size += len(chunk)
-
-                index.write(sink)
-                header = CacheHeader(
-                    format=FORMAT,
-                    catalogue_id=self._identity.catalogue_id,
-                    system_identifier=self._identity.system_identifier,
-                    schema_revision=migrate.head_revision(),
-                    watermark=self._watermark,
-                    vectors=index.ntotal,
-                    payload_bytes=size,
-                    payload_sha256=digest.hexdigest(),
-                    **index.describe(),
-                )
-                raw = header.model_dump_json().encode()
-                out.write(raw + _TRAILER.pack(len(raw)) + MAGIC)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with self.lock.read():
+            cache_file.write(
+                self.path,
+                self._index,
+                catalogue_id=self._identity.catalogue_id,
+                system_identifier=self._identity.system_identifier,
+                schema_revision=migrate.head_revision(),
+                watermark=self._watermark,
+            )
 
     def _read_file(self) -> Built:
         """The cache file's index, or CacheRejected saying why it must not be believed."""
-        path = self.path
         try:
-            with open(path, "rb") as f:
-                return self._verify(f, os.fstat(f.fileno()).st_size)
+            with open(self.path, "rb") as f:
+                header = cache_file.read_header(f, os.fstat(f.fileno()).st_size)
+                with session_scope(self.engine) as session:
+                    identity = change_log.identity(session)
+                expected = {
+                    "catalogue_id": identity.catalogue_id,
+                    "system_identifier": identity.system_identifier,
+                    "schema_revision": migrate.head_revision(),
+                    "model": self.model,
+                    "dim": self.dim,
+                    "layout": self.layout.resolved(header.vectors),
+                }
+                cache_file.check_claims(header, expected)
+                return Built(cache_file.read_index(f, header, self.directory), identity, header.watermark)
         except FileNotFoundError:
             raise CacheRejected(NO_FILE) from None
         except OSError as exc:
             raise CacheRejected(f"unreadable: {exc.strerror or exc}") from exc
-
-    def _verify(self, f: BinaryIO, size: int) -> Built:
-        tail = len(MAGIC) + _TRAILER.size
-        if size < tail:
-            raise CacheRejected("truncated file")
-        f.seek(size - tail)
-        (length,) = _TRAILER.unpack(f.read(_TRAILER.size))
-        if f.read(len(MAGIC)) != MAGIC or length > size - tail:
-            raise CacheRejected("not an index cache of this version")
-        f.seek(size - tail - length)
-        try:
-            header = CacheHeader.model_validate_json(f.read(length))
-        except ValidationError as exc:
-            raise CacheRejected(f"header of the wrong shape ({exc.error_count()} problems)") from exc
-        with session_scope(self.engine) as session:
-            identity = change_log.identity(session)
-        spec = resolve(self.spec, header.vectors)
-        expected = {
-            "catalogue_id": identity.catalogue_id,
-            "system_identifier": identity.system_identifier,
-            "schema_revision": migrate.head_revision(),
-            "model": self.model,
-            "dim": self.dim,
-            "index_type": spec.kind,
-            "codec": spec.codec,
-            "list_size": spec.list_size,
-            "rerank": spec.rerank,
-        }
-        for key, want in expected.items():
-            if getattr(header, key) != want:
-                raise CacheRejected(f"built for {key} {getattr(header, key)!r}, this database has {want!r}")
-        if header.payload_bytes != size - tail - length:
-            raise CacheRejected("payload size does not match the header")
-        f.seek(0)
-        digest = hashlib.sha256()
-        left = header.payload_bytes
-        while left:
-            chunk = f.read(min(_CHUNK, left))
-            if not chunk:
-                raise CacheRejected("truncated file")
-            digest.update(chunk)
-            left -= len(chunk)
-        if digest.hexdigest() != header.payload_sha256:
-            raise CacheRejected("checksum mismatch: the file was changed or damaged")
-        f.seek(0)
-        remaining = header.payload_bytes
-
-        def source(n: int) -> bytes:
-            nonlocal remaining
-            chunk = f.read(min(n, remaining))
-            remaining -= len(chunk)
-            return chunk
-
-        try:
-            layout = header.model_dump(
-                include={
-                    "category_ids",
-                    "index_type",
-                    "codec",
-                    "list_size",
-                    "rerank",
-                    "lists_per_category",
-                    "trained_sizes",
-                    "codec_trained_on",
-                }
-            )
-            index = index_class(header.index_type).read(source, self.model, self.dim, **layout, store_dir=self.directory)
-        except ValueError as exc:
-            raise CacheRejected(str(exc)) from exc
-        if index.ntotal != header.vectors:
-            raise CacheRejected("vector count does not match the header")
-        return Built(index, identity, header.watermark)
 
     # --- what status shows --------------------------------------------------------------------
 
     def memory_bytes(self) -> int:
         index = self._index
         return 0 if index is None else index.memory_bytes()
+
+    def layout_status(self) -> dict[str, str]:
+        """The live index's type, codec and re-ranking, and why it has that type (see `layout.status_fields`)."""
+        index = self._index
+        return status_fields(self.layout, index.layout if index else None, index.ntotal if index else 0)

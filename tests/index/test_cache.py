@@ -20,7 +20,8 @@ from backend.core.config import PROJECT_ROOT
 from backend.core.search_params import SearchParams
 from backend.datasets import Dataset, balanced
 from backend.imaging import decode_image
-from backend.index_cache import MAGIC, IndexCache, prune_change_log
+from backend.index.cache import IndexCache, prune_change_log
+from backend.index.cache_file import MAGIC
 from backend.ingest import ingest
 from backend.service import SearchService
 from backend.storage import catalogue
@@ -332,17 +333,17 @@ def test_index_cache_has_no_index_before_first_use(engine: Engine, tmp_path: Pat
 def test_a_streamed_rebuild_equals_an_in_memory_one(service: SearchService, engine: Engine, cifar_queries) -> None:
     """Two streamed passes (a training sample, then every vector in chunks, never all in memory) give the
     same index as one in-memory pass, for a codec and sub-lists that both train on the sample."""
-    from backend import index_cache
-    from backend.index import IndexSpec
+    from backend.index import build
+    from backend.index.layout import IndexLayout
 
-    spec = IndexSpec("ivf", "sq8", list_size=8)
+    layout = IndexLayout("ivf", "sq8", list_size=8)
     model, dim = service.model, service.embedder.dim
-    in_memory = index_cache.build_from_database(engine, model, dim, spec).index
-    old_chunk, index_cache.CHUNK_ROWS = index_cache.CHUNK_ROWS, 37  # many chunks, the last one partial
+    in_memory = build.build_from_database(engine, model, dim, layout).index
+    old_chunk, build.CHUNK_ROWS = build.CHUNK_ROWS, 37  # many chunks, the last one partial
     try:
-        streamed = index_cache.build_from_database(engine, model, dim, spec, in_memory_bytes=0).index
+        streamed = build.build_from_database(engine, model, dim, layout, in_memory_bytes=0).index
     finally:
-        index_cache.CHUNK_ROWS = old_chunk
+        build.CHUNK_ROWS = old_chunk
     assert streamed.describe() == in_memory.describe() and streamed.ntotal == 200
     np.testing.assert_array_equal(streamed._read_sizes(), in_memory._read_sizes())
     np.testing.assert_array_equal(streamed.centroids, in_memory.centroids)

@@ -1,7 +1,7 @@
 """Stage 1 of every search: the catalogue's categories ranked for a query (STAGE1=prototype|centroids|classifier|auto).
 
 - prototype: each category's averaged given-label vector (the index's prototypes: exact, incremental).
-- centroids, classifier: learned from the given labels (never predicted ones) by `backend.stage1_models`,
+- centroids, classifier: learned from the given labels (never predicted ones) by `backend.index.stage1_models`,
   stored in PostgreSQL (`stage1_models`, one row per model) with the change number they were trained at.
 - auto: the ranker that was best on the held-out labels at training; prototype while there is none.
 
@@ -21,8 +21,9 @@ from pydantic import BaseModel
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from backend.index import SAMPLE_MODULUS, SAMPLE_MULTIPLIER, TwoStageIndex
-from backend.stage1_models import Centroids, LinearSoftmax, Trained, softmax, train_rankers
+from backend.index.sampling import SAMPLE_MODULUS, SAMPLE_MULTIPLIER
+from backend.index.stage1_models import Centroids, LinearSoftmax, Trained, softmax, train_rankers
+from backend.index.two_stage import TwoStageIndex
 from backend.storage import catalogue, change_log, vector_reader
 from backend.storage import stage1 as stage1_rows
 from backend.storage.engine import session_scope

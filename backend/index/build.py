@@ -1,0 +1,67 @@
+"""A new index from the database (one consistent snapshot, never re-embedding), and the class behind each
+index type. Catalogues up to IN_MEMORY_BUILD_BYTES are read in one pass and built in memory; larger ones in
+two streamed passes (a training sample, then every vector in chunks), never holding all float32 vectors."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import Engine
+
+from backend.index.fastscan import FastScanIndex
+from backend.index.layout import IndexLayout
+from backend.index.sampling import SAMPLE_MULTIPLIER, sample_cut
+from backend.index.two_stage import TwoStageIndex
+from backend.storage import catalogue, change_log, vector_reader
+from backend.storage.engine import session_scope
+from backend.vectors import StoredVectors
+
+IN_MEMORY_BUILD_BYTES = 1 << 30
+CHUNK_ROWS = 50_000
+
+
+@dataclass(frozen=True)
+class Built:
+    index: TwoStageIndex
+    identity: change_log.CatalogueIdentity
+    watermark: int
+
+
+def index_class(kind: str) -> type[TwoStageIndex]:
+    """The class behind a concrete index type (auto is resolved by catalogue size first)."""
+    for cls in (TwoStageIndex, FastScanIndex):
+        if kind in cls.KINDS:
+            return cls
+    raise ValueError(f"no index of type {kind!r} can be built (auto is resolved by catalogue size first)")
+
+
+def build_from_database(
+    engine: Engine,
+    model: str,
+    dim: int,
+    layout: IndexLayout | None = None,
+    in_memory_bytes: int = IN_MEMORY_BUILD_BYTES,
+    store_dir: Path | None = None,
+) -> Built:
+    """A new index from one consistent snapshot of the stored vectors and prototype sums (never re-embeds).
+    `store_dir`: where fastscan spools its re-rank file (in RAM without one)."""
+    layout = layout or IndexLayout()
+    with session_scope(engine, snapshot=True, bulk=True) as session:
+        identity = change_log.identity(session)
+        watermark = change_log.head(session, model)
+        category_ids = sorted(catalogue.category_ids(session).values())
+        prototypes = catalogue.load_prototypes(session, model)
+        sizes = catalogue.category_vector_counts(session, model)
+        layout = layout.resolved(sum(sizes.values()))  # auto: flat or fastscan by catalogue size
+        cls = index_class(layout.kind)
+        if sum(sizes.values()) * dim * 4 <= in_memory_bytes:
+            stored = vector_reader.load_vectors(session, model)
+            index = cls.build(model, dim, category_ids, stored, prototypes, layout, store_dir)
+        else:
+            sample_rule = (SAMPLE_MULTIPLIER, sample_cut(layout.train_fraction(sizes)))
+            sample = vector_reader.load_vectors(session, model, sample_rule) if sample_rule[1] else StoredVectors.empty(dim)
+            index = cls.train(model, dim, category_ids, layout, sizes, sample, store_dir)
+            del sample
+            index.set_prototypes(prototypes)
+            for chunk in vector_reader.stream_vectors(session, model, CHUNK_ROWS):
+                index.add(chunk.ids, chunk.category_ids, chunk.vectors)
+    return Built(index, identity, watermark)
