@@ -13,7 +13,6 @@ import numpy as np
 from PIL import Image as PILImage
 from pydantic import BaseModel
 from sqlalchemy import Engine
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from backend import catalogue, index_fastscan, near_duplicates, own_image, search_filters
@@ -28,6 +27,8 @@ from backend.embedding.registry import create_embedder
 from backend.imaging import DecodedImage
 from backend.index import TwoStageIndex, index_spec
 from backend.index_cache import IndexCache
+from backend.ingest.categories import LiveStage1
+from backend.ingest.writer import BatchWriter
 from backend.stage1 import Ranking, Stage1, Stage1Status
 from backend.telemetry import EMBED_IMAGES, EMBED_SECONDS, SEARCH_STAGE_SECONDS
 
@@ -288,38 +289,34 @@ class SearchService:
     def upload(
         self, image: DecodedImage, category: str | None, description: str | None = None, refuse_near_duplicates: bool = False
     ) -> UploadResult:
-        with session_scope(self.engine) as session:
-            if catalogue.existing_by_sha(session, [image.sha256]):
-                return self._duplicate(session, image.sha256)
-            category_id = catalogue.category_by_name(session, category).id if category else None
-        vector = self.embed([image.rgb])
-        near = near_duplicates.of_vector(self, vector[0])
+        """One image through the batch writer (a named category must exist; none: stage 1 predicts one), then
+        searchable before the answer."""
+        writer = BatchWriter(
+            self.engine, self.embedder, LiveStage1(self.cache, self.stage1), self.settings.max_image_pixels, new_categories=False
+        )
+        with EMBED_SECONDS.time():
+            batch = writer.embed(writer.decoded(image, category, description))
+        if batch.vectors is None:
+            return self._duplicate(image.sha256)
+        EMBED_IMAGES.inc()
+        near = near_duplicates.of_vector(self, batch.vectors[0])
         if near and refuse_near_duplicates:
             found = ", ".join(f"{h.image_id} (cosine {h.score:.3f})" for h in near[:5])
             raise Conflict(f"near-duplicate of stored images {found}; not stored (on_near_duplicate=refuse)")
-        predicted_score = predicted_probability = None
-        if category_id is None:
-            with self.cache.reading() as index:
-                if not index.prototype_counts.any():
-                    raise InvalidInput("no category prototypes yet: give a category with the upload")
-                ranking = self.stage1.rank(index, vector, top=1)
-                category_id = index.category_ids[int(ranking.positions[0, 0])]
-            predicted_score = float(ranking.scores[0, 0])
-            if ranking.probabilities is not None:
-                predicted_probability = float(ranking.probabilities[0, 0])
-        item = catalogue.NewImage(image, category_id, label_given=predicted_score is None, description=description)
-        try:
-            image_id = self._write(lambda session: catalogue.add_images(session, self.model, [item], vector)[0])
-        except IntegrityError:  # the same bytes were stored concurrently
-            with session_scope(self.engine) as session:
-                return self._duplicate(session, image.sha256)
-        return UploadResult(
-            image_id, self._name(category_id), item.label_given, False, predicted_score, predicted_probability, near
-        )
+        report = writer.write(batch)
+        if report.failures:
+            raise InvalidInput(f"{report.failures[0]['reason']} with the upload")
+        if not report.ids:  # the same bytes were stored concurrently
+            return self._duplicate(image.sha256)
+        self.cache.after_write()  # committed: searchable before the answer
+        item, p = batch.items[0], batch.items[0].prediction
+        score, probability = (None, None) if p is None else (p.score, p.probability)
+        return UploadResult(report.ids[0], self._name(item.category_id), p is None, False, score, probability, near)
 
-    def _duplicate(self, session: Session, sha256: str) -> UploadResult:
-        stored = catalogue.get_image(session, catalogue.existing_by_sha(session, [sha256])[sha256])
-        return UploadResult(stored.id, self._name(stored.category_id), stored.label_given, duplicate=True)
+    def _duplicate(self, sha256: str) -> UploadResult:
+        with session_scope(self.engine) as session:
+            stored = catalogue.get_image(session, catalogue.existing_by_sha(session, [sha256])[sha256])
+            return UploadResult(stored.id, self._name(stored.category_id), stored.label_given, duplicate=True)
 
     def delete(self, image_id: int) -> Image:
         return self._write(lambda session: catalogue.delete_image(session, image_id))

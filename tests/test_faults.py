@@ -30,7 +30,7 @@ from backend.core.config import PROJECT_ROOT
 from backend.datasets import Dataset, balanced
 from backend.db import migrate
 from backend.db.session import make_engine
-from backend.ingest import ingest
+from backend.ingest.populate import ingest
 from tests.utils.server import RunningServer, running_server
 
 DB_TIMEOUT_S = 2.0

@@ -24,7 +24,7 @@ from backend.db.models import Embedding
 from backend.db.session import session_scope
 from backend.imaging import decode_image
 from backend.index_cache import MAGIC, IndexCache, prune_change_log
-from backend.ingest import ingest
+from backend.ingest.populate import ingest
 from backend.service import SearchService
 from tests.utils.server import running_server
 from tests.utils.settings import CIFAR_SUBSET, make_settings
@@ -239,7 +239,7 @@ from backend.db.models import Embedding
 from backend.db.session import get_engine, session_scope
 from backend.embedding.registry import create_embedder
 from backend.core.config import get_settings
-from backend.ingest import ingest
+from backend.ingest.populate import ingest
 settings = get_settings()
 engine = get_engine()
 with session_scope(engine) as s:  # delete the three oldest images

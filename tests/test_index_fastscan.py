@@ -18,7 +18,7 @@ from backend.db.session import session_scope
 from backend.imaging import decode_image
 from backend.index import IndexSpec, TwoStageIndex, train_sample
 from backend.index_fastscan import FastScanIndex, resolve
-from backend.ingest import ingest
+from backend.ingest.populate import ingest
 from backend.service import SearchService
 from backend.vectors import StoredVectors
 from tests.utils.server import running_server

@@ -12,7 +12,7 @@ from backend.core.search_params import SearchParams
 from backend.datasets import Dataset, balanced
 from backend.db.session import session_scope
 from backend.imaging import decode_image
-from backend.ingest import ingest
+from backend.ingest.populate import ingest
 from backend.service import SearchService
 from tests.utils.images import photo_jpeg
 from tests.utils.settings import make_settings

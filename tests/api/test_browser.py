@@ -12,7 +12,7 @@ from backend import auth
 from backend.core.config import PROJECT_ROOT
 from backend.datasets import Dataset, balanced
 from backend.db.session import session_scope
-from backend.ingest import ingest
+from backend.ingest.populate import ingest
 from tests.utils.http_images import serving
 from tests.utils.server import running_server
 
