@@ -8,7 +8,7 @@ from backend.embedding.base import onnxruntime_available
 from backend.embedding.models import DEFAULT_MODEL
 from backend.embedding.registry import create_embedder
 from backend.imaging import decode_image
-from backend.ingest import ingest
+from backend.ingest.populate import ingest
 from benchmarks.harness import TempDatabase, cifar_samples, throughput
 
 GOAL_RATIO = 0.9

@@ -17,8 +17,10 @@ from backend.db.models import Embedding, Prototype
 from backend.db.models import Image as ImageRow
 from backend.db.session import session_scope
 from backend.imaging import decode_image
+from backend.ingest.categories import LiveStage1, StoredPrototypes
 from backend.ingest.populate import ingest
 from backend.service import SearchService
+from backend.stage1 import Stage1
 from tests.utils.images import png
 from tests.utils.settings import make_settings
 
@@ -124,3 +126,16 @@ def test_upload_without_category_into_empty_catalogue_is_refused(engine: Engine,
     with pytest.raises(InvalidInput, match="no category prototypes yet"):
         service.upload(decode_image(png(Image.new("RGB", (40, 40), "red")), 10**7), None)
     assert counts(engine) == (0, 0, 0)
+
+
+def test_a_worker_predicts_the_category_the_servers_prototype_stage_predicts(
+    service: SearchService, engine: Engine, cifar_queries: Dataset
+) -> None:
+    """One policy: the worker's stored prototypes rank as the index's prototype stage does."""
+    vectors = service.embed([decode_image(s.load(), 10**7).rgb for s in cifar_queries.samples[:8]])
+    live = LiveStage1(service.cache, Stage1(engine, service.model, service.embedder.dim, "prototype"))
+    with session_scope(engine) as s:
+        served, stored = live.predict(s, vectors), StoredPrototypes(service.model).predict(s, vectors)
+    assert served is not None and stored is not None
+    assert [p.category_id for p in served] == [p.category_id for p in stored]
+    np.testing.assert_allclose([p.score for p in served], [p.score for p in stored], atol=1e-5)
