@@ -294,12 +294,14 @@ class SearchService:
         writer = BatchWriter(
             self.engine, self.embedder, LiveStage1(self.cache, self.stage1), self.settings.max_image_pixels, new_categories=False
         )
-        with EMBED_SECONDS.time():
-            batch = writer.embed(writer.decoded(image, category, description))
-        if batch.vectors is None:
+        batch = writer.unseen(writer.decoded(image, category, description))
+        if not batch.items:
             return self._duplicate(image.sha256)
+        with EMBED_SECONDS.time():
+            vectors = writer.vectorise(batch).vectors
+        assert vectors is not None
         EMBED_IMAGES.inc()
-        near = near_duplicates.of_vector(self, batch.vectors[0])
+        near = near_duplicates.of_vector(self, vectors[0])
         if near and refuse_near_duplicates:
             found = ", ".join(f"{h.image_id} (cosine {h.score:.3f})" for h in near[:5])
             raise Conflict(f"near-duplicate of stored images {found}; not stored (on_near_duplicate=refuse)")

@@ -157,6 +157,10 @@ class BatchWriter:
 
     def embed(self, batch: Batch) -> Batch:
         """Only what is not stored yet is embedded (a rerun resumes without re-embedding)."""
+        return self.vectorise(self.unseen(batch))
+
+    def unseen(self, batch: Batch) -> Batch:
+        """Drop what is stored already, or held by this run's earlier batches (counted as duplicates)."""
         new = [it.image.sha256 for it in batch.items if it.image_id is None]
         with session_scope(self.engine) as session:
             stored = catalogue.existing_by_sha(session, new).keys() | self._earlier
@@ -164,9 +168,13 @@ class BatchWriter:
         self._earlier.update(it.image.sha256 for it in keep if it.image_id is None)
         batch.report.duplicates += len(batch.items) - len(keep)
         batch.items = keep
-        if keep:
-            batch.vectors = self.embedder.embed_pixels(np.stack([it.pixels for it in keep if it.pixels is not None]))
-        for item in keep:
+        return batch
+
+    def vectorise(self, batch: Batch) -> Batch:
+        """The model's vectors of the batch's items; their pixels are dropped."""
+        if batch.items:
+            batch.vectors = self.embedder.embed_pixels(np.stack([it.pixels for it in batch.items if it.pixels is not None]))
+        for item in batch.items:
             item.pixels = None
         return batch
 
