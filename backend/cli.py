@@ -55,7 +55,7 @@ def cmd_populate(args: argparse.Namespace, settings: Settings) -> None:
     from backend.datasets import load_dataset
     from backend.embedding.cache import model_cache
     from backend.embedding.registry import model_id
-    from backend.ingest import ingest
+    from backend.ingest.populate import ingest
     from backend.storage.engine import get_engine
 
     _require_schema()
@@ -79,10 +79,10 @@ def cmd_populate(args: argparse.Namespace, settings: Settings) -> None:
         dataset, embedder, get_engine(), settings.max_image_pixels, batch_size=args.batch_size, progress=not args.quiet
     )
     print(
-        f"{report.added} images added, {report.already_stored} already stored, {report.invalid} unreadable, "
-        f"{report.skipped_files} files skipped; {report.images_per_second:.1f} images/s ({report.model})"
+        f"{report.added} images added, {report.duplicates} already stored, {report.failed} unreadable, "
+        f"{report.skipped} files skipped; {report.images_per_second:.1f} images/s ({embedder.model_id})"
     )
-    for line in [*dataset.notes, *report.errors]:
+    for line in [*dataset.notes, *(f["reason"] for f in report.failures)]:
         print(f"  skipped: {line}", file=sys.stderr)
 
 

@@ -13,7 +13,6 @@ import numpy as np
 from PIL import Image as PILImage
 from pydantic import BaseModel
 from sqlalchemy import Engine
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from backend import near_duplicates, search_filters
@@ -29,6 +28,8 @@ from backend.index.cache import IndexCache
 from backend.index.layout import layout_from_settings
 from backend.index.stage1 import Ranking, Stage1, Stage1Status
 from backend.index.two_stage import TwoStageIndex
+from backend.ingest.categories import LiveStage1
+from backend.ingest.writer import BatchWriter
 from backend.storage import catalogue
 from backend.storage.engine import get_engine, location, session_scope
 from backend.storage.schema import Image
@@ -290,38 +291,36 @@ class SearchService:
     def upload(
         self, image: DecodedImage, category: str | None, description: str | None = None, refuse_near_duplicates: bool = False
     ) -> UploadResult:
-        with session_scope(self.engine) as session:
-            if catalogue.existing_by_sha(session, [image.sha256]):
-                return self._duplicate(session, image.sha256)
-            category_id = catalogue.category_by_name(session, category).id if category else None
-        vector = self.embed([image.rgb])
-        near = near_duplicates.of_vector(self, vector[0])
+        """One image through the batch writer (a named category must exist; none: stage 1 predicts one), then
+        searchable before the answer."""
+        writer = BatchWriter(
+            self.engine, self.embedder, LiveStage1(self.cache, self.stage1), self.settings.max_image_pixels, new_categories=False
+        )
+        batch = writer.unseen(writer.decoded(image, category, description))
+        if not batch.items:
+            return self._duplicate(image.sha256)
+        with EMBED_SECONDS.time():
+            vectors = writer.vectorise(batch).vectors
+        assert vectors is not None
+        EMBED_IMAGES.inc()
+        near = near_duplicates.of_vector(self, vectors[0])
         if near and refuse_near_duplicates:
             found = ", ".join(f"{h.image_id} (cosine {h.score:.3f})" for h in near[:5])
             raise Conflict(f"near-duplicate of stored images {found}; not stored (on_near_duplicate=refuse)")
-        predicted_score = predicted_probability = None
-        if category_id is None:
-            with self.cache.reading() as index:
-                if not index.prototype_counts.any():
-                    raise InvalidInput("no category prototypes yet: give a category with the upload")
-                ranking = self.stage1.rank(index, vector, top=1)
-                category_id = index.category_ids[int(ranking.positions[0, 0])]
-            predicted_score = float(ranking.scores[0, 0])
-            if ranking.probabilities is not None:
-                predicted_probability = float(ranking.probabilities[0, 0])
-        item = catalogue.NewImage(image, category_id, label_given=predicted_score is None, description=description)
-        try:
-            image_id = self._write(lambda session: catalogue.add_images(session, self.model, [item], vector)[0])
-        except IntegrityError:  # the same bytes were stored concurrently
-            with session_scope(self.engine) as session:
-                return self._duplicate(session, image.sha256)
-        return UploadResult(
-            image_id, self._name(category_id), item.label_given, False, predicted_score, predicted_probability, near
-        )
+        report = writer.write(batch)
+        if report.failures:
+            raise InvalidInput(f"{report.failures[0]['reason']} with the upload")
+        if not report.ids:  # the same bytes were stored concurrently
+            return self._duplicate(image.sha256)
+        self.cache.after_write()  # committed: searchable before the answer
+        item, p = batch.items[0], batch.items[0].prediction
+        score, probability = (None, None) if p is None else (p.score, p.probability)
+        return UploadResult(report.ids[0], self._name(item.category_id), p is None, False, score, probability, near)
 
-    def _duplicate(self, session: Session, sha256: str) -> UploadResult:
-        stored = catalogue.get_image(session, catalogue.existing_by_sha(session, [sha256])[sha256])
-        return UploadResult(stored.id, self._name(stored.category_id), stored.label_given, duplicate=True)
+    def _duplicate(self, sha256: str) -> UploadResult:
+        with session_scope(self.engine) as session:
+            stored = catalogue.get_image(session, catalogue.existing_by_sha(session, [sha256])[sha256])
+            return UploadResult(stored.id, self._name(stored.category_id), stored.label_given, duplicate=True)
 
     def delete(self, image_id: int) -> Image:
         return self._write(lambda session: catalogue.delete_image(session, image_id))

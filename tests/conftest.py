@@ -129,7 +129,7 @@ def cifar_queries() -> Dataset:
 @pytest.fixture(scope="session")
 def catalogue_engine(databases: Databases, embedder: Embedder, cifar_train: Dataset) -> Engine:
     """A database holding the CIFAR-10 train catalogue, embedded once. Tests must not write to it."""
-    from backend.ingest import ingest
+    from backend.ingest.populate import ingest
 
     eng = databases.new()
     report = ingest(cifar_train, embedder, eng, max_pixels=10**7, progress=False)

@@ -11,7 +11,7 @@ from backend import auth
 from backend.core.search_params import SearchParams
 from backend.datasets import Dataset, balanced
 from backend.imaging import decode_image
-from backend.ingest import ingest
+from backend.ingest.populate import ingest
 from backend.service import SearchService
 from backend.storage import catalogue, change_log
 from backend.storage.engine import session_scope

@@ -127,7 +127,7 @@ def create_app(settings: Settings | None = None, service: SearchService | None =
         app.state.jobs_app = await run_in_threadpool(jobs_queue.open_queue, svc.engine)  # defers chunks (handler threads)
         await run_in_threadpool(jobs_queue.sweep_job_files, settings, svc.engine)  # of jobs that ended while we were down
         resumer = asyncio.create_task(_resume_staging(app, settings))
-        worker = jobs_queue.WorkerThread(settings, svc.engine, svc.cache.after_write) if settings.serve_worker else None
+        worker = jobs_queue.WorkerThread(settings, svc.engine, svc.cache) if settings.serve_worker else None
         if worker is not None:
             worker.start()
         refresher = asyncio.create_task(_refresh_index(svc, settings))

@@ -8,8 +8,10 @@ fails that item only; an unusable input fails the job with one message. Cancelli
 - `backend.storage.jobs`: the job's row, counts and final states;
 - `sources`: what each kind of job stages, in a fixed order;
 - `staging`: chunks and their tasks committed together; resumed after a crash; files swept;
-- `chunks`: running one chunk in a worker;
-- `queue`: procrastinate apps, the `worker` command and `serve`'s in-process worker.
+- `chunks`: running one chunk in a worker, through the batch writer (`backend.ingest`);
+- `tasks`: the queue's names and deferring a chunk in the staging transaction;
+- `queue`: procrastinate's apps and the tasks they run;
+- `worker`: the `worker` command and `serve`'s in-process worker thread.
 """
 
 import shutil
@@ -19,12 +21,11 @@ import procrastinate
 from sqlalchemy import Engine
 
 from backend.core.config import Settings
-from backend.jobs.chunks import ChunkResult, ChunkRunner, ingest_chunk
-from backend.jobs.queue import QUEUE, WorkerThread, open_queue, run_worker
+from backend.jobs.chunks import ChunkRunner, ingest_chunk
+from backend.jobs.queue import open_queue
+from backend.jobs.sources import input_path, job_dir
 from backend.jobs.staging import (
     Staged,
-    input_path,
-    job_dir,
     remove_job_files,
     resume_staging,
     save_input,
@@ -34,6 +35,8 @@ from backend.jobs.staging import (
     sweep_job_files,
     sweep_orphans,
 )
+from backend.jobs.tasks import QUEUE
+from backend.jobs.worker import WorkerThread, run_worker
 from backend.storage.jobs import (
     FINAL,
     cancel_job,
@@ -48,7 +51,6 @@ from backend.storage.jobs import create_job as _create_row
 __all__ = [
     "FINAL",
     "QUEUE",
-    "ChunkResult",
     "ChunkRunner",
     "Staged",
     "WorkerThread",

@@ -43,9 +43,16 @@ def enumerate_input(settings: Settings, engine: Engine, job: CatalogueJob) -> Fo
     return _archive(settings, job.id, path) if job.kind == "archive" else _urls(settings, path)
 
 
-def _input(settings: Settings, job: CatalogueJob) -> Path:
-    from backend.jobs.staging import input_path
+def job_dir(settings: Settings, job_id: int) -> Path:
+    return settings.data_dir / "jobs" / str(job_id)
 
+
+def input_path(settings: Settings, job_id: int) -> Path:
+    """Where an uploaded archive or URL list waits until it is staged (written whole, then renamed here)."""
+    return job_dir(settings, job_id) / "input"
+
+
+def _input(settings: Settings, job: CatalogueJob) -> Path:
     path = input_path(settings, job.id)
     if not path.is_file():
         raise InvalidInput("the job's input is gone (the server stopped before it was saved): hand it over again")

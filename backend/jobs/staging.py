@@ -26,8 +26,8 @@ from sqlalchemy import Engine
 from backend.core.config import Settings
 from backend.core.errors import InvalidInput
 from backend.core.failpoints import failpoint
-from backend.jobs import sources
-from backend.jobs.queue import defer_chunk
+from backend.jobs.sources import Found, enumerate_input, input_path, job_dir
+from backend.jobs.tasks import defer_chunk
 from backend.storage.engine import DATABASE_ERRORS, session_scope
 from backend.storage.jobs import (
     FINAL,
@@ -56,15 +56,6 @@ ORPHANED_AFTER_S = 600.0
 def stager_id(settings: Settings) -> str:
     """The machine and DATA_DIR holding a job's input: only there can its staging resume."""
     return f"{socket.gethostname()}:{settings.data_dir.resolve()}"
-
-
-def job_dir(settings: Settings, job_id: int) -> Path:
-    return settings.data_dir / "jobs" / str(job_id)
-
-
-def input_path(settings: Settings, job_id: int) -> Path:
-    """Where an uploaded archive or URL list waits until it is staged (written whole, then renamed here)."""
-    return job_dir(settings, job_id) / "input"
 
 
 def save_input(settings: Settings, job_id: int, fill: Callable[[Path], object]) -> None:
@@ -111,7 +102,7 @@ def stage_job(settings: Settings, engine: Engine, queue: Queue, job_id: int, wai
 
 def _stage(settings: Settings, engine: Engine, queue: Queue, job: CatalogueJob) -> Staged | None:
     try:
-        found = sources.enumerate_input(settings, engine, job)
+        found = enumerate_input(settings, engine, job)
         staged = _stage_items(engine, queue, job, found.items, settings.job_chunk_size)
         _close(engine, job.id, found)
         return staged
@@ -157,7 +148,7 @@ def _flush(engine: Engine, queue: Queue, job_id: int, number: int, chunk: list[C
     failpoint("staged-chunk")
 
 
-def _close(engine: Engine, job_id: int, found: "sources.Found") -> None:
+def _close(engine: Engine, job_id: int, found: Found) -> None:
     """Staging is over: the failures and skipped entries found on the way, and `staged`, in one commit; a
     job with nothing to do fails with one message. It may succeed at once (its chunks may all be done)."""
     listed = (found.failures + found.notes)[:MAX_FAILURES]

@@ -211,11 +211,14 @@ def fail_orphan(session: Session, job_id: int, when: datetime, message: str) -> 
 # --- chunks ---------------------------------------------------------------------------------------
 
 
-def load_chunk(engine: Engine, job_id: int, chunk: int) -> tuple[list[CatalogueJobItem], str | None] | None:
-    """The chunk's items (a re-embedding item with its stored image's bytes) and the job's model name; None
+def load_chunk(engine: Engine, job_id: int, chunk: int) -> tuple[list[CatalogueJobItem], str, str | None] | None:
+    """The chunk's items (a re-embedding item with its stored image's bytes), the job's model id and the model
+    name a re-embedding job gives; None
     when the chunk is done or the job has ended. The job is `running` from its first chunk on."""
     with session_scope(engine) as session:
-        job = session.execute(select(CatalogueJob.state, CatalogueJob.params).where(CatalogueJob.id == job_id)).first()
+        job = session.execute(
+            select(CatalogueJob.state, CatalogueJob.params, CatalogueJob.model).where(CatalogueJob.id == job_id)
+        ).first()
         done = session.scalar(
             select(CatalogueJobChunk.finished_at).where(CatalogueJobChunk.job_id == job_id, CatalogueJobChunk.chunk == chunk)
         )
@@ -238,7 +241,7 @@ def load_chunk(engine: Engine, job_id: int, chunk: int) -> tuple[list[CatalogueJ
             session.expunge(item)
             if item.image_id is not None:  # re-embedding: the stored image's own bytes
                 item.data = stored.get(item.image_id, b"")
-        return items, job.params.get("model_name")
+        return items, job.model, job.params.get("model_name")
 
 
 def lock_chunk_mark(session: Session, job_id: int, chunk: int) -> CatalogueJobChunk | None:

@@ -12,7 +12,7 @@ import numpy as np
 from backend.core.config import Settings
 from backend.embedding.cache import model_cache
 from backend.embedding.models import DEFAULT_MODEL
-from backend.ingest import ingest
+from backend.ingest.populate import ingest
 from benchmarks.harness import TempDatabase, cifar_samples, percentiles
 from tests.utils.images import photo_jpeg
 from tests.utils.server import running_server

@@ -8,7 +8,7 @@ from backend.embedding.cache import model_cache
 from backend.embedding.models import DEFAULT_MODEL
 from backend.embedding.sessions import onnxruntime_available
 from backend.imaging import decode_image
-from backend.ingest import ingest
+from backend.ingest.populate import ingest
 from benchmarks.harness import TempDatabase, cifar_samples, throughput
 
 GOAL_RATIO = 0.9

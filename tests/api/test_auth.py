@@ -18,7 +18,7 @@ from backend.api.main import create_app
 from backend.api.security import Access, declare_access, guard, route_access
 from backend.core.config import Settings
 from backend.datasets import Dataset, balanced
-from backend.ingest import ingest
+from backend.ingest.populate import ingest
 from backend.service import SearchService
 from backend.storage.engine import session_scope
 from backend.storage.schema import ApiKey

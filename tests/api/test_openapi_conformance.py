@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from backend.datasets import Dataset, balanced
-from backend.ingest import ingest
+from backend.ingest.populate import ingest
 from tests.utils.server import running_server
 
 

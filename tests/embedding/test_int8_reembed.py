@@ -13,7 +13,7 @@ from backend.core.search_params import SearchParams
 from backend.datasets import Dataset, balanced
 from backend.embedding.registry import model_id
 from backend.imaging import decode_image
-from backend.ingest import ingest
+from backend.ingest.populate import ingest
 from backend.service import SearchService
 from backend.storage import catalogue
 from backend.storage.engine import session_scope

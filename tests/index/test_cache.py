@@ -22,7 +22,7 @@ from backend.datasets import Dataset, balanced
 from backend.imaging import decode_image
 from backend.index.cache import IndexCache, prune_change_log
 from backend.index.cache_file import MAGIC
-from backend.ingest import ingest
+from backend.ingest.populate import ingest
 from backend.service import SearchService
 from backend.storage import catalogue
 from backend.storage.engine import session_scope
@@ -240,7 +240,7 @@ from backend.storage.schema import Embedding
 from backend.storage.engine import get_engine, session_scope
 from backend.embedding.cache import model_cache
 from backend.core.config import get_settings
-from backend.ingest import ingest
+from backend.ingest.populate import ingest
 settings = get_settings()
 engine = get_engine()
 with session_scope(engine) as s:  # delete the three oldest images

@@ -40,8 +40,9 @@ def test_a_chunk_is_loaded_once_and_its_job_runs(engine: Engine) -> None:
         jobs.add_chunk(session, job_id, 0, items)
     loaded = jobs.load_chunk(engine, job_id, 0)
     assert loaded is not None
-    rows, model_name = loaded
-    assert [r.source for r in rows] == ["u0", "u1", "u2"] and [r.item for r in rows] == [0, 1, 2] and model_name == "lite0"
+    rows, model, model_name = loaded
+    assert [r.source for r in rows] == ["u0", "u1", "u2"] and [r.item for r in rows] == [0, 1, 2]
+    assert (model, model_name) == ("m", "lite0")
     assert jobs.get_job(engine, job_id).state == "running"
     with session_scope(engine) as session:
         mark = jobs.lock_chunk_mark(session, job_id, 0)

@@ -7,8 +7,9 @@ after it, and the failure is raised to the caller once the threads are done, so 
 the last written batch, as it would after the sequential loop.
 Pillow and ONNX Runtime release the GIL while they work, so threads overlap for real.
 
-Any batched ingestion can use it: `populate` (`backend.ingest`), and a job chunk's sub-batches (decode its
-items, embed, and write either per sub-batch or, for one transaction per chunk, collect in `write`).
+Every batched ingestion runs on it with the stages of `backend.ingest.writer`: `populate` (one transaction per
+batch, written by `write`) and a job chunk (its sub-batches decoded and embedded here, collected by `write`
+and stored in the chunk's one transaction).
 """
 
 import queue

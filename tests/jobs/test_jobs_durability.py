@@ -150,7 +150,8 @@ def test_a_trickling_download_fails_in_time_and_does_not_hold_up_another_job(dat
     with running_server(env) as server:
         slow = httpx.post(f"{server.url}/jobs/urls", json={"urls": [f"{trickle_server}/slow.png"]}, timeout=30).json()["id"]
         started = time.monotonic()
-        other = httpx.post(f"{server.url}/jobs/urls", json={"urls": [f"{trickle_server}/img3"]}, timeout=30).json()["id"]
+        fast_job = {"urls": [f"{trickle_server}/img3"], "category": "cat"}  # named: nothing to predict it from yet
+        other = httpx.post(f"{server.url}/jobs/urls", json=fast_job, timeout=30).json()["id"]
         fast = jobs.wait_for(engine, other, 60)
         waited = time.monotonic() - started
         failed = jobs.wait_for(engine, slow, 60)

@@ -8,8 +8,8 @@ import pytest
 from sqlalchemy import Engine, func, select
 
 from backend.datasets import Dataset, Sample, balanced
-from backend.ingest import ingest
-from backend.pipeline import run_pipeline
+from backend.ingest.pipeline import run_pipeline
+from backend.ingest.populate import ingest
 from backend.storage import catalogue
 from backend.storage.engine import session_scope
 from backend.storage.schema import Category, Embedding, Prototype
@@ -52,8 +52,8 @@ def test_pipelined_ingestion_stores_exactly_the_sequential_rows(databases, embed
     sequential, pipelined = databases.new(), databases.new()
     a = ingest(mixed, embedder, sequential, 10**7, batch_size=BATCH, progress=False, pipelined=False)
     b = ingest(mixed, embedder, pipelined, 10**7, batch_size=BATCH, progress=False, pipelined=True)
-    assert (a.added, a.already_stored, a.invalid, a.errors) == (b.added, b.already_stored, b.invalid, b.errors)
-    assert (b.added, b.already_stored, b.invalid) == (90, 3, 1)
+    assert (a.added, a.duplicates, a.failed, a.failures) == (b.added, b.duplicates, b.failed, b.failures)
+    assert (b.added, b.duplicates, b.failed) == (90, 3, 1)
     rows_a, vectors_a, protos_a = rows(sequential, embedder.model_id)
     rows_b, vectors_b, protos_b = rows(pipelined, embedder.model_id)
     assert rows_a == rows_b and protos_a == protos_b  # same ids, hashes, categories, sources, in the same order
@@ -94,7 +94,7 @@ def test_a_failure_in_any_stage_leaves_whole_batches_only(engine, embedder, cifa
     again = ingest(
         Dataset("cifar10", balanced(cifar_train.samples, 6 * BATCH)), embedder, engine, 10**7, batch_size=BATCH, progress=False
     )
-    assert (again.added, again.already_stored) == (4 * BATCH, 2 * BATCH)  # the rerun resumes after them
+    assert (again.added, again.duplicates) == (4 * BATCH, 2 * BATCH)  # the rerun resumes after them
 
 
 def test_pipeline_keeps_order_and_bounds_the_work_ahead() -> None:
