@@ -25,7 +25,7 @@ from backend.db.session import session_scope
 from backend.imaging import decode_image
 from backend.index_cache import MAGIC, IndexCache, prune_change_log
 from backend.ingest import ingest
-from backend.service import SearchService
+from backend.services.search import SearchService
 from tests.utils.server import running_server
 from tests.utils.settings import CIFAR_SUBSET, make_settings
 

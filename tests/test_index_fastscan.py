@@ -19,7 +19,7 @@ from backend.imaging import decode_image
 from backend.index import IndexSpec, TwoStageIndex, train_sample
 from backend.index_fastscan import FastScanIndex, resolve
 from backend.ingest import ingest
-from backend.service import SearchService
+from backend.services.search import SearchService
 from backend.vectors import StoredVectors
 from tests.utils.server import running_server
 from tests.utils.settings import make_settings

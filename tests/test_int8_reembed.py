@@ -15,7 +15,7 @@ from backend.db.session import session_scope
 from backend.embedding.registry import create_embedder
 from backend.imaging import decode_image
 from backend.ingest import ingest
-from backend.service import SearchService
+from backend.services.search import SearchService
 from tests.utils.settings import CIFAR_SUBSET, make_settings
 
 

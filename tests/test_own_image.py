@@ -11,7 +11,7 @@ from backend.core.search_params import SearchParams
 from backend.db.models import Image
 from backend.db.session import session_scope
 from backend.imaging import decode_image
-from backend.service import SearchService
+from backend.services.search import SearchService
 from tests.test_stage1 import copy_catalogue
 from tests.utils.settings import make_settings
 

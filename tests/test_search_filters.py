@@ -9,7 +9,8 @@ from backend import catalogue
 from backend.core.errors import Unprocessable
 from backend.core.search_params import SearchParams
 from backend.db.session import session_scope
-from backend.service import SearchResult, SearchService
+from backend.services.results import SearchResult
+from backend.services.search import SearchService
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from backend.datasets import Dataset, balanced
 from backend.db.session import session_scope
 from backend.imaging import decode_image
 from backend.ingest import ingest
-from backend.service import SearchService
+from backend.services.search import SearchService
 from tests.utils.images import photo_jpeg
 from tests.utils.settings import make_settings
 

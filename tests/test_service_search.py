@@ -7,7 +7,7 @@ from sqlalchemy import Engine
 from backend import catalogue
 from backend.core.search_params import SearchParams
 from backend.db.session import session_scope
-from backend.service import SearchService
+from backend.services.search import SearchService
 
 # Chance is 0.10 (10 balanced categories). Lite0 ImageNet features reach ~0.70 on a 5,000-image
 # catalogue; with 60 images per category we measured 0.63 here, so 0.50 leaves room for noise

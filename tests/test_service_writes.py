@@ -16,7 +16,7 @@ from backend.db.models import Image as ImageRow
 from backend.db.session import session_scope
 from backend.imaging import decode_image
 from backend.ingest import ingest
-from backend.service import SearchService
+from backend.services.search import SearchService
 from tests.utils.images import png
 from tests.utils.settings import make_settings
 

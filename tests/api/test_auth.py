@@ -21,7 +21,7 @@ from backend.datasets import Dataset, balanced
 from backend.db.models import ApiKey
 from backend.db.session import session_scope
 from backend.ingest import ingest
-from backend.service import SearchService
+from backend.services.search import SearchService
 from backend.telemetry import JsonFormatter
 from tests.utils.settings import make_settings
 
