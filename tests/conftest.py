@@ -140,7 +140,7 @@ def catalogue_engine(databases: Databases, embedder: Embedder, cifar_train: Data
 @pytest.fixture(scope="module")
 def service(catalogue_engine: Engine, embedder: Embedder, tmp_path_factory: pytest.TempPathFactory):
     """A search service over the shared CIFAR catalogue (read-only); modules that write define their own."""
-    from backend.service import SearchService
+    from backend.services.search import SearchService
     from tests.utils.settings import make_settings
 
     svc = SearchService(make_settings(tmp_path_factory.mktemp("data"), catalogue_engine), catalogue_engine, embedder)

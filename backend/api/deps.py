@@ -1,5 +1,6 @@
-"""FastAPI dependencies and parameter types shared by the routes: the one SearchService built at start-up,
-the settings, bounded ids, validated names and text, and exactly one uploaded file."""
+"""FastAPI dependencies and parameter types shared by the routes: the services built at start-up (one
+narrow, named dependency each), the settings, bounded ids, validated names and text, and exactly one
+uploaded file."""
 
 from typing import Annotated
 
@@ -10,17 +11,33 @@ from starlette.datastructures import UploadFile  # what a parsed form holds (fas
 from backend.core.config import Settings
 from backend.core.errors import Unprocessable
 from backend.core.text import NAME_MAX, NAME_PATTERN, TEXT_MAX, TEXT_PATTERN, clean_name, clean_text
-from backend.service import SearchService
+from backend.services.catalogue import Catalogue
+from backend.services.container import Services
+from backend.services.jobs import Jobs
+from backend.services.search import SearchService
 
 BIGINT_MAX = 2**63 - 1  # ids and offsets are PostgreSQL bigints: larger values are a 422, not a database error
 
 
-async def get_service(request: Request) -> SearchService:  # async: no worker thread for a lookup
-    return request.app.state.service
+# async: no worker thread for a lookup
+def services_of(request: Request) -> Services:
+    return request.app.state.services
+
+
+async def get_search(request: Request) -> SearchService:
+    return services_of(request).search
+
+
+async def get_catalogue(request: Request) -> Catalogue:
+    return services_of(request).catalogue
+
+
+async def get_jobs(request: Request) -> Jobs:
+    return services_of(request).jobs
 
 
 async def get_settings_dep(request: Request) -> Settings:
-    return request.app.state.service.settings
+    return services_of(request).settings
 
 
 async def one_file(request: Request) -> None:
@@ -38,7 +55,9 @@ def _blank_is_none(value: object) -> object:
     return None if isinstance(value, str) and not value.strip() else value
 
 
-ServiceDep = Annotated[SearchService, Depends(get_service)]
+SearchDep = Annotated[SearchService, Depends(get_search)]  # search, upload, delete, status, rebuilds
+CatalogueDep = Annotated[Catalogue, Depends(get_catalogue)]  # every catalogue read
+JobsDep = Annotated[Jobs, Depends(get_jobs)]
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 OneFile = Depends(one_file)
 ImageId = Annotated[int, Path(ge=1, le=BIGINT_MAX, description="image id")]

@@ -13,7 +13,6 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-from backend import jobs as jobs_queue
 from backend.api.errors import install_error_handlers
 from backend.api.limits import BodyLimit, RequestBudget
 from backend.api.observability import RequestLog, instrument
@@ -29,8 +28,8 @@ from backend.api.security import (
     trusted_hosts,
 )
 from backend.core.config import PROJECT_ROOT, Settings, get_settings
-from backend.index.cache import prune_change_log
-from backend.service import SearchService
+from backend.services.container import Services
+from backend.services.search import SearchService
 from backend.storage.engine import DATABASE_ERRORS, database_problem
 from backend.telemetry import DATABASE_ERRORS_TOTAL
 
@@ -56,7 +55,7 @@ async def _refresh_index(service: SearchService, settings: Settings) -> None:
         try:
             await run_in_threadpool(service.refresh)
             if time.monotonic() - pruned_at > PRUNE_EVERY_S:
-                await run_in_threadpool(prune_change_log, service.engine, settings.change_log_retention_days)
+                await run_in_threadpool(service.prune_change_log, settings.change_log_retention_days)
                 pruned_at = time.monotonic()
         except DATABASE_ERRORS as exc:  # one line when it starts failing, one when it recovers; retried
             DATABASE_ERRORS_TOTAL.labels("index refresh").inc()
@@ -75,12 +74,11 @@ async def _refresh_index(service: SearchService, settings: Settings) -> None:
 RESUME_EVERY_S = 60.0
 
 
-async def _resume_staging(app: FastAPI, settings: Settings) -> None:
+async def _resume_staging(services: Services) -> None:
     """Staging that a crash (or a database outage) interrupted goes on: at start, then every minute."""
-    service = app.state.service
     while True:
         try:
-            await run_in_threadpool(jobs_queue.resume_staging, settings, service.engine, app.state.jobs_app)
+            await run_in_threadpool(services.jobs.resume_staging)
         except DATABASE_ERRORS as exc:
             log.warning("staging not resumed: database unavailable: %s", database_problem(exc))
         except Exception:  # a bug must not end the loop
@@ -118,29 +116,17 @@ def create_app(settings: Settings | None = None, service: SearchService | None =
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        svc = service if service is not None else await run_in_threadpool(SearchService, settings)
-        # Load the model and the index before the first request, off the event loop.
-        await run_in_threadpool(svc.embedder.load)
-        await run_in_threadpool(svc.cache.get)
-        app.state.service = svc
+        search = service if service is not None else await run_in_threadpool(SearchService, settings)
+        services = Services.around(search)
+        await run_in_threadpool(services.start)  # model, index, job queue and worker, off the event loop
+        app.state.services = services
         app.state.started = time.monotonic()
-        app.state.jobs_app = await run_in_threadpool(jobs_queue.open_queue, svc.engine)  # defers chunks (handler threads)
-        await run_in_threadpool(jobs_queue.sweep_job_files, settings, svc.engine)  # of jobs that ended while we were down
-        resumer = asyncio.create_task(_resume_staging(app, settings))
-        worker = jobs_queue.WorkerThread(settings, svc.engine, svc.cache) if settings.serve_worker else None
-        if worker is not None:
-            worker.start()
-        refresher = asyncio.create_task(_refresh_index(svc, settings))
+        resumer = asyncio.create_task(_resume_staging(services))
+        refresher = asyncio.create_task(_refresh_index(search, settings))
         yield
         refresher.cancel()
         resumer.cancel()
-        if worker is not None:
-            await run_in_threadpool(worker.stop)
-        await run_in_threadpool(app.state.jobs_app.close)
-        try:
-            await run_in_threadpool(svc.cache.save)  # the next start loads it and applies only later changes
-        except OSError as exc:
-            log.warning("index cache not saved: %s", exc)
+        await run_in_threadpool(services.stop)
 
     app = FastAPI(
         title="Image similarity search",

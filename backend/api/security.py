@@ -28,7 +28,7 @@ from backend import auth
 from backend.api.errors import api_routes, error_responses
 from backend.core.config import Settings
 from backend.core.errors import ConfigurationError, Forbidden, Unauthorized
-from backend.storage.engine import session_scope
+from backend.services.keys import Keys
 
 
 class Access(StrEnum):
@@ -55,18 +55,13 @@ def needs_key(access: Access, settings: Settings) -> bool:
     return True
 
 
-async def verified_key(service: Any, access: Access, key: str | None) -> auth.KeyInfo | None:
+async def verified_key(keys: Keys, access: Access, key: str | None) -> auth.KeyInfo | None:
     """The key's facts when `access` needs one and the key grants it; Unauthorized / Forbidden otherwise."""
-    if not needs_key(access, service.settings):
+    if not needs_key(access, keys.settings):
         return None
     if not key:
         raise Unauthorized(f"an API key with the '{access.value}' scope is required (X-API-Key or Authorization: Bearer)")
-
-    def lookup() -> auth.KeyInfo | None:
-        with session_scope(service.engine) as session:
-            return auth.authenticate(session, key)
-
-    info = await run_in_threadpool(lookup)
+    info = await run_in_threadpool(keys.authenticate, key)
     if info is None:
         raise Unauthorized("invalid or revoked API key")
     if not info.grants(access.value):
@@ -85,7 +80,7 @@ def _checker(access: Access) -> Callable[..., Awaitable[auth.KeyInfo | None]]:
             info = checked[1]
         else:
             key = header_key or (credentials.credentials if credentials else None)
-            info = await verified_key(request.app.state.service, access, key)
+            info = await verified_key(request.app.state.services.keys, access, key)
         if info is not None:
             request.state.api_key = info.prefix  # for the request log
         return info
@@ -103,7 +98,7 @@ async def viewer_is_admin(request: Request) -> bool:
     """Whether the caller may see server details (paths, database location): an admin key, or no keys at
     all (AUTH_MODE=off, loopback only). A missing or bad key is no error here: the caller is anonymous."""
     try:
-        await verified_key(request.app.state.service, Access.ADMIN, presented_key(request.headers))
+        await verified_key(request.app.state.services.keys, Access.ADMIN, presented_key(request.headers))
     except (Unauthorized, Forbidden):
         return False
     return True
@@ -248,13 +243,13 @@ class KeyBeforeBody:
         if scope["type"] != "http" or scope["method"] in SAFE_METHODS:
             await self.app(scope, receive, send)
             return
-        service = scope["app"].state.service
+        keys: Keys = scope["app"].state.services.keys
         access = self._access(scope)
-        if access is None or not needs_key(access, service.settings):
+        if access is None or not needs_key(access, keys.settings):
             await self.app(scope, receive, send)
             return
         try:
-            info = await verified_key(service, access, presented_key(Headers(scope=scope)))
+            info = await verified_key(keys, access, presented_key(Headers(scope=scope)))
         except (Unauthorized, Forbidden) as exc:
             await JSONResponse({"detail": exc.message}, status_code=exc.status_code)(scope, receive, send)
             return

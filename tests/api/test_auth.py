@@ -19,7 +19,7 @@ from backend.api.security import Access, declare_access, guard, route_access
 from backend.core.config import Settings
 from backend.datasets import Dataset, balanced
 from backend.ingest.populate import ingest
-from backend.service import SearchService
+from backend.services.search import SearchService
 from backend.storage.engine import session_scope
 from backend.storage.schema import ApiKey
 from backend.telemetry import JsonFormatter

@@ -12,7 +12,7 @@ from sqlalchemy import Engine
 from backend.api.main import create_app
 from backend.datasets import Dataset, balanced
 from backend.ingest.populate import ingest
-from backend.service import SearchService
+from backend.services.search import SearchService
 from tests.utils.settings import make_settings
 
 MAX_UPLOAD = 300_000
@@ -277,7 +277,7 @@ def test_server_picks_up_images_stored_by_another_process(databases, embedder, c
 
 
 def test_info_never_shows_server_paths() -> None:
-    from backend.api.schemas import _shown_source
+    from backend.schemas import _shown_source
 
     assert _shown_source("/home/alice/photos/cat/a.png") == "a.png"  # rows stored before sources were relative
     assert _shown_source("cat/sub/a.png") == "cat/sub/a.png"

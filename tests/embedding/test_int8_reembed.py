@@ -14,7 +14,7 @@ from backend.datasets import Dataset, balanced
 from backend.embedding.registry import model_id
 from backend.imaging import decode_image
 from backend.ingest.populate import ingest
-from backend.service import SearchService
+from backend.services.search import SearchService
 from backend.storage import catalogue
 from backend.storage.engine import session_scope
 from tests.utils.settings import CIFAR_SUBSET, make_settings

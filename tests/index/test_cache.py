@@ -23,7 +23,7 @@ from backend.imaging import decode_image
 from backend.index.cache import IndexCache, prune_change_log
 from backend.index.cache_file import MAGIC
 from backend.ingest.populate import ingest
-from backend.service import SearchService
+from backend.services.search import SearchService
 from backend.storage import catalogue
 from backend.storage.engine import session_scope
 from backend.storage.schema import Embedding

@@ -19,7 +19,7 @@ from backend.index.layout import IndexLayout
 from backend.index.sampling import train_sample
 from backend.index.two_stage import TwoStageIndex
 from backend.ingest.populate import ingest
-from backend.service import SearchService
+from backend.services.search import SearchService
 from backend.storage import catalogue, vector_reader
 from backend.storage.engine import session_scope
 from backend.vectors import StoredVectors

@@ -9,7 +9,7 @@ from sqlalchemy import Engine, select
 
 from backend.core.search_params import SearchParams
 from backend.imaging import decode_image
-from backend.service import SearchService
+from backend.services.search import SearchService
 from backend.storage.engine import session_scope
 from backend.storage.schema import Image
 from tests.index.test_stage1 import copy_catalogue

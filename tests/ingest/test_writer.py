@@ -16,7 +16,7 @@ from backend.imaging import decode_image
 from backend.index.stage1 import Stage1
 from backend.ingest.categories import LiveStage1, StoredPrototypes
 from backend.ingest.populate import ingest
-from backend.service import SearchService
+from backend.services.search import SearchService
 from backend.storage import catalogue, vector_reader
 from backend.storage.engine import session_scope
 from backend.storage.schema import Embedding, Prototype

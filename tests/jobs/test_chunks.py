@@ -52,7 +52,7 @@ def run_url_job(engine: Engine, embedder, tmp_path: Path, text: str) -> jobs.Chu
     finally:
         queue.close()
     runner = jobs.ChunkRunner(settings, engine)
-    runner._models[None] = embedder  # the session's loaded model, not a second one
+    runner.embedder = lambda model_name=None: embedder  # the session's loaded model, not a second one
     return runner
 
 

@@ -8,7 +8,7 @@ from sqlalchemy import Engine
 from backend.api.main import create_app
 from backend.datasets import Dataset, balanced
 from backend.ingest.populate import ingest
-from backend.service import SearchService
+from backend.services.search import SearchService
 from tests.utils.settings import make_settings
 
 

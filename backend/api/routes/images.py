@@ -1,7 +1,5 @@
 """Upload, fetch, describe and delete images."""
 
-from collections import OrderedDict
-from threading import Lock
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, Request, Response, UploadFile
@@ -9,20 +7,19 @@ from fastapi import APIRouter, File, Form, Request, Response, UploadFile
 from backend.api.deps import (
     NAME_SCHEMA,
     TEXT_SCHEMA,
+    CatalogueDep,
     Description,
     ImageId,
     OneFile,
     OptionalCategoryName,
-    ServiceDep,
+    SearchDep,
     SettingsDep,
 )
 from backend.api.errors import error_responses
-from backend.api.schemas import DeletedOut, ImageInfo, SearchHit, UploadResponse, image_urls
 from backend.api.security import Access, guard
 from backend.api.uploads import read_image
-from backend.imaging import CONTENT_TYPES, make_thumbnail
-from backend.storage import catalogue
-from backend.storage.engine import session_scope
+from backend.imaging import CONTENT_TYPES
+from backend.schemas import DeletedOut, ImageInfo, UploadResponse
 
 router = APIRouter(prefix="", tags=["images"])
 
@@ -30,34 +27,10 @@ router = APIRouter(prefix="", tags=["images"])
 IMMUTABLE = "public, max-age=31536000, immutable"
 
 
-class _ThumbnailCache:
-    def __init__(self, size: int = 2048) -> None:
-        self._items: OrderedDict[int, bytes] = OrderedDict()
-        self._size = size
-        self._lock = Lock()
-
-    def get(self, key: int) -> bytes | None:
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-            return self._items.get(key)
-
-    def discard(self, key: int) -> None:
-        with self._lock:
-            self._items.pop(key, None)
-
-    def put(self, key: int, value: bytes) -> None:
-        with self._lock:
-            self._items[key] = value
-            if len(self._items) > self._size:
-                self._items.popitem(last=False)
-
-
-_thumbnails = _ThumbnailCache()
-
-
-def _not_modified(request: Request, etag: str) -> bool:
-    return request.headers.get("if-none-match") == etag
+def _held_sha256(request: Request) -> str | None:
+    """The sha256 of the bytes the client already holds: our ETag is the quoted sha256 (If-None-Match)."""
+    held = request.headers.get("if-none-match", "")
+    return held[1:-1] if len(held) > 1 and held[0] == held[-1] == '"' else None
 
 
 @router.post(
@@ -70,7 +43,7 @@ def _not_modified(request: Request, etag: str) -> bool:
     ),
 )
 def upload(
-    service: ServiceDep,
+    service: SearchDep,
     settings: SettingsDep,
     response: Response,
     file: Annotated[UploadFile, File(description="image file")],
@@ -89,16 +62,7 @@ def upload(
     result = service.upload(image, category, description, refuse_near_duplicates=on_near_duplicate == "refuse")
     if result.duplicate:
         response.status_code = 200
-    return UploadResponse(
-        image_id=result.image_id,
-        duplicate=result.duplicate,
-        category=result.category,
-        label_given=result.label_given,
-        category_score=result.category_score,
-        category_probability=result.category_probability,
-        near_duplicates=[SearchHit.of(h) for h in result.near_duplicates],
-        **image_urls(result.image_id),
-    )
+    return UploadResponse.of(result)
 
 
 @router.get(
@@ -107,17 +71,13 @@ def upload(
     dependencies=[guard(Access.SEARCH)],
     responses=error_responses(304, 404, 422, ok={200: {"content": {"image/*": {}}, "description": "the original bytes"}}),
 )
-def image_bytes(image_id: ImageId, service: ServiceDep, request: Request) -> Response:
+def image_bytes(image_id: ImageId, catalogue: CatalogueDep, request: Request) -> Response:
     """The original bytes, as uploaded."""
-    with session_scope(service.engine) as session:
-        image = catalogue.get_image(session, image_id)
-        etag = f'"{image.sha256}"'
-        if _not_modified(request, etag):
-            return Response(status_code=304, headers={"ETag": etag, "Cache-Control": IMMUTABLE})
-        data, fmt = image.data, image.format
-    return Response(
-        data, media_type=CONTENT_TYPES.get(fmt, "application/octet-stream"), headers={"ETag": etag, "Cache-Control": IMMUTABLE}
-    )
+    stored = catalogue.image_bytes(image_id, unless_sha256=_held_sha256(request))
+    headers = {"ETag": f'"{stored.sha256}"', "Cache-Control": IMMUTABLE}
+    if stored.data is None:
+        return Response(status_code=304, headers=headers)
+    return Response(stored.data, media_type=CONTENT_TYPES.get(stored.format, "application/octet-stream"), headers=headers)
 
 
 @router.get(
@@ -126,27 +86,21 @@ def image_bytes(image_id: ImageId, service: ServiceDep, request: Request) -> Res
     dependencies=[guard(Access.SEARCH)],
     responses=error_responses(404, 422, ok={200: {"content": {"image/jpeg": {}}, "description": "JPEG thumbnail"}}),
 )
-def thumbnail(image_id: ImageId, service: ServiceDep) -> Response:
+def thumbnail(image_id: ImageId, catalogue: CatalogueDep) -> Response:
     """A JPEG of at most 160 px a side."""
-    data = _thumbnails.get(image_id)
-    if data is None:
-        with session_scope(service.engine) as session:
-            data = make_thumbnail(catalogue.get_image(session, image_id).data)
-        _thumbnails.put(image_id, data)
-    return Response(data, media_type="image/jpeg", headers={"Cache-Control": IMMUTABLE})
+    return Response(catalogue.thumbnail(image_id), media_type="image/jpeg", headers={"Cache-Control": IMMUTABLE})
 
 
 @router.get(
     "/images/{image_id}/info", response_model=ImageInfo, dependencies=[guard(Access.SEARCH)], responses=error_responses(404, 422)
 )
-def info(image_id: ImageId, service: ServiceDep) -> ImageInfo:
-    with session_scope(service.engine) as session:
-        return ImageInfo.of(catalogue.get_image(session, image_id))
+def info(image_id: ImageId, catalogue: CatalogueDep) -> ImageInfo:
+    return catalogue.image_info(image_id)
 
 
 @router.delete("/images/{image_id}", dependencies=[guard(Access.WRITE)], responses=error_responses(404, 422))
-def delete(image_id: ImageId, service: ServiceDep) -> DeletedOut:
+def delete(image_id: ImageId, service: SearchDep, catalogue: CatalogueDep) -> DeletedOut:
     """Delete the image, its embeddings and its share of the prototype; the index is updated."""
     image = service.delete(image_id)
-    _thumbnails.discard(image_id)
+    catalogue.forget_thumbnail(image_id)
     return DeletedOut(deleted=image.id)

@@ -6,63 +6,22 @@ a background thread of this server, resumed after a crash (backend/jobs/staging.
 import csv
 import io
 import shutil
-from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, File, Request, UploadFile
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from backend import jobs
-from backend.api.deps import BIGINT_MAX, OneFile, ServiceDep, SettingsDep
+from backend.api.deps import BIGINT_MAX, JobsDep, OneFile, SearchDep, SettingsDep
 from backend.api.errors import error_responses
 from backend.api.security import Access, guard
 from backend.core.errors import InvalidInput, Unprocessable
 from backend.core.text import echo
+from backend.schemas import JobOut
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 ARCHIVE_PATH = "/jobs/archive"
-
-
-class JobOut(BaseModel):
-    id: int
-    kind: str
-    state: str  # queued, running, succeeded, failed, cancelled
-    message: str | None
-    total: int
-    done: int
-    added: int
-    duplicates: int
-    failed: int
-    skipped: int  # archive entries or files left out (links, paths leaving the folder, not images)
-    progress: float  # done / total, 0 to 1
-    images_per_s: float | None
-    failures: list[dict[str, str]]  # the first 100: source and reason
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-
-    @classmethod
-    def of(cls, job: Any) -> "JobOut":
-        return cls(
-            id=job.id,
-            kind=job.kind,
-            state=job.state,
-            message=job.message,
-            total=job.total,
-            done=job.done,
-            added=job.added,
-            duplicates=job.duplicates,
-            failed=job.failed,
-            skipped=job.skipped,
-            progress=(job.done / job.total) if job.total else (1.0 if job.state in jobs.FINAL else 0.0),
-            images_per_s=jobs.images_per_second(job),
-            failures=job.failures,
-            created_at=job.created_at,
-            started_at=job.started_at,
-            finished_at=job.finished_at,
-        )
 
 
 class UrlList(BaseModel):
@@ -78,12 +37,8 @@ class FolderJob(BaseModel):
     path: str = Field(min_length=1, max_length=4096, description="a `<category>/<images>` folder on the server")
 
 
-def _queue(request: Request) -> Any:
-    return request.app.state.jobs_app
-
-
-def _create(request: Request, service: Any, settings: Any, kind: str, model: str, params: dict) -> int:
-    return jobs.create_job(settings, service.engine, kind, model, params, getattr(request.state, "api_key", None))
+def _created_by(request: Request) -> str | None:
+    return getattr(request.state, "api_key", None)  # the prefix of the key that asked (security.guard)
 
 
 @router.post(
@@ -95,20 +50,18 @@ def _create(request: Request, service: Any, settings: Any, kind: str, model: str
 )
 def create_archive_job(
     request: Request,
-    service: ServiceDep,
-    settings: SettingsDep,
+    jobs: JobsDep,
+    search: SearchDep,
     file: Annotated[UploadFile, File(description=".zip, .tar or .tar.gz")],
 ) -> JobOut:
     """Ingest an archive laid out as `<category>/<images>`: extracted safely, then embedded by workers."""
-    job_id = _create(request, service, settings, "archive", service.model, {"filename": echo(file.filename or "archive")})
+    job_id = jobs.create("archive", search.model, {"filename": echo(file.filename or "archive")}, _created_by(request))
 
     def copy(part: Path) -> None:
         with open(part, "wb") as out:
             shutil.copyfileobj(file.file, out, 1 << 20)  # Starlette spooled it to disk; BodyLimit capped it
 
-    jobs.save_input(settings, job_id, copy)  # a crash from here on is resumed by the next start
-    jobs.start(settings, service.engine, _queue(request), job_id)
-    return JobOut.of(jobs.get_job(service.engine, job_id))
+    return jobs.start_with_input(job_id, copy)
 
 
 @router.post(
@@ -132,7 +85,7 @@ def create_archive_job(
         }
     },
 )
-async def create_url_job(request: Request, service: ServiceDep, settings: SettingsDep) -> JobOut:
+async def create_url_job(request: Request, jobs: JobsDep, search: SearchDep, settings: SettingsDep) -> JobOut:
     """Ingest images from URLs: a JSON list, or a file with one URL a line or CSV `url[,category[,description]]`."""
     if request.headers.get("content-type", "").startswith("application/json"):
         try:
@@ -154,28 +107,25 @@ async def create_url_job(request: Request, service: ServiceDep, settings: Settin
             text = raw.decode("utf-8-sig")
         except UnicodeDecodeError:
             raise InvalidInput("the URL list is not UTF-8 text") from None
-    job_id = await run_in_threadpool(_create, request, service, settings, "urls", service.model, {})
-    await run_in_threadpool(jobs.stage_urls, settings, service.engine, _queue(request), job_id, text)
-    return JobOut.of(await run_in_threadpool(jobs.get_job, service.engine, job_id))
+    job_id = await run_in_threadpool(jobs.create, "urls", search.model, {}, _created_by(request))
+    return await run_in_threadpool(jobs.stage_urls, job_id, text)
 
 
 @router.post(
     "/folder", status_code=202, response_model=JobOut, dependencies=[guard(Access.ADMIN)], responses=error_responses(400, 422)
 )
-def create_folder_job(request: Request, body: FolderJob, service: ServiceDep, settings: SettingsDep) -> JobOut:
+def create_folder_job(request: Request, body: FolderJob, jobs: JobsDep, search: SearchDep) -> JobOut:
     """Ingest a `<category>/<images>` folder on the server's disk (links are not followed out of it)."""
     folder = Path(body.path)
     if not folder.is_absolute() or not folder.is_dir():
         raise InvalidInput(f"not a folder on the server (an absolute path is needed): {echo(body.path)}")
-    job_id = _create(request, service, settings, "folder", service.model, {"path": str(folder)})
-    jobs.start(settings, service.engine, _queue(request), job_id)
-    return JobOut.of(jobs.get_job(service.engine, job_id))
+    return jobs.start(jobs.create("folder", search.model, {"path": str(folder)}, _created_by(request)))
 
 
 @router.post(
     "/reembed", status_code=202, response_model=JobOut, dependencies=[guard(Access.ADMIN)], responses=error_responses(400, 422)
 )
-def create_reembed_job(request: Request, body: ReembedJob, service: ServiceDep, settings: SettingsDep) -> JobOut:
+def create_reembed_job(request: Request, body: ReembedJob, jobs: JobsDep, settings: SettingsDep) -> JobOut:
     """Embed every stored image that lacks it with another model (its vectors are kept apart; a server with
     MODEL_NAME set to it then searches them)."""
     from backend.embedding.models import MODEL_NAMES
@@ -184,30 +134,26 @@ def create_reembed_job(request: Request, body: ReembedJob, service: ServiceDep, 
     if body.model not in MODEL_NAMES:
         raise Unprocessable(f"model: unknown model {echo(body.model)!r}; choose one of: {', '.join(MODEL_NAMES)}")
     target = model_id(settings, body.model)  # the weights load in the workers, not here
-    job_id = _create(request, service, settings, "reembed", target, {"model_name": body.model})
-    jobs.start(settings, service.engine, _queue(request), job_id)
-    return JobOut.of(jobs.get_job(service.engine, job_id))
+    return jobs.start(jobs.create("reembed", target, {"model_name": body.model}, _created_by(request)))
 
 
 @router.get("", response_model=list[JobOut], dependencies=[guard(Access.SEARCH)])
-def list_jobs(service: ServiceDep) -> list[JobOut]:
+def list_jobs(jobs: JobsDep) -> list[JobOut]:
     """The newest 50 jobs, newest first."""
-    return [JobOut.of(job) for job in jobs.list_jobs(service.engine)]
+    return jobs.newest()
 
 
 @router.get("/{job_id:int}", response_model=JobOut, dependencies=[guard(Access.SEARCH)], responses=error_responses(404, 422))
-def get_job(job_id: int, service: ServiceDep) -> JobOut:
-    return JobOut.of(jobs.get_job(service.engine, _checked(job_id)))
+def get_job(job_id: int, jobs: JobsDep) -> JobOut:
+    return jobs.get(_checked(job_id))
 
 
 @router.post(
     "/{job_id:int}/cancel", response_model=JobOut, dependencies=[guard(Access.WRITE)], responses=error_responses(404, 422)
 )
-def cancel_job(job_id: int, service: ServiceDep, settings: SettingsDep) -> JobOut:
+def cancel_job(job_id: int, jobs: JobsDep) -> JobOut:
     """No chunk commits after this; chunks that committed before stay in the catalogue. The job's files go."""
-    job = jobs.cancel_job(service.engine, _checked(job_id))
-    jobs.remove_job_files(settings, job.id)
-    return JobOut.of(job)
+    return jobs.cancel(_checked(job_id))
 
 
 def _checked(job_id: int) -> int:

@@ -5,14 +5,14 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 
-from backend.api.deps import ImageId, ServiceDep, SettingsDep
+from backend.api.deps import ImageId, SearchDep, SettingsDep
 from backend.api.errors import error_responses
 from backend.api.query_images import FILE_HELP, URL_HELP, query_form, query_images
-from backend.api.schemas import CategoryScoreOut, PrototypeResponse, SearchBatchResponse, SearchResponse
 from backend.api.security import Access, guard
 from backend.core import search_params as sp
 from backend.core.search_params import SearchParams
 from backend.queries import URL_MAX
+from backend.schemas import CategoryScoreOut, PrototypeResponse, SearchBatchResponse, SearchResponse
 
 router = APIRouter(tags=["search"])
 
@@ -54,11 +54,11 @@ Params = Annotated[SearchParams, Depends(_params)]
     responses=error_responses(400, 413, 422),
 )
 def search(
-    service: ServiceDep, settings: SettingsDep, params: Params, file: Files = None, url: Url = None
+    service: SearchDep, settings: SettingsDep, params: Params, file: Files = None, url: Url = None
 ) -> SearchResponse | SearchBatchResponse:
     """Images most similar to the uploaded one (or the one at `url`), with cosine scores and per-stage
     timings. Several files: `{"queries": [...]}`, one result set per file, in order (embedded together)."""
-    images, sha256s = query_images(file, url, settings, service.embedder.image_size)
+    images, sha256s = query_images(file, url, settings, service.image_size)
     results = [SearchResponse.of(r, params) for r in service.search(images, params, sha256s)]
     return results[0] if len(results) == 1 else SearchBatchResponse(queries=results)
 
@@ -69,9 +69,9 @@ def search(
     dependencies=[guard(Access.SEARCH), Depends(query_form(1))],
     responses=error_responses(400, 413, 422),
 )
-def search_prototypes(service: ServiceDep, settings: SettingsDep, file: Files = None, url: Url = None) -> PrototypeResponse:
+def search_prototypes(service: SearchDep, settings: SettingsDep, file: Files = None, url: Url = None) -> PrototypeResponse:
     """Only stage 1: every category ranked by the active stage-1 ranker (STAGE1), with probabilities."""
-    (image,), _ = query_images(file, url, settings, service.embedder.image_size)
+    (image,), _ = query_images(file, url, settings, service.image_size)
     (ranking,), timings = service.rank_categories([image])
     return PrototypeResponse(categories=[CategoryScoreOut(**vars(c)) for c in ranking], timings_ms=timings)
 
@@ -82,6 +82,6 @@ def search_prototypes(service: ServiceDep, settings: SettingsDep, file: Files = 
     dependencies=[guard(Access.SEARCH)],
     responses=error_responses(404, 422),
 )
-def similar(image_id: ImageId, service: ServiceDep, params: Params) -> SearchResponse:
+def similar(image_id: ImageId, service: SearchDep, params: Params) -> SearchResponse:
     """Search with a stored image as the query (the image itself is left out of the results)."""
     return SearchResponse.of(service.similar_to(image_id, params), params)

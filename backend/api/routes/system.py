@@ -8,10 +8,10 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
-from backend.api.deps import ServiceDep
+from backend.api.deps import SearchDep, SettingsDep
 from backend.api.errors import error_responses
-from backend.api.schemas import HealthOut, PrototypesRebuilt, ReadyOut, RebuildOut, StatusOut
 from backend.api.security import Access, guard, viewer_is_admin
+from backend.schemas import HealthOut, PrototypesRebuilt, ReadyOut, RebuildOut, StatusOut
 from backend.storage.engine import DATABASE_ERRORS, database_problem
 
 router = APIRouter(tags=["system"])
@@ -30,18 +30,18 @@ async def health() -> HealthOut:
     dependencies=[guard(Access.PUBLIC)],
     responses={503: {"model": ReadyOut, "description": "not ready; `checks` says why"}},
 )
-async def ready(service: ServiceDep) -> JSONResponse:
+async def ready(service: SearchDep, settings: SettingsDep) -> JSONResponse:
     """Readiness: the database answers, the model is loaded and the index reflects every committed change."""
-    checks = {"model": "loaded" if service.embedder.loaded else "not loaded"}
+    checks = {"model": "loaded" if service.model_loaded else "not loaded"}
 
     def database_and_index() -> None:
-        checks["index"] = "current" if service.cache.is_current() else "catching up with the database"
+        checks["index"] = "current" if service.index_is_current() else "catching up with the database"
         checks["database"] = "ok"
 
     try:
-        await asyncio.wait_for(run_in_threadpool(database_and_index), service.settings.db_timeout_seconds + 1)
+        await asyncio.wait_for(run_in_threadpool(database_and_index), settings.db_timeout_seconds + 1)
     except TimeoutError:
-        checks["database"] = f"no answer within {service.settings.db_timeout_seconds + 1:g} s"
+        checks["database"] = f"no answer within {settings.db_timeout_seconds + 1:g} s"
     except DATABASE_ERRORS as exc:
         checks["database"] = f"unavailable: {database_problem(exc)}"
     ok = checks == {"model": "loaded", "index": "current", "database": "ok"}
@@ -50,26 +50,26 @@ async def ready(service: ServiceDep) -> JSONResponse:
 
 
 @router.get("/status", dependencies=[guard(Access.SEARCH)], responses=error_responses())
-async def status(service: ServiceDep, request: Request) -> StatusOut:
+async def status(service: SearchDep, settings: SettingsDep, request: Request) -> StatusOut:
     """Counts per category, model, device, database, index type and whether the index matches the database.
     Where the database lives (a path, a host) is shown to admin keys only."""
     out = StatusOut(
         **(await run_in_threadpool(service.status)).model_dump(), uptime_s=round(time.monotonic() - request.app.state.started, 1)
     )
     if not await viewer_is_admin(request):
-        out.database.server = "embedded PostgreSQL (pgserver)" if service.settings.uses_embedded_db else "PostgreSQL server"
+        out.database.server = "embedded PostgreSQL (pgserver)" if settings.uses_embedded_db else "PostgreSQL server"
     return out
 
 
 @router.post("/admin/rebuild-index", dependencies=[guard(Access.ADMIN)], responses=error_responses())
-def rebuild_index(service: ServiceDep) -> RebuildOut:
+def rebuild_index(service: SearchDep) -> RebuildOut:
     """Rebuild the FAISS index from the vectors stored in the database (no re-embedding); retrain stage 1."""
     index = service.rebuild_index("requested by POST /admin/rebuild-index")
-    return RebuildOut(vectors=index.ntotal, categories=len(index.category_ids), origin=service.cache.origin)
+    return RebuildOut(vectors=index.ntotal, categories=len(index.category_ids), origin=service.index_origin)
 
 
 @router.post("/admin/rebuild-prototypes", dependencies=[guard(Access.ADMIN)], responses=error_responses())
-def rebuild_prototypes(service: ServiceDep) -> PrototypesRebuilt:
+def rebuild_prototypes(service: SearchDep) -> PrototypesRebuilt:
     """Recompute every prototype from the stored given-label embeddings."""
     return PrototypesRebuilt(prototypes=service.rebuild_prototypes())
 

@@ -73,7 +73,7 @@ def test_upload_answers_with_near_duplicates_and_refuses_on_request(client: Test
     # The same as NumPy: every stored vector at or above the threshold, best first.
     query = embedder.embed([Image.open(io.BytesIO(copy)).convert("RGB")])[0]
     scores = vectors.vectors @ query
-    threshold = client.app.state.service.settings.near_duplicate_threshold
+    threshold = client.app.state.services.settings.near_duplicate_threshold
     want = vectors.ids[np.argsort(-scores)][: int((scores >= threshold).sum())].tolist()
     assert [h["image_id"] for h in near] == want and want[0] == original_id
     assert client.post("/upload", files={"file": ("c.png", copy)}).json()["duplicate"]  # exact: by sha256, as before
@@ -115,7 +115,7 @@ def test_duplicates_lists_the_groups_numpy_finds_a_page_at_a_time(client: TestCl
                 == 201
             )
     vectors, _ = stored(engine, embedder.model_id)
-    threshold = client.app.state.service.settings.near_duplicate_threshold
+    threshold = client.app.state.services.settings.near_duplicate_threshold
     everything = client.get("/duplicates?limit=100").json()
     got = sorted([i["image_id"] for i in g["images"]] for g in everything["groups"])
     assert got == numpy_groups(vectors, threshold)

@@ -1,12 +1,14 @@
-"""Response bodies of the HTTP API."""
+"""Every response body of the HTTP API, and the CLI's `--json` (the same shape for the same thing)."""
 
 from datetime import datetime
 from pathlib import PurePath
+from typing import Literal
 
 from pydantic import BaseModel
 
 from backend.core.search_params import SearchParams
-from backend.service import Hit, SearchResult, Status
+from backend.index.stage1 import Stage1Status
+from backend.services.results import Hit, SearchResult, UploadResult
 from backend.storage.schema import Image
 
 
@@ -134,6 +136,19 @@ class UploadResponse(BaseModel):
     url: str
     thumbnail_url: str
 
+    @classmethod
+    def of(cls, result: UploadResult) -> "UploadResponse":
+        return cls(
+            image_id=result.image_id,
+            duplicate=result.duplicate,
+            category=result.category,
+            label_given=result.label_given,
+            category_score=result.category_score,
+            category_probability=result.category_probability,
+            near_duplicates=[SearchHit.of(h) for h in result.near_duplicates],
+            **image_urls(result.image_id),
+        )
+
 
 class CategoryOut(BaseModel):
     id: int
@@ -148,6 +163,73 @@ class ImagePage(BaseModel):
     offset: int
     limit: int
     items: list[ImageInfo]
+
+
+class ModelStatus(BaseModel):
+    id: str
+    name: str
+    dim: int
+    device: str
+    runtime: str
+    loaded: bool
+
+
+class CategoryCount(BaseModel):
+    id: int
+    name: str
+    images: int
+    labelled: int  # images whose label was given, not predicted
+
+
+class DatabaseStatus(BaseModel):
+    server: str  # which database is in use: the embedded one, or the URL without its password
+    images: int
+    vectors_for_model: int
+    vectors_by_model: dict[str, int]
+    categories: list[CategoryCount]
+
+
+class RefreshStatus(BaseModel):
+    kind: Literal["none", "incremental", "full"]
+    added: int
+    removed: int
+    seconds: float
+    reason: str
+    at: datetime
+
+
+class IndexStatus(BaseModel):
+    type: str  # the live index's type (FAISS_INDEX_TYPE=auto: flat or fastscan, by catalogue size)
+    why: str  # why it has that type
+    codec: str
+    rerank: str  # none, or the copy a shortlist is re-scored from
+    lists: int  # inverted lists: one per category (flat) or k-means sub-lists (ivf)
+    default_nprobe: int
+    loaded: bool
+    origin: str  # how the live index came to be: loaded from cache, rebuilt (and why)
+    vectors: int
+    categories: int
+    current: bool  # reflects every change committed to the database
+    watermark: int  # the newest database change it reflects
+    memory_bytes: int  # vector codes, ids, centroids and prototypes held by the index
+    retrain: list[str]  # why the next rebuild (build-index) would train it differently; empty when it would not
+    refreshes: dict[str, int]  # incremental and full refreshes since start
+    last_refresh: RefreshStatus | None
+
+
+class SearchSettings(BaseModel):
+    use_prototype_filtering: bool
+    default_top_categories: int
+    default_search_limit: int
+    bounds: dict[str, dict[str, int | float]]
+
+
+class Status(BaseModel):
+    model: ModelStatus
+    database: DatabaseStatus
+    index: IndexStatus
+    stage1: Stage1Status
+    settings: SearchSettings
 
 
 class StatusOut(Status):
@@ -196,3 +278,56 @@ class DuplicatesPage(BaseModel):
     offset: int
     limit: int
     groups: list[DuplicateGroup]
+
+
+class JobOut(BaseModel):
+    id: int
+    kind: str
+    state: str  # queued, running, succeeded, failed, cancelled
+    message: str | None
+    total: int
+    done: int
+    added: int
+    duplicates: int
+    failed: int
+    skipped: int  # archive entries or files left out (links, paths leaving the folder, not images)
+    progress: float  # done / total, 0 to 1
+    images_per_s: float | None
+    failures: list[dict[str, str]]  # the first 100: source and reason
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class GalleryImage(BaseModel):
+    image_id: int
+    score: float  # cosine to the category's prototype
+    url: str
+    thumbnail_url: str
+
+
+class GalleryCategory(BaseModel):
+    category_id: int
+    category: str
+    images: list[GalleryImage]
+
+
+class Gallery(BaseModel):
+    categories: list[GalleryCategory]
+
+
+class MapPoint(BaseModel):
+    image_id: int
+    category: str | None
+    x: float
+    y: float
+
+
+class MapOut(BaseModel):
+    points: list[MapPoint]  # an evenly spread sample of at most MAP_POINTS stored images
+    explained: list[float]  # share of the variance along x and y
+
+
+class Position(BaseModel):
+    x: float
+    y: float

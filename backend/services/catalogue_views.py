@@ -1,18 +1,16 @@
 """Pictures of the catalogue for the page: what each category looks like (the stored images nearest its
 prototype, found through the index) and a 2-D map (a PCA projection of the stored embeddings, computed
-once per catalogue state from an evenly spread sample; queries are placed on it with the same axes)."""
+from an evenly spread sample, kept per catalogue state by `backend.services.catalogue`; queries are placed on
+it with the same axes)."""
 
-import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
+from sqlalchemy import Engine
 
+from backend.index.cache import IndexCache
 from backend.storage import catalogue, vector_reader
 from backend.storage.engine import session_scope
-
-if TYPE_CHECKING:
-    from backend.service import SearchService
 
 MAP_POINTS = 4000  # points drawn; the axes are fitted on the same sample
 
@@ -37,16 +35,16 @@ class CatalogueMap:
         return (np.asarray(vectors, dtype=np.float32) - self.mean) @ self.axes.T
 
 
-def gallery(service: "SearchService", per_category: int) -> list[GalleryRow]:
+def gallery(engine: Engine, cache: IndexCache, model: str, per_category: int) -> list[GalleryRow]:
     """Per category with a prototype, the stored images nearest to it (searched in that category only)."""
-    with session_scope(service.engine) as session:
-        prototypes = catalogue.load_prototypes(session, service.model)
-    with service.cache.reading() as index:
+    with session_scope(engine) as session:
+        prototypes = catalogue.load_prototypes(session, model)
+    with cache.reading() as index:
         known = [j for j, cid in enumerate(prototypes.category_ids) if int(cid) in index.list_of]
         if not known:
             return []
-        lists = np.array([[index.list_of[int(prototypes.category_ids[j])]] for j in known], dtype=np.int64)
-        hits = index.search(prototypes.vectors[known], per_category, lists, None)
+        own_category = np.array([[index.list_of[int(prototypes.category_ids[j])]] for j in known], dtype=np.int64)
+        hits = index.search(prototypes.vectors[known], per_category, own_category, None)
     return [
         GalleryRow(
             int(prototypes.category_ids[j]),
@@ -57,24 +55,11 @@ def gallery(service: "SearchService", per_category: int) -> list[GalleryRow]:
     ]
 
 
-def catalogue_map(service: "SearchService") -> CatalogueMap:
-    """The map of the catalogue as it is now (computed again only after it changed)."""
-    service.cache.get()
-    key = (service.cache.watermark, service.model)
-    with _lock:
-        cached = _maps.get(id(service))
-        if cached is not None and cached[0] == key:
-            return cached[1]
-    with session_scope(service.engine) as session:
-        stored = vector_reader.load_vectors(session, service.model)
-    made = project(stored.ids, stored.category_ids, stored.vectors)
-    with _lock:
-        _maps[id(service)] = (key, made)
-    return made
-
-
-_lock = threading.Lock()
-_maps: dict[int, tuple[tuple[int, str], CatalogueMap]] = {}
+def catalogue_map(engine: Engine, model: str) -> CatalogueMap:
+    """The map of `model`'s vectors as they are now."""
+    with session_scope(engine) as session:
+        stored = vector_reader.load_vectors(session, model)
+    return project(stored.ids, stored.category_ids, stored.vectors)
 
 
 def project(ids: np.ndarray, category_ids: np.ndarray, vectors: np.ndarray) -> CatalogueMap:

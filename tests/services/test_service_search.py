@@ -5,7 +5,7 @@ import pytest
 from sqlalchemy import Engine
 
 from backend.core.search_params import SearchParams
-from backend.service import SearchService
+from backend.services.search import SearchService
 from backend.storage import catalogue, vector_reader
 from backend.storage.engine import session_scope
 

@@ -11,7 +11,7 @@ from backend.core.search_params import SearchParams
 from backend.datasets import Dataset, balanced
 from backend.imaging import decode_image
 from backend.ingest.populate import ingest
-from backend.service import SearchService
+from backend.services.search import SearchService
 from backend.storage import catalogue
 from backend.storage.engine import session_scope
 from backend.storage.schema import Embedding, Prototype

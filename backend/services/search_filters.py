@@ -36,7 +36,7 @@ def stage_two_categories(
     ranked: np.ndarray, list_of: dict[int, int], wanted: list[int] | None, params: SearchParams
 ) -> np.ndarray | None:
     """Per query (rows of `ranked`, the index's category numbers best first), the category numbers stage 2
-    searches, padded with -1; None: every list (exact search over the whole catalogue)."""
+    searches, padded with -1; None: every category (exact search over the whole catalogue)."""
     if wanted is None:
         return ranked[:, : params.top_categories] if params.use_prototypes else None
     # Categories without vectors in the index have no list: nothing to search there.

@@ -1,22 +1,17 @@
-"""The search engine as one object: embedder + database + index cache; search, writes and status, shared by
-the CLI and the API. The index's lifecycle (load, verify, rebuild, follow changes, locking) is
-`backend.index.cache`'s."""
+"""The search engine as one object: embedder + database + index cache; search, writes and the index's
+start/tick/stop, shared by the CLI and the API. The index's lifecycle (load, verify, rebuild, follow changes,
+locking) is `backend.index.cache`'s."""
 
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Literal, TypeVar
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image as PILImage
-from pydantic import BaseModel
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from backend import near_duplicates, search_filters
-from backend.core import search_params
 from backend.core.config import Settings
 from backend.core.errors import Conflict, InvalidInput, NotFound
 from backend.core.search_params import SearchParams
@@ -24,14 +19,18 @@ from backend.embedding.cache import model_cache
 from backend.embedding.embedder import Embedder
 from backend.imaging import DecodedImage
 from backend.index import own_image
-from backend.index.cache import IndexCache
+from backend.index.cache import IndexCache, prune_change_log
 from backend.index.layout import layout_from_settings
-from backend.index.stage1 import Ranking, Stage1, Stage1Status
+from backend.index.stage1 import Ranking, Stage1
 from backend.index.two_stage import TwoStageIndex
 from backend.ingest.categories import LiveStage1
 from backend.ingest.writer import BatchWriter
+from backend.schemas import Status
+from backend.services import near_duplicates, search_filters
+from backend.services.results import CategoryScore, Hit, SearchResult, UploadResult
+from backend.services.status import build_status
 from backend.storage import catalogue
-from backend.storage.engine import get_engine, location, session_scope
+from backend.storage.engine import get_engine, session_scope
 from backend.storage.schema import Image
 from backend.telemetry import EMBED_IMAGES, EMBED_SECONDS, SEARCH_STAGE_SECONDS
 
@@ -41,117 +40,6 @@ T = TypeVar("T")
 
 def _ms(seconds: float) -> float:
     return round(seconds * 1000, 3)
-
-
-@dataclass
-class Hit:
-    image_id: int
-    category: str | None
-    label_given: bool
-    score: float
-    rank: int
-
-
-@dataclass
-class CategoryScore:
-    category_id: int
-    category: str
-    score: float  # stage 1's score: cosine similarity (prototype, centroids) or logit (classifier)
-    searched: bool
-    probability: float | None = None  # calibrated on held-out labels; None while no ranker is trained
-
-
-@dataclass
-class SearchResult:
-    results: list[Hit]
-    categories: list[CategoryScore]
-    use_prototypes: bool
-    top_categories: int | None
-    vectors_scanned: int
-    vectors_total: int
-    timings_ms: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def searched_categories(self) -> list[str]:
-        return [c.category for c in self.categories if c.searched]
-
-
-@dataclass
-class UploadResult:
-    image_id: int
-    category: str | None
-    label_given: bool
-    duplicate: bool
-    category_score: float | None = None
-    category_probability: float | None = None
-    near_duplicates: list[Hit] = field(default_factory=list)  # stored images at or above NEAR_DUPLICATE_THRESHOLD
-
-
-class ModelStatus(BaseModel):
-    id: str
-    name: str
-    dim: int
-    device: str
-    runtime: str
-    loaded: bool
-
-
-class CategoryCount(BaseModel):
-    id: int
-    name: str
-    images: int
-    labelled: int  # images whose label was given, not predicted
-
-
-class DatabaseStatus(BaseModel):
-    server: str  # which database is in use: the embedded one, or the URL without its password
-    images: int
-    vectors_for_model: int
-    vectors_by_model: dict[str, int]
-    categories: list[CategoryCount]
-
-
-class RefreshStatus(BaseModel):
-    kind: Literal["none", "incremental", "full"]
-    added: int
-    removed: int
-    seconds: float
-    reason: str
-    at: datetime
-
-
-class IndexStatus(BaseModel):
-    type: str  # the live index's type (FAISS_INDEX_TYPE=auto: flat or fastscan, by catalogue size)
-    why: str  # why it has that type
-    codec: str
-    rerank: str  # none, or the copy a shortlist is re-scored from
-    lists: int  # inverted lists: one per category (flat) or k-means sub-lists (ivf)
-    default_nprobe: int
-    loaded: bool
-    origin: str  # how the live index came to be: loaded from cache, rebuilt (and why)
-    vectors: int
-    categories: int
-    current: bool  # reflects every change committed to the database
-    watermark: int  # the newest database change it reflects
-    memory_bytes: int  # vector codes, ids, centroids and prototypes held by the index
-    retrain: list[str]  # why the next rebuild (build-index) would train it differently; empty when it would not
-    refreshes: dict[str, int]  # incremental and full refreshes since start
-    last_refresh: RefreshStatus | None
-
-
-class SearchSettings(BaseModel):
-    use_prototype_filtering: bool
-    default_top_categories: int
-    default_search_limit: int
-    bounds: dict[str, dict[str, int | float]]
-
-
-class Status(BaseModel):
-    model: ModelStatus
-    database: DatabaseStatus
-    index: IndexStatus
-    stage1: Stage1Status
-    settings: SearchSettings
 
 
 class SearchService:
@@ -348,51 +236,45 @@ class SearchService:
         self.cache.after_write()
         return result
 
-    # --- status ----------------------------------------------------------------------------
+    # --- the index and the model, for the server's start, tick and stop ----------------------
+
+    @property
+    def image_size(self) -> int:
+        """The side the model's input images are resized to (query images are decoded for it)."""
+        return self.embedder.image_size
+
+    @property
+    def model_loaded(self) -> bool:
+        return self.embedder.loaded
+
+    @property
+    def index_origin(self) -> str:
+        """How the live index came to be: loaded from cache, rebuilt (and why)."""
+        return self.cache.origin
+
+    def load(self) -> None:
+        """Load the model and the index (before the first request, or before a CLI status)."""
+        self.embedder.load()
+        self.cache.get()
+
+    def sync_index(self) -> int:
+        """Bring the index up to date with the database; the newest change it then reflects."""
+        self.cache.get()
+        return self.cache.watermark
+
+    def index_is_current(self) -> bool:
+        return self.cache.is_current()
+
+    def save_index(self) -> None:
+        """Save the index cache: the next start loads it and applies only later changes."""
+        self.cache.save()
+
+    def prune_change_log(self, keep_days: float) -> int:
+        return prune_change_log(self.engine, keep_days)
+
+    def after_write(self) -> None:
+        """Another writer in this process (the in-process worker) committed: the index follows."""
+        self.cache.after_write()
 
     def status(self) -> Status:
-        with session_scope(self.engine) as session:
-            counts = catalogue.category_counts(session)
-            models = dict(catalogue.model_ids(session))
-        cache = self.cache
-        index = cache.loaded
-        last = cache.last_refresh
-        return Status(
-            model=ModelStatus(
-                id=self.model,
-                name=self.embedder.name,
-                dim=self.embedder.dim,
-                device=str(self.embedder.device),
-                runtime=self.embedder.runtime,
-                loaded=self.embedder.loaded,
-            ),
-            database=DatabaseStatus(
-                server=location(self.settings, self.engine),
-                images=sum(c[2] for c in counts),
-                vectors_for_model=models.get(self.model, 0),
-                vectors_by_model=models,
-                categories=[CategoryCount(id=cid, name=name, images=n, labelled=given) for cid, name, n, given in counts],
-            ),
-            index=IndexStatus(
-                **cache.layout_status(),
-                lists=int(index.ivf.nlist) if index else 0,
-                default_nprobe=self.settings.faiss_nprobe,
-                retrain=index.needs_retraining() if index else [],
-                loaded=index is not None,
-                origin=cache.origin,
-                vectors=index.ntotal if index else 0,
-                categories=len(index.category_ids) if index else 0,
-                current=cache.is_current(),
-                watermark=cache.watermark,
-                memory_bytes=cache.memory_bytes(),
-                refreshes=dict(cache.refreshes),
-                last_refresh=RefreshStatus(**vars(last)) if last else None,
-            ),
-            settings=SearchSettings(
-                use_prototype_filtering=self.settings.use_prototype_filtering,
-                default_top_categories=self.settings.default_top_categories,
-                default_search_limit=self.settings.default_search_limit,
-                bounds=search_params.bounds(),
-            ),
-            stage1=self.stage1.status(),
-        )
+        return build_status(self.settings, self.engine, self.embedder, self.cache, self.stage1)

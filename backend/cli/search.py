@@ -1,42 +1,19 @@
 """`python -m backend.cli search`: query images given as files or http(s) URLs, with the API's parameters
-and bounds (backend.core.search_params)."""
+and bounds (backend.core.search_params); `--json` prints the API's answer (backend.schemas.SearchResponse)."""
 
 import argparse
 import json
-from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from backend.cli.argtypes import int_in, number_in
+from backend.cli.common import Command, open_service
 from backend.core import search_params as sp
 from backend.core.config import Settings
 from backend.core.errors import AppError
 
-if TYPE_CHECKING:  # the service pulls in torch and FAISS: imported lazily so `--help` stays fast
-    from backend.service import SearchResult, SearchService
 
-
-def number_in(kind: Callable[[str], int | float], low: float, high: float | None = None) -> Callable[[str], int | float]:
-    """An argparse type: a number of `kind` in [low, high], else argparse's one `error:` line and exit 2."""
-
-    def parse(text: str) -> int | float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if kind is int else ''}number") from None
-        if not low <= value <= (high if high is not None else value):  # also refuses nan
-            wanted = f"between {low:g} and {high:g}" if high is not None else f"at least {low:g}"
-            raise argparse.ArgumentTypeError(f"{text} is not allowed: must be {wanted}")
-        return value
-
-    return parse
-
-
-def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
-    return number_in(int, low, high)  # type: ignore[return-value]
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_search_command(command: Command) -> None:
+    p = command("search", cmd_search, "find images similar to the given image files or URLs")
     p.add_argument("images", nargs="+", help="image files, or http(s) URLs (downloaded like URL ingestion)")
     p.add_argument("--limit", type=int_in(sp.LIMIT_MIN, sp.LIMIT_MAX), help=sp.LIMIT_HELP)
     p.add_argument("--top-categories", type=int_in(sp.TOP_CATEGORIES_MIN, sp.TOP_CATEGORIES_MAX), help=sp.TOP_CATEGORIES_HELP)
@@ -52,14 +29,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object per query image per line")
 
 
-def run(args: argparse.Namespace, settings: Settings, open_service: Callable[[], "SearchService"]) -> None:
-    from backend.imaging import decode_image
+def cmd_search(args: argparse.Namespace, settings: Settings) -> None:
+    from backend.imaging import DecodedImage, decode_image
     from backend.queries import image_from_url, is_url
+    from backend.schemas import SearchResponse
 
     params = sp.SearchParams.resolve(
         settings, args.limit, args.top_categories, args.use_prototypes, args.nprobe, args.offset, args.min_score, args.categories
     )
-    images = []
+    images: list[DecodedImage] = []
     for name in args.images:
         if is_url(name):
             images.append(image_from_url(name, settings))
@@ -69,10 +47,10 @@ def run(args: argparse.Namespace, settings: Settings, open_service: Callable[[],
         except OSError as exc:
             raise AppError(f"{name}: cannot read ({exc.strerror})") from exc
         images.append(decode_image(data, settings.max_image_pixels, name=str(name)))
-    results = open_service().search([i.rgb for i in images], params, [i.sha256 for i in images])
+    results = open_service(settings).search([i.rgb for i in images], params, [i.sha256 for i in images])
     for name, result in zip(args.images, results, strict=True):
-        if args.json:
-            print(json.dumps({"query": str(name), **result_dict(result)}))
+        if args.json:  # the API's search answer, with the query's name
+            print(json.dumps({"query": str(name), **SearchResponse.of(result, params).model_dump(mode="json")}))
             continue
         mode = f"two-stage, top {params.top_categories} categories" if params.use_prototypes else "exact"
         scanned = f"scanned {result.vectors_scanned}/{result.vectors_total} vectors"
@@ -81,15 +59,3 @@ def run(args: argparse.Namespace, settings: Settings, open_service: Callable[[],
         print(f"  categories: {ranking}")
         for hit in result.results:
             print(f"  {hit.rank:>3}. image {hit.image_id:<8} {hit.category or '-':<14} cosine {hit.score:.4f}")
-
-
-def result_dict(result: "SearchResult") -> dict:
-    return {
-        "results": [asdict(h) for h in result.results],
-        "categories": [{"category": c.category, "score": c.score, "searched": c.searched} for c in result.categories],
-        "searched_categories": result.searched_categories,
-        "use_prototypes": result.use_prototypes,
-        "vectors_scanned": result.vectors_scanned,
-        "vectors_total": result.vectors_total,
-        "timings_ms": result.timings_ms,
-    }

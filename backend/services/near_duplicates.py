@@ -4,22 +4,22 @@ bytes) are caught earlier, by sha256, and never stored twice.
 
 An upload is compared through the two-stage index (its top categories); the catalogue's groups are found
 through the index too, within each category (each image against the vectors of its own category), joined
-into groups when they share an image, and kept until the catalogue changes.
+into groups when they share an image (kept until the catalogue changes by `backend.services.catalogue`).
 """
 
-import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
+from sqlalchemy import Engine
 
+from backend.core.config import Settings
 from backend.core.search_params import SearchParams
+from backend.index.cache import IndexCache
+from backend.services.results import Hit, SearchResult
 from backend.storage import vector_reader
 from backend.storage.engine import session_scope
 from backend.vectors import StoredVectors
-
-if TYPE_CHECKING:
-    from backend.service import Hit, SearchService
 
 NEIGHBOURS = 16  # near-duplicates looked at per image (an upload answers with at most this many)
 QUERY_BATCH = 256
@@ -33,7 +33,16 @@ class Group:
     max_score: float
 
 
-def of_vector(service: "SearchService", vector: np.ndarray) -> list["Hit"]:
+class VectorSearch(Protocol):
+    """What an upload's near-duplicates are searched with (the SearchService; a protocol, not an import,
+    so that this module does not depend on the service that calls it)."""
+
+    settings: Settings
+
+    def search_vectors(self, queries: np.ndarray, params: SearchParams) -> list[SearchResult]: ...
+
+
+def of_vector(service: VectorSearch, vector: np.ndarray) -> list[Hit]:
     """Stored images at or above the threshold, best first (searched in the top categories)."""
     params = SearchParams(
         limit=NEIGHBOURS,
@@ -44,28 +53,11 @@ def of_vector(service: "SearchService", vector: np.ndarray) -> list["Hit"]:
     return service.search_vectors(vector.reshape(1, -1), params)[0].results
 
 
-def groups(service: "SearchService", threshold: float) -> list[Group]:
-    """Every group of near-duplicates, largest first, computed once per catalogue state and threshold."""
-    service.cache.get()  # current with the database, so the key names what is searched
-    key = (service.cache.watermark, service.model, threshold)
-    with _lock:
-        cached = _cache.get(id(service))
-        if cached is not None and cached[0] == key:
-            return cached[1]
-    found = _find_groups(service, threshold)
-    with _lock:
-        _cache[id(service)] = (key, found)
-    return found
-
-
-_lock = threading.Lock()
-_cache: dict[int, tuple[tuple[int, str, float], list[Group]]] = {}
-
-
-def _find_groups(service: "SearchService", threshold: float) -> list[Group]:
-    with session_scope(service.engine) as session:
-        stored = vector_reader.load_vectors(session, service.model)
-    links = _links(service, stored, threshold)
+def find_groups(engine: Engine, cache: IndexCache, model: str, threshold: float) -> list[Group]:
+    """Every group of near-duplicates among `model`'s vectors, largest first."""
+    with session_scope(engine) as session:
+        stored = vector_reader.load_vectors(session, model)
+    links = _links(cache, stored, threshold)
     parent: dict[int, int] = {}
     for a, b, _ in links:
         _union(parent, a, b)
@@ -82,18 +74,18 @@ def _find_groups(service: "SearchService", threshold: float) -> list[Group]:
     return sorted(out, key=lambda g: (-len(g.image_ids), -g.max_score, g.image_ids[0]))
 
 
-def _links(service: "SearchService", stored: StoredVectors, threshold: float) -> list[tuple[int, int, float]]:
+def _links(cache: IndexCache, stored: StoredVectors, threshold: float) -> list[tuple[int, int, float]]:
     """(image, other image, cosine) at or above the threshold, each image searched within its category."""
     links = []
-    with service.cache.reading() as index:
+    with cache.reading() as index:
         for cid in np.unique(stored.category_ids):
             if int(cid) not in index.list_of:
                 continue
             rows = np.flatnonzero(stored.category_ids == cid)
-            lists = np.full((QUERY_BATCH, 1), index.list_of[int(cid)], dtype=np.int64)
+            own_category = np.full((QUERY_BATCH, 1), index.list_of[int(cid)], dtype=np.int64)
             for start in range(0, len(rows), QUERY_BATCH):
                 part = rows[start : start + QUERY_BATCH]
-                hits = index.search(stored.vectors[part], NEIGHBOURS + 1, lists[: len(part)], None)
+                hits = index.search(stored.vectors[part], NEIGHBOURS + 1, own_category[: len(part)], None)
                 for row, scores, ids in zip(part, hits.scores, hits.ids, strict=True):
                     me = int(stored.ids[row])
                     keep = (ids >= 0) & (ids != me) & (scores >= threshold)

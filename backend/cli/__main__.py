@@ -1,0 +1,7 @@
+"""`python -m backend.cli COMMAND`."""
+
+import sys
+
+from backend.cli import main
+
+sys.exit(main())

@@ -1,0 +1,71 @@
+"""What `/status` and `status --json` report: the model, the database's counts, the index and stage 1."""
+
+from sqlalchemy import Engine
+
+from backend.core import search_params
+from backend.core.config import Settings
+from backend.embedding.embedder import Embedder
+from backend.index.cache import IndexCache
+from backend.index.stage1 import Stage1
+from backend.schemas import (
+    CategoryCount,
+    DatabaseStatus,
+    IndexStatus,
+    ModelStatus,
+    RefreshStatus,
+    SearchSettings,
+    Status,
+)
+from backend.storage import catalogue
+from backend.storage.engine import location, session_scope
+
+
+def build_status(settings: Settings, engine: Engine, embedder: Embedder, cache: IndexCache, stage1: Stage1) -> Status:
+    with session_scope(engine) as session:
+        counts = catalogue.category_counts(session)
+        models = dict(catalogue.model_ids(session))
+    return Status(
+        model=ModelStatus(
+            id=embedder.model_id,
+            name=embedder.name,
+            dim=embedder.dim,
+            device=str(embedder.device),
+            runtime=embedder.runtime,
+            loaded=embedder.loaded,
+        ),
+        database=DatabaseStatus(
+            server=location(settings, engine),
+            images=sum(c[2] for c in counts),
+            vectors_for_model=models.get(embedder.model_id, 0),
+            vectors_by_model=models,
+            categories=[CategoryCount(id=cid, name=name, images=n, labelled=given) for cid, name, n, given in counts],
+        ),
+        index=index_status(settings, cache),
+        settings=SearchSettings(
+            use_prototype_filtering=settings.use_prototype_filtering,
+            default_top_categories=settings.default_top_categories,
+            default_search_limit=settings.default_search_limit,
+            bounds=search_params.bounds(),
+        ),
+        stage1=stage1.status(),
+    )
+
+
+def index_status(settings: Settings, cache: IndexCache) -> IndexStatus:
+    index = cache.loaded
+    last = cache.last_refresh
+    return IndexStatus(
+        **cache.layout_status(),
+        lists=int(index.ivf.nlist) if index else 0,
+        default_nprobe=settings.faiss_nprobe,
+        retrain=index.needs_retraining() if index else [],
+        loaded=index is not None,
+        origin=cache.origin,
+        vectors=index.ntotal if index else 0,
+        categories=len(index.category_ids) if index else 0,
+        current=cache.is_current(),
+        watermark=cache.watermark,
+        memory_bytes=cache.memory_bytes(),
+        refreshes=dict(cache.refreshes),
+        last_refresh=RefreshStatus(**vars(last)) if last else None,
+    )
