@@ -210,7 +210,7 @@ class IndexStatus(BaseModel):
     vectors: int
     categories: int
     current: bool  # reflects every change committed to the database
-    watermark: int  # the newest database change it reflects
+    seq: int  # the newest database change it reflects
     memory_bytes: int  # vector codes, ids, centroids and prototypes held by the index
     retrain: list[str]  # why the next rebuild (build-index) would train it differently; empty when it would not
     refreshes: dict[str, int]  # incremental and full refreshes since start

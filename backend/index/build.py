@@ -23,7 +23,7 @@ CHUNK_ROWS = 50_000
 class Built:
     index: TwoStageIndex
     identity: change_log.CatalogueIdentity
-    watermark: int
+    seq: int
 
 
 def index_class(kind: str) -> type[TwoStageIndex]:
@@ -47,7 +47,7 @@ def build_from_database(
     layout = layout or IndexLayout()
     with session_scope(engine, snapshot=True, bulk=True) as session:
         identity = change_log.identity(session)
-        watermark = change_log.head(session, model)
+        seq = change_log.latest_seq(session, model)
         category_ids = sorted(catalogue.category_ids(session).values())
         prototypes = catalogue.load_prototypes(session, model)
         sizes = catalogue.category_vector_counts(session, model)
@@ -64,4 +64,4 @@ def build_from_database(
             index.set_prototypes(prototypes)
             for chunk in vector_reader.stream_vectors(session, model, CHUNK_ROWS):
                 index.add(chunk.ids, chunk.category_ids, chunk.vectors)
-    return Built(index, identity, watermark)
+    return Built(index, identity, seq)

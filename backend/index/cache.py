@@ -1,16 +1,16 @@
 """The two-stage index as a cache of the database: load, verify, rebuild, save, follow changes, lock.
 
-The database is the truth. An index is described by the catalogue it came from and a *watermark*: the
+The database is the truth. An index is described by the catalogue it came from and a *seq*: the
 newest change number (migration 0002) it reflects. Change numbers are handed out in commit order, so
-an index at watermark W becomes current by applying exactly the embeddings stamped after W and the
+an index at seq W becomes current by applying exactly the embeddings stamped after W and the
 deletions logged after W (`change_log.changes_since`), in time proportional to the change.
 
 - Never lose an acknowledged write: a writer commits, then calls `after_write`, which applies every change
   up to at least its own before it answers. A full rebuild reads one snapshot (REPEATABLE READ) at
-  watermark W, then, holding the same lock as `after_write`, applies what committed after W before it
+  seq W, then, holding the same lock as `after_write`, applies what committed after W before it
   replaces the live index. Whatever the interleaving, nothing committed is left out.
 - Verify before believing: the cache file (`cache_file`) carries the catalogue id and PostgreSQL system
-  identifier, the model and index layout, the schema revision, the watermark and a SHA-256 of its own
+  identifier, the model and index layout, the schema revision, the seq and a SHA-256 of its own
   bytes; anything that does not match, cannot be read or has the wrong shape is rebuilt from the
   database, with one log line saying why. Files are written under a unique temporary name and renamed
   into place, so concurrent savers are safe.
@@ -68,11 +68,11 @@ class IndexCache:
         self.engine, self.model, self.dim, self.directory = engine, model, dim, directory
         self.layout = layout or IndexLayout()
         self.lock = ReadWriteLock()  # searches read; applying changes and swapping write
-        self._apply = threading.Lock()  # one thread at a time moves the watermark
+        self._apply = threading.Lock()  # one thread at a time moves the seq
         self._build = threading.RLock()  # one load or full rebuild at a time
         self._index: TwoStageIndex | None = None
         self._identity: change_log.CatalogueIdentity | None = None
-        self._watermark = 0
+        self._seq = 0
         self.origin = "not loaded"
         self.last_refresh: RefreshReport | None = None
         self.refreshes = {"incremental": 0, "full": 0}
@@ -82,8 +82,8 @@ class IndexCache:
         return self.directory / f"{self.model.replace('/', '_')}.index"
 
     @property
-    def watermark(self) -> int:
-        return self._watermark
+    def seq(self) -> int:
+        return self._seq
 
     @property
     def loaded(self) -> TwoStageIndex | None:
@@ -147,16 +147,16 @@ class IndexCache:
     # --- following the change log -------------------------------------------------------------
 
     def _install(self, built: Built) -> tuple[int, int]:
-        """Apply the changes after `built.watermark` and make the result the live index. Caller holds _apply."""
+        """Apply the changes after `built.seq` and make the result the live index. Caller holds _apply."""
         with session_scope(self.engine, snapshot=True, bulk=True) as session:
             identity = change_log.identity(session)
             if identity.catalogue_id != built.identity.catalogue_id:
                 raise CacheRejected("the database now holds another catalogue")
-            if built.watermark > identity.changes_issued:  # e.g. the database was restored from an older backup
-                raise CacheRejected(f"built at change {built.watermark}, past the database's newest ({identity.changes_issued})")
-            if built.watermark < identity.deletions_pruned_through:
-                raise CacheRejected(f"deletions after change {built.watermark} were pruned from the log")
-            changes = change_log.changes_since(session, self.model, built.watermark)
+            if built.seq > identity.issued_seq:  # e.g. the database was restored from an older backup
+                raise CacheRejected(f"built at change {built.seq}, past the database's newest ({identity.issued_seq})")
+            if built.seq < identity.deletions_pruned_through:
+                raise CacheRejected(f"deletions after change {built.seq} were pruned from the log")
+            changes = change_log.changes_since(session, self.model, built.seq)
             reload = changes.prototypes_changed or len(changes.added) > 0 or not built.index.prototypes_set
             prototypes = catalogue.load_prototypes(session, self.model) if reload else None
         index = built.index
@@ -168,15 +168,15 @@ class IndexCache:
             index.add(changes.added.ids, changes.added.category_ids, changes.added.vectors)
             if prototypes is not None:
                 index.set_prototypes(prototypes)
-            self._index, self._identity, self._watermark = index, identity, changes.head
+            self._index, self._identity, self._seq = index, identity, changes.seq
         INDEX_VECTORS.labels(self.model).set(index.ntotal)
         return len(changes.added), removed
 
     def _advance(self) -> tuple[int, int]:
-        """Apply to the live index what other transactions committed since its watermark."""
+        """Apply to the live index what other transactions committed since its seq."""
         with self._apply:  # read the live state under the lock: a rebuild may have just replaced it
             assert self._index is not None and self._identity is not None
-            return self._install(Built(self._index, self._identity, self._watermark))
+            return self._install(Built(self._index, self._identity, self._seq))
 
     def after_write(self) -> None:
         """Called by a writer after its commit: when this returns, its change is searchable."""
@@ -214,7 +214,7 @@ class IndexCache:
             return False
         with session_scope(self.engine, snapshot=True) as session:
             same = change_log.identity(session).catalogue_id == self._identity.catalogue_id
-            return same and change_log.head(session, self.model) == self._watermark
+            return same and change_log.latest_seq(session, self.model) == self._seq
 
     # --- the cache file -----------------------------------------------------------------------
 
@@ -229,7 +229,7 @@ class IndexCache:
                 catalogue_id=self._identity.catalogue_id,
                 system_identifier=self._identity.system_identifier,
                 schema_revision=migrate.head_revision(),
-                watermark=self._watermark,
+                seq=self._seq,
             )
 
     def _read_file(self) -> Built:
@@ -248,7 +248,7 @@ class IndexCache:
                     "layout": self.layout.resolved(header.vectors),
                 }
                 cache_file.check_claims(header, expected)
-                return Built(cache_file.read_index(f, header, self.directory), identity, header.watermark)
+                return Built(cache_file.read_index(f, header, self.directory), identity, header.seq)
         except FileNotFoundError:
             raise CacheRejected(NO_FILE) from None
         except OSError as exc:

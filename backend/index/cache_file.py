@@ -38,7 +38,7 @@ class CacheHeader(BaseModel):
     catalogue_id: str
     system_identifier: str | None
     schema_revision: str
-    watermark: int = Field(ge=0)
+    seq: int = Field(ge=0)
     vectors: int = Field(ge=0)
     index: IndexDescription  # model, dimension, layout, categories, what training gave them
     payload_bytes: int = Field(ge=0)
@@ -61,7 +61,7 @@ class CacheRejected(Exception):
 
 
 def write(path: Path, index: TwoStageIndex, **claims: object) -> None:
-    """`index` and a header of `claims` (catalogue_id, system_identifier, schema_revision, watermark) under
+    """`index` and a header of `claims` (catalogue_id, system_identifier, schema_revision, seq) under
     `path`. The caller keeps the index still meanwhile. OSError from the directory is logged, not raised."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -67,7 +67,7 @@ class Stage1:
         self.trained_change: int | None = None
         self.reason = "not loaded"
         self._loaded = False
-        self._checked_at = -1  # the watermark `refresh` last checked at
+        self._checked_at = -1  # the seq `refresh` last checked at
         # (trained ranker's id, index categories) -> each trained category's number in the index
         self._columns: tuple[tuple[int, tuple[int, ...]], np.ndarray] | None = None
         self._training = threading.Lock()
@@ -106,7 +106,7 @@ class Stage1:
         """Train on the given labels of one snapshot and store the result (replacing the old row)."""
         with self._training:
             with session_scope(self.engine, snapshot=True, bulk=True) as session:
-                change = change_log.head(session, self.model)
+                change = change_log.latest_seq(session, self.model)
                 lacking = _too_few_labels(session, self.model)
                 if lacking is not None:
                     self.use(None, None, lacking)
@@ -122,13 +122,13 @@ class Stage1:
             log.info("stage 1 for %s trained on %d labels at change %d: %s", self.model, trained.labels, change, trained.heldout)
             return self.reason
 
-    def refresh(self, watermark: int) -> None:
+    def refresh(self, seq: int) -> None:
         """Re-check the stored row when the catalogue moved (labels changed, another process retrained);
         retrain in the background when it is missing or stale and every labelled category has labels
-        enough. Called by the server's refresh tick with the index's watermark."""
-        if self.setting == "prototype" or self._training.locked() or watermark == self._checked_at:
+        enough. Called by the server's refresh tick with the index's seq."""
+        if self.setting == "prototype" or self._training.locked() or seq == self._checked_at:
             return
-        self._checked_at = watermark
+        self._checked_at = seq
         self.load()
         if self.trained is None:
             with session_scope(self.engine) as session:
@@ -208,8 +208,8 @@ def _why_not(session: Session, model: str, dim: int, row_dim: int, change: int, 
     if row_dim != dim:
         return f"trained for {row_dim} dimensions, the model has {dim}"
     identity = change_log.identity(session)
-    if change > identity.changes_issued:
-        return f"trained at change {change}, past the catalogue's newest ({identity.changes_issued})"
+    if change > identity.issued_seq:
+        return f"trained at change {change}, past the catalogue's newest ({identity.issued_seq})"
     if change < identity.deletions_pruned_through:
         return f"trained at change {change}, before deletions pruned from the log"
     unknown = sorted(set(catalogue.load_prototypes(session, model).category_ids.tolist()) - set(categories))

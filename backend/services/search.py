@@ -216,7 +216,7 @@ class SearchService:
     def refresh(self) -> None:
         """The server's tick: follow other processes' changes, then let stage 1 check whether to retrain."""
         self.cache.refresh()
-        self.stage1.refresh(self.cache.watermark)
+        self.stage1.refresh(self.cache.seq)
 
     def rebuild_index(self, reason: str) -> TwoStageIndex:
         """A full rebuild of the index, then stage 1 retrained on the given labels (build-index)."""
@@ -260,7 +260,7 @@ class SearchService:
     def sync_index(self) -> int:
         """Bring the index up to date with the database; the newest change it then reflects."""
         self.cache.get()
-        return self.cache.watermark
+        return self.cache.seq
 
     def index_is_current(self) -> bool:
         return self.cache.is_current()

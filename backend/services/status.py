@@ -64,7 +64,7 @@ def index_status(settings: Settings, cache: IndexCache) -> IndexStatus:
         vectors=index.ntotal if index else 0,
         categories=len(index.category_ids) if index else 0,
         current=cache.is_current(),
-        watermark=cache.watermark,
+        seq=cache.seq,
         memory_bytes=cache.memory_bytes(),
         refreshes=dict(cache.refreshes),
         last_refresh=RefreshStatus(**vars(last)) if last else None,

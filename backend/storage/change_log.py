@@ -27,12 +27,12 @@ class CatalogueIdentity:
     catalogue_id: str  # made at init-db; a copy of the database (backup restore) keeps it
     system_identifier: str | None  # the PostgreSQL cluster's, where this role may read it
     deletions_pruned_through: int  # deletions numbered up to here are gone from the log
-    changes_issued: int = 0  # the change sequence's position: no index of this database can be past it
+    issued_seq: int = 0  # the change sequence's position: no index of this database can be past it
 
 
 @dataclass(frozen=True)
 class Changes:
-    head: int  # the newest change number for the model; the state after applying these
+    seq: int  # the newest change number for the model; the state after applying these
     added: StoredVectors  # inserted or re-stamped embeddings, in change order
     removed: np.ndarray  # int64 image ids whose embedding left (or changed) since
     prototypes_changed: bool
@@ -52,7 +52,7 @@ def identity(session: Session) -> CatalogueIdentity:
     return CatalogueIdentity(str(meta.catalogue_id), sysid, int(meta.deletions_pruned_through), int(issued or 0))
 
 
-def head(session: Session, model: str) -> int:
+def latest_seq(session: Session, model: str) -> int:
     """The newest change number that concerns `model`'s index: three index look-ups. Pruned deletions
     count as reflected, since a snapshot reflects every change committed before it."""
     newest = [
@@ -65,8 +65,8 @@ def head(session: Session, model: str) -> int:
 
 def changes_since(session: Session, model: str, after: int) -> Changes:
     """Everything `model`'s index must apply to move from change number `after` to the newest. Read in one
-    snapshot (a REPEATABLE READ session), so `head` is exactly the state these changes lead to."""
-    now = head(session, model)
+    snapshot (a REPEATABLE READ session), so `seq` is exactly the state these changes lead to."""
+    now = latest_seq(session, model)
     if now <= after:
         return Changes(after, StoredVectors.empty(), np.empty(0, np.int64), prototypes_changed=False)
     added = session.execute(vector_query(model).where(Embedding.seq > after).order_by(Embedding.seq)).all()

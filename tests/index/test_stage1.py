@@ -153,8 +153,8 @@ def test_retraining_follows_label_changes(catalogue_engine: Engine, engine: Engi
     other = Stage1(engine, embedder.model_id, embedder.dim, "auto")  # another process: loads and checks
     assert other.ranker == "prototype" and "labels changed" in other.reason
     with session_scope(engine) as session:
-        watermark = change_log.head(session, embedder.model_id)
-    stage1.refresh(watermark)  # the server's tick: stale, so it retrains in the background
+        seq = change_log.latest_seq(session, embedder.model_id)
+    stage1.refresh(seq)  # the server's tick: stale, so it retrains in the background
     for thread in [t for t in threading.enumerate() if t.name == "stage1-retrain"]:
         thread.join(timeout=120)
     assert stage1.trained is not None and stage1.trained_change is not None and stage1.trained_change > first

@@ -58,13 +58,13 @@ def test_upgrading_a_filled_0001_database_numbers_its_rows(engine: Engine) -> No
     migrate.upgrade(engine)
     with session_scope(engine, snapshot=True) as s:
         changes = change_log.changes_since(s, MODEL, 0)
-    assert changes.added.ids.tolist() == [1, 2, 3, 4, 5] and changes.head == 5
+    assert changes.added.ids.tolist() == [1, 2, 3, 4, 5] and changes.seq == 5
 
 
 def test_change_log_records_adds_deletes_and_relabels(engine: Engine) -> None:
     ids = add(engine, 4)
     with session_scope(engine, snapshot=True) as s:
-        start = change_log.head(s, MODEL)
+        start = change_log.latest_seq(s, MODEL)
     with session_scope(engine) as s:
         catalogue.delete_image(s, ids[0])
     with session_scope(engine) as s:  # a label change by hand: the trigger re-numbers its embedding
@@ -73,7 +73,7 @@ def test_change_log_records_adds_deletes_and_relabels(engine: Engine) -> None:
     new = add(engine, 1, seed=1)
     with session_scope(engine, snapshot=True) as s:
         changes = change_log.changes_since(s, MODEL, start)
-        assert change_log.changes_since(s, MODEL, changes.head).added.ids.tolist() == []
+        assert change_log.changes_since(s, MODEL, changes.seq).added.ids.tolist() == []
     assert sorted(changes.removed.tolist()) == [ids[0], ids[1]]
     assert changes.added.ids.tolist() == [ids[1], *new] and changes.added.category_ids[0] == other
     assert changes.prototypes_changed
@@ -145,12 +145,12 @@ def test_vectors_are_stored_inline_and_0005_downgrades_cleanly(engine: Engine) -
         ids = catalogue.add_images(s, "m/big", [catalogue.NewImage(img, cid, True) for img in images], vectors)
     assert stored_out_of_line(engine)[0] == "x" and stored_out_of_line(engine)[1] > 20 * 5120
     with session_scope(engine, snapshot=True) as s:
-        before, head = vector_reader.load_vectors(s, "m/big"), change_log.head(s, "m/big")
+        before, head = vector_reader.load_vectors(s, "m/big"), change_log.latest_seq(s, "m/big")
     migrate.upgrade(engine)  # rewrites the table: every vector inline, nothing changed
     assert stored_out_of_line(engine) == ("m", 0)
     with session_scope(engine, snapshot=True) as s:
         after = vector_reader.load_vectors(s, "m/big")  # through the binary COPY reader
-        assert change_log.head(s, "m/big") == head and change_log.changes_since(s, "m/big", head).added.ids.tolist() == []
+        assert change_log.latest_seq(s, "m/big") == head and change_log.changes_since(s, "m/big", head).added.ids.tolist() == []
     np.testing.assert_array_equal(after.vectors, before.vectors)
     assert after.ids.tolist() == ids and np.array_equal(after.vectors, vectors)
     migrate.downgrade(engine, "0004")  # and back: out of line again, the same values
