@@ -12,8 +12,8 @@ from backend.datasets import DATASETS
 
 
 def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> None:
-    from backend.evaluation import run_evaluation
-    from backend.precision_cost import run_comparison
+    from backend.evaluation.precision import run_comparison
+    from backend.evaluation.retrieval import run_evaluation
 
     (run_comparison if args.compare_int8 else run_evaluation)(args, settings)
 

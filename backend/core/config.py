@@ -128,7 +128,7 @@ class Settings(BaseSettings):
     url_concurrency: int = Field(4, ge=1, le=64)  # downloads at once in one chunk
     # Downloads of private, loopback, link-local and reserved addresses are refused (SSRF) unless this is set.
     allow_private_urls: bool = False
-    # Cosine at or above which a stored image counts as a near-duplicate (measured: backend/duplicate_eval.py).
+    # Cosine at or above which a stored image counts as a near-duplicate (measured: backend/evaluation/duplicates.py).
     near_duplicate_threshold: float = Field(0.91, ge=0.5, le=1.0)
 
     # Datasets

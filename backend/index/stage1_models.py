@@ -13,7 +13,7 @@ import faiss
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from backend import metrics
+from backend.evaluation import metrics
 from backend.vectors import PrototypeMatrix, l2_normalise
 
 SEED = 1234

@@ -1,5 +1,5 @@
 """Near-duplicates: stored images whose embedding's cosine to another is at least NEAR_DUPLICATE_THRESHOLD
-(the threshold and its precision and recall come from `backend.duplicate_eval`). Exact duplicates (same
+(the threshold and its precision and recall come from `backend.evaluation.duplicates`). Exact duplicates (same
 bytes) are caught earlier, by sha256, and never stored twice.
 
 An upload is compared through the two-stage index (its top categories); the catalogue's groups are found

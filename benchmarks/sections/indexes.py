@@ -18,7 +18,7 @@ import numpy as np
 from backend.core.config import Settings
 from backend.datasets import load_dataset
 from backend.embedding.cache import model_cache
-from backend.evaluation import embed_cached
+from backend.evaluation.retrieval import embed_cached
 from backend.index.build import index_class
 from backend.index.layout import IndexLayout
 from backend.index.two_stage import TwoStageIndex

@@ -5,7 +5,7 @@ import time
 
 import numpy as np
 
-from backend.evaluation import Embedded, build_index
+from backend.evaluation.retrieval import Embedded, build_index
 from backend.index.two_stage import TwoStageIndex
 from benchmarks.harness import N_CATEGORIES, clustered, percentiles, rss_mb
 

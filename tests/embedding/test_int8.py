@@ -9,9 +9,9 @@ from backend.core.errors import ConfigurationError
 from backend.embedding import quantize
 from backend.embedding.embedder import create_embedder
 from backend.embedding.registry import model_id
-from backend.evaluation import Embedded
+from backend.evaluation.precision import compare
+from backend.evaluation.retrieval import Embedded
 from backend.imaging import decode_image
-from backend.precision_cost import compare
 from tests.utils.settings import make_settings
 
 # Measured on the CIFAR-10 subset (evaluate --compare-int8, 5085 catalogue images, 1017 queries): query

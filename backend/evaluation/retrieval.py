@@ -14,14 +14,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from backend import metrics
 from backend.core.config import Settings
 from backend.datasets import Dataset, balanced, load_dataset
 from backend.embedding.cache import model_cache
 from backend.embedding.embedder import Embedder
+from backend.evaluation import metrics
+from backend.evaluation.stage1 import compare_rankers, format_stage1, synthetic_latency
 from backend.imaging import decode_image
 from backend.index.two_stage import TwoStageIndex
-from backend.stage1_eval import compare_rankers, format_stage1, synthetic_latency
 from backend.vectors import PrototypeMatrix, StoredVectors
 
 TOP_C = (1, 2, 3, 5)

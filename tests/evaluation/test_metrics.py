@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from backend import metrics
+from backend.evaluation import metrics
 
 # Two queries, five results each. Query 0: relevant at ranks 1, 3. Query 1: relevant at rank 2 only.
 REL = np.array([[1, 0, 1, 0, 0], [0, 1, 0, 0, 0]], dtype=bool)

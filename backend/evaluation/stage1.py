@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from backend import metrics
+from backend.evaluation import metrics
 from backend.index.stage1 import Stage1
 from backend.index.stage1_models import RANKERS, Centroids, LinearSoftmax, Trained, train_rankers
 from backend.index.two_stage import TwoStageIndex

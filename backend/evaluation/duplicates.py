@@ -6,7 +6,7 @@ distinct look-alikes, the hard case a duplicate finder gets wrong. For every thr
 pairs at or above it, the share that are copies) and recall (of the copies, the share at or above it),
 with the embedding's cosine and, when `imagehash` is installed, a perceptual hash (1 - Hamming / 64).
 
-    python -m backend.duplicate_eval --per-category 30 [--dataset cifar10 fashion-mnist] [--json]
+    python -m backend.evaluation.duplicates --per-category 30 [--dataset cifar10 fashion-mnist] [--json]
 """
 
 import argparse
