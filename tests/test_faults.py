@@ -135,14 +135,16 @@ def _health_during(base: str, seconds: float) -> list[float]:
     return times
 
 
-def _wait_until_serving(base: str, limit_s: float = 30) -> float:
+def _wait_until_serving(server: RunningServer, limit_s: float = 30) -> float:
     t0 = time.monotonic()
-    with httpx.Client(base_url=base, timeout=10) as http:
+    with httpx.Client(base_url=server.url, timeout=10) as http:
         while time.monotonic() - t0 < limit_s:
-            if http.get("/categories").status_code == 200 and http.get("/ready").status_code == 200:
+            categories, ready = http.get("/categories"), http.get("/ready")
+            if categories.status_code == 200 and ready.status_code == 200:
                 return time.monotonic() - t0
             time.sleep(0.3)
-    raise AssertionError(f"no recovery within {limit_s} s")
+    last = f"/categories {categories.status_code} {categories.text[:200]}; /ready {ready.status_code} {ready.text[:200]}"
+    raise AssertionError(f"no recovery within {limit_s} s: {last}\nserver log (end):\n{server.log()[-4000:]}")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -225,7 +227,7 @@ def test_database_stopped_and_frozen_under_load(
                 assert r.status_code == 503 and r.json()["checks"]["database"] != "ok", r.text
         finally:
             heal()
-        recoveries[fault] = round(_wait_until_serving(base), 2)  # no restart of the server
+        recoveries[fault] = round(_wait_until_serving(fault_server), 2)  # no restart of the server
         assert {s for s, *_ in load.run(rounds=1)} <= {200, 201}
 
     # Rows lost: every acknowledged upload is stored with its embedding, and nothing is half-written.
