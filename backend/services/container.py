@@ -5,6 +5,7 @@ import logging
 from dataclasses import dataclass
 
 from backend.core.config import Settings
+from backend.index.stage1_models import one_blas_thread
 from backend.jobs import WorkerThread
 from backend.services.catalogue import Catalogue
 from backend.services.jobs import Jobs
@@ -31,6 +32,7 @@ class Services:
     def start(self) -> None:
         """Load the model and the index before the first request; open the job queue; sweep the files of
         jobs that ended while we were down; start the in-process worker (SERVE_WORKER)."""
+        one_blas_thread()
         self.search.load()
         self.jobs.open()
         self.jobs.sweep_files()
