@@ -6,6 +6,7 @@ from datetime import datetime
 
 import numpy as np
 from sqlalchemy import delete, func, select, text, update
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from backend.core.errors import NotFound
@@ -42,14 +43,27 @@ def identity(session: Session) -> CatalogueIdentity:
     meta = session.get(CatalogueMeta, 1)
     if meta is None:
         raise NotFound("the catalogue has no identity row: run init-db")
-    sysid = session.scalar(
-        text(
-            "SELECT CASE WHEN has_function_privilege('pg_control_system()', 'EXECUTE') "
-            "THEN (SELECT system_identifier::text FROM pg_control_system()) END"
-        )
-    )
+    sysid = _system_identifier(session)
     issued = session.scalar(text("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM catalogue_change_seq"))
     return CatalogueIdentity(str(meta.catalogue_id), sysid, int(meta.deletions_pruned_through), int(issued or 0))
+
+
+def _system_identifier(session: Session) -> str | None:
+    """The PostgreSQL cluster's identifier, or None where this role may not read it or the server cannot read
+    its own pg_control file (seen after a restart under another user): a savepoint keeps that failure from
+    aborting the caller's transaction, and the catalogue id still identifies the catalogue."""
+    try:
+        with session.begin_nested():
+            return session.scalar(
+                text(
+                    "SELECT CASE WHEN has_function_privilege('pg_control_system()', 'EXECUTE') "
+                    "THEN (SELECT system_identifier::text FROM pg_control_system()) END"
+                )
+            )
+    except DBAPIError as exc:
+        if isinstance(exc, OperationalError | InterfaceError):  # the database itself is away: the caller's error
+            raise
+        return None
 
 
 def latest_seq(session: Session, model: str) -> int:
