@@ -20,7 +20,7 @@ Facts of faiss 1.15.1 this relies on:
 """
 
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import faiss
@@ -34,6 +34,7 @@ from backend.index.two_stage import SearchHits, TwoStageIndex
 from backend.vectors import StoredVectors
 
 NBITS, BLOCK = 4, 32  # 4-bit codes, 32 to a SIMD block
+PLANS_KEPT = 4096  # category sets whose probe selectors are cached
 
 
 class FastScanIndex(TwoStageIndex):
@@ -54,6 +55,8 @@ class FastScanIndex(TwoStageIndex):
         self.row_ids = Growing(np.int64)  # row -> image id; -1 once deleted
         self.row_list = Growing(np.int32)  # row -> list number
         self.vectors = RerankFile(dim, store_dir)
+        self._plans: dict[bytes, _ProbePlan] = {}  # per (sorted) category set; the layout never changes
+        self._params_by_width: dict[int, faiss.SearchParametersIVF] = {}
 
     def _new_lists(self, nlist: int) -> faiss.IndexIVF:
         m = self.layout.pq_m
@@ -185,47 +188,83 @@ class FastScanIndex(TwoStageIndex):
         is None), re-scored exactly from the float16 rows; the best k kept."""
         x = np.ascontiguousarray(queries, dtype=np.float32)
         n, short = len(x), max(k, shortlist)
-        every = np.arange(len(self.category_ids))
-        probe = [self._probe(x[i], every if categories is None else np.asarray(categories[i]), nprobe) for i in range(n)]
-        width = max((len(p) for p, _ in probe), default=0)
-        lists = np.full((n, width), -1, dtype=np.int64)  # -1: FAISS skips
-        coarse = np.zeros((n, width), dtype=np.float32)
-        for i, (p, c) in enumerate(probe):
-            lists[i, : len(p)], coarse[i, : len(p)] = p, c
         scores = np.full((n, k), -np.inf, dtype=np.float32)
         ids = np.full((n, k), -1, dtype=np.int64)
-        if width == 0 or self.ntotal == 0:
-            return SearchHits(scores, ids, np.zeros(n, dtype=np.int64))
-        rough = np.full((n, short), -np.inf, dtype=np.float32)
-        rows = np.full((n, short), -1, dtype=np.int64)
-        params = faiss.SearchParametersIVF()
-        params.nprobe = width  # per call, so concurrent searches with different C are safe
-        self.ivf.search_preassigned_c(  # type: ignore[attr-defined]
-            n, swig_ptr(x), short, swig_ptr(lists), swig_ptr(coarse), swig_ptr(rough), swig_ptr(rows), False, params
-        )
-        for i in range(n):
-            found = rows[i][rows[i] >= 0]
-            found = found[self.row_ids.data[found] >= 0]  # a dead row is never returned
-            best, best_rows = self.vectors.best(found, x[i], k)
-            scores[i, : len(best)], ids[i, : len(best)] = best, self.row_ids.data[best_rows]
+        # One query is ~0.1 ms of work: an OpenMP team would cost more to wake than it saves, and on a busy
+        # machine FAISS's unconditional parallel regions wait a scheduler slice (measured: 8 ms p50) for it.
+        threads = faiss.omp_get_max_threads()
+        if n == 1:
+            faiss.omp_set_num_threads(1)  # this thread's setting only (an OpenMP ICV), restored below
+        try:
+            lists, coarse = self._probe_all(x, categories, nprobe)
+            if lists.shape[1] == 0 or self.ntotal == 0:
+                return SearchHits(scores, ids, np.zeros(n, dtype=np.int64))
+            rough = np.empty((n, short), dtype=np.float32)
+            rows = np.empty((n, short), dtype=np.int64)
+            self.ivf.search_preassigned_c(  # type: ignore[attr-defined]
+                n, swig_ptr(x), short, swig_ptr(lists), swig_ptr(coarse), swig_ptr(rough), swig_ptr(rows), False,
+                self._ivf_params(lists.shape[1]),
+            )  # fmt: skip
+            for i in range(n):
+                found = rows[i][rows[i] >= 0]
+                found = found[self.row_ids.data[found] >= 0]  # a dead row is never returned
+                best, best_rows = self.vectors.best(found, x[i], k)
+                scores[i, : len(best)], ids[i, : len(best)] = best, self.row_ids.data[best_rows]
+        finally:
+            if n == 1:
+                faiss.omp_set_num_threads(threads)
         scanned = np.where(lists >= 0, self._sizes[np.maximum(lists, 0)], 0).sum(axis=1)
         return SearchHits(scores, ids, scanned)
 
-    def _probe(self, query: np.ndarray, categories: np.ndarray, nprobe: int | None) -> tuple[np.ndarray, np.ndarray]:
-        """`probe_lists`' choice with each list's coarse score (query . centroid), which by residual is part of
-        every code's score: each category's centroids scored in place, as one block."""
+    def _ivf_params(self, width: int) -> faiss.SearchParametersIVF:
+        """nprobe per call (so concurrent searches with different C are safe); FAISS only reads them, so one
+        object per width is shared instead of built per query."""
+        params = self._params_by_width.get(width)
+        if params is None:
+            params = faiss.SearchParametersIVF()
+            params.nprobe = width
+            self._params_by_width[width] = params
+        return params
+
+    def _probe_all(self, x: np.ndarray, categories: np.ndarray | None, nprobe: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """(n, width) list numbers (-1: FAISS skips) and their coarse scores, for `_probe` of each query."""
+        every = range(len(self.category_ids))
+        chosen = [every] * len(x) if categories is None else np.asarray(categories)
+        probe = [self._probe(x[i : i + 1], chosen[i], nprobe) for i in range(len(x))]
+        if len(probe) == 1:
+            return probe[0][0][None, :], probe[0][1][None, :]
+        width = max((len(p) for p, _ in probe), default=0)
+        lists = np.full((len(x), width), -1, dtype=np.int64)
+        coarse = np.zeros((len(x), width), dtype=np.float32)
+        for i, (p, c) in enumerate(probe):
+            lists[i, : len(p)], coarse[i, : len(p)] = p, c
+        return lists, coarse
+
+    def _probe(self, query: np.ndarray, categories: Iterable[int], nprobe: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """`probe_lists`' choice for one query (1, d) with each list's coarse score (query . centroid), which by
+        residual is part of every code's score: one FAISS call on the centroids, restricted to the categories'
+        trained sub-lists by a bitmap selector built once per category set; untrained lists (zero centroid,
+        score 0) are always scanned."""
         cats = np.asarray(categories, dtype=np.int64)
-        cats = cats[cats >= 0]
-        bounds = list(zip(self.offsets[cats].tolist(), self.offsets[cats + 1].tolist(), strict=True))
-        if not bounds:
-            return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        lists = np.concatenate([np.arange(lo, hi) for lo, hi in bounds])
-        scores = np.concatenate([self.centroids[lo:hi] @ query for lo, hi in bounds])
-        if nprobe is None or len(lists) <= nprobe:
+        plan = self._plan(np.sort(cats[cats >= 0]))
+        fixed = plan.untrained if nprobe is None else plan.untrained[:nprobe]
+        want = plan.trained if nprobe is None else max(0, min(plan.trained, nprobe - len(fixed)))
+        if not want:
+            return fixed, np.zeros(len(fixed), np.float32)
+        scores, lists = np.empty(want, np.float32), np.empty(want, np.int64)
+        self.ivf.quantizer.search_c(1, swig_ptr(query), want, swig_ptr(scores), swig_ptr(lists), plan.params)  # type: ignore[attr-defined]
+        if not len(fixed):
             return lists, scores
-        untrained = np.repeat(self.trained_sizes[cats] == 0, [hi - lo for lo, hi in bounds])  # always scanned
-        pick = np.argpartition(-np.where(untrained, np.inf, scores), nprobe - 1)[:nprobe]
-        return lists[pick], scores[pick]
+        return np.concatenate([lists, fixed]), np.concatenate([scores, np.zeros(len(fixed), np.float32)])
+
+    def _plan(self, cats: np.ndarray) -> "_ProbePlan":
+        key = cats.tobytes()
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= PLANS_KEPT:  # many distinct category sets (a filter per request): start over
+                self._plans.clear()
+            plan = self._plans[key] = _ProbePlan(self.offsets, self.trained_sizes, cats.tolist(), self.ivf.nlist)
+        return plan
 
     # --- what status shows, and the cache file ----------------------------------------------
 
@@ -287,6 +326,26 @@ class FastScanIndex(TwoStageIndex):
         index.row_list.extend(row_list)
         index._loaded(description.trained_sizes, description.codec_trained_on)
         return index
+
+
+class _ProbePlan:
+    """A category set's sub-lists for `_probe`: a bitmap selector over the trained ones (FAISS reads the
+    bitmap in place: it is kept here) and the untrained ones."""
+
+    def __init__(self, offsets: np.ndarray, trained_sizes: np.ndarray, cats: list[int], nlist: int) -> None:
+        mask = np.zeros(nlist, dtype=bool)
+        untrained = []
+        for c in cats:
+            lo, hi = int(offsets[c]), int(offsets[c + 1])
+            if trained_sizes[c] == 0:
+                untrained.append(np.arange(lo, hi, dtype=np.int64))
+            else:
+                mask[lo:hi] = True
+        self.untrained = np.concatenate(untrained) if untrained else np.zeros(0, np.int64)
+        self.trained = int(mask.sum())
+        self.bitmap = np.packbits(mask, bitorder="little")  # bit i of byte i >> 3: FAISS's layout
+        self.selector = faiss.IDSelectorBitmap(nlist, swig_ptr(self.bitmap))
+        self.params = faiss.SearchParameters(sel=self.selector)
 
 
 class _Sink(io.RawIOBase):
