@@ -13,13 +13,15 @@ Facts of faiss 1.15.1 this relies on:
   `block_size` entries: such a list is rewritten whole instead of appended to.
 - by residual with inner product, the coarse score (query . centroid) is part of every code's score, so
   `search_preassigned` gets the real coarse scores.
+- One query whose rows are all in the mapped file runs as one `IndexRefine` call over the lists and a
+  float16 `IndexScalarQuantizer` whose codes are a view of the mapping (no gather, no Python between the
+  list choice, the scan and the re-ranking), on one OpenMP thread; batches and the rest take `_scan`.
 - List entries are row numbers of the re-rank file (`row_ids` maps a row to its image). A deletion
   compacts the lists it touches at once, under the index's write lock (fast-scan lists cannot drop an
   entry in place): a deleted image is never returned, and its row is also marked dead (-1) and skipped
   by the re-ranking, a second guard.
 """
 
-import io
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -28,7 +30,9 @@ import numpy as np
 from faiss import swig_ptr
 
 from backend.index import ivf_lists
+from backend.index.byte_streams import ByteSink, ByteSource
 from backend.index.layout import PQ_TRAIN_POINTS, IndexDescription, IndexLayout
+from backend.index.probe_plan import ProbePlan
 from backend.index.rerank_file import Growing, RerankFile
 from backend.index.two_stage import SearchHits, TwoStageIndex
 from backend.vectors import StoredVectors
@@ -55,8 +59,9 @@ class FastScanIndex(TwoStageIndex):
         self.row_ids = Growing(np.int64)  # row -> image id; -1 once deleted
         self.row_list = Growing(np.int32)  # row -> list number
         self.vectors = RerankFile(dim, store_dir)
-        self._plans: dict[bytes, _ProbePlan] = {}  # per (sorted) category set; the layout never changes
+        self._plans: dict[bytes, ProbePlan] = {}  # per (sorted) category set; the layout never changes
         self._params_by_width: dict[int, faiss.SearchParametersIVF] = {}
+        self._refine: tuple[faiss.IndexScalarQuantizer, faiss.IndexIVF, faiss.IndexRefine] | None = None
 
     def _new_lists(self, nlist: int) -> faiss.IndexIVF:
         m = self.layout.pq_m
@@ -196,25 +201,68 @@ class FastScanIndex(TwoStageIndex):
         if n == 1:
             faiss.omp_set_num_threads(1)  # this thread's setting only (an OpenMP ICV), restored below
         try:
-            lists, coarse = self._probe_all(x, categories, nprobe)
+            lists, coarse, plans = self._probe_all(x, categories, nprobe)
             if lists.shape[1] == 0 or self.ntotal == 0:
                 return SearchHits(scores, ids, np.zeros(n, dtype=np.int64))
-            rough = np.empty((n, short), dtype=np.float32)
-            rows = np.empty((n, short), dtype=np.int64)
-            self.ivf.search_preassigned_c(  # type: ignore[attr-defined]
-                n, swig_ptr(x), short, swig_ptr(lists), swig_ptr(coarse), swig_ptr(rough), swig_ptr(rows), False,
-                self._ivf_params(lists.shape[1]),
-            )  # fmt: skip
-            for i in range(n):
-                found = rows[i][rows[i] >= 0]
-                found = found[self.row_ids.data[found] >= 0]  # a dead row is never returned
-                best, best_rows = self.vectors.best(found, x[i], k)
-                scores[i, : len(best)], ids[i, : len(best)] = best, self.row_ids.data[best_rows]
+            refine = self._refiner() if n == 1 and not len(plans[0].untrained) else None
+            found = None if refine is None else self._refine_one(refine, x, k, short, plans[0], lists.shape[1])
+            if found is not None:
+                scores[0], ids[0] = found
+            else:
+                self._scan(x, k, short, lists, coarse, scores, ids)
         finally:
             if n == 1:
                 faiss.omp_set_num_threads(threads)
         scanned = np.where(lists >= 0, self._sizes[np.maximum(lists, 0)], 0).sum(axis=1)
         return SearchHits(scores, ids, scanned)
+
+    def _scan(
+        self, x: np.ndarray, k: int, short: int, lists: np.ndarray, coarse: np.ndarray, scores: np.ndarray, ids: np.ndarray
+    ) -> None:
+        """The general path: the given lists scanned for `short` rows each, re-ranked here (into scores, ids)."""
+        n = len(x)
+        rough = np.empty((n, short), dtype=np.float32)
+        rows = np.empty((n, short), dtype=np.int64)
+        self.ivf.search_preassigned_c(  # type: ignore[attr-defined]
+            n, swig_ptr(x), short, swig_ptr(lists), swig_ptr(coarse), swig_ptr(rough), swig_ptr(rows), False,
+            self._ivf_params(lists.shape[1]),
+        )  # fmt: skip
+        for i in range(n):
+            found = rows[i][rows[i] >= 0]
+            found = found[self.row_ids.data[found] >= 0]  # a dead row is never returned
+            best, best_rows = self.vectors.best(found, x[i], k)
+            scores[i, : len(best)], ids[i, : len(best)] = best, self.row_ids.data[best_rows]
+
+    def _refiner(self) -> faiss.IndexRefine | None:
+        """One query's path, all in C++: `IndexRefine` over the lists and the mapped file (None while rows live
+        in RAM too: `_scan` then). It chooses the same lists as `_probe` (same quantizer, selector and nprobe),
+        scans them and scores the shortlist by row number from the mapping: no Python between, no copy."""
+        view = self.vectors.view_index()
+        if view is None:
+            return None
+        cached = self._refine
+        if cached is None or cached[0] is not view or cached[1] is not self.ivf:
+            rows = view.ntotal
+            view.ntotal = self.ivf.ntotal  # its constructor wants equal counts; deleted rows are gone from the lists
+            try:
+                refine = faiss.IndexRefine(self.ivf, view)
+            finally:
+                view.ntotal = rows
+            cached = self._refine = (view, self.ivf, refine)
+        return cached[2]
+
+    def _refine_one(
+        self, refine: faiss.IndexRefine, x: np.ndarray, k: int, short: int, plan: ProbePlan, width: int
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """(scores, image ids) of one query by `refine`; None if a dead row came back (`_scan` filters them)."""
+        dist, rows = np.empty((1, k), np.float32), np.empty((1, k), np.int64)
+        refine.search_c(1, swig_ptr(x), k, swig_ptr(dist), swig_ptr(rows), plan.refine_params(width, k, short))  # type: ignore[attr-defined]
+        found = rows[0] >= 0
+        got = self.row_ids.data[rows[0][found]]
+        if (got < 0).any():
+            return None
+        dist[0, ~found], rows[0, found], rows[0, ~found] = -np.inf, got, -1
+        return dist[0], rows[0]
 
     def _ivf_params(self, width: int) -> faiss.SearchParametersIVF:
         """nprobe per call (so concurrent searches with different C are safe); FAISS only reads them, so one
@@ -226,21 +274,27 @@ class FastScanIndex(TwoStageIndex):
             self._params_by_width[width] = params
         return params
 
-    def _probe_all(self, x: np.ndarray, categories: np.ndarray | None, nprobe: int | None) -> tuple[np.ndarray, np.ndarray]:
-        """(n, width) list numbers (-1: FAISS skips) and their coarse scores, for `_probe` of each query."""
+    def _probe_all(
+        self, x: np.ndarray, categories: np.ndarray | None, nprobe: int | None
+    ) -> tuple[np.ndarray, np.ndarray, list[ProbePlan]]:
+        """(n, width) list numbers (-1: FAISS skips) and their coarse scores, for `_probe` of each query; and
+        each query's plan."""
         every = range(len(self.category_ids))
         chosen = [every] * len(x) if categories is None else np.asarray(categories)
         probe = [self._probe(x[i : i + 1], chosen[i], nprobe) for i in range(len(x))]
+        plans = [plan for _, _, plan in probe]
         if len(probe) == 1:
-            return probe[0][0][None, :], probe[0][1][None, :]
-        width = max((len(p) for p, _ in probe), default=0)
+            return probe[0][0][None, :], probe[0][1][None, :], plans
+        width = max((len(p) for p, _, _ in probe), default=0)
         lists = np.full((len(x), width), -1, dtype=np.int64)
         coarse = np.zeros((len(x), width), dtype=np.float32)
-        for i, (p, c) in enumerate(probe):
+        for i, (p, c, _) in enumerate(probe):
             lists[i, : len(p)], coarse[i, : len(p)] = p, c
-        return lists, coarse
+        return lists, coarse, plans
 
-    def _probe(self, query: np.ndarray, categories: Iterable[int], nprobe: int | None) -> tuple[np.ndarray, np.ndarray]:
+    def _probe(
+        self, query: np.ndarray, categories: Iterable[int], nprobe: int | None
+    ) -> tuple[np.ndarray, np.ndarray, ProbePlan]:
         """`probe_lists`' choice for one query (1, d) with each list's coarse score (query . centroid), which by
         residual is part of every code's score: one FAISS call on the centroids, restricted to the categories'
         trained sub-lists by a bitmap selector built once per category set; untrained lists (zero centroid,
@@ -250,20 +304,20 @@ class FastScanIndex(TwoStageIndex):
         fixed = plan.untrained if nprobe is None else plan.untrained[:nprobe]
         want = plan.trained if nprobe is None else max(0, min(plan.trained, nprobe - len(fixed)))
         if not want:
-            return fixed, np.zeros(len(fixed), np.float32)
+            return fixed, np.zeros(len(fixed), np.float32), plan
         scores, lists = np.empty(want, np.float32), np.empty(want, np.int64)
         self.ivf.quantizer.search_c(1, swig_ptr(query), want, swig_ptr(scores), swig_ptr(lists), plan.params)  # type: ignore[attr-defined]
         if not len(fixed):
-            return lists, scores
-        return np.concatenate([lists, fixed]), np.concatenate([scores, np.zeros(len(fixed), np.float32)])
+            return lists, scores, plan
+        return np.concatenate([lists, fixed]), np.concatenate([scores, np.zeros(len(fixed), np.float32)]), plan
 
-    def _plan(self, cats: np.ndarray) -> "_ProbePlan":
+    def _plan(self, cats: np.ndarray) -> ProbePlan:
         key = cats.tobytes()
         plan = self._plans.get(key)
         if plan is None:
             if len(self._plans) >= PLANS_KEPT:  # many distinct category sets (a filter per request): start over
                 self._plans.clear()
-            plan = self._plans[key] = _ProbePlan(self.offsets, self.trained_sizes, cats.tolist(), self.ivf.nlist)
+            plan = self._plans[key] = ProbePlan(self.offsets, self.trained_sizes, cats.tolist(), self.ivf.nlist)
         return plan
 
     # --- what status shows, and the cache file ----------------------------------------------
@@ -285,7 +339,7 @@ class FastScanIndex(TwoStageIndex):
             raise ValueError("fastscan needs a directory for its re-rank file")
         self.vectors.publish(self.rerank_path(directory))
         faiss.write_index(self.ivf, faiss.PyCallbackIOWriter(sink))  # type: ignore[attr-defined]
-        out = _Sink(sink)
+        out = ByteSink(sink)
         token = np.frombuffer(self.vectors.token, dtype=np.uint8)
         counts = np.array([self.vectors.file_rows, self.row_ids.n], dtype=np.int64)
         for array in (token, counts, self.row_ids.view, self.row_list.view, self.vectors.tail.view):
@@ -307,7 +361,7 @@ class FastScanIndex(TwoStageIndex):
         nlist, m = sum(lists_per_category), description.layout.pq_m
         if not isinstance(ivf, faiss.IndexIVFPQFastScan) or (ivf.d, ivf.nlist, ivf.pq.M, ivf.pq.nbits) != (dim, nlist, m, NBITS):
             raise ValueError("the FAISS index does not match its description")
-        reader = _Source(source)
+        reader = ByteSource(source)
         try:
             token, counts, row_ids, row_list, tail = (np.lib.format.read_array(reader, allow_pickle=False) for _ in range(5))
         except (ValueError, OSError, EOFError) as exc:
@@ -326,57 +380,3 @@ class FastScanIndex(TwoStageIndex):
         index.row_list.extend(row_list)
         index._loaded(description.trained_sizes, description.codec_trained_on)
         return index
-
-
-class _ProbePlan:
-    """A category set's sub-lists for `_probe`: a bitmap selector over the trained ones (FAISS reads the
-    bitmap in place: it is kept here) and the untrained ones."""
-
-    def __init__(self, offsets: np.ndarray, trained_sizes: np.ndarray, cats: list[int], nlist: int) -> None:
-        mask = np.zeros(nlist, dtype=bool)
-        untrained = []
-        for c in cats:
-            lo, hi = int(offsets[c]), int(offsets[c + 1])
-            if trained_sizes[c] == 0:
-                untrained.append(np.arange(lo, hi, dtype=np.int64))
-            else:
-                mask[lo:hi] = True
-        self.untrained = np.concatenate(untrained) if untrained else np.zeros(0, np.int64)
-        self.trained = int(mask.sum())
-        self.bitmap = np.packbits(mask, bitorder="little")  # bit i of byte i >> 3: FAISS's layout
-        self.selector = faiss.IDSelectorBitmap(nlist, swig_ptr(self.bitmap))
-        self.params = faiss.SearchParameters(sel=self.selector)
-
-
-class _Sink(io.RawIOBase):
-    """numpy's array writer on top of the cache's byte sink."""
-
-    def __init__(self, sink: Callable[[bytes], object]) -> None:
-        self.sink = sink
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data) -> int:  # type: ignore[no-untyped-def]
-        self.sink(bytes(data))
-        return len(data)
-
-
-class _Source(io.RawIOBase):
-    """numpy's array reader on top of the cache's byte source (which may return short reads)."""
-
-    def __init__(self, source: Callable[[int], bytes]) -> None:
-        self.source = source
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, n: int = -1) -> bytes:
-        parts, left = [], n
-        while left > 0:
-            chunk = self.source(left)
-            if not chunk:
-                break
-            parts.append(chunk)
-            left -= len(chunk)
-        return b"".join(parts)

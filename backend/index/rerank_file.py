@@ -93,6 +93,7 @@ class RerankFile:
         self._map: np.ndarray | None = None
         self._spool: str | None = None  # a private file rows are streamed into until it is published
         self._scratch = _Scratch()
+        self._view: tuple[np.ndarray, faiss.IndexScalarQuantizer] | None = None  # see view_index
         if directory is not None:
             directory.mkdir(parents=True, exist_ok=True)
             fd, self._spool = tempfile.mkstemp(dir=directory, prefix=".rerank-", suffix=".tmp")
@@ -142,6 +143,23 @@ class RerankFile:
         q = np.ascontiguousarray(query, dtype=np.float32)
         scorer.search_c(1, swig_ptr(q), k, swig_ptr(scores), swig_ptr(where))  # type: ignore[attr-defined]
         return scores[0], rows[where[0]]
+
+    def view_index(self) -> faiss.IndexScalarQuantizer | None:
+        """The file's rows as a float16 FAISS index that reads the mapping in place, for `IndexRefine` to
+        score a shortlist by row number in C++ (no gather, no copy); None while some rows live in RAM."""
+        if self.tail.n or not self.file_rows:
+            return None
+        mapped = self._mapped()
+        view = self._view
+        if view is None or view[0] is not mapped:
+            index = faiss.IndexScalarQuantizer(self.dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+            # Its codes made a view, as FAISS's own mmap loading does: `create_view` wants a C++ shared_ptr
+            # owner SWIG cannot pass, so the fields are set. `mapped` stays alive beside it in `_view`.
+            codes, ptr, size = index.codes, faiss.cast_integer_to_uint8_ptr(mapped.ctypes.data), mapped.nbytes
+            codes.is_owned, codes.view_data, codes.view_size, codes.c_ptr, codes.c_size = False, ptr, size, ptr, size
+            index.ntotal = len(mapped)
+            view = self._view = (mapped, index)
+        return view[1]
 
     def _mapped(self) -> np.ndarray:
         if self._map is None or len(self._map) < self.file_rows:  # the spool grew since it was mapped
