@@ -61,7 +61,7 @@ class FastScanIndex(TwoStageIndex):
         self.vectors = RerankFile(dim, store_dir)
         self._plans: dict[bytes, ProbePlan] = {}  # per (sorted) category set; the layout never changes
         self._params_by_width: dict[int, faiss.SearchParametersIVF] = {}
-        self._refine: tuple[faiss.IndexScalarQuantizer, faiss.IndexIVF, faiss.IndexRefine] | None = None
+        self._refine: tuple[tuple[np.ndarray, faiss.IndexScalarQuantizer], faiss.IndexIVF, faiss.IndexRefine] | None = None
 
     def _new_lists(self, nlist: int) -> faiss.IndexIVF:
         m = self.layout.pq_m
@@ -242,13 +242,13 @@ class FastScanIndex(TwoStageIndex):
             return None
         cached = self._refine
         if cached is None or cached[0] is not view or cached[1] is not self.ivf:
-            rows = view.ntotal
-            view.ntotal = self.ivf.ntotal  # its constructor wants equal counts; deleted rows are gone from the lists
+            rows = view[1].ntotal
+            view[1].ntotal = self.ivf.ntotal  # its constructor wants equal counts; deleted rows are gone from the lists
             try:
-                refine = faiss.IndexRefine(self.ivf, view)
+                refine = faiss.IndexRefine(self.ivf, view[1])
             finally:
-                view.ntotal = rows
-            cached = self._refine = (view, self.ivf, refine)
+                view[1].ntotal = rows
+            cached = self._refine = (view, self.ivf, refine)  # the mapping lives as long as this refine
         return cached[2]
 
     def _refine_one(

@@ -22,15 +22,18 @@ class ProbePlan:
         self.trained = int(mask.sum())
         self.bitmap = np.packbits(mask, bitorder="little")  # bit i of byte i >> 3: FAISS's layout
         self.selector = faiss.IDSelectorBitmap(nlist, swig_ptr(self.bitmap))
-        self.params = faiss.SearchParameters(sel=self.selector)
+        self.params = faiss.SearchParameters()
+        self.params.sel = self.selector  # FAISS's wrapper keeps a reference too
         self._refine_params: dict[tuple[int, int, int], faiss.IndexRefineSearchParameters] = {}
 
     def refine_params(self, width: int, k: int, short: int) -> faiss.IndexRefineSearchParameters:
         """`IndexRefine`'s: `short` rows by the codes from the best `width` of these lists, the best k kept."""
         params = self._refine_params.get((width, k, short))
         if params is None:
-            lists = faiss.SearchParametersIVF(nprobe=width, quantizer_params=self.params)
+            lists = faiss.SearchParametersIVF()
+            lists.nprobe, lists.quantizer_params = width, self.params
+            params = faiss.IndexRefineSearchParameters()
             # IndexRefine takes int(k * k_factor) rows: + 0.5 so that float rounding never drops one
-            params = faiss.IndexRefineSearchParameters(k_factor=(short + 0.5) / k, base_index_params=lists)
+            params.k_factor, params.base_index_params = (short + 0.5) / k, lists
             self._refine_params[(width, k, short)] = params
         return params

@@ -20,6 +20,7 @@ import threading
 import uuid
 import weakref
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -144,9 +145,10 @@ class RerankFile:
         scorer.search_c(1, swig_ptr(q), k, swig_ptr(scores), swig_ptr(where))  # type: ignore[attr-defined]
         return scores[0], rows[where[0]]
 
-    def view_index(self) -> faiss.IndexScalarQuantizer | None:
-        """The file's rows as a float16 FAISS index that reads the mapping in place, for `IndexRefine` to
-        score a shortlist by row number in C++ (no gather, no copy); None while some rows live in RAM."""
+    def view_index(self) -> tuple[np.ndarray, faiss.IndexScalarQuantizer] | None:
+        """(the mapping, the file's rows as a float16 FAISS index that reads it in place), for `IndexRefine`
+        to score a shortlist by row number in C++ (no gather, no copy); None while some rows live in RAM.
+        Whoever keeps the index keeps the mapping with it: it is unmapped when the array goes."""
         if self.tail.n or not self.file_rows:
             return None
         mapped = self._mapped()
@@ -155,11 +157,12 @@ class RerankFile:
             index = faiss.IndexScalarQuantizer(self.dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
             # Its codes made a view, as FAISS's own mmap loading does: `create_view` wants a C++ shared_ptr
             # owner SWIG cannot pass, so the fields are set. `mapped` stays alive beside it in `_view`.
-            codes, ptr, size = index.codes, faiss.cast_integer_to_uint8_ptr(mapped.ctypes.data), mapped.nbytes
+            codes: Any = index.codes  # a MaybeOwnedVector in faiss 1.15 (the stubs say std::vector)
+            ptr, size = faiss.cast_integer_to_uint8_ptr(mapped.ctypes.data), mapped.nbytes  # type: ignore[attr-defined]
             codes.is_owned, codes.view_data, codes.view_size, codes.c_ptr, codes.c_size = False, ptr, size, ptr, size
             index.ntotal = len(mapped)
             view = self._view = (mapped, index)
-        return view[1]
+        return view
 
     def _mapped(self) -> np.ndarray:
         if self._map is None or len(self._map) < self.file_rows:  # the spool grew since it was mapped
