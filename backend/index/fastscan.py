@@ -193,8 +193,6 @@ class FastScanIndex(TwoStageIndex):
         is None), re-scored exactly from the float16 rows; the best k kept."""
         x = np.ascontiguousarray(queries, dtype=np.float32)
         n, short = len(x), max(k, shortlist)
-        scores = np.full((n, k), -np.inf, dtype=np.float32)
-        ids = np.full((n, k), -1, dtype=np.int64)
         # One query is ~0.1 ms of work: an OpenMP team would cost more to wake than it saves, and on a busy
         # machine FAISS's unconditional parallel regions wait a scheduler slice (measured: 8 ms p50) for it.
         threads = faiss.omp_get_max_threads()
@@ -203,24 +201,23 @@ class FastScanIndex(TwoStageIndex):
         try:
             lists, coarse, plans = self._probe_all(x, categories, nprobe)
             if lists.shape[1] == 0 or self.ntotal == 0:
-                return SearchHits(scores, ids, np.zeros(n, dtype=np.int64))
+                return SearchHits(*_no_hits(n, k), np.zeros(n, dtype=np.int64))
             refine = self._refiner() if n == 1 and not len(plans[0].untrained) else None
             found = None if refine is None else self._refine_one(refine, x, k, short, plans[0], lists.shape[1])
-            if found is not None:
-                scores[0], ids[0] = found
-            else:
-                self._scan(x, k, short, lists, coarse, scores, ids)
+            scores, ids = self._scan(x, k, short, lists, coarse) if found is None else found
         finally:
             if n == 1:
                 faiss.omp_set_num_threads(threads)
-        scanned = np.where(lists >= 0, self._sizes[np.maximum(lists, 0)], 0).sum(axis=1)
+        # one query's lists are all real; a batch's rows are padded with -1
+        scanned = (
+            self._sizes[lists].sum(axis=1) if n == 1 else np.where(lists >= 0, self._sizes[np.maximum(lists, 0)], 0).sum(axis=1)
+        )
         return SearchHits(scores, ids, scanned)
 
-    def _scan(
-        self, x: np.ndarray, k: int, short: int, lists: np.ndarray, coarse: np.ndarray, scores: np.ndarray, ids: np.ndarray
-    ) -> None:
-        """The general path: the given lists scanned for `short` rows each, re-ranked here (into scores, ids)."""
+    def _scan(self, x: np.ndarray, k: int, short: int, lists: np.ndarray, coarse: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The general path: the given lists scanned for `short` rows each, re-ranked here: (scores, ids)."""
         n = len(x)
+        scores, ids = _no_hits(n, k)
         rough = np.empty((n, short), dtype=np.float32)
         rows = np.empty((n, short), dtype=np.int64)
         self.ivf.search_preassigned_c(  # type: ignore[attr-defined]
@@ -232,6 +229,7 @@ class FastScanIndex(TwoStageIndex):
             found = found[self.row_ids.data[found] >= 0]  # a dead row is never returned
             best, best_rows = self.vectors.best(found, x[i], k)
             scores[i, : len(best)], ids[i, : len(best)] = best, self.row_ids.data[best_rows]
+        return scores, ids
 
     def _refiner(self) -> faiss.IndexRefine | None:
         """One query's path, all in C++: `IndexRefine` over the lists and the mapped file (None while rows live
@@ -254,7 +252,7 @@ class FastScanIndex(TwoStageIndex):
     def _refine_one(
         self, refine: faiss.IndexRefine, x: np.ndarray, k: int, short: int, plan: ProbePlan, width: int
     ) -> tuple[np.ndarray, np.ndarray] | None:
-        """(scores, image ids) of one query by `refine`; None if a dead row came back (`_scan` filters them)."""
+        """(1, k) scores and image ids of one query by `refine`; None if a dead row came back (`_scan` filters them)."""
         dist, rows = np.empty((1, k), np.float32), np.empty((1, k), np.int64)
         refine.search_c(1, swig_ptr(x), k, swig_ptr(dist), swig_ptr(rows), plan.refine_params(width, k, short))  # type: ignore[attr-defined]
         found = rows[0] >= 0
@@ -262,7 +260,7 @@ class FastScanIndex(TwoStageIndex):
         if (got < 0).any():
             return None
         dist[0, ~found], rows[0, found], rows[0, ~found] = -np.inf, got, -1
-        return dist[0], rows[0]
+        return dist, rows
 
     def _ivf_params(self, width: int) -> faiss.SearchParametersIVF:
         """nprobe per call (so concurrent searches with different C are safe); FAISS only reads them, so one
@@ -380,3 +378,8 @@ class FastScanIndex(TwoStageIndex):
         index.row_list.extend(row_list)
         index._loaded(description.trained_sizes, description.codec_trained_on)
         return index
+
+
+def _no_hits(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, ids) meaning "nothing found" (-inf, -1), to be filled in."""
+    return np.full((n, k), -np.inf, dtype=np.float32), np.full((n, k), -1, dtype=np.int64)
