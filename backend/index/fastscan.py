@@ -255,6 +255,9 @@ class FastScanIndex(TwoStageIndex):
         """(1, k) scores and image ids of one query by `refine`; None if a dead row came back (`_scan` filters them)."""
         dist, rows = np.empty((1, k), np.float32), np.empty((1, k), np.int64)
         refine.search_c(1, swig_ptr(x), k, swig_ptr(dist), swig_ptr(rows), plan.refine_params(width, k, short))  # type: ignore[attr-defined]
+        if rows.min() >= 0:  # the usual case: k found
+            ids = self.row_ids.data[rows]
+            return None if ids.min() < 0 else (dist, ids)
         found = rows[0] >= 0
         got = self.row_ids.data[rows[0][found]]
         if (got < 0).any():
