@@ -13,14 +13,16 @@ Facts of faiss 1.15.1 this relies on:
   `block_size` entries: such a list is rewritten whole instead of appended to.
 - by residual with inner product, the coarse score (query . centroid) is part of every code's score, so
   `search_preassigned` gets the real coarse scores.
+- One query whose rows are all in the mapped file runs as one `IndexRefine` call over the lists and a
+  float16 `IndexScalarQuantizer` whose codes are a view of the mapping (no gather, no Python between the
+  list choice, the scan and the re-ranking), on one OpenMP thread; batches and the rest take `_scan`.
 - List entries are row numbers of the re-rank file (`row_ids` maps a row to its image). A deletion
   compacts the lists it touches at once, under the index's write lock (fast-scan lists cannot drop an
   entry in place): a deleted image is never returned, and its row is also marked dead (-1) and skipped
   by the re-ranking, a second guard.
 """
 
-import io
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import faiss
@@ -28,12 +30,15 @@ import numpy as np
 from faiss import swig_ptr
 
 from backend.index import ivf_lists
+from backend.index.byte_streams import ByteSink, ByteSource
 from backend.index.layout import PQ_TRAIN_POINTS, IndexDescription, IndexLayout
+from backend.index.probe_plan import ProbePlan
 from backend.index.rerank_file import Growing, RerankFile
 from backend.index.two_stage import SearchHits, TwoStageIndex
 from backend.vectors import StoredVectors
 
 NBITS, BLOCK = 4, 32  # 4-bit codes, 32 to a SIMD block
+PLANS_KEPT = 4096  # category sets whose probe selectors are cached
 
 
 class FastScanIndex(TwoStageIndex):
@@ -54,6 +59,9 @@ class FastScanIndex(TwoStageIndex):
         self.row_ids = Growing(np.int64)  # row -> image id; -1 once deleted
         self.row_list = Growing(np.int32)  # row -> list number
         self.vectors = RerankFile(dim, store_dir)
+        self._plans: dict[bytes, ProbePlan] = {}  # per (sorted) category set; the layout never changes
+        self._params_by_width: dict[int, faiss.SearchParametersIVF] = {}
+        self._refine: tuple[tuple[np.ndarray, faiss.IndexScalarQuantizer], faiss.IndexIVF, faiss.IndexRefine] | None = None
 
     def _new_lists(self, nlist: int) -> faiss.IndexIVF:
         m = self.layout.pq_m
@@ -185,47 +193,133 @@ class FastScanIndex(TwoStageIndex):
         is None), re-scored exactly from the float16 rows; the best k kept."""
         x = np.ascontiguousarray(queries, dtype=np.float32)
         n, short = len(x), max(k, shortlist)
-        every = np.arange(len(self.category_ids))
-        probe = [self._probe(x[i], every if categories is None else np.asarray(categories[i]), nprobe) for i in range(n)]
-        width = max((len(p) for p, _ in probe), default=0)
-        lists = np.full((n, width), -1, dtype=np.int64)  # -1: FAISS skips
-        coarse = np.zeros((n, width), dtype=np.float32)
-        for i, (p, c) in enumerate(probe):
-            lists[i, : len(p)], coarse[i, : len(p)] = p, c
-        scores = np.full((n, k), -np.inf, dtype=np.float32)
-        ids = np.full((n, k), -1, dtype=np.int64)
-        if width == 0 or self.ntotal == 0:
-            return SearchHits(scores, ids, np.zeros(n, dtype=np.int64))
-        rough = np.full((n, short), -np.inf, dtype=np.float32)
-        rows = np.full((n, short), -1, dtype=np.int64)
-        params = faiss.SearchParametersIVF()
-        params.nprobe = width  # per call, so concurrent searches with different C are safe
-        self.ivf.search_preassigned_c(  # type: ignore[attr-defined]
-            n, swig_ptr(x), short, swig_ptr(lists), swig_ptr(coarse), swig_ptr(rough), swig_ptr(rows), False, params
+        # One query is ~0.1 ms of work: an OpenMP team would cost more to wake than it saves, and on a busy
+        # machine FAISS's unconditional parallel regions wait a scheduler slice (measured: 8 ms p50) for it.
+        threads = faiss.omp_get_max_threads()
+        if n == 1:
+            faiss.omp_set_num_threads(1)  # this thread's setting only (an OpenMP ICV), restored below
+        try:
+            lists, coarse, plans = self._probe_all(x, categories, nprobe)
+            if lists.shape[1] == 0 or self.ntotal == 0:
+                return SearchHits(*_no_hits(n, k), np.zeros(n, dtype=np.int64))
+            refine = self._refiner() if n == 1 and not len(plans[0].untrained) else None
+            found = None if refine is None else self._refine_one(refine, x, k, short, plans[0], lists.shape[1])
+            scores, ids = self._scan(x, k, short, lists, coarse) if found is None else found
+        finally:
+            if n == 1:
+                faiss.omp_set_num_threads(threads)
+        # one query's lists are all real; a batch's rows are padded with -1
+        scanned = (
+            self._sizes[lists].sum(axis=1) if n == 1 else np.where(lists >= 0, self._sizes[np.maximum(lists, 0)], 0).sum(axis=1)
         )
+        return SearchHits(scores, ids, scanned)
+
+    def _scan(self, x: np.ndarray, k: int, short: int, lists: np.ndarray, coarse: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The general path: the given lists scanned for `short` rows each, re-ranked here: (scores, ids)."""
+        n = len(x)
+        scores, ids = _no_hits(n, k)
+        rough = np.empty((n, short), dtype=np.float32)
+        rows = np.empty((n, short), dtype=np.int64)
+        self.ivf.search_preassigned_c(  # type: ignore[attr-defined]
+            n, swig_ptr(x), short, swig_ptr(lists), swig_ptr(coarse), swig_ptr(rough), swig_ptr(rows), False,
+            self._ivf_params(lists.shape[1]),
+        )  # fmt: skip
         for i in range(n):
             found = rows[i][rows[i] >= 0]
             found = found[self.row_ids.data[found] >= 0]  # a dead row is never returned
             best, best_rows = self.vectors.best(found, x[i], k)
             scores[i, : len(best)], ids[i, : len(best)] = best, self.row_ids.data[best_rows]
-        scanned = np.where(lists >= 0, self._sizes[np.maximum(lists, 0)], 0).sum(axis=1)
-        return SearchHits(scores, ids, scanned)
+        return scores, ids
 
-    def _probe(self, query: np.ndarray, categories: np.ndarray, nprobe: int | None) -> tuple[np.ndarray, np.ndarray]:
-        """`probe_lists`' choice with each list's coarse score (query . centroid), which by residual is part of
-        every code's score: each category's centroids scored in place, as one block."""
+    def _refiner(self) -> faiss.IndexRefine | None:
+        """One query's path, all in C++: `IndexRefine` over the lists and the mapped file (None while rows live
+        in RAM too: `_scan` then). It chooses the same lists as `_probe` (same quantizer, selector and nprobe),
+        scans them and scores the shortlist by row number from the mapping: no Python between, no copy."""
+        view = self.vectors.view_index()
+        if view is None:
+            return None
+        cached = self._refine
+        if cached is None or cached[0] is not view or cached[1] is not self.ivf:
+            rows = view[1].ntotal
+            view[1].ntotal = self.ivf.ntotal  # its constructor wants equal counts; deleted rows are gone from the lists
+            try:
+                refine = faiss.IndexRefine(self.ivf, view[1])
+            finally:
+                view[1].ntotal = rows
+            cached = self._refine = (view, self.ivf, refine)  # the mapping lives as long as this refine
+        return cached[2]
+
+    def _refine_one(
+        self, refine: faiss.IndexRefine, x: np.ndarray, k: int, short: int, plan: ProbePlan, width: int
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """(1, k) scores and image ids of one query by `refine`; None if a dead row came back (`_scan` filters them)."""
+        dist, rows = np.empty((1, k), np.float32), np.empty((1, k), np.int64)
+        refine.search_c(1, swig_ptr(x), k, swig_ptr(dist), swig_ptr(rows), plan.refine_params(width, k, short))  # type: ignore[attr-defined]
+        if rows.min() >= 0:  # the usual case: k found
+            ids = self.row_ids.data[rows]
+            return None if ids.min() < 0 else (dist, ids)
+        found = rows[0] >= 0
+        got = self.row_ids.data[rows[0][found]]
+        if (got < 0).any():
+            return None
+        dist[0, ~found], rows[0, found], rows[0, ~found] = -np.inf, got, -1
+        return dist, rows
+
+    def _ivf_params(self, width: int) -> faiss.SearchParametersIVF:
+        """nprobe per call (so concurrent searches with different C are safe); FAISS only reads them, so one
+        object per width is shared instead of built per query."""
+        params = self._params_by_width.get(width)
+        if params is None:
+            params = faiss.SearchParametersIVF()
+            params.nprobe = width
+            self._params_by_width[width] = params
+        return params
+
+    def _probe_all(
+        self, x: np.ndarray, categories: np.ndarray | None, nprobe: int | None
+    ) -> tuple[np.ndarray, np.ndarray, list[ProbePlan]]:
+        """(n, width) list numbers (-1: FAISS skips) and their coarse scores, for `_probe` of each query; and
+        each query's plan."""
+        every = range(len(self.category_ids))
+        chosen = [every] * len(x) if categories is None else np.asarray(categories)
+        probe = [self._probe(x[i : i + 1], chosen[i], nprobe) for i in range(len(x))]
+        plans = [plan for _, _, plan in probe]
+        if len(probe) == 1:
+            return probe[0][0][None, :], probe[0][1][None, :], plans
+        width = max((len(p) for p, _, _ in probe), default=0)
+        lists = np.full((len(x), width), -1, dtype=np.int64)
+        coarse = np.zeros((len(x), width), dtype=np.float32)
+        for i, (p, c, _) in enumerate(probe):
+            lists[i, : len(p)], coarse[i, : len(p)] = p, c
+        return lists, coarse, plans
+
+    def _probe(
+        self, query: np.ndarray, categories: Iterable[int], nprobe: int | None
+    ) -> tuple[np.ndarray, np.ndarray, ProbePlan]:
+        """`probe_lists`' choice for one query (1, d) with each list's coarse score (query . centroid), which by
+        residual is part of every code's score: one FAISS call on the centroids, restricted to the categories'
+        trained sub-lists by a bitmap selector built once per category set; untrained lists (zero centroid,
+        score 0) are always scanned."""
         cats = np.asarray(categories, dtype=np.int64)
-        cats = cats[cats >= 0]
-        bounds = list(zip(self.offsets[cats].tolist(), self.offsets[cats + 1].tolist(), strict=True))
-        if not bounds:
-            return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        lists = np.concatenate([np.arange(lo, hi) for lo, hi in bounds])
-        scores = np.concatenate([self.centroids[lo:hi] @ query for lo, hi in bounds])
-        if nprobe is None or len(lists) <= nprobe:
-            return lists, scores
-        untrained = np.repeat(self.trained_sizes[cats] == 0, [hi - lo for lo, hi in bounds])  # always scanned
-        pick = np.argpartition(-np.where(untrained, np.inf, scores), nprobe - 1)[:nprobe]
-        return lists[pick], scores[pick]
+        plan = self._plan(np.sort(cats[cats >= 0]))
+        fixed = plan.untrained if nprobe is None else plan.untrained[:nprobe]
+        want = plan.trained if nprobe is None else max(0, min(plan.trained, nprobe - len(fixed)))
+        if not want:
+            return fixed, np.zeros(len(fixed), np.float32), plan
+        scores, lists = np.empty(want, np.float32), np.empty(want, np.int64)
+        self.ivf.quantizer.search_c(1, swig_ptr(query), want, swig_ptr(scores), swig_ptr(lists), plan.params)  # type: ignore[attr-defined]
+        if not len(fixed):
+            return lists, scores, plan
+        return np.concatenate([lists, fixed]), np.concatenate([scores, np.zeros(len(fixed), np.float32)]), plan
+
+    def _plan(self, cats: np.ndarray) -> ProbePlan:
+        key = cats.tobytes()
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= PLANS_KEPT:  # many distinct category sets (a filter per request): start over
+                self._plans.clear()
+            plan = self._plans[key] = ProbePlan(self.offsets, self.trained_sizes, cats.tolist(), self.ivf.nlist)
+        return plan
 
     # --- what status shows, and the cache file ----------------------------------------------
 
@@ -246,7 +340,7 @@ class FastScanIndex(TwoStageIndex):
             raise ValueError("fastscan needs a directory for its re-rank file")
         self.vectors.publish(self.rerank_path(directory))
         faiss.write_index(self.ivf, faiss.PyCallbackIOWriter(sink))  # type: ignore[attr-defined]
-        out = _Sink(sink)
+        out = ByteSink(sink)
         token = np.frombuffer(self.vectors.token, dtype=np.uint8)
         counts = np.array([self.vectors.file_rows, self.row_ids.n], dtype=np.int64)
         for array in (token, counts, self.row_ids.view, self.row_list.view, self.vectors.tail.view):
@@ -268,7 +362,7 @@ class FastScanIndex(TwoStageIndex):
         nlist, m = sum(lists_per_category), description.layout.pq_m
         if not isinstance(ivf, faiss.IndexIVFPQFastScan) or (ivf.d, ivf.nlist, ivf.pq.M, ivf.pq.nbits) != (dim, nlist, m, NBITS):
             raise ValueError("the FAISS index does not match its description")
-        reader = _Source(source)
+        reader = ByteSource(source)
         try:
             token, counts, row_ids, row_list, tail = (np.lib.format.read_array(reader, allow_pickle=False) for _ in range(5))
         except (ValueError, OSError, EOFError) as exc:
@@ -289,35 +383,6 @@ class FastScanIndex(TwoStageIndex):
         return index
 
 
-class _Sink(io.RawIOBase):
-    """numpy's array writer on top of the cache's byte sink."""
-
-    def __init__(self, sink: Callable[[bytes], object]) -> None:
-        self.sink = sink
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data) -> int:  # type: ignore[no-untyped-def]
-        self.sink(bytes(data))
-        return len(data)
-
-
-class _Source(io.RawIOBase):
-    """numpy's array reader on top of the cache's byte source (which may return short reads)."""
-
-    def __init__(self, source: Callable[[int], bytes]) -> None:
-        self.source = source
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, n: int = -1) -> bytes:
-        parts, left = [], n
-        while left > 0:
-            chunk = self.source(left)
-            if not chunk:
-                break
-            parts.append(chunk)
-            left -= len(chunk)
-        return b"".join(parts)
+def _no_hits(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, ids) meaning "nothing found" (-inf, -1), to be filled in."""
+    return np.full((n, k), -np.inf, dtype=np.float32), np.full((n, k), -1, dtype=np.int64)

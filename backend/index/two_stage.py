@@ -256,7 +256,10 @@ class TwoStageIndex:
     def rank_categories(self, queries: np.ndarray, top: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Stage 1: (scores, category numbers), best first, for the top `top` categories (all if None)."""
         k = len(self.category_ids) if top is None else min(top, len(self.category_ids))
-        scores, cats = self.prototypes.search(np.ascontiguousarray(queries, dtype=np.float32), max(k, 1))
+        x = np.ascontiguousarray(queries, dtype=np.float32)
+        scores, cats = np.empty((len(x), max(k, 1)), np.float32), np.empty((len(x), max(k, 1)), np.int64)
+        # FAISS's own call without its Python wrapper: a few µs of a 0.15 ms single-query search
+        self.prototypes.search_c(len(x), swig_ptr(x), max(k, 1), swig_ptr(scores), swig_ptr(cats))  # type: ignore[attr-defined]
         return scores[:, :k], cats[:, :k]
 
     def probe_lists(self, query: np.ndarray, categories: np.ndarray, nprobe: int | None) -> np.ndarray:

@@ -5,6 +5,7 @@ import os
 import shutil
 from pathlib import Path
 
+import faiss
 import httpx
 import numpy as np
 import pytest
@@ -66,6 +67,44 @@ def test_recall_on_real_vectors_and_only_top_categories(stored, query_vectors, n
     for q, row, scores in zip(queries, hits.ids, hits.scores, strict=True):
         np.testing.assert_allclose(scores, [by_id[i] @ q for i in row], atol=2e-3)
         assert (np.diff(scores) <= 0).all()
+
+
+def test_one_query_in_cpp_equals_the_batch_path(stored, query_vectors, tmp_path: Path) -> None:
+    """One query whose rows are all in the mapped file is one IndexRefine call (on one OpenMP thread); it
+    returns what the batch path (scan, then re-rank in Python) returns: after deletions, with rows added since
+    the build (then it is the batch path itself), and with a dead row left in a list (the guard)."""
+    vectors, prototypes = stored
+    cats = sorted(set(vectors.category_ids.tolist()))
+    index = FastScanIndex.build("m", vectors.vectors.shape[1], cats, vectors, prototypes, SPEC, tmp_path)
+    queries = query_vectors[0]
+    _, top = index.rank_categories(queries, 3)
+    threads = faiss.omp_get_max_threads()
+
+    def same(nprobe: int | None) -> np.ndarray:
+        batch = index.search(queries, 10, top, nprobe, 50)
+        for i in range(len(queries)):
+            one = index.search(queries[i : i + 1], 10, top[i : i + 1], nprobe, 50)
+            np.testing.assert_array_equal(one.ids[0], batch.ids[i])
+            np.testing.assert_allclose(one.scores[0], batch.scores[i], rtol=1e-6)
+            assert one.scanned[0] == batch.scanned[i]
+        assert faiss.omp_get_max_threads() == threads
+        return batch.ids
+
+    same(8)
+    same(None)
+    assert index._refine is not None  # the C++ path was taken
+    gone = same(8)[0, :3]
+    index.remove(gone)
+    assert not np.isin(same(8), gone).any()
+    refine = index._refine
+    best = same(8)[0, 0]
+    index.row_ids.data[np.flatnonzero(index.row_ids.view == best)] = -1  # dead but still in its list
+    assert best not in same(8)[0] and index._refine is refine
+    same(8)  # rows appended to the spool before it is published: mapped again, a new view
+    index.vectors.publish(index.rerank_path(tmp_path))  # as a saved index: later rows live in RAM
+    back = np.isin(vectors.ids, gone)
+    index.add(vectors.ids[back] + 10**6, vectors.category_ids[back], vectors.vectors[back])  # into RAM
+    assert index.vectors.view_index() is None and np.isin(same(8), vectors.ids[back] + 10**6).any()
 
 
 def list_contents(index: FastScanIndex) -> list[dict[int, bytes]]:
