@@ -16,12 +16,11 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image as PILImage
-from sqlalchemy import Engine
+from sqlalchemy.orm import Session
 
 from backend.index.stage1 import Ranking, Stage1
 from backend.index.two_stage import SearchHits, TwoStageIndex
 from backend.storage import catalogue
-from backend.storage.engine import session_scope
 
 PROBE_SUB_CENTROIDS = 8  # nearest sub-centroids whose categories are probed beside the top-C ...
 PROBE_BY_RANK = 1  # ... with the next category by stage 1
@@ -69,7 +68,7 @@ def nearest_outside(
 
 
 def results(
-    engine: Engine,
+    session: Session,
     model: str,
     queries: np.ndarray,
     hits: SearchHits,
@@ -86,7 +85,7 @@ def results(
     own: list[tuple[int, float] | None] = [None] * len(queries)
     if images is not None:
         candidates = [f[:CANDIDATES] + o for f, o in zip(found, outside, strict=True)]
-        own = find_own(engine, model, queries, images, candidates)
+        own = find_own(session, model, queries, images, candidates)
     return [own_first(f, o, limit) for f, o in zip(found, own, strict=True)]
 
 
@@ -98,16 +97,15 @@ def own_first(hits: list[tuple[int, float]], own: tuple[int, float] | None, limi
 
 
 def find_own(
-    engine: Engine, model: str, queries: np.ndarray, images: list[QueryImage], candidates: list[list[tuple[int, float]]]
+    session: Session, model: str, queries: np.ndarray, images: list[QueryImage], candidates: list[list[tuple[int, float]]]
 ) -> list[tuple[int, float] | None]:
     """For each query, the stored image it is a copy of, with its cosine score: the same bytes, else the
     best-scoring candidate whose thumbnail matches (None when there is neither)."""
     shas = [im.sha256 for im in images if im.sha256]
     check = {i for cands in candidates for i, score in cands if score >= NEAR_COPY_MIN_COSINE}
-    with session_scope(engine) as session:
-        same = catalogue.existing_by_sha(session, shas)
-        vectors = {i: catalogue.image_vector(session, i, model) for i in same.values()}
-        data = catalogue.image_data(session, check)
+    same = catalogue.existing_by_sha(session, shas)
+    vectors = {i: catalogue.image_vector(session, i, model) for i in same.values()}
+    data = catalogue.image_data(session, check)
     stored_thumbnails = {i: _stored_thumbnail(raw) for i, raw in data.items()}
     out: list[tuple[int, float] | None] = []
     for query, image, cands in zip(queries, images, candidates, strict=True):

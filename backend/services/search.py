@@ -100,8 +100,10 @@ class SearchService:
             total = index.ntotal
             category_ids = index.category_ids
         n = len(queries)
-        ranked = own_image.results(self.engine, self.model, queries, hits, exclude, outside, images, k)
-        with session_scope(self.engine, single_read=True) as session:  # the database says which hits still exist
+        # One connection, no transaction: each SELECT is consistent on its own, and the last one, the
+        # database's word on which hits still exist, is what a result may show.
+        with session_scope(self.engine, single_read=True) as session:
+            ranked = own_image.results(session, self.model, queries, hits, exclude, outside, images, k)
             meta = catalogue.result_metadata(session, {i for hits_q in ranked for i, _ in hits_q})
         t3 = time.perf_counter()
         for stage, seconds in (("prototypes", t1 - t0), ("search", t2 - t1), ("fetch", t3 - t2)):
