@@ -16,12 +16,12 @@ from benchmarks.sections import indexes
 from benchmarks.sections import indexes_fastscan as fs
 
 
-def run(n: int, queries: int) -> dict:
+def run(n: int, queries: int, shortlists: tuple[int, ...] = (100,)) -> dict:
     parts = [indexes.synthetic_chunk(s, e) for s, e in indexes.chunks(n, 100_000)]
     stored = StoredVectors(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("ids", "category_ids", "vectors")))
     del parts
     q, ql = indexes.synthetic_queries(queries)
-    rows = partial(fs.rows, ms=(320,), shortlists=(100,))
+    rows = partial(fs.rows, ms=(320,), shortlists=shortlists)
     return fs.with_fastscan(indexes.compare(f"synthetic {n:,}", stored, q, ql, [], with_pgvector=False, more_rows=rows))
 
 
@@ -29,10 +29,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vectors", type=int, default=1_000_000)
     parser.add_argument("--queries", type=int, default=300)
+    parser.add_argument("--rerank", default="100", help="comma-separated re-rank sizes (RERANK_CANDIDATES)")
     parser.add_argument("--json", type=Path, help="also write the section as JSON here")
     args = parser.parse_args()
     print(json.dumps(hardware()), file=sys.stderr)
-    section = run(args.vectors, args.queries)
+    section = run(args.vectors, args.queries, tuple(int(r) for r in args.rerank.split(",")))
     for r in section["rows"]:
         line = f"{r['method']:45s} {r['knob']:16s} R@10 {r['recall@10']:.3f}  p50 {r['p50']:.3f} ms"
         print(f"{line}  {r['memory_mb']:.0f} MB  build {r['build_s']:.0f} s", file=sys.stderr)
