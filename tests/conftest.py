@@ -139,13 +139,30 @@ def catalogue_engine(databases: Databases, embedder: Embedder, cifar_train: Data
 
 @pytest.fixture(scope="module")
 def service(catalogue_engine: Engine, embedder: Embedder, tmp_path_factory: pytest.TempPathFactory):
-    """A search service over the shared CIFAR catalogue (read-only); modules that write define their own."""
+    """A search service over the shared CIFAR catalogue (read-only); tests that write use `writable_service`."""
     from backend.services.search import SearchService
     from tests.utils.settings import make_settings
 
     svc = SearchService(make_settings(tmp_path_factory.mktemp("data"), catalogue_engine), catalogue_engine, embedder)
     svc.cache.get()
     return svc
+
+
+@pytest.fixture
+def small(cifar_train: Dataset) -> Dataset:
+    """40 images of the CIFAR catalogue, balanced over its categories."""
+    return Dataset("cifar10", balanced(cifar_train.samples, 40))
+
+
+@pytest.fixture
+def writable_service(engine: Engine, embedder: Embedder, small: Dataset, tmp_path):
+    """A search service over a database of this test's own holding `small`: for tests that write."""
+    from backend.ingest.populate import ingest
+    from backend.services.search import SearchService
+    from tests.utils.settings import make_settings
+
+    ingest(small, embedder, engine, max_pixels=10**7, progress=False)
+    return SearchService(make_settings(tmp_path, engine), engine, embedder)
 
 
 @pytest.fixture(scope="session")
