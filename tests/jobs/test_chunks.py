@@ -2,9 +2,7 @@
 stored prototypes predict, stored as predicted, as an upload's would be; with no prototypes yet it is one
 counted failure; a second delivery of a finished chunk does nothing."""
 
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,7 @@ from backend.ingest.populate import ingest
 from backend.storage import catalogue
 from backend.storage.engine import session_scope
 from backend.storage.schema import CatalogueJob, Category, Image
+from tests.utils.http_images import serving
 from tests.utils.settings import make_settings
 
 CHUNK = 8
@@ -24,23 +23,8 @@ CHUNK = 8
 
 @pytest.fixture(scope="module")
 def image_server(cifar_queries: Dataset) -> Iterator[str]:
-    images = [s.load() for s in cifar_queries.samples[:6]]
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = images[int(self.path.strip("/")[3:])]
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with serving({f"/img{i}": s.load() for i, s in enumerate(cifar_queries.samples[:6])}) as base:
+        yield base
 
 
 def run_url_job(engine: Engine, embedder, tmp_path: Path, text: str) -> jobs.ChunkRunner:
