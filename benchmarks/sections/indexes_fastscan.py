@@ -27,7 +27,7 @@ from benchmarks.sections import indexes
 MS = (160, 320)  # 4-bit sub-quantizers: 8 or 4 dimensions each of Lite0's 1280 (80 or 160 bytes a vector)
 SHORTLISTS = (50, 100)  # RERANK_CANDIDATES re-scored from the float16 file
 GOAL_RATIO, GOAL_RECALL = 0.8, 0.97
-NPROBES_10M = (16, 32, 48, 64, 96, 128, 192, 256)  # lists of 1,024: ~98 a category at 10M
+NPROBES_10M = (8, 16, 32, 64, 128, 256)  # lists of 1,024: ~98 a category at 10M
 
 
 def rows(

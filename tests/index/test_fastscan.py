@@ -14,7 +14,7 @@ from sqlalchemy import Engine
 from backend.core.search_params import SearchParams
 from backend.datasets import Dataset, balanced
 from backend.imaging import decode_image
-from backend.index import build
+from backend.index import build, rerank_file
 from backend.index.fastscan import FastScanIndex
 from backend.index.layout import IndexLayout
 from backend.index.sampling import train_sample
@@ -105,6 +105,32 @@ def test_one_query_in_cpp_equals_the_batch_path(stored, query_vectors, tmp_path:
     back = np.isin(vectors.ids, gone)
     index.add(vectors.ids[back] + 10**6, vectors.category_ids[back], vectors.vectors[back])  # into RAM
     assert index.vectors.view_index() is None and np.isin(same(8), vectors.ids[back] + 10**6).any()
+
+
+def test_a_rerank_file_larger_than_memory_is_read_directly_with_the_same_results(
+    stored, query_vectors, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A re-rank file too large for the page cache (here any file: COLD_SHARE 0) is read by announced
+    `preadv`s instead of page faults: the same hits, the same scores; a file cut short under it is an error."""
+    vectors, prototypes = stored
+    cats = sorted(set(vectors.category_ids.tolist()))
+    index = FastScanIndex.build("m", vectors.vectors.shape[1], cats, vectors, prototypes, SPEC, tmp_path)
+    queries = query_vectors[0]
+    _, top = index.rank_categories(queries, 3)
+    warm = [index.search(queries[i : i + 1], 10, top[i : i + 1], 8, 50) for i in range(len(queries))]
+    assert not index.vectors.cold and index.vectors.view_index() is not None  # the C++ path, over the mapping
+    monkeypatch.setattr(rerank_file, "COLD_SHARE", 0.0)
+    assert index.vectors.cold and index.vectors.view_index() is None
+    for i, hits in enumerate(warm):
+        cold = index.search(queries[i : i + 1], 10, top[i : i + 1], 8, 50)
+        np.testing.assert_array_equal(cold.ids, hits.ids)
+        np.testing.assert_allclose(cold.scores, hits.scores, rtol=1e-6)
+    rows = np.array([0, 7, index.vectors.file_rows - 1])
+    np.testing.assert_array_equal(index.vectors.get(rows), index.vectors._mapped()[rows])
+    assert index.vectors._spool is not None
+    os.truncate(index.vectors._spool, rerank_file.HEADER_BYTES + 3 * index.vectors.row_bytes)
+    with pytest.raises(ValueError, match="truncated"):
+        index.vectors.get(np.array([5]))
 
 
 def list_contents(index: FastScanIndex) -> list[dict[int, bytes]]:
