@@ -1,5 +1,6 @@
-"""Plot recall@10 against p50 latency for every method of the `indexes` benchmark section.
-python benchmarks/plot_indexes.py docs/results/benchmark_indexes.json [--out docs/index_tradeoff.png]
+"""Plot recall@10 against p50 latency for every method of the `indexes` benchmark section, a panel a
+section; each file holds a report (`{"indexes": [...]}`) or one section (`fastscan_1m --json`).
+python benchmarks/plot_indexes.py docs/results/benchmark_indexes.json [more.json ...] [--out docs/index_tradeoff.png]
 """
 
 import argparse
@@ -15,10 +16,13 @@ from backend.core.config import PROJECT_ROOT
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("report", type=Path, help="JSON written by `benchmarks/run.py --json --sections indexes`")
+    parser.add_argument("reports", type=Path, nargs="+", help="JSON of `benchmarks/run.py --json --sections indexes`")
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "docs" / "index_tradeoff.png")
     args = parser.parse_args()
-    sections = json.loads(args.report.read_text())["indexes"]
+    sections = []
+    for path in args.reports:
+        report = json.loads(path.read_text())
+        sections += report["indexes"] if "indexes" in report else [report]
 
     import matplotlib
 
