@@ -14,7 +14,8 @@ close neighbours.)
 
 The file is mapped for random access (`MADV_RANDOM`): otherwise each page missing from the cache reads the
 device's whole read-ahead window around it (8 MB on this machine: 0.9 s a query at 10M vectors). A file
-larger than half of the machine's memory is mostly on disk: its shortlist is announced to the kernel
+larger than half of the memory we may use (the machine's, or the container's limit) is mostly on disk, so
+it is not read through the mapping: a shortlist's rows in it are announced to the kernel
 first (`POSIX_FADV_WILLNEED`, so the device serves the reads together) and then read with `preadv`, 3-4x
 faster than page faults taken one by one (measured: 1,000 rows of a 25 GB file in 8 ms against 32 ms).
 """
@@ -37,8 +38,21 @@ MAGIC = b"\x00IMSRC-RERANK-1\n"
 _HEADER = struct.Struct("<16s16sQQ")  # magic, build token, dimension, rows
 HEADER_BYTES = 4096  # rows start on a page boundary
 ROW_DTYPE = np.dtype("<f2")
-COLD_SHARE = 0.5  # a file larger than this share of physical memory is read as mostly on disk
-PHYSICAL_BYTES = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+COLD_SHARE = 0.5  # a file larger than this share of the memory we may use is read as mostly on disk
+CGROUP_LIMIT = Path("/sys/fs/cgroup/memory.max")  # a container's memory limit (cgroup v2), if it has one
+
+
+def usable_memory() -> int:
+    """Physical memory, or the container's limit when it is lower (the page cache counts against it)."""
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+    try:
+        limit = CGROUP_LIMIT.read_text().strip()
+    except OSError:
+        return physical
+    return min(physical, int(limit)) if limit.isdigit() else physical
+
+
+USABLE_BYTES = usable_memory()
 _PREFETCH = hasattr(os, "posix_fadvise") and hasattr(os, "preadv")  # not on Windows: page faults there
 
 
@@ -132,16 +146,22 @@ class RerankFile:
         """The rows, float16 (n, dim), gathered from the file and RAM (into `out`'s first n rows if given)."""
         rows = np.asarray(rows, dtype=np.int64)
         out = np.empty((len(rows), self.dim), dtype=ROW_DTYPE) if out is None else out[: len(rows)]
-        if not self.tail.n and self.cold:
-            self._read_cold(rows, out)
-        elif not self.tail.n:  # the common case: every row in the file
-            out[:] = self._mapped()[rows]
+        if not self.tail.n:  # the common case: every row in the file
+            self._from_file(rows, out)
         elif not self.file_rows:
             out[:] = self.tail.view[rows]
         else:
             in_file = rows < self.file_rows
-            out[in_file] = self._mapped()[rows[in_file]]
+            out[in_file] = self._from_file(rows[in_file])
             out[~in_file] = self.tail.view[rows[~in_file] - self.file_rows]
+        return out
+
+    def _from_file(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        out = np.empty((len(rows), self.dim), dtype=ROW_DTYPE) if out is None else out
+        if self.cold:
+            self._read_cold(rows, out)
+        else:
+            out[:] = self._mapped()[rows]
         return out
 
     def best(self, rows: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -204,7 +224,7 @@ class RerankFile:
     @property
     def cold(self) -> bool:
         """Whether the file's rows are read as mostly on disk (see the module's docstring)."""
-        return _PREFETCH and self.file_rows * self.row_bytes > COLD_SHARE * PHYSICAL_BYTES
+        return _PREFETCH and self.file_rows * self.row_bytes > COLD_SHARE * USABLE_BYTES
 
     def _read_cold(self, rows: np.ndarray, out: np.ndarray) -> None:
         """`rows` (all in the file) into `out`: every read announced first, then read in file order."""
@@ -242,19 +262,38 @@ class RerankFile:
     def open(cls, path: Path, dim: int, token: bytes, file_rows: int) -> "RerankFile":
         """The published file of the build `token`, mapped; ValueError if it is not exactly that."""
         try:
-            with open(path, "rb") as f:
-                magic, found, found_dim, rows = _HEADER.unpack(f.read(_HEADER.size).ljust(_HEADER.size, b"\0"))
-                size = os.fstat(f.fileno()).st_size
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
         except FileNotFoundError:
             raise ValueError(f"re-rank file {path.name} is missing") from None
         except OSError as exc:
             raise ValueError(f"re-rank file {path.name} is unreadable: {exc.strerror or exc}") from exc
-        if magic != MAGIC:
-            raise ValueError(f"re-rank file {path.name} is not a re-rank file")
-        if found != token or found_dim != dim or rows != file_rows:
-            raise ValueError(f"re-rank file {path.name} belongs to another build")
-        if size != HEADER_BYTES + rows * dim * ROW_DTYPE.itemsize:
-            raise ValueError(f"re-rank file {path.name} has {size} bytes, its header says {rows} rows: truncated or damaged")
+        try:  # checked and then used through this one descriptor: a file replaced in between is never read
+            _check(fd, path.name, dim, token, file_rows)
+        except BaseException:
+            os.close(fd)
+            raise
         store = cls(dim, None, token)
-        store.directory, store.path, store.file_rows = path.parent, path, rows
+        store.directory, store.path, store.file_rows, store._fd = path.parent, path, file_rows, fd
+        weakref.finalize(store, os.close, fd)
         return store
+
+
+def _check(fd: int, name: str, dim: int, token: bytes, file_rows: int) -> None:
+    """ValueError unless the open file is the published re-rank file of build `token`, whole."""
+    try:
+        header = os.pread(fd, _HEADER.size, 0) if hasattr(os, "pread") else _read_start(fd)
+        size = os.fstat(fd).st_size
+    except OSError as exc:
+        raise ValueError(f"re-rank file {name} is unreadable: {exc.strerror or exc}") from exc
+    magic, found, found_dim, rows = _HEADER.unpack(header.ljust(_HEADER.size, b"\0"))
+    if magic != MAGIC:
+        raise ValueError(f"re-rank file {name} is not a re-rank file")
+    if found != token or found_dim != dim or rows != file_rows:
+        raise ValueError(f"re-rank file {name} belongs to another build")
+    if size != HEADER_BYTES + rows * dim * ROW_DTYPE.itemsize:
+        raise ValueError(f"re-rank file {name} has {size} bytes, its header says {rows} rows: truncated or damaged")
+
+
+def _read_start(fd: int) -> bytes:
+    os.lseek(fd, 0, os.SEEK_SET)
+    return os.read(fd, _HEADER.size)

@@ -107,11 +107,13 @@ def test_one_query_in_cpp_equals_the_batch_path(stored, query_vectors, tmp_path:
     assert index.vectors.view_index() is None and np.isin(same(8), vectors.ids[back] + 10**6).any()
 
 
+@pytest.mark.skipif(not rerank_file._PREFETCH, reason="no posix_fadvise / preadv here: the mapping is always used")
 def test_a_rerank_file_larger_than_memory_is_read_directly_with_the_same_results(
     stored, query_vectors, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A re-rank file too large for the page cache (here any file: COLD_SHARE 0) is read by announced
-    `preadv`s instead of page faults: the same hits, the same scores; a file cut short under it is an error."""
+    `preadv`s instead of page faults: the same hits, the same scores, also once rows live in RAM beside it;
+    a file cut short under it is an error, not a crash through the mapping."""
     vectors, prototypes = stored
     cats = sorted(set(vectors.category_ids.tolist()))
     index = FastScanIndex.build("m", vectors.vectors.shape[1], cats, vectors, prototypes, SPEC, tmp_path)
@@ -127,10 +129,30 @@ def test_a_rerank_file_larger_than_memory_is_read_directly_with_the_same_results
         np.testing.assert_allclose(cold.scores, hits.scores, rtol=1e-6)
     rows = np.array([0, 7, index.vectors.file_rows - 1])
     np.testing.assert_array_equal(index.vectors.get(rows), index.vectors._mapped()[rows])
-    assert index.vectors._spool is not None
-    os.truncate(index.vectors._spool, rerank_file.HEADER_BYTES + 3 * index.vectors.row_bytes)
+    index.vectors.publish(index.rerank_path(tmp_path))  # as a saved index that then follows writes: rows in RAM
+    index.add(vectors.ids[:3] + 10**6, vectors.category_ids[:3], vectors.vectors[:3])
+    mixed = np.array([0, index.vectors.file_rows - 1, index.vectors.file_rows + 2])
+    got = index.vectors.get(mixed)
+    np.testing.assert_array_equal(got[:2], index.vectors._mapped()[mixed[:2]])
+    np.testing.assert_array_equal(got[2], vectors.vectors[2].astype(np.float16))
+    assert index.vectors.path is not None
+    os.truncate(index.vectors.path, rerank_file.HEADER_BYTES + 3 * index.vectors.row_bytes)
     with pytest.raises(ValueError, match="truncated"):
-        index.vectors.get(np.array([5]))
+        index.vectors.get(np.array([5, index.vectors.file_rows]))
+
+
+@pytest.mark.skipif(not hasattr(os, "sysconf"), reason="no sysconf here")
+def test_a_containers_memory_limit_counts_as_the_memory_a_rerank_file_is_judged_by(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limit = tmp_path / "memory.max"
+    monkeypatch.setattr(rerank_file, "CGROUP_LIMIT", limit)
+    assert rerank_file.usable_memory() == physical  # no cgroup file: the machine's memory
+    limit.write_text("max\n")
+    assert rerank_file.usable_memory() == physical
+    limit.write_text(f"{2**30}\n")
+    assert rerank_file.usable_memory() == min(physical, 2**30)
 
 
 def list_contents(index: FastScanIndex) -> list[dict[int, bytes]]:
