@@ -29,6 +29,12 @@ class StoredVectors:
     def empty(cls, dim: int = 0) -> "StoredVectors":
         return cls(np.empty(0, np.int64), np.empty(0, np.int64), np.empty((0, dim), np.float32))
 
+    @classmethod
+    def concat(cls, parts: list["StoredVectors"]) -> "StoredVectors":
+        if not parts:
+            return cls.empty()
+        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("ids", "category_ids", "vectors")))
+
     def __len__(self) -> int:
         return len(self.ids)
 

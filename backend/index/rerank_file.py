@@ -200,7 +200,7 @@ class RerankFile:
     def _mapped(self) -> np.ndarray:
         if self._map is None or len(self._map) < self.file_rows:  # the spool grew since it was mapped
             fd = self._file()
-            mapping = mmap.mmap(fd, HEADER_BYTES + self.file_rows * self.row_bytes, access=mmap.ACCESS_READ)
+            mapping = mmap.mmap(fd, _file_size(self.file_rows, self.dim), access=mmap.ACCESS_READ)
             if hasattr(mapping, "madvise"):
                 mapping.madvise(mmap.MADV_RANDOM)
             # A plain array over the mapping (it keeps the mapping alive): numpy's memmap subclass makes every
@@ -237,7 +237,7 @@ class RerankFile:
                 raise ValueError(f"re-rank file ended before row {rows[i]}: truncated after it was opened")
 
     def file_bytes(self) -> int:
-        return HEADER_BYTES + self.file_rows * self.dim * ROW_DTYPE.itemsize if self.directory is not None else 0
+        return _file_size(self.file_rows, self.dim) if self.directory is not None else 0
 
     def publish(self, path: Path) -> None:
         """Seal the spooled rows under `path` (renamed into place, after its header); later rows stay in RAM.
@@ -290,8 +290,12 @@ def _check(fd: int, name: str, dim: int, token: bytes, file_rows: int) -> None:
         raise ValueError(f"re-rank file {name} is not a re-rank file")
     if found != token or found_dim != dim or rows != file_rows:
         raise ValueError(f"re-rank file {name} belongs to another build")
-    if size != HEADER_BYTES + rows * dim * ROW_DTYPE.itemsize:
+    if size != _file_size(rows, dim):
         raise ValueError(f"re-rank file {name} has {size} bytes, its header says {rows} rows: truncated or damaged")
+
+
+def _file_size(rows: int, dim: int) -> int:
+    return HEADER_BYTES + rows * dim * ROW_DTYPE.itemsize
 
 
 def _read_start(fd: int) -> bytes:

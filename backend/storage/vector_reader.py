@@ -33,7 +33,7 @@ def vector_query(model: str) -> Select[int, int | None, bytes]:
 
 def load_vectors(session: Session, model: str, sample: tuple[int, int] | None = None, given_only: bool = False) -> StoredVectors:
     """`model`'s stored vectors (or a sample, see `stream_vectors`) in memory, by id."""
-    stored = _concat(list(stream_vectors(session, model, sample=sample, given_only=given_only)))
+    stored = StoredVectors.concat(list(stream_vectors(session, model, sample=sample, given_only=given_only)))
     order = np.argsort(stored.ids, kind="stable")
     return StoredVectors(stored.ids[order], stored.category_ids[order], stored.vectors[order])
 
@@ -106,9 +106,3 @@ def _parse_rows(buffer: bytearray, row: np.dtype, dim: int) -> StoredVectors:
     if (rows["fields"] != 3).any() or (rows["l_id"] != 8).any() or (rows["l_cat"] != 8).any() or (rows["l_vec"] != dim * 4).any():
         raise ValueError(f"stored vectors of another size than {dim} dimensions")
     return StoredVectors(rows["id"].astype(np.int64), rows["cat"].astype(np.int64), rows["vec"].astype(np.float32))
-
-
-def _concat(parts: list[StoredVectors]) -> StoredVectors:
-    if not parts:
-        return StoredVectors.empty()
-    return StoredVectors(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("ids", "category_ids", "vectors")))

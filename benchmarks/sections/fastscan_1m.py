@@ -9,9 +9,6 @@ import sys
 from functools import partial
 from pathlib import Path
 
-import numpy as np
-
-from backend.vectors import StoredVectors
 from benchmarks.harness import hardware
 from benchmarks.sections import indexes
 from benchmarks.sections import indexes_fastscan as fs
@@ -20,9 +17,7 @@ IN_MEMORY_UP_TO = 2_000_000  # float32 vectors held at once for HNSW and the exa
 
 
 def run(n: int, queries: int, ms: tuple[int, ...] = (320,), shortlists: tuple[int, ...] = (100,)) -> dict:
-    parts = [indexes.synthetic_chunk(s, e) for s, e in indexes.chunks(n, 100_000)]
-    stored = StoredVectors(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("ids", "category_ids", "vectors")))
-    del parts
+    stored = indexes.synthetic_catalogue(n)
     q, ql = indexes.synthetic_queries(queries)
     rows = partial(fs.rows, ms=ms, shortlists=shortlists)
     return fs.with_fastscan(indexes.compare(f"synthetic {n:,}", stored, q, ql, [], with_pgvector=False, more_rows=rows))

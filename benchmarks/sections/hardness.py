@@ -52,9 +52,9 @@ def main() -> None:
         stored, q, _ = indexes.real(get_settings(), dataset, args.queries)
         rows.append(measure(dataset, stored.vectors, q))
     for n in (int(v) for v in filter(None, args.synthetic.split(","))):
-        x = np.concatenate([indexes.synthetic_chunk(s, e).vectors for s, e in indexes.chunks(n, 100_000)])
-        rows.append(measure(f"synthetic {n:,}", x, indexes.synthetic_queries(args.queries)[0]))
-        del x
+        rows.append(
+            measure(f"synthetic {n:,}", indexes.synthetic_catalogue(n).vectors, indexes.synthetic_queries(args.queries)[0])
+        )
     print(json.dumps({"hardware": hardware(), "sets": rows}, indent=1))
 
 

@@ -337,6 +337,11 @@ def synthetic_chunk(start: int, stop: int, seed: int = 0, dim: int = DIM) -> Sto
     return StoredVectors(ids, category, l2_normalise(x))
 
 
+def synthetic_catalogue(n: int) -> StoredVectors:
+    """The first n vectors of the synthetic catalogue, in memory (made 100k at a time)."""
+    return StoredVectors.concat([synthetic_chunk(s, e) for s, e in chunks(n, 100_000)])
+
+
 def synthetic_queries(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     chunk = synthetic_chunk(10**12, 10**12 + n, seed)  # ids far beyond the catalogue: fresh noise
     return chunk.vectors, chunk.category_ids
@@ -367,9 +372,7 @@ def run(settings: Settings, quick: bool, sizes: tuple[str, ...] = ("real", "1M",
             stored, q, ql = real(settings, "fashion-mnist", None)
             out.append(fs.with_fastscan(compare("Fashion-MNIST train (Lite0)", stored, q, ql, real_specs, True, True, fs.rows)))
     if "1M" in sizes and not quick:
-        parts = [synthetic_chunk(s, e) for s, e in chunks(1_000_000, 100_000)]
-        stored = StoredVectors(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("ids", "category_ids", "vectors")))
-        del parts
+        stored = synthetic_catalogue(1_000_000)
         q, ql = synthetic_queries(1000)
         out.append(
             compare(

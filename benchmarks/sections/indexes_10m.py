@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from backend.index.build import index_class
+from backend.index.fastscan import FastScanIndex
 from backend.index.layout import IndexLayout
 from backend.index.two_stage import TwoStageIndex
 from backend.vectors import PrototypeMatrix
@@ -93,7 +94,7 @@ def ten_million(
     for shortlist in shortlists:
         rows += sweep_ours(index, q, truth.ids, spec, build_s, q_labels, None, shortlist, nprobes)
         log(f"re-rank {shortlist}: " + ", ".join(f"{r['knob']} {r['recall@10']:.3f} @ {r['p50']:.2f} ms" for r in rows[-3:]))
-    rerank_bytes = getattr(getattr(index, "vectors", None), "file_bytes", lambda: 0)()
+    rerank_bytes = index.vectors.file_bytes() if isinstance(index, FastScanIndex) else 0
     return {
         "name": f"synthetic {n:,}",
         "vectors": n,
