@@ -7,8 +7,8 @@ from typing import Literal
 from pydantic import BaseModel
 
 from backend.core.search_params import SearchParams
-from backend.index.stage1 import Stage1Status
-from backend.services.results import Hit, SearchResult, UploadResult
+from backend.search.results import Hit, SearchResult, UploadResult
+from backend.search.stage1 import Stage1Status
 from backend.storage.schema import Image
 
 

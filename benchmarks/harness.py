@@ -17,12 +17,12 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import URL, make_url
 
 from backend.core.config import Settings
-from backend.datasets import Dataset, balanced, find_cifar10, load_cifar10
+from backend.core.vectors import l2_normalise
 from backend.embedding import quantize
 from backend.imaging import ImageBytes
+from backend.sources.datasets import Dataset, balanced, find_cifar10, load_cifar10
 from backend.storage import catalogue
 from backend.storage.engine import session_scope
-from backend.vectors import l2_normalise
 
 DIM = 1280
 N_CATEGORIES = 10

@@ -14,10 +14,10 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backend.core.config import PROJECT_ROOT, get_settings
-from backend.datasets import load_dataset
 from backend.embedding.cache import model_cache
 from backend.evaluation import metrics
 from backend.evaluation.retrieval import Embedded, build_index, embed_cached
+from backend.sources.datasets import load_dataset
 from benchmarks.harness import N_CATEGORIES, clustered
 from benchmarks.sections.search import time_search
 

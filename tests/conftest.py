@@ -16,10 +16,10 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import URL, make_url
 
 from backend.core.config import PROJECT_ROOT
-from backend.datasets import Dataset, balanced, load_cifar10
 from backend.embedding.efficientnet import EfficientNetLiteModel
 from backend.embedding.embedder import Embedder
 from backend.embedding.models import MODELS
+from backend.sources.datasets import Dataset, balanced, load_cifar10
 from backend.storage import migrate
 from backend.storage.engine import make_engine
 from tests.utils.settings import CATALOGUE_SIZE, CIFAR_SUBSET, QUERY_COUNT

@@ -27,8 +27,8 @@ from sqlalchemy import Engine, text
 from sqlalchemy.engine import URL, make_url
 
 from backend.core.config import PROJECT_ROOT
-from backend.datasets import Dataset, balanced
 from backend.ingest.populate import ingest
+from backend.sources.datasets import Dataset, balanced
 from backend.storage import migrate
 from backend.storage.engine import make_engine
 from tests.utils.server import RunningServer, running_server

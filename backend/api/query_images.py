@@ -11,7 +11,7 @@ from starlette.datastructures import UploadFile as FormFile
 from backend.api.uploads import read_query
 from backend.core.config import Settings
 from backend.core.errors import Unprocessable
-from backend.queries import image_from_url
+from backend.sources.query_images import image_from_url
 
 FILE_HELP = "query image; several `file` fields search each, one result set per file, in order"
 URL_HELP = "instead of a file: the query image's http(s) address, downloaded like URL ingestion"

@@ -25,7 +25,7 @@ def read_image(file: UploadFile, settings: Settings) -> DecodedImage:
 
 def read_query(file: UploadFile, settings: Settings, side: int) -> tuple[Image, str]:
     """A query image: only what a model with `side` px input needs is decoded (nothing is stored); with
-    the sha256 of its bytes, so that a stored image finds itself (backend/index/own_image.py)."""
+    the sha256 of its bytes, so that a stored image finds itself (backend/search/own_image.py)."""
     data = _read(file, settings)
     image = decode_for_model(data, settings.max_image_pixels, side, name=echo(file.filename or "upload"))
     return image, hashlib.sha256(data).hexdigest()

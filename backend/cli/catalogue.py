@@ -8,7 +8,7 @@ from backend.cli.argtypes import int_in
 from backend.cli.common import Command, open_service, require_schema
 from backend.core.config import Settings
 from backend.core.errors import AppError
-from backend.datasets import DATASETS
+from backend.sources.datasets import DATASETS
 
 
 def cmd_init_db(args: argparse.Namespace, settings: Settings) -> None:
@@ -21,9 +21,9 @@ def cmd_init_db(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def cmd_populate(args: argparse.Namespace, settings: Settings) -> None:
-    from backend.datasets import load_dataset
     from backend.embedding.cache import model_cache
     from backend.ingest.populate import ingest
+    from backend.sources.datasets import load_dataset
     from backend.storage.engine import get_engine
 
     require_schema()
@@ -96,7 +96,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def cmd_backup(args: argparse.Namespace, settings: Settings) -> None:
-    from backend.backup import backup
+    from backend.storage.backup import backup
     from backend.storage.engine import get_engine
 
     require_schema()
@@ -105,7 +105,7 @@ def cmd_backup(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def cmd_restore(args: argparse.Namespace, settings: Settings) -> None:
-    from backend.backup import restore
+    from backend.storage.backup import restore
     from backend.storage.engine import get_engine, location
 
     engine = get_engine()

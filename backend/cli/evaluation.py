@@ -8,7 +8,7 @@ from backend.cli.argtypes import int_in
 from backend.cli.common import Command
 from backend.core.config import Settings
 from backend.core.errors import AppError
-from backend.datasets import DATASETS
+from backend.sources.datasets import DATASETS
 
 
 def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> None:

@@ -31,8 +31,8 @@ def add_search_command(command: Command) -> None:
 
 def cmd_search(args: argparse.Namespace, settings: Settings) -> None:
     from backend.imaging import DecodedImage, decode_image
-    from backend.queries import image_from_url, is_url
     from backend.schemas import SearchResponse
+    from backend.sources.query_images import image_from_url, is_url
 
     params = sp.SearchParams.resolve(
         settings, args.limit, args.top_categories, args.use_prototypes, args.nprobe, args.offset, args.min_score, args.categories

@@ -80,7 +80,7 @@ class Settings(BaseSettings):
     rerank: RerankCodec = "none"
     rerank_candidates: int = Field(100, ge=1, le=1000)  # fastscan needs 100 for recall@10 0.97 on Fashion-MNIST
     use_prototype_filtering: bool = True
-    # Stage 1 (backend/index/stage1.py): how categories are ranked. prototype: averaged given-label vectors;
+    # Stage 1 (backend/search/stage1.py): how categories are ranked. prototype: averaged given-label vectors;
     # centroids: each category's k-means sub-centroids; classifier: a linear softmax classifier on the given
     # labels; auto: whichever ranked the held-out labels best at training (prototype until one is trained).
     stage1: Literal["prototype", "centroids", "classifier", "auto"] = "auto"

@@ -11,10 +11,10 @@ from PIL import Image
 
 from backend.core.config import Settings
 from backend.core.errors import ConfigurationError
+from backend.core.vectors import l2_normalise
 from backend.embedding.base import EmbeddingModel
 from backend.embedding.registry import describe
 from backend.embedding.sessions import Session, choose_runtime, open_session, resolve_device
-from backend.vectors import l2_normalise
 
 if TYPE_CHECKING:
     from backend.embedding.quantize import Calibration

@@ -54,7 +54,7 @@ def calibration_for(settings: Settings) -> Calibration:
     """EMBED_CALIBRATION_DIR (`<category>/<image>` folders, like catalogue imports), else CIFAR-10's train
     split (CIFAR10_DIR, or downloaded into DATA_DIR as `populate` does): CALIBRATION_IMAGES of them, spread
     over the categories."""
-    from backend.datasets import load_dataset  # datasets imports the settings: avoid a cycle
+    from backend.sources.datasets import load_dataset  # datasets imports the settings: avoid a cycle
 
     folder = settings.embed_calibration_dir
 

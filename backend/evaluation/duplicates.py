@@ -19,8 +19,8 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
 from backend.core.config import Settings, get_settings
-from backend.datasets import Dataset, load_dataset
 from backend.embedding.embedder import Embedder
+from backend.sources.datasets import Dataset, load_dataset
 
 THRESHOLDS = np.round(np.arange(0.80, 1.0001, 0.01), 2)
 TARGET_PRECISION = 0.99  # the default threshold is the lowest one measured at this precision

@@ -12,10 +12,10 @@ import json
 import numpy as np
 
 from backend.core.config import Settings
-from backend.datasets import Dataset
 from backend.embedding.cache import model_cache
 from backend.evaluation import metrics
 from backend.evaluation.retrieval import Embedded, build_index, embed_cached, evaluate_index, evaluation_sets
+from backend.sources.datasets import Dataset
 
 PRECISIONS = ("fp32", "int8")
 TWO_STAGE = "two-stage C=3"

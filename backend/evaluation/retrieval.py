@@ -15,14 +15,14 @@ import numpy as np
 from tqdm import tqdm
 
 from backend.core.config import Settings
-from backend.datasets import Dataset, balanced, load_dataset
+from backend.core.vectors import PrototypeMatrix, StoredVectors
 from backend.embedding.cache import model_cache
 from backend.embedding.embedder import Embedder
 from backend.evaluation import metrics
 from backend.evaluation.stage1 import compare_rankers, format_stage1, synthetic_latency
 from backend.imaging import decode_image
 from backend.index.two_stage import TwoStageIndex
-from backend.vectors import PrototypeMatrix, StoredVectors
+from backend.sources.datasets import Dataset, balanced, load_dataset
 
 TOP_C = (1, 2, 3, 5)
 

@@ -10,11 +10,11 @@ import time
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from backend.core.vectors import PrototypeMatrix, StoredVectors, l2_normalise
 from backend.evaluation import metrics
-from backend.index.stage1 import Stage1
 from backend.index.stage1_models import RANKERS, Centroids, LinearSoftmax, Trained, train_rankers
 from backend.index.two_stage import TwoStageIndex
-from backend.vectors import PrototypeMatrix, StoredVectors, l2_normalise
+from backend.search.stage1 import Stage1
 
 TOP_C = (1, 3)
 LATENCY_QUERIES = 300

@@ -1,4 +1,4 @@
-"""numpy's array reader and writer on top of the index cache's byte source and sink (backend/index/cache_file.py)."""
+"""numpy's array reader and writer on top of the index cache's byte source and sink (backend/search/index_file.py)."""
 
 import io
 from collections.abc import Callable

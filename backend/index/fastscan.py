@@ -29,13 +29,13 @@ import faiss
 import numpy as np
 from faiss import swig_ptr
 
+from backend.core.vectors import StoredVectors
 from backend.index import ivf_lists
 from backend.index.byte_streams import ByteSink, ByteSource
 from backend.index.layout import PQ_TRAIN_POINTS, IndexDescription, IndexLayout
 from backend.index.probe_plan import ProbePlan
 from backend.index.rerank_file import Growing, RerankFile
 from backend.index.two_stage import SearchHits, TwoStageIndex
-from backend.vectors import StoredVectors
 
 NBITS, BLOCK = 4, 32  # 4-bit codes, 32 to a SIMD block
 PLANS_KEPT = 4096  # category sets whose probe selectors are cached

@@ -13,8 +13,8 @@ import faiss
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from backend.core.vectors import PrototypeMatrix, l2_normalise
 from backend.evaluation import metrics
-from backend.vectors import PrototypeMatrix, l2_normalise
 
 SEED = 1234
 

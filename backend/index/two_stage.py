@@ -25,10 +25,10 @@ import faiss
 import numpy as np
 from faiss import swig_ptr
 
+from backend.core.vectors import PrototypeMatrix, StoredVectors
 from backend.index import ivf_lists
 from backend.index.layout import STALE_GROWTH, IndexDescription, IndexLayout
 from backend.index.sampling import train_sample
-from backend.vectors import PrototypeMatrix, StoredVectors
 
 
 @dataclass(frozen=True)
@@ -347,7 +347,7 @@ class TwoStageIndex:
         """Categories a rebuild would lay out differently (see `IndexLayout.stale_categories`)."""
         return self.layout.stale_categories(self.category_ids, self.category_sizes(), self.trained_sizes, np.diff(self.offsets))
 
-    # --- serialisation (the cache file's format and checks live in backend/index/cache_file.py) ---
+    # --- serialisation (the cache file's format and checks live in backend/search/index_file.py) ---
 
     def describe(self) -> IndexDescription:
         return IndexDescription(

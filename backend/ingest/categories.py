@@ -10,8 +10,8 @@ from sqlalchemy.orm import Session
 from backend.storage import catalogue
 
 if TYPE_CHECKING:
-    from backend.index.cache import IndexCache
-    from backend.index.stage1 import Stage1
+    from backend.search.live_index import IndexCache
+    from backend.search.stage1 import Stage1
 
 NO_PROTOTYPES = "no category prototypes yet: give a category"
 

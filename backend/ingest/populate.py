@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from sqlalchemy import Engine
 from tqdm import tqdm
 
-from backend.datasets import Dataset, Sample
 from backend.embedding.embedder import Embedder
 from backend.ingest.categories import StoredPrototypes
 from backend.ingest.pipeline import DEFAULT_DECODERS, run_pipeline
 from backend.ingest.writer import Batch, BatchWriter, IngestReport
+from backend.sources.datasets import Dataset, Sample
 
 MAX_ERRORS = 20  # failures kept in a run's report
 

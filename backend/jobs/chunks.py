@@ -24,14 +24,14 @@ from backend.embedding.embedder import Embedder
 from backend.ingest.categories import StoredPrototypes
 from backend.ingest.pipeline import run_pipeline
 from backend.ingest.writer import Batch, BatchWriter, IngestReport
-from backend.queries import fetch_limits
+from backend.sources.query_images import fetch_limits
+from backend.sources.urls import FetchLimits, fetch
 from backend.storage.engine import session_scope
 from backend.storage.jobs import FINAL, MAX_FAILURES, delete_chunk_items, finish_if_done, load_chunk, lock_chunk_mark, lookup
 from backend.storage.schema import CatalogueJobItem
-from backend.urls import FetchLimits, fetch
 
 if TYPE_CHECKING:
-    from backend.index.cache import IndexCache
+    from backend.search.live_index import IndexCache
 
 log = logging.getLogger("backend.jobs")
 

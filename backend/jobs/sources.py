@@ -11,7 +11,7 @@ from sqlalchemy import Engine
 
 from backend.core.config import Settings
 from backend.core.errors import InvalidInput
-from backend.datasets import Sample, load_dataset, load_folder
+from backend.sources.datasets import Sample, load_dataset, load_folder
 from backend.storage import catalogue
 from backend.storage.engine import session_scope
 from backend.storage.jobs import staged_image_ids
@@ -76,7 +76,7 @@ def _folder(folder: Path, settings: Settings) -> tuple[list[Sample], int, list[s
 
 def _archive(settings: Settings, job_id: int, archive: Path) -> Found:
     """Extract (again, after a crash: into a fresh folder) and walk the files like a folder."""
-    from backend.archives import Limits, extract_archive
+    from backend.sources.archives import Limits, extract_archive
 
     folder = archive.parent / "files"
     shutil.rmtree(folder, ignore_errors=True)
@@ -92,7 +92,7 @@ def _archive(settings: Settings, job_id: int, archive: Path) -> Found:
 
 
 def _urls(settings: Settings, path: Path) -> Found:
-    from backend.urls import parse_url_list, shown
+    from backend.sources.urls import parse_url_list, shown
 
     items, problems = parse_url_list(path.read_text(encoding="utf-8"), settings.max_url_list_items)
     staged = (CatalogueJobItem(source=shown(i.url), url=i.url, category=i.category, description=i.description) for i in items)

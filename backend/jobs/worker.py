@@ -13,7 +13,7 @@ from backend.jobs.chunks import ChunkRunner
 from backend.jobs.queue import worker_app, worker_options
 
 if TYPE_CHECKING:
-    from backend.index.cache import IndexCache
+    from backend.search.live_index import IndexCache
 
 log = logging.getLogger("backend.jobs")
 

@@ -26,9 +26,10 @@ from backend.schemas import (
     Position,
     image_urls,
 )
-from backend.services import catalogue_views, near_duplicates
+from backend.search import near_duplicates
+from backend.search.near_duplicates import Group
+from backend.services import catalogue_views
 from backend.services.catalogue_views import CatalogueMap
-from backend.services.near_duplicates import Group
 from backend.services.search import SearchService
 from backend.storage import catalogue
 from backend.storage.engine import session_scope

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 from sqlalchemy import Engine
 
-from backend.index.cache import IndexCache
+from backend.search.live_index import IndexCache
 from backend.storage import catalogue, vector_reader
 from backend.storage.engine import session_scope
 

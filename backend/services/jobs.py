@@ -13,7 +13,7 @@ from backend.core.config import Settings
 from backend.schemas import JobOut
 
 if TYPE_CHECKING:
-    from backend.index.cache import IndexCache
+    from backend.search.live_index import IndexCache
 
 
 def job_out(job: Any) -> JobOut:

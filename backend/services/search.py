@@ -1,6 +1,6 @@
 """The search engine as one object: embedder + database + index cache; search, writes and the index's
 start/tick/stop, shared by the CLI and the API. The index's lifecycle (load, verify, rebuild, follow changes,
-locking) is `backend.index.cache`'s."""
+locking) is `backend.search.live_index`'s."""
 
 import logging
 import time
@@ -18,16 +18,16 @@ from backend.core.search_params import SearchParams
 from backend.embedding.cache import model_cache
 from backend.embedding.embedder import Embedder
 from backend.imaging import DecodedImage
-from backend.index import own_image
-from backend.index.cache import IndexCache, prune_change_log
 from backend.index.layout import layout_from_settings
-from backend.index.stage1 import Ranking, Stage1
 from backend.index.two_stage import TwoStageIndex
 from backend.ingest.categories import LiveStage1
 from backend.ingest.writer import BatchWriter
 from backend.schemas import Status
-from backend.services import near_duplicates, search_filters
-from backend.services.results import CategoryScore, Hit, SearchResult, UploadResult
+from backend.search import filters as search_filters
+from backend.search import near_duplicates, own_image
+from backend.search.live_index import IndexCache, prune_change_log
+from backend.search.results import CategoryScore, Hit, SearchResult, UploadResult
+from backend.search.stage1 import Ranking, Stage1
 from backend.services.status import build_status
 from backend.storage import catalogue
 from backend.storage.engine import get_engine, session_scope
@@ -65,7 +65,7 @@ class SearchService:
         return vectors
 
     def search(self, images: list[PILImage.Image], params: SearchParams, sha256s: list[str] | None = None) -> list[SearchResult]:
-        """`sha256s`: the queries' bytes' digests, so that a stored image finds itself (backend/index/own_image.py)."""
+        """`sha256s`: the queries' bytes' digests, so that a stored image finds itself (backend/search/own_image.py)."""
         start = time.perf_counter()
         queries = self.embed(images)
         embed_s = time.perf_counter() - start
@@ -82,7 +82,7 @@ class SearchService:
         exclude: int | None = None,
         images: list[own_image.QueryImage] | None = None,
     ) -> list[SearchResult]:
-        """`images`: the query images, so that a stored image finds itself first (backend/index/own_image.py)."""
+        """`images`: the query images, so that a stored image finds itself first (backend/search/own_image.py)."""
         top_categories, use_prototypes = params.top_categories, params.use_prototypes
         k = search_filters.depth(params, 1 if exclude is not None else 0)
         wanted = search_filters.category_filter(self.engine, params.categories)

@@ -5,8 +5,6 @@ from sqlalchemy import Engine
 from backend.core import search_params
 from backend.core.config import Settings
 from backend.embedding.embedder import Embedder
-from backend.index.cache import IndexCache
-from backend.index.stage1 import Stage1
 from backend.schemas import (
     CategoryCount,
     DatabaseStatus,
@@ -16,6 +14,8 @@ from backend.schemas import (
     SearchSettings,
     Status,
 )
+from backend.search.live_index import IndexCache
+from backend.search.stage1 import Stage1
 from backend.storage import catalogue
 from backend.storage.engine import location, session_scope
 

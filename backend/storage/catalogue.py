@@ -14,10 +14,10 @@ from sqlalchemy.orm import Session
 
 from backend.core.errors import NotFound, Unprocessable
 from backend.core.text import echo, echo_list
+from backend.core.vectors import SUM_DTYPE, VECTOR_DTYPE, PrototypeMatrix, category_sums
 from backend.imaging import ImageBytes
 from backend.storage.change_log import lock_changes
 from backend.storage.schema import Category, Embedding, Image, Prototype
-from backend.vectors import SUM_DTYPE, VECTOR_DTYPE, PrototypeMatrix, category_sums
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,9 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from backend.core.errors import NotFound
+from backend.core.vectors import StoredVectors
 from backend.storage.schema import CatalogueMeta, DeletedEmbedding, Embedding, Prototype
 from backend.storage.vector_reader import stored_vectors, vector_query
-from backend.vectors import StoredVectors
 
 # The change numbers are handed out under this transaction-level advisory lock (see migration 0002). A
 # writer that also locks prototype rows takes it first, so every writer locks in the same order.

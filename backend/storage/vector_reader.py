@@ -7,9 +7,9 @@ import numpy as np
 from sqlalchemy import Row, Select, select, text
 from sqlalchemy.orm import Session
 
+from backend.core.vectors import VECTOR_DTYPE, StoredVectors
 from backend.storage.engine import libpq_url
 from backend.storage.schema import Embedding, Image
-from backend.vectors import VECTOR_DTYPE, StoredVectors
 
 
 def stored_vectors(rows: Sequence[Row[int, int | None, bytes]]) -> StoredVectors:

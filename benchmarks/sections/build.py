@@ -3,9 +3,9 @@
 import sys
 import time
 
-from backend.index.build import build_from_database
-from backend.index.cache import IndexCache
 from backend.index.layout import IndexLayout
+from backend.search.build import build_from_database
+from backend.search.live_index import IndexCache
 from benchmarks.harness import DIM, TempDatabase, clustered, rss_mb, seed_vectors
 from benchmarks.sections import storage
 

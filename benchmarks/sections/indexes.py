@@ -16,14 +16,14 @@ import faiss
 import numpy as np
 
 from backend.core.config import Settings
-from backend.datasets import load_dataset
+from backend.core.vectors import PrototypeMatrix, StoredVectors, l2_normalise
 from backend.embedding.cache import model_cache
 from backend.evaluation.retrieval import embed_cached
-from backend.index.build import index_class
 from backend.index.layout import IndexLayout
 from backend.index.two_stage import TwoStageIndex
+from backend.search.build import index_class
+from backend.sources.datasets import load_dataset
 from backend.storage.engine import libpq_url
-from backend.vectors import PrototypeMatrix, StoredVectors, l2_normalise
 from benchmarks.harness import DIM
 
 K, TOP_C, TARGET_RECALL = 10, 3, 0.97

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
-from backend.index.build import index_class
+from backend.core.vectors import PrototypeMatrix
 from backend.index.fastscan import FastScanIndex
 from backend.index.layout import IndexLayout
 from backend.index.two_stage import TwoStageIndex
-from backend.vectors import PrototypeMatrix
+from backend.search.build import index_class
 from benchmarks.harness import DIM, rss_mb
 from benchmarks.sections.indexes import (
     NPROBES,

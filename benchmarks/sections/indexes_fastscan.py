@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from backend.core.config import get_settings
-from backend.index.build import index_class
+from backend.core.vectors import PrototypeMatrix, StoredVectors
 from backend.index.fastscan import FastScanIndex
 from backend.index.layout import IndexLayout
 from backend.index.two_stage import TwoStageIndex
-from backend.vectors import PrototypeMatrix, StoredVectors
+from backend.search.build import index_class
 from benchmarks.harness import hardware
 from benchmarks.sections import indexes
 

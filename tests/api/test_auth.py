@@ -17,9 +17,9 @@ from backend.api.errors import api_routes
 from backend.api.main import create_app
 from backend.api.security import Access, declare_access, guard, route_access
 from backend.core.config import Settings
-from backend.datasets import Dataset, balanced
 from backend.ingest.populate import ingest
 from backend.services.search import SearchService
+from backend.sources.datasets import Dataset, balanced
 from backend.storage.engine import session_scope
 from backend.storage.schema import ApiKey
 from backend.telemetry import JsonFormatter

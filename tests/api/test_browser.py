@@ -10,8 +10,8 @@ from sqlalchemy import Engine
 
 from backend import auth
 from backend.core.config import PROJECT_ROOT
-from backend.datasets import Dataset, balanced
 from backend.ingest.populate import ingest
+from backend.sources.datasets import Dataset, balanced
 from backend.storage.engine import session_scope
 from tests.utils.http_images import serving
 from tests.utils.server import running_server

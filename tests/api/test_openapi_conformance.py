@@ -13,8 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from backend.datasets import Dataset, balanced
 from backend.ingest.populate import ingest
+from backend.sources.datasets import Dataset, balanced
 from tests.utils.server import running_server
 
 

@@ -10,9 +10,9 @@ from PIL import Image
 from sqlalchemy import Engine
 
 from backend.api.main import create_app
-from backend.datasets import Dataset, balanced
 from backend.ingest.populate import ingest
 from backend.services.search import SearchService
+from backend.sources.datasets import Dataset, balanced
 from tests.utils.settings import make_settings
 
 MAX_UPLOAD = 300_000

@@ -9,7 +9,7 @@ from PIL import Image
 from sqlalchemy import Engine
 
 from backend.core import search_params as sp
-from backend.datasets import Dataset
+from backend.sources.datasets import Dataset
 from tests.utils.app import app_client, small_catalogue
 from tests.utils.http_images import serving
 

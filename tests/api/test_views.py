@@ -7,7 +7,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 
-from backend.datasets import Dataset
+from backend.sources.datasets import Dataset
 from backend.storage import catalogue, vector_reader
 from backend.storage.engine import session_scope
 from tests.utils.app import app_client, small_catalogue

@@ -10,11 +10,11 @@ from pathlib import Path
 from backend import jobs
 from backend.core.config import PROJECT_ROOT
 from backend.core.search_params import SearchParams
-from backend.datasets import Dataset, balanced
 from backend.embedding.registry import model_id
 from backend.imaging import decode_image
 from backend.ingest.populate import ingest
 from backend.services.search import SearchService
+from backend.sources.datasets import Dataset, balanced
 from backend.storage import catalogue
 from backend.storage.engine import session_scope
 from tests.utils.settings import CIFAR_SUBSET, make_settings

@@ -12,18 +12,19 @@ import pytest
 from sqlalchemy import Engine
 
 from backend.core.search_params import SearchParams
-from backend.datasets import Dataset, balanced
+from backend.core.vectors import StoredVectors
 from backend.imaging import decode_image
-from backend.index import build, rerank_file
+from backend.index import rerank_file
 from backend.index.fastscan import FastScanIndex
 from backend.index.layout import IndexLayout
 from backend.index.sampling import train_sample
 from backend.index.two_stage import TwoStageIndex
 from backend.ingest.populate import ingest
+from backend.search import build
 from backend.services.search import SearchService
+from backend.sources.datasets import Dataset, balanced
 from backend.storage import catalogue, vector_reader
 from backend.storage.engine import session_scope
-from backend.vectors import StoredVectors
 from tests.utils.server import running_server
 from tests.utils.settings import make_settings
 

@@ -1,4 +1,4 @@
-"""Stage 1 (backend/index/stage1.py, backend/index/stage1_models.py): each ranker against NumPy, training on given labels
+"""Stage 1 (backend/search/stage1.py, backend/index/stage1_models.py): each ranker against NumPy, training on given labels
 only, retraining as labels change, stored rankers verified; on the real CIFAR-10 catalogue and PostgreSQL."""
 
 import threading
@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 from sqlalchemy import Engine, select, update
 
+from backend.core.vectors import PrototypeMatrix, StoredVectors
 from backend.imaging import ImageBytes
-from backend.index.stage1 import MIN_LABELS_PER_CATEGORY, RETRAIN_FRACTION, Stage1
 from backend.index.stage1_models import heldout_mask, softmax, train_rankers
 from backend.index.two_stage import TwoStageIndex
+from backend.search.stage1 import MIN_LABELS_PER_CATEGORY, RETRAIN_FRACTION, Stage1
 from backend.storage import catalogue, change_log, vector_reader
 from backend.storage.engine import session_scope
 from backend.storage.schema import Image, Stage1Model
-from backend.vectors import PrototypeMatrix, StoredVectors
 
 
 @pytest.fixture(scope="module")

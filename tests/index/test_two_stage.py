@@ -6,9 +6,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from backend.core.vectors import PrototypeMatrix, StoredVectors
 from backend.index.layout import IndexLayout
 from backend.index.two_stage import TwoStageIndex
-from backend.vectors import PrototypeMatrix, StoredVectors
 
 DIM = 32
 SPECS = [

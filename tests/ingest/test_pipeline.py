@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from sqlalchemy import Engine, func, select
 
-from backend.datasets import Dataset, Sample, balanced
 from backend.ingest.pipeline import run_pipeline
 from backend.ingest.populate import ingest
+from backend.sources.datasets import Dataset, Sample, balanced
 from backend.storage import catalogue
 from backend.storage.engine import session_scope
 from backend.storage.schema import Category, Embedding, Prototype

@@ -11,12 +11,12 @@ from sqlalchemy import Engine
 
 from backend.core.errors import InvalidInput, Unprocessable
 from backend.core.search_params import SearchParams
-from backend.datasets import Dataset, Sample
 from backend.imaging import decode_image
-from backend.index.stage1 import Stage1
 from backend.ingest.categories import LiveStage1, StoredPrototypes
 from backend.ingest.populate import ingest
+from backend.search.stage1 import Stage1
 from backend.services.search import SearchService
+from backend.sources.datasets import Dataset, Sample
 from backend.storage import catalogue, vector_reader
 from backend.storage.engine import session_scope
 from tests.utils.catalogue import row_counts

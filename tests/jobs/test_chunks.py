@@ -10,8 +10,8 @@ import pytest
 from sqlalchemy import Engine, select
 
 from backend import jobs
-from backend.datasets import Dataset, balanced
 from backend.ingest.populate import ingest
+from backend.sources.datasets import Dataset, balanced
 from backend.storage import catalogue
 from backend.storage.engine import session_scope
 from backend.storage.schema import CatalogueJob, Category, Image

@@ -18,7 +18,7 @@ from sqlalchemy import Engine, func, select, text
 
 from backend import jobs
 from backend.core.config import PROJECT_ROOT
-from backend.datasets import load_cifar10
+from backend.sources.datasets import load_cifar10
 from backend.storage import migrate
 from backend.storage.engine import make_engine, session_scope
 from backend.storage.schema import Image

@@ -17,8 +17,8 @@ import pytest
 from sqlalchemy import Engine, func, select
 
 from backend import jobs
-from backend.archives import extract_archive
-from backend.datasets import load_cifar10
+from backend.sources.archives import extract_archive
+from backend.sources.datasets import load_cifar10
 from backend.storage.engine import session_scope
 from backend.storage.schema import CatalogueJob, CatalogueJobItem, Image
 from tests.utils.server import running_server

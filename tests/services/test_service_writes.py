@@ -7,9 +7,9 @@ from PIL import Image
 from sqlalchemy import Engine, select
 
 from backend.core.search_params import SearchParams
-from backend.datasets import Dataset
 from backend.imaging import decode_image
 from backend.services.search import SearchService
+from backend.sources.datasets import Dataset
 from backend.storage import catalogue
 from backend.storage.engine import session_scope
 from backend.storage.schema import Image as ImageRow

@@ -6,9 +6,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 
 from backend.api.main import create_app
-from backend.datasets import Dataset, balanced
 from backend.ingest.populate import ingest
 from backend.services.search import SearchService
+from backend.sources.datasets import Dataset, balanced
 from tests.utils.settings import make_settings
 
 

@@ -1,4 +1,4 @@
-"""Near-duplicate groups in the catalogue (backend.services.near_duplicates), a page at a time."""
+"""Near-duplicate groups in the catalogue (backend.search.near_duplicates), a page at a time."""
 
 from typing import Annotated
 

@@ -11,8 +11,8 @@ from backend.api.query_images import FILE_HELP, URL_HELP, query_form, query_imag
 from backend.api.security import Access, guard
 from backend.core import search_params as sp
 from backend.core.search_params import SearchParams
-from backend.queries import URL_MAX
 from backend.schemas import CategoryScoreOut, PrototypeResponse, SearchBatchResponse, SearchResponse
+from backend.sources.query_images import URL_MAX
 
 router = APIRouter(tags=["search"])
 

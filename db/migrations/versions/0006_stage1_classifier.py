@@ -1,4 +1,4 @@
-"""Stage 1's learned rankers (backend/index/stage1.py): one row per model, derived from the given labels, with
+"""Stage 1's learned rankers (backend/search/stage1.py): one row per model, derived from the given labels, with
 the change number they were trained at; a row that no longer fits the catalogue is not used.
 
 Revision ID: 0006

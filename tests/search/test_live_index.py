@@ -18,12 +18,12 @@ from sqlalchemy import Engine, func, select
 
 from backend.core.config import PROJECT_ROOT
 from backend.core.search_params import SearchParams
-from backend.datasets import Dataset, balanced
 from backend.imaging import decode_image
-from backend.index.cache import IndexCache, prune_change_log
-from backend.index.cache_file import MAGIC
 from backend.ingest.populate import ingest
+from backend.search.index_file import MAGIC
+from backend.search.live_index import IndexCache, prune_change_log
 from backend.services.search import SearchService
+from backend.sources.datasets import Dataset, balanced
 from backend.storage import catalogue
 from backend.storage.engine import session_scope
 from backend.storage.schema import Embedding
@@ -235,7 +235,7 @@ ANOTHER_WRITER = """
 import dataclasses
 from sqlalchemy import select
 from backend.storage import catalogue
-from backend.datasets import Dataset, load_dataset
+from backend.sources.datasets import Dataset, load_dataset
 from backend.storage.schema import Embedding
 from backend.storage.engine import get_engine, session_scope
 from backend.embedding.cache import model_cache
@@ -333,8 +333,8 @@ def test_index_cache_has_no_index_before_first_use(engine: Engine, tmp_path: Pat
 def test_a_streamed_rebuild_equals_an_in_memory_one(service: SearchService, engine: Engine, cifar_queries) -> None:
     """Two streamed passes (a training sample, then every vector in chunks, never all in memory) give the
     same index as one in-memory pass, for a codec and sub-lists that both train on the sample."""
-    from backend.index import build
     from backend.index.layout import IndexLayout
+    from backend.search import build
 
     layout = IndexLayout("ivf", "sq8", list_size=8)
     model, dim = service.model, service.embedder.dim

@@ -1,4 +1,4 @@
-"""An image in the catalogue finds itself first (backend/index/own_image.py), even when stage 1 ranks its category
+"""An image in the catalogue finds itself first (backend/search/own_image.py), even when stage 1 ranks its category
 wrong: searched with C=1, by its own bytes and by a resized copy, on the real CIFAR-10 catalogue."""
 
 import io

@@ -8,10 +8,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from backend import urls
 from backend.core.errors import InvalidInput
-from backend.datasets import load_cifar10
-from backend.urls import FetchFailed, FetchLimits, UrlRefused, blocked, fetch, parse_url_list
+from backend.sources import urls
+from backend.sources.datasets import load_cifar10
+from backend.sources.urls import FetchFailed, FetchLimits, UrlRefused, blocked, fetch, parse_url_list
 from tests.utils.settings import CIFAR_SUBSET
 
 ALLOW = FetchLimits(allow_private=True, timeout_s=5)

@@ -7,7 +7,7 @@ from sqlalchemy import Engine
 
 from backend.core.errors import Unprocessable
 from backend.core.search_params import SearchParams
-from backend.services.results import SearchResult
+from backend.search.results import SearchResult
 from backend.services.search import SearchService
 from backend.storage import catalogue, vector_reader
 from backend.storage.engine import session_scope

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from backend.archives import ArchiveRejected, Limits, extract_archive
-from backend.datasets import load_cifar10, load_folder
+from backend.sources.archives import ArchiveRejected, Limits, extract_archive
+from backend.sources.datasets import load_cifar10, load_folder
 from tests.utils.images import png
 from tests.utils.settings import CIFAR_SUBSET
 

@@ -33,11 +33,11 @@ from typing import Literal
 from sqlalchemy import Engine
 
 from backend.core.locks import ReadWriteLock
-from backend.index import cache_file
-from backend.index.build import Built, build_from_database
-from backend.index.cache_file import NO_FILE, CacheRejected
 from backend.index.layout import IndexLayout, status_fields
 from backend.index.two_stage import TwoStageIndex
+from backend.search import index_file as cache_file
+from backend.search.build import Built, build_from_database
+from backend.search.index_file import NO_FILE, CacheRejected
 from backend.storage import catalogue, change_log, migrate
 from backend.storage.engine import session_scope
 from backend.telemetry import INDEX_REFRESHES, INDEX_VECTORS

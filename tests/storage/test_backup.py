@@ -9,10 +9,10 @@ from sqlalchemy import Engine
 
 from backend import auth
 from backend.core.search_params import SearchParams
-from backend.datasets import Dataset, balanced
 from backend.imaging import decode_image
 from backend.ingest.populate import ingest
 from backend.services.search import SearchService
+from backend.sources.datasets import Dataset, balanced
 from backend.storage import catalogue, change_log
 from backend.storage.engine import session_scope
 from tests.utils.cli import run_cli

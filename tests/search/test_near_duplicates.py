@@ -10,8 +10,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import Engine
 
-from backend.datasets import Dataset
 from backend.evaluation import duplicates as duplicate_eval
+from backend.sources.datasets import Dataset
 from backend.storage import catalogue, vector_reader
 from backend.storage.engine import session_scope
 from tests.utils.app import app_client, small_catalogue

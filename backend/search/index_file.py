@@ -17,9 +17,9 @@ from typing import BinaryIO, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
-from backend.index.build import index_class
 from backend.index.layout import IndexDescription, IndexLayout
 from backend.index.two_stage import TwoStageIndex
+from backend.search.build import index_class
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """Query images given by address: downloaded under the same SSRF-safe, size- and time-bounded rules as
-URL ingestion (`backend.urls.fetch`), for the API and the CLI alike."""
+URL ingestion (`backend.sources.urls.fetch`), for the API and the CLI alike."""
 
 from urllib.parse import urlsplit
 
@@ -7,7 +7,7 @@ from backend.core.config import Settings
 from backend.core.errors import Unprocessable
 from backend.core.text import echo
 from backend.imaging import DecodedImage, decode_image
-from backend.urls import FetchFailed, FetchLimits, UrlRefused, fetch
+from backend.sources.urls import FetchFailed, FetchLimits, UrlRefused, fetch
 
 URL_MAX = 2000  # characters in a query image's address
 

@@ -15,11 +15,11 @@ from sqlalchemy import Engine
 
 from backend.core.config import Settings
 from backend.core.search_params import SearchParams
-from backend.index.cache import IndexCache
-from backend.services.results import Hit, SearchResult
+from backend.core.vectors import StoredVectors
+from backend.search.live_index import IndexCache
+from backend.search.results import Hit, SearchResult
 from backend.storage import vector_reader
 from backend.storage.engine import session_scope
-from backend.vectors import StoredVectors
 
 NEIGHBOURS = 16  # near-duplicates looked at per image (an upload answers with at most this many)
 QUERY_BATCH = 256

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend.datasets import (
+from backend.imaging import decode_image
+from backend.sources.datasets import (
     DatasetUnavailable,
     balanced,
     load_dataset,
     load_fashion_mnist,
 )
-from backend.imaging import decode_image
 from tests.utils.settings import CIFAR_SUBSET, make_settings
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -36,7 +36,7 @@ def test_num_images_is_balanced(tmp_path: Path) -> None:
 
 
 def test_balanced_redistributes_small_categories() -> None:
-    from backend.datasets import Sample
+    from backend.sources.datasets import Sample
 
     samples = [Sample("rare", f"r{i}", bytes) for i in range(2)] + [Sample("common", f"c{i}", bytes) for i in range(50)]
     chosen = balanced(samples, 20)
@@ -116,7 +116,7 @@ def test_fashion_mnist_idx_files() -> None:
 
 
 def test_failed_cifar10_download_says_how_to_use_a_local_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import backend.datasets as datasets
+    import backend.sources.datasets as datasets
 
     monkeypatch.setattr(datasets, "CIFAR10_URL", "http://127.0.0.1:9/cifar-10-python.tar.gz")  # nothing listens there
     settings = make_settings(tmp_path).model_copy(update={"cifar10_dir": None})

@@ -18,8 +18,8 @@ import numpy as np
 from PIL import Image as PILImage
 from sqlalchemy.orm import Session
 
-from backend.index.stage1 import Ranking, Stage1
 from backend.index.two_stage import SearchHits, TwoStageIndex
+from backend.search.stage1 import Ranking, Stage1
 from backend.storage import catalogue
 
 PROBE_SUB_CENTROIDS = 8  # nearest sub-centroids whose categories are probed beside the top-C ...

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from backend.vectors import PrototypeMatrix, category_sums, l2_normalise
+from backend.core.vectors import PrototypeMatrix, category_sums, l2_normalise
 
 
 def test_category_sums_group_exactly_in_float64() -> None:

@@ -7,13 +7,13 @@ from pathlib import Path
 
 from sqlalchemy import Engine
 
+from backend.core.vectors import StoredVectors
 from backend.index.fastscan import FastScanIndex
 from backend.index.layout import IndexLayout
 from backend.index.sampling import SAMPLE_MULTIPLIER, sample_cut
 from backend.index.two_stage import TwoStageIndex
 from backend.storage import catalogue, change_log, vector_reader
 from backend.storage.engine import session_scope
-from backend.vectors import StoredVectors
 
 IN_MEMORY_BUILD_BYTES = 1 << 30
 CHUNK_ROWS = 50_000
