@@ -16,9 +16,9 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import URL, make_url
 
 from backend.core.config import PROJECT_ROOT
+from backend.core.embedding_models import MODELS
 from backend.embedding.efficientnet import EfficientNetLiteModel
 from backend.embedding.embedder import Embedder
-from backend.embedding.models import MODELS
 from backend.sources.datasets import Dataset, balanced, load_cifar10
 from backend.storage import migrate
 from backend.storage.engine import make_engine

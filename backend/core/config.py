@@ -9,7 +9,9 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from backend.core.embedding_models import DEFAULT_MODEL, MODEL_NAMES
 from backend.core.errors import ConfigurationError
+from backend.core.index_options import AUTO_FASTSCAN_FROM, IndexKind, RerankCodec, parse_codec, parse_kind
 from backend.core.search_params import (
     LIMIT_MAX,
     LIMIT_MIN,
@@ -19,8 +21,6 @@ from backend.core.search_params import (
     TOP_CATEGORIES_MAX,
     TOP_CATEGORIES_MIN,
 )
-from backend.embedding.models import DEFAULT_MODEL, MODEL_NAMES
-from backend.index.layout import AUTO_FASTSCAN_FROM, IndexKind, RerankCodec, parse_codec, parse_kind
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DB_TIMEOUT_DEFAULT_S = 5.0
@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     data_dir: Path = PROJECT_ROOT / "data"
 
     # Embedding model
-    model_name: str = DEFAULT_MODEL  # one of backend/embedding/models.py's MODELS
+    model_name: str = DEFAULT_MODEL  # one of backend/core/embedding_models.py's MODELS
     model_weights: str | None = None  # local weights file (torchvision models); "random" only for tests
     device: Literal["auto", "cpu", "cuda"] = "auto"
     embed_batch_size: int = Field(32, ge=1, le=1024)

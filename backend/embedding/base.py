@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from backend.embedding.models import ModelSpec
+from backend.core.embedding_models import ModelSpec
 
 if TYPE_CHECKING:
     import torch

@@ -22,6 +22,7 @@ import numpy as np
 
 from backend.core.config import Settings
 from backend.core.errors import ConfigurationError, InvalidInput
+from backend.sources.datasets import load_dataset
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,6 @@ def calibration_for(settings: Settings) -> Calibration:
     """EMBED_CALIBRATION_DIR (`<category>/<image>` folders, like catalogue imports), else CIFAR-10's train
     split (CIFAR10_DIR, or downloaded into DATA_DIR as `populate` does): CALIBRATION_IMAGES of them, spread
     over the categories."""
-    from backend.sources.datasets import load_dataset  # datasets imports the settings: avoid a cycle
-
     folder = settings.embed_calibration_dir
 
     def load() -> list[tuple[str, bytes]]:

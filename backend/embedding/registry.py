@@ -2,11 +2,11 @@
 without loading weights or a framework: a description only (`embedder` builds what runs it)."""
 
 from backend.core.config import Settings
+from backend.core.embedding_models import MODEL_NAMES, MODELS
 from backend.core.errors import ConfigurationError
 from backend.embedding import quantize
 from backend.embedding.base import EmbeddingModel
 from backend.embedding.efficientnet import EfficientNetLiteModel
-from backend.embedding.models import MODEL_NAMES, MODELS
 from backend.embedding.torchvision_models import ResNetModel
 
 FAMILIES: dict[str, type[EmbeddingModel]] = {"efficientnet_lite": EfficientNetLiteModel, "resnet": ResNetModel}

@@ -55,8 +55,3 @@ def overlap_recall(found: np.ndarray, reference: np.ndarray, k: int) -> float:
         ref = {int(i) for i in b if i >= 0}
         scores.append(len(ref & {int(i) for i in a if i >= 0}) / len(ref) if ref else 1.0)
     return float(np.mean(scores))
-
-
-def top_n_accuracy(ranked_labels: np.ndarray, labels: np.ndarray, n: int) -> float:
-    """Share of queries whose true label is among the first n ranked labels."""
-    return float(np.mean([lbl in row[:n] for row, lbl in zip(ranked_labels, labels, strict=True)]))

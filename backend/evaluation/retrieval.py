@@ -21,6 +21,7 @@ from backend.embedding.embedder import Embedder
 from backend.evaluation import metrics
 from backend.evaluation.stage1 import compare_rankers, format_stage1, synthetic_latency
 from backend.imaging import decode_image
+from backend.index.stage1_models import top_n_accuracy
 from backend.index.two_stage import TwoStageIndex
 from backend.sources.datasets import Dataset, balanced, load_dataset
 
@@ -109,8 +110,8 @@ def evaluate_index(index: TwoStageIndex, catalogue: Embedded, queries: Embedded,
         "catalogue_size": int(index.ntotal),
         "queries": len(q),
         "categories": n_cat,
-        "prototype_top1_accuracy": metrics.top_n_accuracy(ranked_labels, q_labels, 1),
-        "prototype_top3_accuracy": metrics.top_n_accuracy(ranked_labels, q_labels, 3),
+        "prototype_top1_accuracy": top_n_accuracy(ranked_labels, q_labels, 1),
+        "prototype_top3_accuracy": top_n_accuracy(ranked_labels, q_labels, 3),
         "rows": rows,
     }
 

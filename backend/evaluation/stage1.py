@@ -12,7 +12,7 @@ from threadpoolctl import threadpool_limits
 
 from backend.core.vectors import PrototypeMatrix, StoredVectors, l2_normalise
 from backend.evaluation import metrics
-from backend.index.stage1_models import RANKERS, Centroids, LinearSoftmax, Trained, train_rankers
+from backend.index.stage1_models import RANKERS, Centroids, LinearSoftmax, Trained, top_n_accuracy, train_rankers
 from backend.index.two_stage import TwoStageIndex
 from backend.search.stage1 import Stage1
 
@@ -45,8 +45,8 @@ def compare_rankers(index: TwoStageIndex, labels: np.ndarray, vectors: np.ndarra
         ranked_labels = np.asarray(index.category_ids)[ranking.positions]
         row = {
             "stage1": ranker,
-            "top1": metrics.top_n_accuracy(ranked_labels, q_labels, 1),
-            "top3": metrics.top_n_accuracy(ranked_labels, q_labels, 3),
+            "top1": top_n_accuracy(ranked_labels, q_labels, 1),
+            "top3": top_n_accuracy(ranked_labels, q_labels, 3),
             "heldout_top1": trained.heldout[ranker]["top1"],
             "latency_ms": stage1_latency_ms(stage1, index, q),
             "train_s": trained.train_seconds[ranker],

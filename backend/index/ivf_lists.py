@@ -8,8 +8,9 @@ import faiss
 import numpy as np
 from faiss import swig_ptr
 
+from backend.core.index_options import pq_m
 from backend.core.vectors import l2_normalise
-from backend.index.layout import IndexLayout, pq_m
+from backend.index.layout import IndexLayout
 
 SQ_TYPES = {"float16": faiss.ScalarQuantizer.QT_fp16, "sq8": faiss.ScalarQuantizer.QT_8bit}
 NO_MAP, HASHTABLE = faiss.DirectMap.NoMap, faiss.DirectMap.Hashtable  # type: ignore[attr-defined]

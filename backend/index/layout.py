@@ -1,62 +1,25 @@
 """The index layout, one model: type, codec, re-ranking, list size, fast-scan M, the auto threshold.
 
 Validated once (the settings build it, `layout_from_settings`; the settings' own validators use
-`parse_kind` / `parse_codec` from here), stored as is in the cache header (`IndexDescription`) and read
-back from it. Also the index vocabulary. Kept free of numpy and FAISS: the settings import it.
+`parse_kind` / `parse_codec` from `backend.core.index_options`), stored as is in the cache header (`IndexDescription`) and read
+back from it. The vocabulary it is made of is `backend.core.index_options`.
 """
 
-import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol, get_args
+from typing import TYPE_CHECKING, Protocol
 
 from pydantic import BaseModel, Field
 
 from backend.core.errors import ConfigurationError
+from backend.core.index_options import AUTO_FASTSCAN_FROM, INDEX_KINDS, RERANK_CODECS, IndexKind, RerankCodec, parse_codec, pq_m
 
 if TYPE_CHECKING:
     import numpy as np
 
-IndexKind = Literal["flat", "ivf", "fastscan", "auto"]
-INDEX_KINDS: tuple[IndexKind, ...] = get_args(IndexKind)
-RerankCodec = Literal["none", "float32", "float16"]
-RERANK_CODECS: tuple[RerankCodec, ...] = get_args(RerankCodec)
-# auto: an exact flat scan of the top categories below this many vectors, fastscan from it (README, "auto").
-AUTO_FASTSCAN_FROM = 10_000
-# The names users of the original design know (FAISS_INDEX_TYPE=flatl2|ivfflat|hnsw).
-INDEX_KIND_ALIASES = {"flatl2": "flat", "ivfflat": "ivf"}
-CODEC_PATTERN = re.compile(r"^(float32|float16|sq8|pq([1-9][0-9]*))$")
-CODEC_CHOICES = "choose float32, float16, sq8 or pq<M> with M dividing the dimension (e.g. pq64)"
 TRAIN_POINTS_PER_LIST = 64  # k-means sample per sub-list; FAISS asks for at least 39
 # sq8 ranges and PQ codebooks are trained on at most this many vectors (PQ's k-means is the slow part).
 SQ_TRAIN_POINTS, PQ_TRAIN_POINTS = 65_536, 16_384
 STALE_GROWTH = 4.0  # a trained category this many times its training size (and several lists over) is retrained
-
-
-def parse_kind(value: object) -> object:
-    """FAISS_INDEX_TYPE as given: trimmed, lower case, the original design's names mapped; hnsw refused."""
-    if not isinstance(value, str):
-        return value
-    value = value.strip().lower()
-    if value == "hnsw":
-        raise ValueError(
-            "hnsw is not offered: per-category HNSW graphs were slower than ivf sub-lists and cannot remove "
-            "vectors (README, 'Index types'); use ivf"
-        )
-    return INDEX_KIND_ALIASES.get(value, value)
-
-
-def parse_codec(value: str) -> str:
-    """VECTOR_CODEC as given: trimmed, lower case, one of the known codecs."""
-    codec = value.strip().lower()
-    if not CODEC_PATTERN.match(codec):
-        raise ValueError(f"unknown vector codec {value!r}; {CODEC_CHOICES}")
-    return codec
-
-
-def pq_m(codec: str) -> int | None:
-    """The sub-quantizers of a pq<M> codec; None for the others."""
-    match = CODEC_PATTERN.match(codec)
-    return int(match.group(2)) if match and match.group(2) else None
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from backend.core.vectors import PrototypeMatrix, l2_normalise
-from backend.evaluation import metrics
 
 SEED = 1234
 
@@ -244,4 +243,9 @@ def _accuracy(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     if len(labels) == 0:
         return {"top1": 0.0, "top3": 0.0}
     ranked = np.argsort(-logits, axis=1, kind="stable")
-    return {f"top{n}": metrics.top_n_accuracy(ranked, labels, n) for n in (1, 3)}
+    return {f"top{n}": top_n_accuracy(ranked, labels, n) for n in (1, 3)}
+
+
+def top_n_accuracy(ranked_labels: np.ndarray, labels: np.ndarray, n: int) -> float:
+    """Share of queries whose true label is among the first n ranked labels."""
+    return float(np.mean([lbl in row[:n] for row, lbl in zip(ranked_labels, labels, strict=True)]))

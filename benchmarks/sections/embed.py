@@ -6,8 +6,8 @@ import sys
 import numpy as np
 
 from backend.core.config import Settings
+from backend.core.embedding_models import DEFAULT_MODEL, MODELS
 from backend.embedding.cache import model_cache
-from backend.embedding.models import DEFAULT_MODEL, MODELS
 from backend.embedding.sessions import onnxruntime_available
 from backend.imaging import decode_image
 from benchmarks.harness import cifar_samples, throughput

@@ -10,8 +10,8 @@ import httpx
 import numpy as np
 
 from backend.core.config import Settings
+from backend.core.embedding_models import DEFAULT_MODEL
 from backend.embedding.cache import model_cache
-from backend.embedding.models import DEFAULT_MODEL
 from backend.ingest.populate import ingest
 from benchmarks.harness import TempDatabase, cifar_samples, percentiles
 from tests.utils.images import photo_jpeg

@@ -4,8 +4,8 @@ alone, for fp32 and int8. Goals (issue 22): pipelined >= 0.9x embedding alone; >
 import sys
 
 from backend.core.config import Settings
+from backend.core.embedding_models import DEFAULT_MODEL
 from backend.embedding.cache import model_cache
-from backend.embedding.models import DEFAULT_MODEL
 from backend.embedding.sessions import onnxruntime_available
 from backend.imaging import decode_image
 from backend.ingest.populate import ingest

@@ -8,9 +8,9 @@ from collections.abc import Callable
 import numpy as np
 
 from backend.core.config import Settings
+from backend.core.embedding_models import DEFAULT_MODEL
 from backend.embedding import quantize
 from backend.embedding.cache import model_cache
-from backend.embedding.models import DEFAULT_MODEL
 from backend.embedding.sessions import onnxruntime_available
 from backend.imaging import decode_image
 from benchmarks.harness import cifar_samples

@@ -5,10 +5,10 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
+from backend.core.embedding_models import MODEL_NAMES, MODELS
 from backend.core.errors import ConfigurationError, ModelUnavailable
 from backend.embedding.efficientnet import EfficientNetLiteModel
 from backend.embedding.embedder import Embedder, create_embedder
-from backend.embedding.models import MODEL_NAMES, MODELS
 from backend.embedding.registry import FAMILIES
 from backend.embedding.torchvision_models import ResNetModel
 from tests.utils.settings import make_settings

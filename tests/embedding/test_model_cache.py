@@ -7,9 +7,9 @@ import threading
 import pytest
 
 from backend.core.config import PROJECT_ROOT
+from backend.core.embedding_models import MODEL_NAMES
 from backend.embedding.cache import ModelCache, model_cache
 from backend.embedding.embedder import create_embedder
-from backend.embedding.models import MODEL_NAMES
 from backend.embedding.registry import model_id
 from backend.jobs.chunks import ChunkRunner
 from tests.utils.settings import make_settings

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from backend.evaluation import metrics
+from backend.index.stage1_models import top_n_accuracy
 
 # Two queries, five results each. Query 0: relevant at ranks 1, 3. Query 1: relevant at rank 2 only.
 REL = np.array([[1, 0, 1, 0, 0], [0, 1, 0, 0, 0]], dtype=bool)
@@ -53,5 +54,5 @@ def test_overlap_recall_and_top_n() -> None:
     exact = np.array([[3, 2, 9], [7, 9, 10]])
     assert metrics.overlap_recall(found, exact, 3) == pytest.approx((2 / 3 + 1 / 3) / 2)
     ranked = np.array([[2, 0, 1], [1, 2, 0]])
-    assert metrics.top_n_accuracy(ranked, np.array([0, 0]), 1) == 0.0
-    assert metrics.top_n_accuracy(ranked, np.array([0, 0]), 2) == 0.5
+    assert top_n_accuracy(ranked, np.array([0, 0]), 1) == 0.0
+    assert top_n_accuracy(ranked, np.array([0, 0]), 2) == 0.5

@@ -5,7 +5,8 @@ import pytest
 from pydantic import ValidationError
 
 from backend.core.errors import ConfigurationError
-from backend.index.layout import AUTO_FASTSCAN_FROM, IndexDescription, IndexLayout, layout_from_settings
+from backend.core.index_options import AUTO_FASTSCAN_FROM
+from backend.index.layout import IndexDescription, IndexLayout, layout_from_settings
 from tests.utils.settings import make_settings
 
 

@@ -128,7 +128,7 @@ def create_folder_job(request: Request, body: FolderJob, jobs: JobsDep, search: 
 def create_reembed_job(request: Request, body: ReembedJob, jobs: JobsDep, settings: SettingsDep) -> JobOut:
     """Embed every stored image that lacks it with another model (its vectors are kept apart; a server with
     MODEL_NAME set to it then searches them)."""
-    from backend.embedding.models import MODEL_NAMES
+    from backend.core.embedding_models import MODEL_NAMES
     from backend.embedding.registry import model_id
 
     if body.model not in MODEL_NAMES:
