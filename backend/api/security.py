@@ -24,11 +24,10 @@ from starlette.responses import JSONResponse
 from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from backend import auth
 from backend.api.errors import api_routes, error_responses
 from backend.core.config import Settings
 from backend.core.errors import ConfigurationError, Forbidden, Unauthorized
-from backend.services.keys import Keys
+from backend.services.keys import KeyInfo, Keys
 
 
 class Access(StrEnum):
@@ -55,7 +54,7 @@ def needs_key(access: Access, settings: Settings) -> bool:
     return True
 
 
-async def verified_key(keys: Keys, access: Access, key: str | None) -> auth.KeyInfo | None:
+async def verified_key(keys: Keys, access: Access, key: str | None) -> KeyInfo | None:
     """The key's facts when `access` needs one and the key grants it; Unauthorized / Forbidden otherwise."""
     if not needs_key(access, keys.settings):
         return None
@@ -69,12 +68,12 @@ async def verified_key(keys: Keys, access: Access, key: str | None) -> auth.KeyI
     return info
 
 
-def _checker(access: Access) -> Callable[..., Awaitable[auth.KeyInfo | None]]:
+def _checker(access: Access) -> Callable[..., Awaitable[KeyInfo | None]]:
     async def check(
         request: Request,
         header_key: Annotated[str | None, Security(api_key_header)] = None,
         credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)] = None,
-    ) -> auth.KeyInfo | None:
+    ) -> KeyInfo | None:
         checked = getattr(request.state, "key_checked", None)  # by KeyBeforeBody, for this very route
         if checked is not None and checked[0] is access:
             info = checked[1]

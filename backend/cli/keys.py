@@ -6,9 +6,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from backend.auth import SCOPES
 from backend.cli.common import Command, require_schema
 from backend.core.config import Settings
+from backend.services.keys import SCOPES
 
 if TYPE_CHECKING:
     from backend.services.keys import Keys

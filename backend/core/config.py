@@ -101,7 +101,7 @@ class Settings(BaseSettings):
     # A request that has not answered after this long gets a 503 (its body upload included).
     request_timeout_seconds: float = Field(60.0, gt=0, le=3600)
 
-    # Access control (backend/auth.py): writes = searching and reading are public, every change needs a key;
+    # Access control (backend/services/keys.py): writes = searching and reading are public, every change needs a key;
     # all = every endpoint but /health, /ready (and /metrics, see below) needs one; off = no keys, only
     # allowed when the server listens on a loopback address.
     auth_mode: Literal["writes", "all", "off"] = "writes"

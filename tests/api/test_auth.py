@@ -2,6 +2,7 @@
 that are wrong or revoked, constant-time comparison, cross-site requests, /metrics and the request log."""
 
 import hashlib
+import hmac
 import json
 import logging
 from collections.abc import Iterator
@@ -12,12 +13,12 @@ from fastapi import APIRouter, FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, select
 
-from backend import auth
 from backend.api.errors import api_routes
 from backend.api.main import create_app
 from backend.api.security import Access, declare_access, guard, route_access
 from backend.core.config import Settings
 from backend.ingest.populate import ingest
+from backend.services.keys import KeyInfo, authenticate, create_key, revoke
 from backend.services.search import SearchService
 from backend.sources.datasets import Dataset, balanced
 from backend.storage.engine import session_scope
@@ -89,9 +90,9 @@ def keys(auth_db: Engine) -> dict[str, str]:
     out = {}
     with session_scope(auth_db) as session:
         for scope in ("search", "write", "admin", "metrics"):
-            out[scope] = auth.create_key(session, f"{scope} key", [scope])[1]
-        out["revoked"] = auth.create_key(session, "gone", ["admin"])[1]
-        auth.revoke(session, "gone")
+            out[scope] = create_key(session, f"{scope} key", [scope])[1]
+        out["revoked"] = create_key(session, "gone", ["admin"])[1]
+        revoke(session, "gone")
     prefix, secret = out["admin"].split("_", 2)[1:]
     out["wrong"] = f"imsrc_{prefix}_{'A' * len(secret)}"  # a real prefix with the wrong secret
     out["garbage"] = "letmein"
@@ -142,7 +143,7 @@ def _expected(mode: str, access: Access, key: str, ok: set[int]) -> set[int]:
         return ok
     if key == "none" or key in ("revoked", "wrong", "garbage"):
         return {401}
-    grants = auth.KeyInfo(0, key, "", [key], None, None, None).grants(access.value)  # type: ignore[arg-type]
+    grants = KeyInfo(0, key, "", [key], None, None, None).grants(access.value)  # type: ignore[arg-type]
     return ok if grants else {403}
 
 
@@ -182,18 +183,18 @@ def test_bearer_header_and_last_use(clients, keys, auth_db: Engine) -> None:
 
 def test_keys_are_compared_in_constant_time(auth_db: Engine, keys, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    real = auth.hmac.compare_digest
+    real = hmac.compare_digest
 
     def spy(a: str, b: str) -> bool:
         calls.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr(auth.hmac, "compare_digest", spy)
+    monkeypatch.setattr(hmac, "compare_digest", spy)
     with session_scope(auth_db) as session:
-        assert auth.authenticate(session, keys["search"]) is not None
-        assert auth.authenticate(session, keys["wrong"]) is None
-        assert auth.authenticate(session, "imsrc_00000000_" + "B" * 43) is None  # no such prefix: compared all the same
-        assert auth.authenticate(session, keys["revoked"]) is None
+        assert authenticate(session, keys["search"]) is not None
+        assert authenticate(session, keys["wrong"]) is None
+        assert authenticate(session, "imsrc_00000000_" + "B" * 43) is None  # no such prefix: compared all the same
+        assert authenticate(session, keys["revoked"]) is None
     assert len(calls) == 4
 
 

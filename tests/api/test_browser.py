@@ -8,9 +8,9 @@ import httpx
 import pytest
 from sqlalchemy import Engine
 
-from backend import auth
 from backend.core.config import PROJECT_ROOT
 from backend.ingest.populate import ingest
+from backend.services.keys import create_key
 from backend.sources.datasets import Dataset, balanced
 from backend.storage.engine import session_scope
 from tests.utils.http_images import serving
@@ -32,7 +32,7 @@ def browser_db(databases, embedder, cifar_train: Dataset) -> Engine:
 @pytest.fixture(scope="module")
 def write_key(browser_db: Engine) -> str:
     with session_scope(browser_db) as session:
-        return auth.create_key(session, "browser", ["write"])[1]
+        return create_key(session, "browser", ["write"])[1]
 
 
 def _env(engine: Engine, data_dir: Path, **extra: str) -> dict[str, str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from backend import auth
+from backend.services.keys import create_key
 from backend.storage.engine import session_scope
 from tests.utils.server import RunningServer, running_server
 
@@ -26,7 +26,7 @@ def keyed(databases, tmp_path_factory) -> Iterator[tuple[RunningServer, Path, st
     """A server with AUTH_MODE=writes (the default), its DATA_DIR and TMPDIR in one folder, and an admin key."""
     engine = databases.new()
     with session_scope(engine) as session:
-        _info, admin = auth.create_key(session, "admin", ["admin"])
+        _info, admin = create_key(session, "admin", ["admin"])
     root = tmp_path_factory.mktemp("hostile")
     (root / "tmp").mkdir()
     env = {

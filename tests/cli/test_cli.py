@@ -189,7 +189,7 @@ def test_folder_with_undecodable_names_ingests_and_reruns(env: dict[str, str], t
 
 
 def test_api_keys_created_listed_revoked_and_the_admin_key_file(env: dict[str, str], tmp_path: Path) -> None:
-    from backend.auth import KEY_PATTERN
+    from backend.services.keys import KEY_PATTERN
 
     assert run(env, "init-db").returncode == 0
     r = run(env, "api-key", "create", "--name", "ci", "--scope", "write", "--scope", "search", "--scope", "write")

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import Engine
 
-from backend import auth
 from backend.core.search_params import SearchParams
 from backend.imaging import decode_image
 from backend.ingest.populate import ingest
+from backend.services.keys import list_keys
 from backend.services.search import SearchService
 from backend.sources.datasets import Dataset, balanced
 from backend.storage import catalogue, change_log
@@ -27,7 +27,7 @@ def _snapshot(service: SearchService, query: np.ndarray) -> dict:
     with session_scope(service.engine) as session:
         counts = catalogue.category_counts(session)
         protos = catalogue.load_prototypes(session, service.model)
-        keys = len(auth.list_keys(session))
+        keys = len(list_keys(session))
     (result,) = service.search_vectors(query[None, :], SearchParams(limit=10, top_categories=3, use_prototypes=True))
     return {
         "counts": counts,
