@@ -1,7 +1,7 @@
-"""The two-stage index: stage 1 ranks categories, stage 2 searches only the top ones' FAISS lists.
+"""The two-stage index, FAISS and NumPy only (no storage, no SQLAlchemy): what a shard process needs.
 
-`layout` (the one index-layout model), `sampling` (which vectors train it), `two_stage` / `fastscan`
-(the index types), `ivf_lists` (FAISS plumbing), `rerank_file`, `build` (from the database), `cache` /
-`cache_file` (the index as a verified cache of the database), `stage1` / `stage1_models` (category
-ranking), `own_image` (a stored image finds itself).
+`category_index` (the `CategoryIndex` protocol and its hits), `category_lists` (what the kinds share),
+`two_stage` (flat, ivf) and `fastscan` (its sibling), `layout` (the one index-layout model), `sampling`
+(which vectors train it), `ivf_lists` (FAISS plumbing), `rerank_file`, `probe_plan`, `byte_streams`,
+`stage1_models` (the category rankers in NumPy). Serving from the database is `backend.search`.
 """

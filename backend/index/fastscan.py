@@ -1,7 +1,8 @@
 """`fastscan`: the ivf type's category x k-means sub-lists holding 4-bit PQ codes, re-ranked exactly.
 
 The lists are one `IndexIVFPQFastScan` (M sub-quantizers of 4 bits, by residual, inner product) whose
-list numbers are exactly `TwoStageIndex`'s: stage 1, the top-C restriction and nprobe are unchanged. Codes
+list numbers are laid out as `TwoStageIndex`'s (both are `CategoryLists`): stage 1, the top-C
+restriction and nprobe are unchanged. Codes
 are scanned with SIMD lookup tables (tens of times more vectors per millisecond than sq8); the best
 max(k, RERANK_CANDIDATES) by the codes are re-scored from float16 rows in a memory-mapped file
 (backend/index/rerank_file.py), so RAM holds the codes and two small arrays per row only.
@@ -24,6 +25,7 @@ Facts of faiss 1.15.1 this relies on:
 
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Self
 
 import faiss
 import numpy as np
@@ -32,16 +34,17 @@ from faiss import swig_ptr
 from backend.core.vectors import StoredVectors
 from backend.index import ivf_lists
 from backend.index.byte_streams import ByteSink, ByteSource
+from backend.index.category_index import SearchHits
+from backend.index.category_lists import CategoryLists
 from backend.index.layout import PQ_TRAIN_POINTS, IndexDescription, IndexLayout
 from backend.index.probe_plan import ProbePlan
 from backend.index.rerank_file import Growing, RerankFile
-from backend.index.two_stage import SearchHits, TwoStageIndex
 
 NBITS, BLOCK = 4, 32  # 4-bit codes, 32 to a SIMD block
 PLANS_KEPT = 4096  # category sets whose probe selectors are cached
 
 
-class FastScanIndex(TwoStageIndex):
+class FastScanIndex(CategoryLists):
     KINDS = ("fastscan",)
 
     def __init__(
@@ -53,7 +56,7 @@ class FastScanIndex(TwoStageIndex):
         lists_per_category: list[int],
         store_dir: Path | None = None,
     ) -> None:
-        """As `TwoStageIndex`; rows are spooled to a re-rank file under `store_dir` (in RAM without one)."""
+        """As `CategoryLists`; rows are spooled to a re-rank file under `store_dir` (in RAM without one)."""
         super().__init__(model, dim, category_ids, layout, lists_per_category, store_dir)
         self.packer = self.ivf.get_CodePacker()
         self.row_ids = Growing(np.int64)  # row -> image id; -1 once deleted
@@ -166,9 +169,8 @@ class FastScanIndex(TwoStageIndex):
         self._sizes = self._read_sizes()
         return len(rows)
 
-    def with_categories(self, category_ids: list[int]) -> "TwoStageIndex":
+    def with_categories(self, category_ids: list[int]) -> Self:
         grown = super().with_categories(category_ids)  # lists copied block by block, rows unchanged
-        assert isinstance(grown, FastScanIndex)
         new_list = np.zeros(self.ivf.nlist, dtype=np.int32)  # old list number -> new
         for j, cid in enumerate(self.category_ids):
             lo, hi = self.offsets[j], self.offsets[j + 1]
@@ -347,9 +349,7 @@ class FastScanIndex(TwoStageIndex):
             np.lib.format.write_array(out, np.ascontiguousarray(array), allow_pickle=False)
 
     @classmethod
-    def read(
-        cls, source: Callable[[int], bytes], description: IndexDescription, store_dir: Path | None = None
-    ) -> "FastScanIndex":
+    def read(cls, source: Callable[[int], bytes], description: IndexDescription, store_dir: Path | None = None) -> Self:
         """The inverse of `write`; ValueError when the lists, the arrays or the re-rank file do not fit."""
         description.check_lists()
         lists_per_category, dim = description.lists_per_category, description.dim

@@ -8,6 +8,8 @@ from pathlib import Path
 from sqlalchemy import Engine
 
 from backend.core.vectors import StoredVectors
+from backend.index.category_index import CategoryIndex
+from backend.index.category_lists import CategoryLists
 from backend.index.fastscan import FastScanIndex
 from backend.index.layout import IndexLayout
 from backend.index.sampling import SAMPLE_MULTIPLIER, sample_cut
@@ -21,12 +23,12 @@ CHUNK_ROWS = 50_000
 
 @dataclass(frozen=True)
 class Built:
-    index: TwoStageIndex
+    index: CategoryIndex
     identity: change_log.CatalogueIdentity
     seq: int
 
 
-def index_class(kind: str) -> type[TwoStageIndex]:
+def index_class(kind: str) -> type[CategoryLists]:
     """The class behind a concrete index type (auto is resolved by catalogue size first)."""
     for cls in (TwoStageIndex, FastScanIndex):
         if kind in cls.KINDS:

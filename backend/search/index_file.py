@@ -17,8 +17,8 @@ from typing import BinaryIO, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
+from backend.index.category_index import CategoryIndex
 from backend.index.layout import IndexDescription, IndexLayout
-from backend.index.two_stage import TwoStageIndex
 from backend.search.build import index_class
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ class CacheRejected(Exception):
     """A cache (file or in memory) that must not be believed; the message says why."""
 
 
-def write(path: Path, index: TwoStageIndex, **claims: object) -> None:
+def write(path: Path, index: CategoryIndex, **claims: object) -> None:
     """`index` and a header of `claims` (catalogue_id, system_identifier, schema_revision, seq) under
     `path`. The caller keeps the index still meanwhile. OSError from the directory is logged, not raised."""
     try:
@@ -135,7 +135,7 @@ def _check_fields(got: dict[str, object], want: dict[str, object]) -> None:
             raise CacheRejected(f"built for {key} {got[key]!r}, this database has {value!r}")
 
 
-def read_index(f: BinaryIO, header: CacheHeader, store_dir: Path) -> TwoStageIndex:
+def read_index(f: BinaryIO, header: CacheHeader, store_dir: Path) -> CategoryIndex:
     """The payload's index, once its SHA-256 matches the header's; CacheRejected otherwise."""
     f.seek(0)
     digest = hashlib.sha256()

@@ -33,8 +33,8 @@ from typing import Literal
 from sqlalchemy import Engine
 
 from backend.core.locks import ReadWriteLock
+from backend.index.category_index import CategoryIndex
 from backend.index.layout import IndexLayout, status_fields
-from backend.index.two_stage import TwoStageIndex
 from backend.search import index_file as cache_file
 from backend.search.build import Built, build_from_database
 from backend.search.index_file import NO_FILE, CacheRejected
@@ -70,7 +70,7 @@ class IndexCache:
         self.lock = ReadWriteLock()  # searches read; applying changes and swapping write
         self._apply = threading.Lock()  # one thread at a time moves the seq
         self._build = threading.RLock()  # one load or full rebuild at a time
-        self._index: TwoStageIndex | None = None
+        self._index: CategoryIndex | None = None
         self._identity: change_log.CatalogueIdentity | None = None
         self._seq = 0
         self.origin = "not loaded"
@@ -86,13 +86,13 @@ class IndexCache:
         return self._seq
 
     @property
-    def loaded(self) -> TwoStageIndex | None:
+    def loaded(self) -> CategoryIndex | None:
         """The live index if there is one, without loading anything."""
         return self._index
 
     # --- getting an index ---------------------------------------------------------------------
 
-    def get(self) -> TwoStageIndex:
+    def get(self) -> CategoryIndex:
         """The live index: loaded from a verified cache file and brought up to date, else rebuilt."""
         index = self._index
         if index is not None:
@@ -104,7 +104,7 @@ class IndexCache:
             return self._index
 
     @contextmanager
-    def reading(self) -> Iterator[TwoStageIndex]:
+    def reading(self) -> Iterator[CategoryIndex]:
         """The live index, held still (no change is applied) for the duration of a search."""
         self.get()
         with self.lock.read():
@@ -127,7 +127,7 @@ class IndexCache:
             self.origin += f", then {added} added / {removed} removed from the change log"
         log.info("index for %s: %d vectors, %s", self.model, built.index.ntotal, self.origin)
 
-    def rebuild(self, reason: str = "requested") -> TwoStageIndex:
+    def rebuild(self, reason: str = "requested") -> CategoryIndex:
         """A full rebuild from the database, swapped in without losing any change committed meanwhile."""
         with self._build:
             start = time.perf_counter()

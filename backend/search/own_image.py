@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image as PILImage
 from sqlalchemy.orm import Session
 
-from backend.index.two_stage import SearchHits, TwoStageIndex
+from backend.index.category_index import CategoryIndex, SearchHits
 from backend.search.stage1 import Ranking, Stage1
 from backend.storage import catalogue
 
@@ -44,7 +44,7 @@ def query_images(images: list[PILImage.Image], sha256s: list[str] | None) -> lis
     return [QueryImage(sha256s[i] if sha256s else None, thumbnail(image)) for i, image in enumerate(images)]
 
 
-def probe_categories(stage1: Stage1, index: TwoStageIndex, queries: np.ndarray, ranking: Ranking, top: int) -> np.ndarray:
+def probe_categories(stage1: Stage1, index: CategoryIndex, queries: np.ndarray, ranking: Ranking, top: int) -> np.ndarray:
     """(n, P) index categories to probe for each query beyond its top `top` ones (-1: none)."""
     nearest = ranking.positions[:, top : top + PROBE_BY_RANK]
     by_centroid = stage1.nearest_categories(index, queries, PROBE_SUB_CENTROIDS)
@@ -56,7 +56,7 @@ def probe_categories(stage1: Stage1, index: TwoStageIndex, queries: np.ndarray, 
 
 
 def nearest_outside(
-    index: TwoStageIndex, queries: np.ndarray, probe: np.ndarray, nprobe: int | None
+    index: CategoryIndex, queries: np.ndarray, probe: np.ndarray, nprobe: int | None
 ) -> list[list[tuple[int, float]]]:
     """Each query's CANDIDATES nearest (id, score) in its probed categories."""
     if probe.size == 0 or (probe < 0).all():

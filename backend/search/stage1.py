@@ -21,9 +21,9 @@ from pydantic import BaseModel
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
+from backend.index.category_index import CategoryIndex
 from backend.index.sampling import SAMPLE_MODULUS, SAMPLE_MULTIPLIER
 from backend.index.stage1_models import Centroids, LinearSoftmax, Trained, softmax, train_rankers
-from backend.index.two_stage import TwoStageIndex
 from backend.storage import catalogue, change_log, vector_reader
 from backend.storage import stage1 as stage1_rows
 from backend.storage.engine import session_scope
@@ -138,7 +138,7 @@ class Stage1:
 
     # --- ranking --------------------------------------------------------------------------------
 
-    def rank(self, index: TwoStageIndex, queries: np.ndarray, top: int | None = None) -> Ranking:
+    def rank(self, index: CategoryIndex, queries: np.ndarray, top: int | None = None) -> Ranking:
         """Every category (or the best `top`) of the index, best first, for each query."""
         ranker, trained = self.ranker, self.trained
         n_cat = len(index.category_ids)
@@ -157,7 +157,7 @@ class Stage1:
             probabilities = softmax(scores, trained.temperatures[ranker])
         return Ranking(ranker, scores[:, :k], positions[:, :k], None if probabilities is None else probabilities[:, :k])
 
-    def nearest_categories(self, index: TwoStageIndex, queries: np.ndarray, top: int) -> np.ndarray | None:
+    def nearest_categories(self, index: CategoryIndex, queries: np.ndarray, top: int) -> np.ndarray | None:
         """(n, top) index categories of each query's globally nearest sub-centroids (-1 for one not in the
         index); None while none were trained."""
         trained = self.trained  # one read: a retrain may swap it meanwhile
@@ -165,7 +165,7 @@ class Stage1:
             return None
         return self._index_columns(trained, index)[trained.centroids.nearest_categories(queries, top)]
 
-    def _index_columns(self, trained: Trained, index: TwoStageIndex) -> np.ndarray:
+    def _index_columns(self, trained: Trained, index: CategoryIndex) -> np.ndarray:
         """For each of `trained`'s categories: its number in the index (-1 if the index has no such category)."""
         key = (id(trained), tuple(index.category_ids))
         cached = self._columns

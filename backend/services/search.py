@@ -18,8 +18,8 @@ from backend.core.search_params import SearchParams
 from backend.embedding.cache import model_cache
 from backend.embedding.embedder import Embedder
 from backend.imaging import DecodedImage
+from backend.index.category_index import CategoryIndex
 from backend.index.layout import layout_from_settings
-from backend.index.two_stage import TwoStageIndex
 from backend.ingest.categories import LiveStage1
 from backend.ingest.writer import BatchWriter
 from backend.schemas import Status
@@ -220,7 +220,7 @@ class SearchService:
         self.cache.refresh()
         self.stage1.refresh(self.cache.seq)
 
-    def rebuild_index(self, reason: str) -> TwoStageIndex:
+    def rebuild_index(self, reason: str) -> CategoryIndex:
         """A full rebuild of the index, then stage 1 retrained on the given labels (build-index)."""
         index = self.cache.rebuild(reason)
         if self.settings.stage1 != "prototype":

@@ -19,8 +19,8 @@ from backend.core.config import Settings
 from backend.core.vectors import PrototypeMatrix, StoredVectors, l2_normalise
 from backend.embedding.cache import model_cache
 from backend.evaluation.retrieval import embed_cached
+from backend.index.category_index import CategoryIndex
 from backend.index.layout import IndexLayout
-from backend.index.two_stage import TwoStageIndex
 from backend.search.build import index_class
 from backend.sources.datasets import load_dataset
 from backend.storage.engine import libpq_url
@@ -91,7 +91,7 @@ def ours(
 
 
 def sweep_ours(
-    index: TwoStageIndex,
+    index: CategoryIndex,
     q: np.ndarray,
     truth: np.ndarray,
     spec: IndexLayout,

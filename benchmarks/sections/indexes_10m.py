@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from backend.core.vectors import PrototypeMatrix
+from backend.index.category_index import CategoryIndex
 from backend.index.fastscan import FastScanIndex
 from backend.index.layout import IndexLayout
-from backend.index.two_stage import TwoStageIndex
 from backend.search.build import index_class
 from benchmarks.harness import DIM, rss_mb
 from benchmarks.sections.indexes import (
@@ -49,7 +49,7 @@ class ExactTop:
         self.seconds += time.perf_counter() - t
 
 
-def build_in_chunks(n: int, spec: IndexLayout, truth: ExactTop, store_dir: Path | None) -> tuple[TwoStageIndex, float]:
+def build_in_chunks(n: int, spec: IndexLayout, truth: ExactTop, store_dir: Path | None) -> tuple[CategoryIndex, float]:
     """The index, and the seconds spent making the synthetic vectors (not part of the build)."""
     made = time.perf_counter()
     sizes = {c: n // SYNTH_CATEGORIES for c in range(SYNTH_CATEGORIES)}

@@ -17,9 +17,9 @@ import numpy as np
 
 from backend.core.config import get_settings
 from backend.core.vectors import PrototypeMatrix, StoredVectors
+from backend.index.category_index import CategoryIndex
 from backend.index.fastscan import FastScanIndex
 from backend.index.layout import IndexLayout
-from backend.index.two_stage import TwoStageIndex
 from backend.search.build import index_class
 from benchmarks.harness import hardware
 from benchmarks.sections import indexes
@@ -130,7 +130,7 @@ def threshold(stored: StoredVectors, q: np.ndarray, sizes: tuple[int, ...]) -> l
             )
             build_s = time.perf_counter() - t
 
-            def one(i: int, index: TwoStageIndex = index, nprobe: int | None = nprobe) -> None:
+            def one(i: int, index: CategoryIndex = index, nprobe: int | None = nprobe) -> None:
                 _, cats = index.rank_categories(q[i : i + 1], indexes.TOP_C)
                 index.search(q[i : i + 1], indexes.K, cats, nprobe, SHORTLISTS[0])
 

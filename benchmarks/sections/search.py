@@ -6,11 +6,11 @@ import time
 import numpy as np
 
 from backend.evaluation.retrieval import Embedded, build_index
-from backend.index.two_stage import TwoStageIndex
+from backend.index.category_index import CategoryIndex
 from benchmarks.harness import N_CATEGORIES, clustered, percentiles, rss_mb
 
 
-def time_search(index: TwoStageIndex, q: np.ndarray, top: int | None, singles: int) -> dict:
+def time_search(index: CategoryIndex, q: np.ndarray, top: int | None, singles: int) -> dict:
     _, ranked = index.rank_categories(q)
     lists = None if top is None else ranked[:, :top]
 
