@@ -13,8 +13,10 @@ from backend.core.errors import Unprocessable
 from backend.core.text import NAME_MAX, NAME_PATTERN, TEXT_MAX, TEXT_PATTERN, clean_name, clean_text
 from backend.services.catalogue import Catalogue
 from backend.services.container import Services
+from backend.services.index_lifecycle import IndexLifecycle
 from backend.services.jobs import Jobs
 from backend.services.search import SearchService
+from backend.services.writes import CatalogueWrites
 
 BIGINT_MAX = 2**63 - 1  # ids and offsets are PostgreSQL bigints: larger values are a 422, not a database error
 
@@ -36,6 +38,14 @@ async def get_jobs(request: Request) -> Jobs:
     return services_of(request).jobs
 
 
+async def get_lifecycle(request: Request) -> IndexLifecycle:
+    return services_of(request).lifecycle
+
+
+async def get_writes(request: Request) -> CatalogueWrites:
+    return services_of(request).writes
+
+
 async def get_settings_dep(request: Request) -> Settings:
     return services_of(request).settings
 
@@ -55,7 +65,9 @@ def _blank_is_none(value: object) -> object:
     return None if isinstance(value, str) and not value.strip() else value
 
 
-SearchDep = Annotated[SearchService, Depends(get_search)]  # search, upload, delete, status, rebuilds
+SearchDep = Annotated[SearchService, Depends(get_search)]  # search, upload
+LifecycleDep = Annotated[IndexLifecycle, Depends(get_lifecycle)]  # status, readiness, rebuilds
+WritesDep = Annotated[CatalogueWrites, Depends(get_writes)]  # delete, prototypes
 CatalogueDep = Annotated[Catalogue, Depends(get_catalogue)]  # every catalogue read
 JobsDep = Annotated[Jobs, Depends(get_jobs)]
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]

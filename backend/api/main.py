@@ -29,6 +29,7 @@ from backend.api.security import (
 )
 from backend.core.config import PROJECT_ROOT, Settings, get_settings
 from backend.services.container import Services
+from backend.services.index_lifecycle import IndexLifecycle
 from backend.services.search import SearchService
 from backend.storage.engine import DATABASE_ERRORS, database_problem
 from backend.telemetry import DATABASE_ERRORS_TOTAL
@@ -42,7 +43,7 @@ MULTIPART_OVERHEAD = 64 * 1024
 PRUNE_EVERY_S = 3600.0
 
 
-async def _refresh_index(service: SearchService, settings: Settings) -> None:
+async def _refresh_index(lifecycle: IndexLifecycle, settings: Settings) -> None:
     """Follow writes made by other processes (CLI populate, workers, other servers) without a restart, and
     now and then forget old deletions from the change log."""
     every_s = settings.index_refresh_seconds
@@ -53,9 +54,9 @@ async def _refresh_index(service: SearchService, settings: Settings) -> None:
     while True:
         await asyncio.sleep(every_s)
         try:
-            await run_in_threadpool(service.refresh)
+            await run_in_threadpool(lifecycle.refresh)
             if time.monotonic() - pruned_at > PRUNE_EVERY_S:
-                await run_in_threadpool(service.prune_change_log, settings.change_log_retention_days)
+                await run_in_threadpool(lifecycle.prune_change_log, settings.change_log_retention_days)
                 pruned_at = time.monotonic()
         except DATABASE_ERRORS as exc:  # one line when it starts failing, one when it recovers; retried
             DATABASE_ERRORS_TOTAL.labels("index refresh").inc()
@@ -122,7 +123,7 @@ def create_app(settings: Settings | None = None, service: SearchService | None =
         app.state.services = services
         app.state.started = time.monotonic()
         resumer = asyncio.create_task(_resume_staging(services))
-        refresher = asyncio.create_task(_refresh_index(search, settings))
+        refresher = asyncio.create_task(_refresh_index(services.lifecycle, settings))
         yield
         refresher.cancel()
         resumer.cancel()

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 from backend.cli.argtypes import int_in
-from backend.cli.common import Command, open_service, require_schema
+from backend.cli.common import Command, open_services, require_schema
 from backend.core.config import Settings
 from backend.core.errors import AppError
 from backend.sources.datasets import DATASETS
@@ -44,38 +44,39 @@ def cmd_populate(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def _populate_in_background(args: argparse.Namespace, settings: Settings) -> None:
-    from backend import jobs
     from backend.embedding.registry import model_id
+    from backend.services.jobs import Jobs
     from backend.storage.engine import get_engine
 
-    engine = get_engine()
-    model = model_id(settings)
+    jobs = Jobs(settings, get_engine())
     params = {"dataset": args.dataset, "split": args.split, "num_images": args.num_images}
-    job_id = jobs.create_job(settings, engine, "dataset", model, params | {"source": args.source and str(args.source)}, None)
-    queue = jobs.open_queue(engine)
+    job_id = jobs.create("dataset", model_id(settings), params | {"source": args.source and str(args.source)}, None)
+    jobs.open()
     try:
-        staged = jobs.stage_job(settings, engine, queue, job_id) or jobs.Staged()
+        staged = jobs.stage_now(job_id)
     finally:
-        queue.close()
+        jobs.close()
     print(f"job {job_id}: {staged.total} images in {staged.chunks} chunks queued; follow it with: jobs show {job_id}")
 
 
 def cmd_build_index(args: argparse.Namespace, settings: Settings) -> None:
-    service = open_service(settings)
-    index = service.rebuild_index("requested by build-index")
-    print(f"index for {service.model}: {index.ntotal} vectors in {len(index.category_ids)} categories, {service.index_origin}")
-    print(f"stage 1: {service.stage1.ranker} (STAGE1={settings.stage1}; {service.stage1.reason})")
+    lifecycle = open_services(settings).lifecycle
+    index = lifecycle.rebuild_index("requested by build-index")
+    print(
+        f"index for {lifecycle.model}: {index.ntotal} vectors in {len(index.category_ids)} categories, {lifecycle.index_origin}"
+    )
+    print(f"stage 1: {lifecycle.stage1.ranker} (STAGE1={settings.stage1}; {lifecycle.stage1.reason})")
 
 
 def cmd_rebuild_prototypes(args: argparse.Namespace, settings: Settings) -> None:
-    service = open_service(settings)
-    print(f"{service.rebuild_prototypes()} prototypes recomputed for {service.model}")
+    services = open_services(settings)
+    print(f"{services.writes.rebuild_prototypes()} prototypes recomputed for {services.search.model}")
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> None:
-    service = open_service(settings)
-    service.sync_index()  # loads the verified cache and applies later changes, or rebuilds from the database
-    status = service.status()
+    lifecycle = open_services(settings).lifecycle
+    lifecycle.sync_index()  # loads the verified cache and applies later changes, or rebuilds from the database
+    status = lifecycle.status()
     if args.json:
         print(status.model_dump_json())
         return

@@ -1,5 +1,5 @@
-"""What the commands share: the schema check before work, and the search service (imported lazily: it pulls
-in the model runtime and FAISS, and `--help` must stay fast)."""
+"""What the commands share: the schema check before work, and the services a server holds (imported lazily:
+they pull in the model runtime and FAISS, and `--help` must stay fast)."""
 
 import argparse
 from collections.abc import Callable
@@ -9,7 +9,7 @@ from backend.core.config import Settings
 from backend.core.errors import AppError
 
 if TYPE_CHECKING:
-    from backend.services.search import SearchService
+    from backend.services.container import Services
 
 # A subcommand's parser, made by `backend.cli.parser` with the function that runs it.
 Command = Callable[[str, Callable[[argparse.Namespace, Settings], None], str], argparse.ArgumentParser]
@@ -24,9 +24,11 @@ def require_schema() -> None:
         raise AppError(f"database schema is at {current or 'nothing'}, not {migrate.head_revision()}: run init-db first")
 
 
-def open_service(settings: Settings) -> "SearchService":
-    """The search service over a database whose schema is current."""
+def open_services(settings: Settings) -> "Services":
+    """The services a server holds (services/container.py), over a database whose schema is current; not
+    started: a command loads what it uses."""
+    from backend.services.container import Services
     from backend.services.search import SearchService
 
     require_schema()
-    return SearchService(settings)
+    return Services.around(SearchService(settings))

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from backend.cli.argtypes import int_in, number_in
-from backend.cli.common import Command, open_service
+from backend.cli.common import Command, open_services
 from backend.core import search_params as sp
 from backend.core.config import Settings
 from backend.core.errors import AppError
@@ -47,7 +47,7 @@ def cmd_search(args: argparse.Namespace, settings: Settings) -> None:
         except OSError as exc:
             raise AppError(f"{name}: cannot read ({exc.strerror})") from exc
         images.append(decode_image(data, settings.max_image_pixels, name=str(name)))
-    results = open_service(settings).search([i.rgb for i in images], params, [i.sha256 for i in images])
+    results = open_services(settings).search.search([i.rgb for i in images], params, [i.sha256 for i in images])
     for name, result in zip(args.images, results, strict=True):
         if args.json:  # the API's search answer, with the query's name
             print(json.dumps({"query": str(name), **SearchResponse.of(result, params).model_dump(mode="json")}))

@@ -32,19 +32,13 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> None:
     """Run catalogue-job chunks until SIGINT/SIGTERM; start as many as you like, on any machine."""
-    from backend import jobs
+    from backend.services.container import run_worker_process
     from backend.storage.engine import get_engine
 
     require_schema()
-    print(f"worker: {args.concurrency or settings.worker_concurrency} chunk(s) at a time; Ctrl-C stops it", flush=True)
-    engine = get_engine()
-    queue = jobs.open_queue(engine)
-    try:  # staging that a crash on this machine interrupted goes on (in threads) beside the chunks
-        jobs.sweep_job_files(settings, engine)
-        jobs.resume_staging(settings, engine, queue)
-        jobs.run_worker(settings, engine, args.concurrency or settings.worker_concurrency)
-    finally:
-        queue.close()
+    concurrency = args.concurrency or settings.worker_concurrency
+    print(f"worker: {concurrency} chunk(s) at a time; Ctrl-C stops it", flush=True)
+    run_worker_process(settings, get_engine(), concurrency)
 
 
 def cmd_jobs(args: argparse.Namespace, settings: Settings) -> None:

@@ -7,7 +7,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+import numpy as np
 from PIL import Image as PILImage
+from sqlalchemy import Engine
 
 from backend.core.errors import NotFound
 from backend.imaging import make_thumbnail
@@ -30,7 +32,7 @@ from backend.search import near_duplicates
 from backend.search.near_duplicates import Group
 from backend.services import catalogue_views
 from backend.services.catalogue_views import CatalogueMap
-from backend.services.search import SearchService
+from backend.services.index_lifecycle import IndexLifecycle
 from backend.storage import catalogue
 from backend.storage.engine import session_scope
 
@@ -86,11 +88,12 @@ class _PerState:
 
 
 class Catalogue:
-    """Every catalogue read a route makes, over the search service's database and index."""
+    """Every catalogue read a route makes, over the database and the live index."""
 
-    def __init__(self, search: SearchService) -> None:
-        self._search = search
-        self._engine = search.engine
+    def __init__(self, engine: Engine, live: IndexLifecycle, embed: Callable[[list[PILImage.Image]], np.ndarray]) -> None:
+        self._engine = engine
+        self._live = live  # the index kept current: its state keys what is computed once per state
+        self._embed = embed
         self._thumbnails = _ThumbnailCache()
         self._groups = _PerState()
         self._map = _PerState()
@@ -158,9 +161,9 @@ class Catalogue:
 
     def duplicate_groups(self, threshold: float) -> list[Group]:
         """Every group of near-duplicates, largest first, computed once per catalogue state and threshold."""
-        search = self._search
-        key = (search.sync_index(), search.model, threshold)  # current first, so the key names what is searched
-        return self._groups.get(key, lambda: near_duplicates.find_groups(self._engine, search.cache, search.model, threshold))
+        live = self._live
+        key = (live.sync_index(), live.model, threshold)  # current first, so the key names what is searched
+        return self._groups.get(key, lambda: near_duplicates.find_groups(self._engine, live.cache, live.model, threshold))
 
     def duplicates_page(self, threshold: float, offset: int, limit: int) -> DuplicatesPage:
         found = self.duplicate_groups(threshold)
@@ -179,7 +182,7 @@ class Catalogue:
     def gallery(self, per_category: int) -> Gallery:
         """Per category, the stored images nearest its prototype."""
         names = self.category_names()
-        rows = catalogue_views.gallery(self._engine, self._search.cache, self._search.model, per_category)
+        rows = catalogue_views.gallery(self._engine, self._live.cache, self._live.model, per_category)
         return Gallery(
             categories=[
                 GalleryCategory(
@@ -194,9 +197,9 @@ class Catalogue:
         )
 
     def _current_map(self) -> CatalogueMap:
-        search = self._search
-        key = (search.sync_index(), search.model)
-        return self._map.get(key, lambda: catalogue_views.catalogue_map(self._engine, search.model))
+        live = self._live
+        key = (live.sync_index(), live.model)
+        return self._map.get(key, lambda: catalogue_views.catalogue_map(self._engine, live.model))
 
     def catalogue_map(self) -> MapOut:
         """The catalogue projected to 2-D, computed once per catalogue state."""
@@ -210,5 +213,5 @@ class Catalogue:
 
     def place(self, image: PILImage.Image) -> Position:
         """Where a query image falls on the map."""
-        x, y = self._current_map().place(self._search.embed([image]))[0]
+        x, y = self._current_map().place(self._embed([image]))[0]
         return Position(x=float(x), y=float(y))

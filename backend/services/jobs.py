@@ -51,6 +51,12 @@ class Jobs:
     def open(self) -> None:
         self._queue = jobs.open_queue(self._engine)  # defers chunks (handler threads)
 
+    def open_for_work(self) -> None:
+        """The start of a server and of a `worker` process alike: the queue opened, and the files of jobs
+        that ended while this process was down swept."""
+        self.open()
+        self.sweep_files()
+
     def close(self) -> None:
         if self._queue is not None:
             self._queue.close()
@@ -69,6 +75,10 @@ class Jobs:
         """Staging that a crash (or a database outage) interrupted goes on."""
         return jobs.resume_staging(self.settings, self._engine, self.queue)
 
+    def run_worker(self, concurrency: int) -> None:
+        """Run chunks in this process until SIGINT/SIGTERM (the `worker` command)."""
+        jobs.run_worker(self.settings, self._engine, concurrency)
+
     def worker(self, cache: "IndexCache") -> jobs.WorkerThread:
         """An in-process worker (not started) that makes each chunk it commits searchable in `cache` at once."""
         return jobs.WorkerThread(self.settings, self._engine, cache)
@@ -86,6 +96,10 @@ class Jobs:
     def start(self, job_id: int) -> JobOut:
         jobs.start(self.settings, self._engine, self.queue, job_id)
         return self.get(job_id)
+
+    def stage_now(self, job_id: int) -> jobs.Staged:
+        """Stage the job in this thread and wait (the CLI's `populate --background`): its images and chunks."""
+        return jobs.stage_job(self.settings, self._engine, self.queue, job_id) or jobs.Staged()
 
     def stage_urls(self, job_id: int, text: str) -> JobOut:
         jobs.stage_urls(self.settings, self._engine, self.queue, job_id, text)

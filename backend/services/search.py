@@ -1,16 +1,16 @@
-"""The search engine as one object: embedder + database + index cache; search, writes and the index's
-start/tick/stop, shared by the CLI and the API. The index's lifecycle (load, verify, rebuild, follow changes,
-locking) is `backend.search.live_index`'s."""
+"""Search, as the CLI and the API ask for it: embed the queries, then `search_vectors` top to bottom: rank
+the categories (stage 1), choose those stage 2 searches, search them, let a stored image find itself, fetch
+what the database still holds, page. Also an upload through the writer. The live index's start, tick, stop
+and rebuilds are `IndexLifecycle`'s (services/index_lifecycle.py); deletes and prototype rebuilds are
+`CatalogueWrites`' (services/writes.py)."""
 
 import logging
 import time
-from collections.abc import Callable
-from typing import TypeVar
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image as PILImage
 from sqlalchemy import Engine
-from sqlalchemy.orm import Session
 
 from backend.core.config import Settings
 from backend.core.errors import Conflict, InvalidInput, NotFound
@@ -18,28 +18,50 @@ from backend.core.search_params import SearchParams
 from backend.embedding.cache import model_cache
 from backend.embedding.embedder import Embedder
 from backend.imaging import DecodedImage
-from backend.index.category_index import CategoryIndex
+from backend.index.category_index import CategoryIndex, SearchHits
 from backend.index.layout import layout_from_settings
 from backend.ingest.categories import LiveStage1
 from backend.ingest.writer import BatchWriter
-from backend.schemas import Status
 from backend.search import filters as search_filters
 from backend.search import near_duplicates, own_image
-from backend.search.live_index import IndexCache, prune_change_log
+from backend.search.live_index import IndexCache
 from backend.search.results import CategoryScore, Hit, SearchResult, UploadResult
 from backend.search.stage1 import Ranking, Stage1
-from backend.services.status import build_status
 from backend.storage import catalogue
 from backend.storage.engine import get_engine, session_scope
-from backend.storage.schema import Image
 from backend.telemetry import EMBED_IMAGES, EMBED_SECONDS, SEARCH_STAGE_SECONDS
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 def _ms(seconds: float) -> float:
     return round(seconds * 1000, 3)
+
+
+class Stage2:
+    """Stage 2: the chosen categories' lists searched for the k best. One call, so that a search spread over
+    shards replaces this object and nothing else."""
+
+    def __init__(self, shortlist: int) -> None:
+        self.shortlist = shortlist  # RERANK_CANDIDATES: the codes' best this many are re-scored exactly
+
+    def search(
+        self, index: CategoryIndex, queries: np.ndarray, categories: np.ndarray | None, k: int, nprobe: int | None
+    ) -> SearchHits:
+        return index.search(queries, k, categories, nprobe, self.shortlist)
+
+
+@dataclass
+class _Searched:
+    """What the index said, read under its lock: everything a page needs afterwards."""
+
+    ranking: Ranking
+    categories: np.ndarray | None  # per query, the category numbers stage 2 searched; None: all
+    hits: SearchHits
+    outside: list[list[tuple[int, float]]]  # per query, own-image candidates outside those categories
+    total: int
+    category_ids: list[int]
+    seconds: dict[str, float]  # "prototypes" (stage 1), "search" (stage 2 and the own-image probe)
 
 
 class SearchService:
@@ -50,11 +72,17 @@ class SearchService:
         layout = layout_from_settings(settings, self.embedder.dim)
         self.cache = IndexCache(self.engine, self.embedder.model_id, self.embedder.dim, settings.index_dir, layout)
         self.stage1 = Stage1(self.engine, self.embedder.model_id, self.embedder.dim, settings.stage1)
+        self.stage2 = Stage2(settings.rerank_candidates)
         self._names: dict[int, str] = {}
 
     @property
     def model(self) -> str:
         return self.embedder.model_id
+
+    @property
+    def image_size(self) -> int:
+        """The side the model's input images are resized to (query images are decoded for it)."""
+        return self.embedder.image_size
 
     # --- search ----------------------------------------------------------------------------
 
@@ -83,55 +111,95 @@ class SearchService:
         images: list[own_image.QueryImage] | None = None,
     ) -> list[SearchResult]:
         """`images`: the query images, so that a stored image finds itself first (backend/search/own_image.py)."""
-        top_categories, use_prototypes = params.top_categories, params.use_prototypes
         k = search_filters.depth(params, 1 if exclude is not None else 0)
         wanted = search_filters.category_filter(self.engine, params.categories)
         with self.cache.reading() as index:
-            t0 = time.perf_counter()
-            ranking = self.stage1.rank(index, queries)
-            t1 = time.perf_counter()
-            searched = search_filters.stage_two_categories(ranking.positions, index.list_of, wanted, params)
-            hits = index.search(queries, k, searched, params.nprobe, self.settings.rerank_candidates)
-            outside: list[list[tuple[int, float]]] = [[] for _ in queries]
-            if searched is not None and images is not None:
-                probe = own_image.probe_categories(self.stage1, index, queries, ranking, top_categories)
-                outside = own_image.nearest_outside(index, queries, probe, params.nprobe)
-            t2 = time.perf_counter()
-            total = index.ntotal
-            category_ids = index.category_ids
+            searched = self._search_index(index, queries, params, wanted, k, images)
+        t = time.perf_counter()
+        ranked, meta = self._fetch(queries, searched.hits, exclude, searched.outside, images, k)
+        searched.seconds["fetch"] = time.perf_counter() - t
         n = len(queries)
+        for stage, seconds in searched.seconds.items():
+            SEARCH_STAGE_SECONDS.labels(stage).observe(seconds / n)
+        return [self._page(searched, q, ranked[q], meta, params) for q in range(n)]
+
+    def _search_index(
+        self,
+        index: CategoryIndex,
+        queries: np.ndarray,
+        params: SearchParams,
+        wanted: list[int] | None,
+        k: int,
+        images: list[own_image.QueryImage] | None,
+    ) -> _Searched:
+        """Under the index's read lock: rank, choose, search, and the own-image probe."""
+        t0 = time.perf_counter()
+        ranking = self.stage1.rank(index, queries)
+        t1 = time.perf_counter()
+        chosen = search_filters.stage_two_categories(ranking.positions, index.list_of, wanted, params)
+        hits = self.stage2.search(index, queries, chosen, k, params.nprobe)
+        outside = self._own_image_probe(index, queries, ranking, chosen, images, params)
+        t2 = time.perf_counter()
+        seconds = {"prototypes": t1 - t0, "search": t2 - t1}
+        return _Searched(ranking, chosen, hits, outside, index.ntotal, index.category_ids, seconds)
+
+    def _own_image_probe(
+        self,
+        index: CategoryIndex,
+        queries: np.ndarray,
+        ranking: Ranking,
+        chosen: np.ndarray | None,
+        images: list[own_image.QueryImage] | None,
+        params: SearchParams,
+    ) -> list[list[tuple[int, float]]]:
+        """A stored image's nearest candidates in categories stage 2 did not search (none when it searched all)."""
+        if chosen is None or images is None:
+            return [[] for _ in queries]
+        probe = own_image.probe_categories(self.stage1, index, queries, ranking, params.top_categories)
+        return own_image.nearest_outside(index, queries, probe, params.nprobe)
+
+    def _fetch(
+        self,
+        queries: np.ndarray,
+        hits: SearchHits,
+        exclude: int | None,
+        outside: list[list[tuple[int, float]]],
+        images: list[own_image.QueryImage] | None,
+        k: int,
+    ) -> tuple[list[list[tuple[int, float]]], dict]:
+        """Per query the ranked (id, score) pairs with a stored image first, and the rows' category and label."""
         # One connection, no transaction: each SELECT is consistent on its own, and the last one, the
         # database's word on which hits still exist, is what a result may show.
         with session_scope(self.engine, single_read=True) as session:
             ranked = own_image.results(session, self.model, queries, hits, exclude, outside, images, k)
             meta = catalogue.result_metadata(session, {i for hits_q in ranked for i, _ in hits_q})
-        t3 = time.perf_counter()
-        for stage, seconds in (("prototypes", t1 - t0), ("search", t2 - t1), ("fetch", t3 - t2)):
-            SEARCH_STAGE_SECONDS.labels(stage).observe(seconds / n)
-        out = []
-        for q in range(n):
-            ids = np.asarray([i for i, _ in ranked[q]], dtype=np.int64)
-            scores = np.asarray([sc for _, sc in ranked[q]], dtype=np.float32)
-            results = [
-                Hit(image_id, self._name(meta[image_id][0]), meta[image_id][1], score, rank)
-                for rank, image_id, score in search_filters.page(scores, ids, lambda i: i in meta, params)
-            ]
-            chosen = set(searched[q].tolist()) if searched is not None else set(range(len(category_ids)))
-            categories = self._ranking(category_ids, ranking, q, chosen)
-            timings = {"prototypes": _ms((t1 - t0) / n), "search": _ms((t2 - t1) / n), "fetch": _ms((t3 - t2) / n)}
-            timings["total"] = round(sum(timings.values()), 3)
-            out.append(
-                SearchResult(
-                    results,
-                    categories,
-                    use_prototypes,
-                    top_categories if use_prototypes else None,
-                    int(hits.scanned[q]),
-                    total,
-                    timings,
-                )
-            )
-        return out
+        return ranked, meta
+
+    def _page(
+        self, searched: _Searched, q: int, ranked: list[tuple[int, float]], meta: dict, params: SearchParams
+    ) -> SearchResult:
+        """Query q's page of hits that still exist, its ranked categories and its share of the timings."""
+        ids = np.asarray([i for i, _ in ranked], dtype=np.int64)
+        scores = np.asarray([sc for _, sc in ranked], dtype=np.float32)
+        results = [
+            Hit(image_id, self._name(meta[image_id][0]), meta[image_id][1], score, rank)
+            for rank, image_id, score in search_filters.page(scores, ids, lambda i: i in meta, params)
+        ]
+        cats = searched.categories
+        chosen = set(cats[q].tolist()) if cats is not None else set(range(len(searched.category_ids)))
+        n = len(searched.hits.scanned)
+        timings = {stage: _ms(seconds / n) for stage, seconds in searched.seconds.items()}
+        timings["total"] = round(sum(timings.values()), 3)
+        use_prototypes = params.use_prototypes
+        return SearchResult(
+            results,
+            self._ranking(searched.category_ids, searched.ranking, q, chosen),
+            use_prototypes,
+            params.top_categories if use_prototypes else None,
+            int(searched.hits.scanned[q]),
+            searched.total,
+            timings,
+        )
 
     def rank_categories(self, images: list[PILImage.Image]) -> tuple[list[list[CategoryScore]], dict[str, float]]:
         """Stage 1 only: every category ranked by the active stage-1 ranker, with its probability."""
@@ -176,7 +244,7 @@ class SearchService:
                 self._names = {cid: name for name, cid in catalogue.category_ids(session).items()}
         return self._names.get(category_id)
 
-    # --- writes: one database transaction, then the index follows before the answer -------------
+    # --- an upload: one database transaction, then the index follows before the answer -----------
 
     def upload(
         self, image: DecodedImage, category: str | None, description: str | None = None, refuse_near_duplicates: bool = False
@@ -211,72 +279,3 @@ class SearchService:
         with session_scope(self.engine) as session:
             stored = catalogue.get_image(session, catalogue.existing_by_sha(session, [sha256])[sha256])
             return UploadResult(stored.id, self._name(stored.category_id), stored.label_given, duplicate=True)
-
-    def delete(self, image_id: int) -> Image:
-        return self._write(lambda session: catalogue.delete_image(session, image_id))
-
-    def refresh(self) -> None:
-        """The server's tick: follow other processes' changes, then let stage 1 check whether to retrain."""
-        self.cache.refresh()
-        self.stage1.refresh(self.cache.seq)
-
-    def rebuild_index(self, reason: str) -> CategoryIndex:
-        """A full rebuild of the index, then stage 1 retrained on the given labels (build-index)."""
-        index = self.cache.rebuild(reason)
-        if self.settings.stage1 != "prototype":
-            self.stage1.retrain()
-        return index
-
-    def rebuild_prototypes(self) -> int:
-        return self._write(lambda session: catalogue.rebuild_prototypes(session, self.model))
-
-    def _write(self, change: Callable[[Session], T]) -> T:
-        """Commit the change, then bring the index up to date with the database (this change included)
-        before answering: an acknowledged write is searchable, whatever rebuild runs meanwhile."""
-        with session_scope(self.engine) as session:
-            result = change(session)
-        self.cache.after_write()
-        return result
-
-    # --- the index and the model, for the server's start, tick and stop ----------------------
-
-    @property
-    def image_size(self) -> int:
-        """The side the model's input images are resized to (query images are decoded for it)."""
-        return self.embedder.image_size
-
-    @property
-    def model_loaded(self) -> bool:
-        return self.embedder.loaded
-
-    @property
-    def index_origin(self) -> str:
-        """How the live index came to be: loaded from cache, rebuilt (and why)."""
-        return self.cache.origin
-
-    def load(self) -> None:
-        """Load the model and the index (before the first request, or before a CLI status)."""
-        self.embedder.load()
-        self.cache.get()
-
-    def sync_index(self) -> int:
-        """Bring the index up to date with the database; the newest change it then reflects."""
-        self.cache.get()
-        return self.cache.seq
-
-    def index_is_current(self) -> bool:
-        return self.cache.is_current()
-
-    def save_index(self) -> None:
-        """Save the index cache: the next start loads it and applies only later changes."""
-        self.cache.save()
-
-    def prune_change_log(self, keep_days: float) -> int:
-        return prune_change_log(self.engine, keep_days)
-
-    def after_write(self) -> None:
-        """Another writer in this process (the in-process worker) committed: the index follows."""
-        self.cache.after_write()
-
-    def status(self) -> Status:
-        return build_status(self.settings, self.engine, self.embedder, self.cache, self.stage1)

@@ -21,6 +21,7 @@ from backend.index.sampling import train_sample
 from backend.index.two_stage import TwoStageIndex
 from backend.ingest.populate import ingest
 from backend.search import build
+from backend.services.container import Services
 from backend.services.search import SearchService
 from backend.sources.datasets import Dataset, balanced
 from backend.storage import catalogue, vector_reader
@@ -219,7 +220,7 @@ def again(service: SearchService) -> SearchService:
 
 
 def test_service_follows_writes_and_never_returns_a_deleted_image(fastscan: SearchService, cifar_queries) -> None:
-    status = fastscan.status().index
+    status = Services.around(fastscan).lifecycle.status().index
     assert (status.type, status.codec, status.rerank) == ("fastscan", "pq320x4", "float16 file")
     assert status.why == "FAISS_INDEX_TYPE=fastscan" and status.vectors == 200 and status.lists > 10
     image = decode_image(cifar_queries.samples[0].load(), 10**7)
@@ -228,7 +229,7 @@ def test_service_follows_writes_and_never_returns_a_deleted_image(fastscan: Sear
     (hit,) = fastscan.search([image.rgb], params)
     assert hit.results[0].image_id == added.image_id and hit.results[0].score > 0.99
     assert hit.vectors_scanned < hit.vectors_total / 2
-    fastscan.delete(added.image_id)
+    Services.around(fastscan).writes.delete(added.image_id)
     (hit,) = fastscan.search([image.rgb], params)
     assert added.image_id not in [r.image_id for r in hit.results] and len(hit.results) == 5
     # The saved file (built before the upload) is loaded by another process and brought up to date.
@@ -319,14 +320,15 @@ def test_auto_is_flat_below_its_threshold_and_fastscan_from_it(
     ingest(Dataset("cifar10", balanced(cifar_train.samples, 100)), embedder, engine, 10**7, progress=False)
     below = SearchService(make_settings(tmp_path, engine, faiss_auto_threshold=101, faiss_list_size=8), engine, embedder)
     below.cache.get()
-    status = below.status().index
+    status = Services.around(below).lifecycle.status().index
     assert (status.type, status.why) == ("flat", "auto: 100 vectors < FAISS_AUTO_THRESHOLD=101")
     at = SearchService(make_settings(tmp_path, engine, faiss_auto_threshold=100, faiss_list_size=8), engine, embedder)
     at.cache.get()
     assert "cache not used" in at.cache.origin  # the flat file is not what auto wants at this threshold
-    status = at.status().index
+    status = Services.around(at).lifecycle.status().index
     assert (status.type, status.why) == ("fastscan", "auto: 100 vectors >= FAISS_AUTO_THRESHOLD=100")
     assert again(at).cache.origin.startswith("loaded from cache")
     # One more image past the threshold of the flat index: it follows, and says what a rebuild would do.
     below.upload(decode_image(cifar_train.samples[-1].load(), 10**7), "cat")
-    assert below.status().index.why.endswith("flat when last built, the next build-index makes it fastscan")
+    why = Services.around(below).lifecycle.status().index.why
+    assert why.endswith("flat when last built, the next build-index makes it fastscan")

@@ -22,6 +22,7 @@ from backend.imaging import decode_image
 from backend.ingest.populate import ingest
 from backend.search.index_file import MAGIC
 from backend.search.live_index import IndexCache, prune_change_log
+from backend.services.container import Services
 from backend.services.search import SearchService
 from backend.sources.datasets import Dataset, balanced
 from backend.storage import catalogue
@@ -92,7 +93,7 @@ def test_acknowledged_writes_survive_racing_rebuilds_and_refreshes(service: Sear
             uploaded.append((result.image_id, vec))
             if i % 4 == 3:  # and an acknowledged delete is never returned again
                 victim, victim_vec = uploaded.pop(0)
-                service.delete(victim)
+                Services.around(service).writes.delete(victim)
                 deleted.append((victim, victim_vec))
             for gone, gone_vec in deleted:
                 assert gone not in [h.image_id for h in service.search_vectors(gone_vec, EXACT_50)[0].results]
@@ -361,9 +362,10 @@ def test_ivf_sq8_server_index_follows_writes_and_a_changed_setting_rebuilds(
     ivf = SearchService(settings, engine, embedder)
     ivf.cache.get()
     assert "cache not used" in ivf.cache.origin  # the flat float32 file on disk is not this layout
-    status = ivf.status().index
+    status = Services.around(ivf).lifecycle.status().index
     assert (status.type, status.codec) == ("ivf", "sq8") and status.lists > 10 and status.retrain == []
-    assert status.memory_bytes < service.status().index.memory_bytes / 2  # 1 byte a dimension, not 4 (+ centroids)
+    flat = Services.around(service).lifecycle.status().index
+    assert status.memory_bytes < flat.memory_bytes / 2  # 1 byte a dimension, not 4 (+ centroids)
     # An upload is searchable at once, through a sub-list of its category.
     image = decode_image(cifar_queries.samples[0].load(), 10**7)
     added = ivf.upload(image, "cat")

@@ -8,6 +8,7 @@ from sqlalchemy import Engine, select
 
 from backend.core.search_params import SearchParams
 from backend.imaging import decode_image
+from backend.services.container import Services
 from backend.services.search import SearchService
 from backend.sources.datasets import Dataset
 from backend.storage import catalogue
@@ -24,7 +25,7 @@ def test_delete_updates_database_prototypes_and_index(writable_service: SearchSe
         victim = s.scalar(select(ImageRow.id).order_by(ImageRow.id).limit(1))
         cid = s.get(ImageRow, victim).category_id
     total = index.ntotal
-    writable_service.delete(victim)
+    Services.around(writable_service).writes.delete(victim)
     assert index.ntotal == total - 1
     assert row_counts(engine) == (39, 39, 39)
     with session_scope(engine) as s:

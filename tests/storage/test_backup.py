@@ -10,6 +10,7 @@ from sqlalchemy import Engine
 from backend.core.search_params import SearchParams
 from backend.imaging import decode_image
 from backend.ingest.populate import ingest
+from backend.services.container import Services
 from backend.services.keys import list_keys
 from backend.services.search import SearchService
 from backend.sources.datasets import Dataset, balanced
@@ -60,7 +61,7 @@ def test_backup_restores_an_identical_catalogue(
     # Change the catalogue after the backup: delete two images, add others, and let the cache follow.
     ids = [h[0] for h in before["search"][:2]]
     for image_id in ids:
-        service.delete(image_id)
+        Services.around(service).writes.delete(image_id)
     ingest(Dataset("cifar10", balanced(cifar_train.samples[80:], 20)), embedder, engine, 10**7, progress=False)
     service.cache.refresh()
     service.cache.save()

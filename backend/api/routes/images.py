@@ -14,6 +14,7 @@ from backend.api.deps import (
     OptionalCategoryName,
     SearchDep,
     SettingsDep,
+    WritesDep,
 )
 from backend.api.errors import error_responses
 from backend.api.security import Access, guard
@@ -99,8 +100,8 @@ def info(image_id: ImageId, catalogue: CatalogueDep) -> ImageInfo:
 
 
 @router.delete("/images/{image_id}", dependencies=[guard(Access.WRITE)], responses=error_responses(404, 422))
-def delete(image_id: ImageId, service: SearchDep, catalogue: CatalogueDep) -> DeletedOut:
+def delete(image_id: ImageId, writes: WritesDep, catalogue: CatalogueDep) -> DeletedOut:
     """Delete the image, its embeddings and its share of the prototype; the index is updated."""
-    image = service.delete(image_id)
+    image = writes.delete(image_id)
     catalogue.forget_thumbnail(image_id)
     return DeletedOut(deleted=image.id)

@@ -8,7 +8,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
-from backend.api.deps import SearchDep, SettingsDep
+from backend.api.deps import LifecycleDep, SettingsDep, WritesDep
 from backend.api.errors import error_responses
 from backend.api.security import Access, guard, viewer_is_admin
 from backend.schemas import HealthOut, PrototypesRebuilt, ReadyOut, RebuildOut, StatusOut
@@ -30,7 +30,7 @@ async def health() -> HealthOut:
     dependencies=[guard(Access.PUBLIC)],
     responses={503: {"model": ReadyOut, "description": "not ready; `checks` says why"}},
 )
-async def ready(service: SearchDep, settings: SettingsDep) -> JSONResponse:
+async def ready(service: LifecycleDep, settings: SettingsDep) -> JSONResponse:
     """Readiness: the database answers, the model is loaded and the index reflects every committed change."""
     checks = {"model": "loaded" if service.model_loaded else "not loaded"}
 
@@ -50,7 +50,7 @@ async def ready(service: SearchDep, settings: SettingsDep) -> JSONResponse:
 
 
 @router.get("/status", dependencies=[guard(Access.SEARCH)], responses=error_responses())
-async def status(service: SearchDep, settings: SettingsDep, request: Request) -> StatusOut:
+async def status(service: LifecycleDep, settings: SettingsDep, request: Request) -> StatusOut:
     """Counts per category, model, device, database, index type and whether the index matches the database.
     Where the database lives (a path, a host) is shown to admin keys only."""
     out = StatusOut(
@@ -62,16 +62,16 @@ async def status(service: SearchDep, settings: SettingsDep, request: Request) ->
 
 
 @router.post("/admin/rebuild-index", dependencies=[guard(Access.ADMIN)], responses=error_responses())
-def rebuild_index(service: SearchDep) -> RebuildOut:
+def rebuild_index(service: LifecycleDep) -> RebuildOut:
     """Rebuild the FAISS index from the vectors stored in the database (no re-embedding); retrain stage 1."""
     index = service.rebuild_index("requested by POST /admin/rebuild-index")
     return RebuildOut(vectors=index.ntotal, categories=len(index.category_ids), origin=service.index_origin)
 
 
 @router.post("/admin/rebuild-prototypes", dependencies=[guard(Access.ADMIN)], responses=error_responses())
-def rebuild_prototypes(service: SearchDep) -> PrototypesRebuilt:
+def rebuild_prototypes(writes: WritesDep) -> PrototypesRebuilt:
     """Recompute every prototype from the stored given-label embeddings."""
-    return PrototypesRebuilt(prototypes=service.rebuild_prototypes())
+    return PrototypesRebuilt(prototypes=writes.rebuild_prototypes())
 
 
 @router.get(

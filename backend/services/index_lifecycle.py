@@ -1,0 +1,66 @@
+"""The live index's lifecycle for the server's start, tick and stop and for the CLI: load, follow other
+processes' changes, rebuild, save, and what /status reports. Searching is `SearchService`'s; the index's
+own mechanics (verify, rebuild, follow the change log, locking) are `backend.search.live_index`'s."""
+
+from sqlalchemy import Engine
+
+from backend.core.config import Settings
+from backend.embedding.embedder import Embedder
+from backend.index.category_index import CategoryIndex
+from backend.schemas import Status
+from backend.search.live_index import IndexCache, prune_change_log
+from backend.search.stage1 import Stage1
+from backend.services.status import build_status
+
+
+class IndexLifecycle:
+    def __init__(self, settings: Settings, engine: Engine, embedder: Embedder, cache: IndexCache, stage1: Stage1) -> None:
+        self.settings, self.engine, self.embedder, self.cache, self.stage1 = settings, engine, embedder, cache, stage1
+
+    @property
+    def model(self) -> str:
+        return self.embedder.model_id
+
+    @property
+    def model_loaded(self) -> bool:
+        return self.embedder.loaded
+
+    @property
+    def index_origin(self) -> str:
+        """How the live index came to be: loaded from cache, rebuilt (and why)."""
+        return self.cache.origin
+
+    def load(self) -> None:
+        """Load the model and the index (before the first request, or before a CLI status)."""
+        self.embedder.load()
+        self.cache.get()
+
+    def refresh(self) -> None:
+        """The server's tick: follow other processes' changes, then let stage 1 check whether to retrain."""
+        self.cache.refresh()
+        self.stage1.refresh(self.cache.seq)
+
+    def sync_index(self) -> int:
+        """Bring the index up to date with the database; the newest change it then reflects."""
+        self.cache.get()
+        return self.cache.seq
+
+    def index_is_current(self) -> bool:
+        return self.cache.is_current()
+
+    def rebuild_index(self, reason: str) -> CategoryIndex:
+        """A full rebuild of the index, then stage 1 retrained on the given labels (build-index)."""
+        index = self.cache.rebuild(reason)
+        if self.settings.stage1 != "prototype":
+            self.stage1.retrain()
+        return index
+
+    def save_index(self) -> None:
+        """Save the index cache: the next start loads it and applies only later changes."""
+        self.cache.save()
+
+    def prune_change_log(self, keep_days: float) -> int:
+        return prune_change_log(self.engine, keep_days)
+
+    def status(self) -> Status:
+        return build_status(self.settings, self.engine, self.embedder, self.cache, self.stage1)
