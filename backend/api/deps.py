@@ -11,8 +11,8 @@ from starlette.datastructures import UploadFile  # what a parsed form holds (fas
 from backend.core.config import Settings
 from backend.core.errors import Unprocessable
 from backend.core.text import NAME_MAX, NAME_PATTERN, TEXT_MAX, TEXT_PATTERN, clean_name, clean_text
+from backend.services.assembly import Services
 from backend.services.catalogue import Catalogue
-from backend.services.container import Services
 from backend.services.index_lifecycle import IndexLifecycle
 from backend.services.jobs import Jobs
 from backend.services.search import SearchService

@@ -28,7 +28,7 @@ from backend.api.security import (
     trusted_hosts,
 )
 from backend.core.config import PROJECT_ROOT, Settings, get_settings
-from backend.services.container import Services
+from backend.services.assembly import Services
 from backend.services.index_lifecycle import IndexLifecycle
 from backend.services.search import SearchService
 from backend.storage.engine import DATABASE_ERRORS, database_problem

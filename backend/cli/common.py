@@ -9,7 +9,7 @@ from backend.core.config import Settings
 from backend.core.errors import AppError
 
 if TYPE_CHECKING:
-    from backend.services.container import Services
+    from backend.services.assembly import Services
 
 # A subcommand's parser, made by `backend.cli.parser` with the function that runs it.
 Command = Callable[[str, Callable[[argparse.Namespace, Settings], None], str], argparse.ArgumentParser]
@@ -25,9 +25,9 @@ def require_schema() -> None:
 
 
 def open_services(settings: Settings) -> "Services":
-    """The services a server holds (services/container.py), over a database whose schema is current; not
+    """The services a server holds (services/assembly.py), over a database whose schema is current; not
     started: a command loads what it uses."""
-    from backend.services.container import Services
+    from backend.services.assembly import Services
     from backend.services.search import SearchService
 
     require_schema()

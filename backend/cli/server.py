@@ -32,7 +32,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> None:
     """Run catalogue-job chunks until SIGINT/SIGTERM; start as many as you like, on any machine."""
-    from backend.services.container import run_worker_process
+    from backend.services.assembly import run_worker_process
     from backend.storage.engine import get_engine
 
     require_schema()

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 from backend.storage import catalogue
 
 if TYPE_CHECKING:
-    from backend.search.live_index import IndexCache
+    from backend.search.live_index import LiveIndex
     from backend.search.stage1 import Stage1
 
 NO_PROTOTYPES = "no category prototypes yet: give a category"
@@ -32,7 +32,7 @@ class Predictor(Protocol):
 class LiveStage1:
     """The server's: the active stage-1 ranker (STAGE1) over the live index's categories."""
 
-    def __init__(self, cache: "IndexCache", stage1: "Stage1") -> None:
+    def __init__(self, cache: "LiveIndex", stage1: "Stage1") -> None:
         self.cache, self.stage1 = cache, stage1
 
     def predict(self, session: Session, vectors: np.ndarray) -> list[Prediction] | None:

@@ -2,7 +2,7 @@
 transaction per batch, retried once without what another writer stored meanwhile. `POST /upload`,
 `populate` and job chunks all go through `BatchWriter` (the batched ones with its stages overlapped by
 `backend.ingest.pipeline`). Making the committed images searchable is the caller's next, visible step:
-`IndexCache.after_write()` in the server."""
+`LiveIndex.after_write()` in the server."""
 
 from collections.abc import Sequence
 from concurrent.futures import Executor
@@ -183,7 +183,7 @@ class BatchWriter:
     def write(self, batch: Batch) -> IngestReport:
         """Store the batch in one transaction; if another writer stored some of it meanwhile (a unique
         violation), drop those and retry once. Returns the batch's whole report; the caller makes the
-        images searchable (`IndexCache.after_write()`)."""
+        images searchable (`LiveIndex.after_write()`)."""
         for attempt in range(2):
             try:
                 with session_scope(self.engine) as session:

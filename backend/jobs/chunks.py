@@ -31,7 +31,7 @@ from backend.storage.jobs import FINAL, MAX_FAILURES, delete_chunk_items, finish
 from backend.storage.schema import CatalogueJobItem
 
 if TYPE_CHECKING:
-    from backend.search.live_index import IndexCache
+    from backend.search.live_index import LiveIndex
 
 log = logging.getLogger("backend.jobs")
 
@@ -40,7 +40,7 @@ class ChunkRunner:
     """What a worker holds between chunks: settings, engine and, in serve's own worker, the index cache that
     makes a chunk's images searchable at once. Models come from the process's one model cache."""
 
-    def __init__(self, settings: Settings, engine: Engine, cache: "IndexCache | None" = None) -> None:
+    def __init__(self, settings: Settings, engine: Engine, cache: "LiveIndex | None" = None) -> None:
         self.settings, self.engine, self.cache = settings, engine, cache
 
     def embedder(self, model_name: str | None = None) -> Embedder:

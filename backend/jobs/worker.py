@@ -13,7 +13,7 @@ from backend.jobs.chunks import ChunkRunner
 from backend.jobs.queue import worker_app, worker_options
 
 if TYPE_CHECKING:
-    from backend.search.live_index import IndexCache
+    from backend.search.live_index import LiveIndex
 
 log = logging.getLogger("backend.jobs")
 
@@ -30,7 +30,7 @@ class WorkerThread:
     """`serve`'s in-process worker (SERVE_WORKER): procrastinate's worker on an event loop of its own thread,
     so that `./setup.sh all` needs no second process; stopped with the server."""
 
-    def __init__(self, settings: Settings, engine: Engine, cache: "IndexCache | None" = None) -> None:
+    def __init__(self, settings: Settings, engine: Engine, cache: "LiveIndex | None" = None) -> None:
         self.runner = ChunkRunner(settings, engine, cache)
         self.concurrency = settings.worker_concurrency
         self.loop = asyncio.new_event_loop()

@@ -1,4 +1,5 @@
-"""The two-stage index as a cache of the database: load, verify, rebuild, save, follow changes, lock.
+"""`LiveIndex`: the server's verified copy of the database as a two-stage index (not a cache that may be
+stale: every acknowledged write is in it): load, verify, rebuild, save, follow changes, lock.
 
 The database is the truth. An index is described by the catalogue it came from and a *seq*: the
 newest change number (migration 0002) it reflects. Change numbers are handed out in commit order, so
@@ -9,7 +10,7 @@ deletions logged after W (`change_log.changes_since`), in time proportional to t
   up to at least its own before it answers. A full rebuild reads one snapshot (REPEATABLE READ) at
   seq W, then, holding the same lock as `after_write`, applies what committed after W before it
   replaces the live index. Whatever the interleaving, nothing committed is left out.
-- Verify before believing: the cache file (`cache_file`) carries the catalogue id and PostgreSQL system
+- Verify before believing: the index file (`index_file`) carries the catalogue id and PostgreSQL system
   identifier, the model and index layout, the schema revision, the seq and a SHA-256 of its own
   bytes; anything that does not match, cannot be read or has the wrong shape is rebuilt from the
   database, with one log line saying why. Files are written under a unique temporary name and renamed
@@ -61,7 +62,7 @@ def prune_change_log(engine: Engine, keep_days: float) -> int:
         return change_log.prune_deletions(session, datetime.now(UTC) - timedelta(days=keep_days))
 
 
-class IndexCache:
+class LiveIndex:
     def __init__(self, engine: Engine, model: str, dim: int, directory: Path, layout: IndexLayout | None = None) -> None:
         """The index of `model` under `directory` (its cache file and fastscan's re-rank file), laid out as
         `layout` asks (auto resolved at each full build)."""

@@ -16,7 +16,7 @@ from sqlalchemy import Engine
 from backend.core.config import Settings
 from backend.core.search_params import SearchParams
 from backend.core.vectors import StoredVectors
-from backend.search.live_index import IndexCache
+from backend.search.live_index import LiveIndex
 from backend.search.results import Hit, SearchResult
 from backend.storage import vector_reader
 from backend.storage.engine import session_scope
@@ -53,7 +53,7 @@ def of_vector(service: VectorSearch, vector: np.ndarray) -> list[Hit]:
     return service.search_vectors(vector.reshape(1, -1), params)[0].results
 
 
-def find_groups(engine: Engine, cache: IndexCache, model: str, threshold: float) -> list[Group]:
+def find_groups(engine: Engine, cache: LiveIndex, model: str, threshold: float) -> list[Group]:
     """Every group of near-duplicates among `model`'s vectors, largest first."""
     with session_scope(engine) as session:
         stored = vector_reader.load_vectors(session, model)
@@ -74,7 +74,7 @@ def find_groups(engine: Engine, cache: IndexCache, model: str, threshold: float)
     return sorted(out, key=lambda g: (-len(g.image_ids), -g.max_score, g.image_ids[0]))
 
 
-def _links(cache: IndexCache, stored: StoredVectors, threshold: float) -> list[tuple[int, int, float]]:
+def _links(cache: LiveIndex, stored: StoredVectors, threshold: float) -> list[tuple[int, int, float]]:
     """(image, other image, cosine) at or above the threshold, each image searched within its category."""
     links = []
     with cache.reading() as index:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 from sqlalchemy import Engine
 
-from backend.search.live_index import IndexCache
+from backend.search.live_index import LiveIndex
 from backend.storage import catalogue, vector_reader
 from backend.storage.engine import session_scope
 
@@ -35,7 +35,7 @@ class CatalogueMap:
         return (np.asarray(vectors, dtype=np.float32) - self.mean) @ self.axes.T
 
 
-def gallery(engine: Engine, cache: IndexCache, model: str, per_category: int) -> list[GalleryRow]:
+def gallery(engine: Engine, cache: LiveIndex, model: str, per_category: int) -> list[GalleryRow]:
     """Per category with a prototype, the stored images nearest to it (searched in that category only)."""
     with session_scope(engine) as session:
         prototypes = catalogue.load_prototypes(session, model)

@@ -8,13 +8,13 @@ from backend.core.config import Settings
 from backend.embedding.embedder import Embedder
 from backend.index.category_index import CategoryIndex
 from backend.schemas import Status
-from backend.search.live_index import IndexCache, prune_change_log
+from backend.search.live_index import LiveIndex, prune_change_log
 from backend.search.stage1 import Stage1
 from backend.services.status import build_status
 
 
 class IndexLifecycle:
-    def __init__(self, settings: Settings, engine: Engine, embedder: Embedder, cache: IndexCache, stage1: Stage1) -> None:
+    def __init__(self, settings: Settings, engine: Engine, embedder: Embedder, cache: LiveIndex, stage1: Stage1) -> None:
         self.settings, self.engine, self.embedder, self.cache, self.stage1 = settings, engine, embedder, cache, stage1
 
     @property

@@ -13,7 +13,7 @@ from backend.core.config import Settings
 from backend.schemas import JobOut
 
 if TYPE_CHECKING:
-    from backend.search.live_index import IndexCache
+    from backend.search.live_index import LiveIndex
 
 
 def job_out(job: Any) -> JobOut:
@@ -79,7 +79,7 @@ class Jobs:
         """Run chunks in this process until SIGINT/SIGTERM (the `worker` command)."""
         jobs.run_worker(self.settings, self._engine, concurrency)
 
-    def worker(self, cache: "IndexCache") -> jobs.WorkerThread:
+    def worker(self, cache: "LiveIndex") -> jobs.WorkerThread:
         """An in-process worker (not started) that makes each chunk it commits searchable in `cache` at once."""
         return jobs.WorkerThread(self.settings, self._engine, cache)
 

@@ -24,7 +24,7 @@ from backend.ingest.categories import LiveStage1
 from backend.ingest.writer import BatchWriter
 from backend.search import filters as search_filters
 from backend.search import near_duplicates, own_image
-from backend.search.live_index import IndexCache
+from backend.search.live_index import LiveIndex
 from backend.search.results import CategoryScore, Hit, SearchResult, UploadResult
 from backend.search.stage1 import Ranking, Stage1
 from backend.storage import catalogue
@@ -70,7 +70,7 @@ class SearchService:
         self.engine = engine or get_engine()
         self.embedder = embedder or model_cache.get(settings)
         layout = layout_from_settings(settings, self.embedder.dim)
-        self.cache = IndexCache(self.engine, self.embedder.model_id, self.embedder.dim, settings.index_dir, layout)
+        self.cache = LiveIndex(self.engine, self.embedder.model_id, self.embedder.dim, settings.index_dir, layout)
         self.stage1 = Stage1(self.engine, self.embedder.model_id, self.embedder.dim, settings.stage1)
         self.stage2 = Stage2(settings.rerank_candidates)
         self._names: dict[int, str] = {}
@@ -201,7 +201,7 @@ class SearchService:
             timings,
         )
 
-    def rank_categories(self, images: list[PILImage.Image]) -> tuple[list[list[CategoryScore]], dict[str, float]]:
+    def stage1_ranking(self, images: list[PILImage.Image]) -> tuple[list[list[CategoryScore]], dict[str, float]]:
         """Stage 1 only: every category ranked by the active stage-1 ranker, with its probability."""
         t0 = time.perf_counter()
         queries = self.embed(images)

@@ -14,13 +14,13 @@ from backend.schemas import (
     SearchSettings,
     Status,
 )
-from backend.search.live_index import IndexCache
+from backend.search.live_index import LiveIndex
 from backend.search.stage1 import Stage1
 from backend.storage import catalogue
 from backend.storage.engine import location, session_scope
 
 
-def build_status(settings: Settings, engine: Engine, embedder: Embedder, cache: IndexCache, stage1: Stage1) -> Status:
+def build_status(settings: Settings, engine: Engine, embedder: Embedder, cache: LiveIndex, stage1: Stage1) -> Status:
     with session_scope(engine) as session:
         counts = catalogue.category_counts(session)
         models = dict(catalogue.model_ids(session))
@@ -51,7 +51,7 @@ def build_status(settings: Settings, engine: Engine, embedder: Embedder, cache: 
     )
 
 
-def index_status(settings: Settings, cache: IndexCache) -> IndexStatus:
+def index_status(settings: Settings, cache: LiveIndex) -> IndexStatus:
     index = cache.loaded
     last = cache.last_refresh
     return IndexStatus(

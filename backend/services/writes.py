@@ -7,7 +7,7 @@ from typing import TypeVar
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from backend.search.live_index import IndexCache
+from backend.search.live_index import LiveIndex
 from backend.storage import catalogue
 from backend.storage.engine import session_scope
 from backend.storage.schema import Image
@@ -16,7 +16,7 @@ T = TypeVar("T")
 
 
 class CatalogueWrites:
-    def __init__(self, engine: Engine, cache: IndexCache, model: str) -> None:
+    def __init__(self, engine: Engine, cache: LiveIndex, model: str) -> None:
         self.engine, self.cache, self.model = engine, cache, model
 
     def delete(self, image_id: int) -> Image:

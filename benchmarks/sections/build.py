@@ -5,7 +5,7 @@ import time
 
 from backend.index.layout import IndexLayout
 from backend.search.build import build_from_database
-from backend.search.live_index import IndexCache
+from backend.search.live_index import LiveIndex
 from benchmarks.harness import DIM, TempDatabase, clustered, rss_mb, seed_vectors
 from benchmarks.sections import storage
 
@@ -31,7 +31,7 @@ def run(quick: bool) -> list[dict]:
             streamed_s = time.perf_counter() - t
             del streamed
             # A server holding the index; another process adds `added` images; the server follows.
-            server = IndexCache(db.engine, MODEL, DIM, db.data_dir / "index")
+            server = LiveIndex(db.engine, MODEL, DIM, db.data_dir / "index")
             server.get()
             seed_vectors(db.engine, MODEL, x[n:], labels[n:], first=n)
             t = time.perf_counter()

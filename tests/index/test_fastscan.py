@@ -21,7 +21,7 @@ from backend.index.sampling import train_sample
 from backend.index.two_stage import TwoStageIndex
 from backend.ingest.populate import ingest
 from backend.search import build
-from backend.services.container import Services
+from backend.services.assembly import Services
 from backend.services.search import SearchService
 from backend.sources.datasets import Dataset, balanced
 from backend.storage import catalogue, vector_reader

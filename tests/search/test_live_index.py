@@ -21,8 +21,8 @@ from backend.core.search_params import SearchParams
 from backend.imaging import decode_image
 from backend.ingest.populate import ingest
 from backend.search.index_file import MAGIC
-from backend.search.live_index import IndexCache, prune_change_log
-from backend.services.container import Services
+from backend.search.live_index import LiveIndex, prune_change_log
+from backend.services.assembly import Services
 from backend.services.search import SearchService
 from backend.sources.datasets import Dataset, balanced
 from backend.storage import catalogue
@@ -324,7 +324,7 @@ def test_a_running_server_follows_another_process_without_a_full_rebuild(
 
 
 def test_index_cache_has_no_index_before_first_use(engine: Engine, tmp_path: Path) -> None:
-    cache = IndexCache(engine, "m/none/0px", 8, tmp_path)
+    cache = LiveIndex(engine, "m/none/0px", 8, tmp_path)
     assert cache.loaded is None and not cache.is_current() and cache.memory_bytes() == 0
 
 

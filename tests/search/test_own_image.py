@@ -34,7 +34,7 @@ def misranked(service: SearchService) -> list[tuple[int, bytes, str]]:
         rows = session.execute(select(Image.id, Image.data, Image.category_id).order_by(Image.id)).all()
     names = {r[2]: service._name(r[2]) for r in rows}
     images = [decode_image(bytes(r[1]), 10**7).rgb for r in rows]
-    ranking, _ = service.rank_categories(images)
+    ranking, _ = service.stage1_ranking(images)
     wrong = [
         (int(r[0]), bytes(r[1]), names[r[2]] or "")
         for r, rank in zip(rows, ranking, strict=True)

@@ -8,7 +8,7 @@ from sqlalchemy import Engine, select
 
 from backend.core.search_params import SearchParams
 from backend.imaging import decode_image
-from backend.services.container import Services
+from backend.services.assembly import Services
 from backend.services.search import SearchService
 from backend.sources.datasets import Dataset
 from backend.storage import catalogue
@@ -44,4 +44,4 @@ def test_search_on_an_empty_catalogue_returns_nothing(engine: Engine, embedder, 
     for use_prototypes in (True, False):
         result = writable_service.search([image.rgb], SearchParams(limit=5, top_categories=3, use_prototypes=use_prototypes))[0]
         assert result.results == [] and result.vectors_total == 0
-    assert writable_service.rank_categories([image.rgb])[0] == [[]]
+    assert writable_service.stage1_ranking([image.rgb])[0] == [[]]

@@ -10,7 +10,7 @@ from sqlalchemy import Engine
 from backend.core.search_params import SearchParams
 from backend.imaging import decode_image
 from backend.ingest.populate import ingest
-from backend.services.container import Services
+from backend.services.assembly import Services
 from backend.services.keys import list_keys
 from backend.services.search import SearchService
 from backend.sources.datasets import Dataset, balanced

@@ -72,7 +72,7 @@ def search(
 def search_prototypes(service: SearchDep, settings: SettingsDep, file: Files = None, url: Url = None) -> PrototypeResponse:
     """Only stage 1: every category ranked by the active stage-1 ranker (STAGE1), with probabilities."""
     (image,), _ = query_images(file, url, settings, service.image_size)
-    (ranking,), timings = service.rank_categories([image])
+    (ranking,), timings = service.stage1_ranking([image])
     return PrototypeResponse(categories=[CategoryScoreOut(**vars(c)) for c in ranking], timings_ms=timings)
 
 
