@@ -28,6 +28,8 @@ from tests.utils.settings import make_settings
 # Every route and who may call it. A new route fails this test until it is added here with a decision.
 DECISIONS = {
     ("GET", "/"): Access.PUBLIC,
+    ("GET", "/docs"): Access.PUBLIC,
+    ("GET", "/redoc"): Access.PUBLIC,
     ("GET", "/health"): Access.PUBLIC,
     ("GET", "/ready"): Access.PUBLIC,
     ("GET", "/metrics"): Access.METRICS,
