@@ -11,6 +11,7 @@ README = PROJECT_ROOT / "README.md"
 DOCS = sorted((PROJECT_ROOT / "docs").glob("*.md"))
 PAGES = [README, *DOCS]
 README_MAX_LINES = 300
+TREES = ("backend", "tests", "benchmarks", "frontend", "db")  # folders whose paths the pages name in code
 
 FENCE = re.compile(r"^```.*?^```", re.S | re.M)
 CODE_SPAN = re.compile(r"`[^`\n]*`")
@@ -60,6 +61,15 @@ def test_every_relative_link_leads_to_a_file_and_heading(page: Path) -> None:
         elif fragment and file.suffix == ".md" and fragment not in anchors(file):
             broken.append(f"{target}: no such heading")
     assert broken == [], f"{page.name}: {broken}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(PROJECT_ROOT).as_posix())
+def test_every_path_named_in_code_exists(page: Path) -> None:
+    """`backend/search/own_image.py` and the like, named in prose: a module that moved leaves no stale name."""
+    spans = CODE_SPAN.findall(FENCE.sub("", page.read_text(encoding="utf-8")))
+    paths = {m for span in spans for m in re.findall(rf"\b(?:{'|'.join(TREES)})/[\w./-]*", span)}
+    missing = sorted(p for p in paths if not (PROJECT_ROOT / p.rstrip("/.")).exists())
+    assert missing == [], f"{page.name} names paths that do not exist: {missing}"
 
 
 def test_the_link_check_sees_links() -> None:
