@@ -129,12 +129,19 @@ def cifar_queries() -> Dataset:
 @pytest.fixture(scope="session")
 def catalogue_engine(databases: Databases, embedder: Embedder, cifar_train: Dataset) -> Engine:
     """A database holding the CIFAR-10 train catalogue, embedded once. Tests must not write to it."""
-    from backend.ingest.populate import ingest
+    from tests.utils.catalogue import fill
 
     eng = databases.new()
-    report = ingest(cifar_train, embedder, eng, max_pixels=10**7, progress=False)
-    assert report.added == CATALOGUE_SIZE
+    assert fill(eng, embedder, cifar_train.samples, CATALOGUE_SIZE).added == CATALOGUE_SIZE
     return eng
+
+
+@pytest.fixture(scope="session")
+def stored(catalogue_engine: Engine, embedder: Embedder):  # type: ignore[no-untyped-def]
+    """What `catalogue_engine` holds (vectors, prototypes, category ids), read once, for checks against NumPy."""
+    from tests.utils.catalogue import read_stored
+
+    return read_stored(catalogue_engine, embedder.model_id)
 
 
 @pytest.fixture(scope="module")
@@ -157,11 +164,11 @@ def small(cifar_train: Dataset) -> Dataset:
 @pytest.fixture
 def writable_service(engine: Engine, embedder: Embedder, small: Dataset, tmp_path):
     """A search service over a database of this test's own holding `small`: for tests that write."""
-    from backend.ingest.populate import ingest
     from backend.services.search import SearchService
+    from tests.utils.catalogue import fill
     from tests.utils.settings import make_settings
 
-    ingest(small, embedder, engine, max_pixels=10**7, progress=False)
+    fill(engine, embedder, small.samples, len(small.samples))
     return SearchService(make_settings(tmp_path, engine), engine, embedder)
 
 

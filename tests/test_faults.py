@@ -27,10 +27,10 @@ from sqlalchemy import Engine, text
 from sqlalchemy.engine import URL, make_url
 
 from backend.core.config import PROJECT_ROOT
-from backend.ingest.populate import ingest
-from backend.sources.datasets import Dataset, balanced
+from backend.sources.datasets import Dataset
 from backend.storage import migrate
 from backend.storage.engine import make_engine
+from tests.utils.catalogue import fill
 from tests.utils.server import RunningServer, running_server
 
 DB_TIMEOUT_S = 2.0
@@ -170,7 +170,7 @@ def fault_db(private_pg: PrivatePostgres, embedder, cifar_train: Dataset) -> Eng
     admin.dispose()
     engine = make_engine(private_pg.url("faults"))
     migrate.upgrade(engine)
-    ingest(Dataset("cifar10", balanced(cifar_train.samples, 60)), embedder, engine, 10**7, progress=False)
+    fill(engine, embedder, cifar_train.samples, 60)
     return engine
 
 

@@ -13,6 +13,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
+from backend.api.docs_pages import install_docs_pages
 from backend.api.errors import install_error_handlers
 from backend.api.limits import BodyLimit, RequestBudget
 from backend.api.observability import RequestLog, instrument
@@ -134,6 +135,8 @@ def create_app(settings: Settings | None = None, service: SearchService | None =
         description="Two-stage image search: category prototypes first, then FAISS over the top categories.",
         version="1.0.0",
         lifespan=lifespan,
+        docs_url=None,  # install_docs_pages: the same pages with local assets
+        redoc_url=None,
     )
 
     install_error_handlers(app)
@@ -147,6 +150,7 @@ def create_app(settings: Settings | None = None, service: SearchService | None =
     def root() -> RedirectResponse:
         return RedirectResponse("/app/")
 
+    install_docs_pages(app)
     declare_access(app, settings)
 
     app.mount("/app", StaticFiles(directory=PROJECT_ROOT / "frontend", html=True), name="frontend")

@@ -9,11 +9,11 @@ import pytest
 from sqlalchemy import Engine
 
 from backend.core.config import PROJECT_ROOT
-from backend.ingest.populate import ingest
 from backend.services.keys import create_key
-from backend.sources.datasets import Dataset, balanced
+from backend.sources.datasets import Dataset
 from backend.storage.engine import session_scope
-from tests.utils.http_images import serving
+from tests.utils.catalogue import fill
+from tests.utils.http_images import Reply, serving
 from tests.utils.server import running_server
 
 CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no browser
 @pytest.fixture(scope="module")
 def browser_db(databases, embedder, cifar_train: Dataset) -> Engine:
     engine = databases.new()
-    ingest(Dataset("cifar10", balanced(cifar_train.samples, 100)), embedder, engine, 10**7, progress=False)
+    fill(engine, embedder, cifar_train.samples, 100)
     return engine
 
 
@@ -271,29 +271,20 @@ ATTACK_PAGE = """<!doctype html><html><body>
 def test_a_cross_site_page_changes_nothing(page, browser_db: Engine, cifar_queries: Dataset, tmp_path: Path) -> None:
     """Even with AUTH_MODE=off, a page on another origin cannot make the visitor's browser change the catalogue."""
     import base64
-    import http.server
-    import threading
 
     with running_server(_env(browser_db, tmp_path / "data", AUTH_MODE="off")) as target:
         before = httpx.get(f"{target.url}/status").json()
-        site = tmp_path / "site"
-        site.mkdir()
         png = base64.b64encode(next(s for s in cifar_queries.samples if s.label == "ship").load()).decode()
-        (site / "evil.html").write_text(ATTACK_PAGE.format(target=target.url, png=png))
-        handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(site))  # noqa: E731
-        evil = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        threading.Thread(target=evil.serve_forever, daemon=True).start()
-        try:
+        evil = Reply(ATTACK_PAGE.format(target=target.url, png=png).encode(), headers={"Content-Type": "text/html"})
+        with serving({"/evil.html": evil}) as site:
             pg = page.context.browser.new_page()  # the module's browser, a page of its own
             try:
                 # Another origin: "localhost" is not "127.0.0.1" to a browser, and the port differs too.
-                pg.goto(f"http://localhost:{evil.server_address[1]}/evil.html")
+                pg.goto(f"{site.replace('127.0.0.1', 'localhost')}/evil.html")
                 pg.wait_for_url(f"{target.url}/admin/rebuild-index", timeout=30_000)  # the form post landed there
                 assert "cross-site request refused" in pg.content()
             finally:
                 pg.close()
-        finally:
-            evil.shutdown()
         after = httpx.get(f"{target.url}/status").json()
         log = target.log()
     assert after["database"]["images"] == before["database"]["images"]

@@ -13,14 +13,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from backend.ingest.populate import ingest
-from backend.sources.datasets import Dataset, balanced
+from backend.sources.datasets import Dataset
+from tests.utils.catalogue import fill
 from tests.utils.server import running_server
 
 
 def test_fuzzed_requests_match_the_schema(databases, embedder, cifar_train: Dataset, tmp_path: Path) -> None:
     engine = databases.new()
-    ingest(Dataset("cifar10", balanced(cifar_train.samples, 30)), embedder, engine, 10**7, progress=False)
+    fill(engine, embedder, cifar_train.samples, 30)
     env = {
         **os.environ,
         "DATABASE_URL": engine.url.render_as_string(hide_password=False),

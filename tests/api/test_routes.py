@@ -10,9 +10,9 @@ from PIL import Image
 from sqlalchemy import Engine
 
 from backend.api.main import create_app
-from backend.ingest.populate import ingest
 from backend.services.search import SearchService
-from backend.sources.datasets import Dataset, balanced
+from backend.sources.datasets import Dataset
+from tests.utils.catalogue import fill
 from tests.utils.settings import make_settings
 
 MAX_UPLOAD = 300_000
@@ -21,7 +21,7 @@ MAX_UPLOAD = 300_000
 @pytest.fixture(scope="module")
 def client(databases, embedder, cifar_train: Dataset, tmp_path_factory) -> TestClient:
     engine: Engine = databases.new()
-    ingest(Dataset("cifar10", balanced(cifar_train.samples, 100)), embedder, engine, 10**7, progress=False)
+    fill(engine, embedder, cifar_train.samples, 100)
     # These tests are about the routes; access control has its own (test_auth.py).
     settings = make_settings(tmp_path_factory.mktemp("api"), engine, max_upload_size=MAX_UPLOAD, auth_mode="off")
     app = create_app(service=SearchService(settings, engine, embedder))
@@ -263,11 +263,11 @@ def test_server_picks_up_images_stored_by_another_process(databases, embedder, c
     import time
 
     engine: Engine = databases.new()
-    ingest(Dataset("cifar10", balanced(cifar_train.samples, 20)), embedder, engine, 10**7, progress=False)
+    fill(engine, embedder, cifar_train.samples, 20)
     settings = make_settings(tmp_path, engine, index_refresh_seconds=0.2, auth_mode="off")
     with TestClient(create_app(service=SearchService(settings, engine, embedder))) as c:
         assert c.get("/status").json()["index"]["vectors"] == 20
-        ingest(Dataset("cifar10", balanced(cifar_train.samples, 40)), embedder, engine, 10**7, progress=False)  # "the CLI"
+        fill(engine, embedder, cifar_train.samples, 40)  # "the CLI"
         deadline = time.monotonic() + 20
         while c.get("/status").json()["index"]["vectors"] != 40 and time.monotonic() < deadline:
             time.sleep(0.1)

@@ -10,7 +10,8 @@ from sqlalchemy import Engine
 
 from backend.core import search_params as sp
 from backend.sources.datasets import Dataset
-from tests.utils.app import app_client, small_catalogue
+from tests.utils.app import app_client
+from tests.utils.catalogue import small_catalogue
 from tests.utils.http_images import serving
 
 

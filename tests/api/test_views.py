@@ -8,9 +8,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 
 from backend.sources.datasets import Dataset
-from backend.storage import catalogue, vector_reader
-from backend.storage.engine import session_scope
-from tests.utils.app import app_client, small_catalogue
+from tests.utils.app import app_client
+from tests.utils.catalogue import Stored, read_stored, small_catalogue
 
 
 @pytest.fixture(scope="module")
@@ -25,17 +24,13 @@ def client(engine: Engine, embedder, tmp_path_factory) -> Iterator[TestClient]:
 
 
 @pytest.fixture(scope="module")
-def stored(engine: Engine, embedder):
-    with session_scope(engine) as session:
-        return (
-            vector_reader.load_vectors(session, embedder.model_id),
-            catalogue.load_prototypes(session, embedder.model_id),
-            catalogue.category_ids(session),
-        )
+def stored(engine: Engine, embedder) -> Stored:
+    """This module's catalogue, read back (conftest's `stored` reads the shared one)."""
+    return read_stored(engine, embedder.model_id)
 
 
 def test_gallery_shows_the_images_nearest_each_prototype(client: TestClient, stored) -> None:
-    vectors, prototypes, ids = stored
+    vectors, prototypes, ids = stored.vectors, stored.prototypes, stored.category_ids
     body = client.get("/prototypes/gallery?per_category=4").json()
     assert sorted(c["category"] for c in body["categories"]) == sorted(ids)
     for row in body["categories"]:
@@ -49,7 +44,7 @@ def test_gallery_shows_the_images_nearest_each_prototype(client: TestClient, sto
 
 
 def test_map_is_the_pca_of_the_embeddings_and_places_queries_on_it(client: TestClient, stored) -> None:
-    vectors, _, ids = stored
+    vectors, ids = stored.vectors, stored.category_ids
     body = client.get("/map").json()
     points = body["points"]
     assert len(points) == len(vectors.ids) == 100  # under MAP_POINTS: every image

@@ -12,18 +12,18 @@ from backend.core.config import PROJECT_ROOT
 from backend.core.search_params import SearchParams
 from backend.embedding.registry import model_id
 from backend.imaging import decode_image
-from backend.ingest.populate import ingest
 from backend.services.search import SearchService
 from backend.sources.datasets import Dataset, balanced
 from backend.storage import catalogue
 from backend.storage.engine import session_scope
+from tests.utils.catalogue import fill
 from tests.utils.settings import CIFAR_SUBSET, make_settings
 
 
 def test_a_reembedding_job_moves_the_catalogue_to_int8(databases, embedder, cifar_train: Dataset, tmp_path: Path) -> None:
     engine = databases.new()
-    samples = balanced(cifar_train.samples, 12)
-    ingest(Dataset("cifar10", samples), embedder, engine, 10**7, progress=False)
+    fill(engine, embedder, cifar_train.samples, 12)
+    samples = balanced(cifar_train.samples, 12)  # the same images, in the same order
     overrides = {"embed_precision": "int8", "onnx_cache_dir": embedder.onnx_dir, "job_chunk_size": 6}
     settings = make_settings(tmp_path / "server", engine, **overrides)
     int8 = model_id(settings, "efficientnet_lite0")

@@ -19,13 +19,13 @@ from backend.index.fastscan import FastScanIndex
 from backend.index.layout import IndexLayout
 from backend.index.sampling import train_sample
 from backend.index.two_stage import TwoStageIndex
-from backend.ingest.populate import ingest
 from backend.search import build
 from backend.services.assembly import Services
 from backend.services.search import SearchService
-from backend.sources.datasets import Dataset, balanced
-from backend.storage import catalogue, vector_reader
+from backend.sources.datasets import Dataset
+from backend.storage import vector_reader
 from backend.storage.engine import session_scope
+from tests.utils.catalogue import fill
 from tests.utils.server import running_server
 from tests.utils.settings import make_settings
 
@@ -35,14 +35,8 @@ SPEC = IndexLayout("fastscan", "pq320", 6)  # 10 sub-lists a category of 60, 160
 RECALL = [(8, 0.85), (16, 0.95), (10_000, 0.99)]
 
 
-@pytest.fixture(scope="module")
-def stored(catalogue_engine: Engine, embedder):
-    with session_scope(catalogue_engine) as session:
-        return vector_reader.load_vectors(session, embedder.model_id), catalogue.load_prototypes(session, embedder.model_id)
-
-
 def exact_top3(stored, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    vectors, prototypes = stored
+    vectors, prototypes = stored.vectors, stored.prototypes
     cats = sorted(set(vectors.category_ids.tolist()))
     exact = TwoStageIndex.build("m", vectors.vectors.shape[1], cats, vectors, prototypes)
     _, top = exact.rank_categories(queries, 3)
@@ -51,7 +45,7 @@ def exact_top3(stored, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.mark.parametrize(("nprobe", "floor"), RECALL)
 def test_recall_on_real_vectors_and_only_top_categories(stored, query_vectors, nprobe: int, floor: float) -> None:
-    vectors, prototypes = stored
+    vectors, prototypes = stored.vectors, stored.prototypes
     queries = query_vectors[0]
     cats = sorted(set(vectors.category_ids.tolist()))
     index = FastScanIndex.build("m", vectors.vectors.shape[1], cats, vectors, prototypes, SPEC)
@@ -75,7 +69,7 @@ def test_one_query_in_cpp_equals_the_batch_path(stored, query_vectors, tmp_path:
     """One query whose rows are all in the mapped file is one IndexRefine call (on one OpenMP thread); it
     returns what the batch path (scan, then re-rank in Python) returns: after deletions, with rows added since
     the build (then it is the batch path itself), and with a dead row left in a list (the guard)."""
-    vectors, prototypes = stored
+    vectors, prototypes = stored.vectors, stored.prototypes
     cats = sorted(set(vectors.category_ids.tolist()))
     index = FastScanIndex.build("m", vectors.vectors.shape[1], cats, vectors, prototypes, SPEC, tmp_path)
     queries = query_vectors[0]
@@ -116,7 +110,7 @@ def test_a_rerank_file_larger_than_memory_is_read_directly_with_the_same_results
     """A re-rank file too large for the page cache (here any file: COLD_SHARE 0) is read by announced
     `preadv`s instead of page faults: the same hits, the same scores, also once rows live in RAM beside it;
     a file cut short under it is an error, not a crash through the mapping."""
-    vectors, prototypes = stored
+    vectors, prototypes = stored.vectors, stored.prototypes
     cats = sorted(set(vectors.category_ids.tolist()))
     index = FastScanIndex.build("m", vectors.vectors.shape[1], cats, vectors, prototypes, SPEC, tmp_path)
     queries = query_vectors[0]
@@ -168,7 +162,7 @@ def list_contents(index: FastScanIndex) -> list[dict[int, bytes]]:
 
 
 def test_incremental_adds_and_deletes_equal_a_rebuild(stored, query_vectors) -> None:
-    vectors, prototypes = stored
+    vectors, prototypes = stored.vectors, stored.prototypes
     dim, cats = vectors.vectors.shape[1], sorted(set(vectors.category_ids.tolist()))
     sizes = {c: int((vectors.category_ids == c).sum()) for c in cats}
     pick = train_sample(vectors.ids, SPEC.train_fraction(sizes))
@@ -206,7 +200,7 @@ def test_incremental_adds_and_deletes_equal_a_rebuild(stored, query_vectors) -> 
 
 @pytest.fixture
 def fastscan(engine: Engine, embedder, cifar_train: Dataset, tmp_path: Path) -> SearchService:
-    ingest(Dataset("cifar10", balanced(cifar_train.samples, 200)), embedder, engine, 10**7, progress=False)
+    fill(engine, embedder, cifar_train.samples, 200)
     svc = SearchService(make_settings(tmp_path, engine, faiss_index_type="fastscan", faiss_list_size=8), engine, embedder)
     svc.cache.get()
     return svc
@@ -317,7 +311,7 @@ def test_streamed_build_spools_the_rerank_file_and_equals_the_in_memory_one(fast
 def test_auto_is_flat_below_its_threshold_and_fastscan_from_it(
     engine: Engine, embedder, cifar_train: Dataset, tmp_path: Path
 ) -> None:
-    ingest(Dataset("cifar10", balanced(cifar_train.samples, 100)), embedder, engine, 10**7, progress=False)
+    fill(engine, embedder, cifar_train.samples, 100)
     below = SearchService(make_settings(tmp_path, engine, faiss_auto_threshold=101, faiss_list_size=8), engine, embedder)
     below.cache.get()
     status = Services.around(below).lifecycle.status().index

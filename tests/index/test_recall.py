@@ -3,12 +3,9 @@ the real Lite0 weights. Thresholds are measured values less a margin (600-image 
 
 import numpy as np
 import pytest
-from sqlalchemy import Engine
 
 from backend.index.layout import IndexLayout
 from backend.index.two_stage import TwoStageIndex
-from backend.storage import catalogue, vector_reader
-from backend.storage.engine import session_scope
 
 # Measured here (recall@10 vs exact search inside the same top-3 categories; 10 sub-lists a category):
 # nprobe 8 of 30: 0.905 (69 of 180 vectors scanned); every list: float32 1.000, float16 1.000, sq8 0.997,
@@ -24,15 +21,9 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def stored(catalogue_engine: Engine, embedder):
-    with session_scope(catalogue_engine) as session:
-        return vector_reader.load_vectors(session, embedder.model_id), catalogue.load_prototypes(session, embedder.model_id)
-
-
 @pytest.mark.parametrize(("spec", "nprobe", "floor"), CASES, ids=[f"{s.kind}-{s.codec}-{s.rerank}-{n}" for s, n, _ in CASES])
 def test_recall_against_exact_on_real_vectors(stored, query_vectors, spec: IndexLayout, nprobe: int | None, floor: float) -> None:
-    vectors, prototypes = stored
+    vectors, prototypes = stored.vectors, stored.prototypes
     queries = query_vectors[0]
     cats = sorted(set(vectors.category_ids.tolist()))
     exact = TwoStageIndex.build("m", vectors.vectors.shape[1], cats, vectors, prototypes)

@@ -15,24 +15,24 @@ from backend.search.stage1 import MIN_LABELS_PER_CATEGORY, RETRAIN_FRACTION, Sta
 from backend.storage import catalogue, change_log, vector_reader
 from backend.storage.engine import session_scope
 from backend.storage.schema import Image, Stage1Model
+from tests.utils.catalogue import Stored
 
 
 @pytest.fixture(scope="module")
-def stored(catalogue_engine: Engine, embedder) -> StoredVectors:
-    with session_scope(catalogue_engine) as session:
-        return vector_reader.load_vectors(session, embedder.model_id)
+def catalogue_vectors(stored: Stored) -> StoredVectors:
+    return stored.vectors
 
 
 @pytest.fixture(scope="module")
-def trained(stored: StoredVectors):
-    return train_rankers(stored.ids, stored.category_ids, stored.vectors)
+def trained(catalogue_vectors: StoredVectors):
+    return train_rankers(catalogue_vectors.ids, catalogue_vectors.category_ids, catalogue_vectors.vectors)
 
 
 @pytest.fixture(scope="module")
-def index(stored: StoredVectors, embedder) -> TwoStageIndex:
-    cats = sorted(set(stored.category_ids.tolist()))
-    protos = PrototypeMatrix.of(stored.category_ids, stored.vectors)
-    return TwoStageIndex.build(embedder.model_id, embedder.dim, cats, stored, protos)
+def index(catalogue_vectors: StoredVectors, embedder) -> TwoStageIndex:
+    cats = sorted(set(catalogue_vectors.category_ids.tolist()))
+    protos = PrototypeMatrix.of(catalogue_vectors.category_ids, catalogue_vectors.vectors)
+    return TwoStageIndex.build(embedder.model_id, embedder.dim, cats, catalogue_vectors, protos)
 
 
 def copy_catalogue(source: Engine, target: Engine, model: str, given: int | None = None) -> None:
@@ -89,27 +89,27 @@ def test_classifier_probabilities_are_a_tempered_softmax(trained, index: TwoStag
     np.testing.assert_allclose(ranking.probabilities, np.take_along_axis(probs, order, 1), atol=1e-5)
 
 
-def test_prototype_ranks_by_normalised_means(stored: StoredVectors, trained, index, query_vectors, embedder) -> None:
+def test_prototype_ranks_by_normalised_means(catalogue_vectors: StoredVectors, trained, index, query_vectors, embedder) -> None:
     queries, _ = query_vectors
     stage1 = Stage1(None, embedder.model_id, embedder.dim, "prototype")
     stage1.use(trained, 1, None)
     ranking = stage1.rank(index, queries)
     cats = np.asarray(index.category_ids)
-    means = np.stack([stored.vectors[stored.category_ids == c].mean(0) for c in cats])
+    means = np.stack([catalogue_vectors.vectors[catalogue_vectors.category_ids == c].mean(0) for c in cats])
     want = queries @ (means / np.linalg.norm(means, axis=1, keepdims=True)).T
     np.testing.assert_allclose(ranking.scores, -np.sort(-want, axis=1), atol=1e-5)
     assert (cats[ranking.positions[:, 0]] == cats[want.argmax(1)]).all()
 
 
-def test_learned_rankers_are_checked_on_held_out_labels(stored: StoredVectors, trained) -> None:
-    held = heldout_mask(stored.ids)
+def test_learned_rankers_are_checked_on_held_out_labels(catalogue_vectors: StoredVectors, trained) -> None:
+    held = heldout_mask(catalogue_vectors.ids)
     assert 0.05 < held.mean() < 0.15
     # Chance is 0.1; on this 600-image catalogue each ranker reaches about 0.8 (measured).
     for ranker in ("prototype", "centroids", "classifier"):
         assert trained.heldout[ranker]["top1"] > 0.5, ranker
         assert trained.heldout[ranker]["top3"] >= trained.heldout[ranker]["top1"]
         assert trained.temperatures[ranker] > 0
-    assert trained.labels == len(stored.ids)
+    assert trained.labels == len(catalogue_vectors.ids)
 
 
 # --- training from the database --------------------------------------------------------------------

@@ -10,11 +10,11 @@ import pytest
 from sqlalchemy import Engine, select
 
 from backend import jobs
-from backend.ingest.populate import ingest
-from backend.sources.datasets import Dataset, balanced
+from backend.sources.datasets import Dataset
 from backend.storage import catalogue
 from backend.storage.engine import session_scope
 from backend.storage.schema import CatalogueJob, Category, Image
+from tests.utils.catalogue import fill
 from tests.utils.http_images import serving
 from tests.utils.settings import make_settings
 
@@ -43,7 +43,7 @@ def run_url_job(engine: Engine, embedder, tmp_path: Path, text: str) -> jobs.Chu
 def test_an_item_without_a_category_is_predicted_from_the_stored_prototypes(
     engine: Engine, embedder, cifar_train: Dataset, image_server, tmp_path: Path
 ) -> None:
-    ingest(Dataset("cifar10", balanced(cifar_train.samples, 40)), embedder, engine, 10**7, progress=False)
+    fill(engine, embedder, cifar_train.samples, 40)
     base = image_server
     text = "\n".join([f"{base}/img0", f"{base}/img1,ship", f"{base}/img2"])
     runner = run_url_job(engine, embedder, tmp_path, text)

@@ -10,7 +10,7 @@ import threading
 import time
 import zipfile
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -22,6 +22,7 @@ from backend.sources.datasets import load_cifar10
 from backend.storage import migrate
 from backend.storage.engine import make_engine, session_scope
 from backend.storage.schema import Image
+from tests.utils.http_images import serving
 from tests.utils.settings import CIFAR_SUBSET, make_settings
 
 pytestmark = pytest.mark.model  # worker processes load the real Lite0 weights
@@ -123,27 +124,9 @@ def test_archive_job_ends_with_exact_counts_and_searchable_images(db, workers: W
 
 @pytest.fixture(scope="module")
 def image_server(cifar) -> Iterator[str]:
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            name = self.path.strip("/").split("?")[0]
-            if name.startswith("img") and name[3:].isdigit() and int(name[3:]) < len(cifar):
-                body, status = cifar[int(name[3:])][1], 200
-            elif name == "page":
-                body, status = b"<html>hello</html>", 200
-            else:
-                body, status = b"missing", 404
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    routes = {f"/img{i}": data for i, (_label, data) in enumerate(cifar)}
+    with serving({**routes, "/page": b"<html>hello</html>"}) as url:
+        yield url
 
 
 def url_list(base: str) -> str:
@@ -192,25 +175,15 @@ class Gate:
     def __init__(self, images: list[tuple[str, bytes]]) -> None:
         self.opened = threading.Event()
         self.requested: set[int] = set()
-        gate = self
+        self.images = images
+        self._server = ExitStack()
+        self.url = self._server.enter_context(serving(self._answer))
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                number = int(self.path.strip("/")[3:])
-                gate.requested.add(number)
-                gate.opened.wait(120)
-                body = images[number][1]
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+    def _answer(self, path: str) -> bytes:
+        number = int(path.strip("/")[3:])
+        self.requested.add(number)
+        self.opened.wait(120)
+        return self.images[number][1]
 
     def wait_until_chunks_held(self, chunks: int, chunk_size: int, timeout_s: float = 240) -> None:
         deadline = time.monotonic() + timeout_s
@@ -220,7 +193,7 @@ class Gate:
 
     def close(self) -> None:
         self.opened.set()
-        self.server.shutdown()
+        self._server.close()
 
 
 def test_two_workers_share_a_job_and_one_killed_mid_job_loses_nothing(db, tmp_path: Path, cifar, onnx_dir: Path) -> None:

@@ -6,10 +6,8 @@ an archive is one counted failure. The kill lands at an exact step through a fai
 import io
 import os
 import tarfile
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -21,6 +19,7 @@ from backend.sources.archives import extract_archive
 from backend.sources.datasets import load_cifar10
 from backend.storage.engine import session_scope
 from backend.storage.schema import CatalogueJob, CatalogueJobItem, Image
+from tests.utils.http_images import Reply, serving
 from tests.utils.server import running_server
 from tests.utils.settings import CIFAR_SUBSET, make_settings
 
@@ -117,31 +116,9 @@ def test_files_of_ended_jobs_are_swept_at_start(databases, tmp_path: Path) -> No
 @pytest.fixture
 def trickle_server(cifar) -> Iterator[str]:
     """`/slow.png` sends a byte a second; `/img<N>` answers at once."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            data = cifar[int(self.path[4:])][1] if self.path.startswith("/img") else cifar[0][1]
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            try:
-                if self.path == "/slow.png":
-                    for byte in data[:120]:
-                        self.wfile.write(bytes([byte]))
-                        self.wfile.flush()
-                        time.sleep(1)
-                else:
-                    self.wfile.write(data)
-            except OSError:
-                pass
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    routes = {f"/img{i}": data for i, (_label, data) in enumerate(cifar)}
+    with serving({**routes, "/slow.png": Reply(cifar[0][1], trickle_s=1)}) as url:
+        yield url
 
 
 def test_a_trickling_download_fails_in_time_and_does_not_hold_up_another_job(databases, tmp_path: Path, trickle_server) -> None:

@@ -3,22 +3,11 @@ embeddings, against NumPy brute force."""
 
 import numpy as np
 import pytest
-from sqlalchemy import Engine
 
 from backend.core.errors import Unprocessable
 from backend.core.search_params import SearchParams
 from backend.search.results import SearchResult
 from backend.services.search import SearchService
-from backend.storage import catalogue, vector_reader
-from backend.storage.engine import session_scope
-
-
-@pytest.fixture(scope="module")
-def stored(catalogue_engine: Engine, embedder):
-    with session_scope(catalogue_engine) as session:
-        vectors = vector_reader.load_vectors(session, embedder.model_id)
-        ids = catalogue.category_ids(session)
-    return vectors, ids
 
 
 def numpy_ranking(query: np.ndarray, vectors, mask: np.ndarray | None = None) -> tuple[list[int], np.ndarray]:
@@ -46,7 +35,7 @@ def assert_same(result: SearchResult, want_ids: list[int], want_scores: np.ndarr
 
 
 def test_pages_are_consecutive_slices_of_the_exact_ranking(service: SearchService, stored, query_vectors) -> None:
-    vectors, _ = stored
+    vectors = stored.vectors
     queries, _ = query_vectors
     for q in queries[:10]:
         want_ids, want_scores = numpy_ranking(q, vectors)
@@ -61,7 +50,7 @@ def test_pages_are_consecutive_slices_of_the_exact_ranking(service: SearchServic
 
 
 def test_min_score_cuts_the_ranking(service: SearchService, stored, query_vectors) -> None:
-    vectors, _ = stored
+    vectors = stored.vectors
     queries, _ = query_vectors
     for q in queries[:10]:
         want_ids, want_scores = numpy_ranking(q, vectors)
@@ -76,7 +65,7 @@ def test_min_score_cuts_the_ranking(service: SearchService, stored, query_vector
 
 @pytest.mark.parametrize("names", [["cat"], ["ship", "truck", "airplane"]])
 def test_exact_search_within_named_categories(service: SearchService, stored, query_vectors, names: list[str]) -> None:
-    vectors, ids = stored
+    vectors, ids = stored.vectors, stored.category_ids
     queries, _ = query_vectors
     mask = np.isin(vectors.category_ids, [ids[n] for n in names])
     params = SearchParams(limit=10, top_categories=3, use_prototypes=False, categories=tuple(names))
@@ -88,7 +77,7 @@ def test_exact_search_within_named_categories(service: SearchService, stored, qu
 
 
 def test_two_stage_takes_the_best_ranked_of_the_named(service: SearchService, stored, query_vectors) -> None:
-    vectors, ids = stored
+    vectors, ids = stored.vectors, stored.category_ids
     queries, _ = query_vectors
     names = ("cat", "dog", "deer", "horse", "frog")
     params = SearchParams(limit=10, top_categories=2, use_prototypes=True, categories=names)
@@ -102,7 +91,7 @@ def test_two_stage_takes_the_best_ranked_of_the_named(service: SearchService, st
 
 
 def test_filters_compose_with_paging_and_cut_off(service: SearchService, stored, query_vectors) -> None:
-    vectors, ids = stored
+    vectors, ids = stored.vectors, stored.category_ids
     queries, _ = query_vectors
     q = queries[3]
     mask = vectors.category_ids == ids["bird"]
@@ -122,7 +111,7 @@ def test_unknown_category_is_one_clear_error(service: SearchService, query_vecto
 
 
 def test_similar_to_a_stored_image_pages_without_it(service: SearchService, stored) -> None:
-    vectors, _ = stored
+    vectors = stored.vectors
     image_id = int(vectors.ids[42])
     q = vectors.vectors[42]
     want_ids, want_scores = numpy_ranking(q, vectors)

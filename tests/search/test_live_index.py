@@ -19,15 +19,15 @@ from sqlalchemy import Engine, func, select
 from backend.core.config import PROJECT_ROOT
 from backend.core.search_params import SearchParams
 from backend.imaging import decode_image
-from backend.ingest.populate import ingest
 from backend.search.index_file import MAGIC
 from backend.search.live_index import LiveIndex, prune_change_log
 from backend.services.assembly import Services
 from backend.services.search import SearchService
-from backend.sources.datasets import Dataset, balanced
+from backend.sources.datasets import Dataset
 from backend.storage import catalogue
 from backend.storage.engine import session_scope
 from backend.storage.schema import Embedding
+from tests.utils.catalogue import fill
 from tests.utils.server import running_server
 from tests.utils.settings import CIFAR_SUBSET, make_settings
 
@@ -49,7 +49,7 @@ def stored_count(engine: Engine, model: str) -> int:
 
 @pytest.fixture
 def service(engine: Engine, embedder, cifar_train: Dataset, tmp_path: Path) -> SearchService:
-    ingest(Dataset("cifar10", balanced(cifar_train.samples, 200)), embedder, engine, 10**7, progress=False)
+    fill(engine, embedder, cifar_train.samples, 200)
     svc = SearchService(make_settings(tmp_path, engine), engine, embedder)
     svc.cache.get()
     return svc
@@ -117,7 +117,7 @@ def test_a_foreign_databases_cache_is_not_believed(
 ) -> None:
     service.cache.save()
     other = databases.new()  # a different catalogue whose images get the same ids
-    ingest(Dataset("cifar10", balanced(cifar_train.samples, 200)[::-1]), embedder, other, 10**7, progress=False)
+    fill(other, embedder, cifar_train.samples, 200, reverse=True)
     there = SearchService(make_settings(tmp_path, other), other, embedder)  # same DATA_DIR, same file name
     index = there.cache.get()
     assert "catalogue_id" in there.cache.origin and there.cache.origin.startswith("rebuilt")
@@ -214,7 +214,7 @@ def test_a_cache_older_than_the_pruned_deletion_log_is_rebuilt(service: SearchSe
 
 def test_a_saved_cache_is_loaded_and_brought_up_to_date(service: SearchService, engine: Engine, embedder, cifar_queries) -> None:
     service.cache.save()
-    ingest(Dataset("more", cifar_queries.samples[:7]), embedder, engine, 10**7, progress=False)
+    fill(engine, embedder, cifar_queries.samples[:7], 7)
     with session_scope(engine) as s:
         catalogue.delete_image(s, s.scalar(select(Embedding.image_id).order_by(Embedding.image_id).limit(1)))
     again = fresh(service)
@@ -284,7 +284,7 @@ def test_another_processs_adds_and_deletes_are_followed_incrementally(
 def test_a_running_server_follows_another_process_without_a_full_rebuild(
     engine: Engine, embedder, cifar_train: Dataset, cifar_queries, tmp_path: Path
 ) -> None:
-    ingest(Dataset("cifar10", balanced(cifar_train.samples, 100)), embedder, engine, 10**7, progress=False)
+    fill(engine, embedder, cifar_train.samples, 100)
     shutil.copytree(embedder.onnx_dir, tmp_path / "cache" / "onnx")
     env = {
         **os.environ,

@@ -12,9 +12,8 @@ from sqlalchemy import Engine
 
 from backend.evaluation import duplicates as duplicate_eval
 from backend.sources.datasets import Dataset
-from backend.storage import catalogue, vector_reader
-from backend.storage.engine import session_scope
-from tests.utils.app import app_client, small_catalogue
+from tests.utils.app import app_client
+from tests.utils.catalogue import read_stored, small_catalogue
 from tests.utils.settings import make_settings
 
 # README, "Near-duplicates": at the default threshold, 300 CIFAR-10 test images measured precision 1.000
@@ -52,13 +51,9 @@ def client(engine: Engine, embedder, tmp_path_factory) -> Iterator[TestClient]:
         yield c
 
 
-def stored(engine: Engine, model: str):
-    with session_scope(engine) as session:
-        return vector_reader.load_vectors(session, model), {v: k for k, v in catalogue.category_ids(session).items()}
-
-
 def test_upload_answers_with_near_duplicates_and_refuses_on_request(client: TestClient, engine: Engine, embedder) -> None:
-    vectors, names = stored(engine, embedder.model_id)
+    stored = read_stored(engine, embedder.model_id)
+    vectors, names = stored.vectors, stored.names
     original_id = int(vectors.ids[7])
     original = Image.open(io.BytesIO(client.get(f"/images/{original_id}").content)).convert("RGB")
     copy = png(duplicate_eval.EDITS["brighten"](original))
@@ -103,7 +98,8 @@ def numpy_groups(vectors, threshold: float) -> list[list[int]]:
 
 
 def test_duplicates_lists_the_groups_numpy_finds_a_page_at_a_time(client: TestClient, engine: Engine, embedder) -> None:
-    vectors, names = stored(engine, embedder.model_id)
+    stored = read_stored(engine, embedder.model_id)
+    vectors, names = stored.vectors, stored.names
     for row in (20, 60):  # two stored images get edited copies of their own
         original = Image.open(io.BytesIO(client.get(f"/images/{int(vectors.ids[row])}").content)).convert("RGB")
         for edit in ("flip", "resize"):
@@ -114,7 +110,7 @@ def test_duplicates_lists_the_groups_numpy_finds_a_page_at_a_time(client: TestCl
                 ).status_code
                 == 201
             )
-    vectors, _ = stored(engine, embedder.model_id)
+    vectors = read_stored(engine, embedder.model_id).vectors
     threshold = client.app.state.services.settings.near_duplicate_threshold
     everything = client.get("/duplicates?limit=100").json()
     got = sorted([i["image_id"] for i in g["images"]] for g in everything["groups"])

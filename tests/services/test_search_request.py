@@ -9,11 +9,11 @@ from sqlalchemy import Engine
 from backend.api.main import create_app
 from backend.core.search_params import SearchParams
 from backend.imaging import decode_image
-from backend.ingest.populate import ingest
 from backend.services.search import SearchService
-from backend.sources.datasets import Dataset, balanced
+from backend.sources.datasets import Dataset
 from backend.storage import catalogue
 from backend.storage.engine import session_scope
+from tests.utils.catalogue import fill
 from tests.utils.images import photo_jpeg
 from tests.utils.settings import make_settings
 
@@ -25,7 +25,7 @@ def test_an_image_deleted_by_another_writer_is_never_returned(
 ) -> None:
     """The index follows other processes' deletions only at its next refresh; until then the one database
     read a search makes (autocommit, a single SELECT) is what keeps a deleted image out of the results."""
-    ingest(Dataset("cifar10", balanced(cifar_train.samples, 50)), embedder, engine, 10**7, progress=False)
+    fill(engine, embedder, cifar_train.samples, 50)
     service = SearchService(make_settings(tmp_path, engine, index_refresh_seconds=0), engine, embedder)
     query = embedder.embed([decode_image(cifar_train.samples[0].load(), 10**7).rgb])
     before = [h.image_id for h in service.search_vectors(query, EXACT_5)[0].results]
@@ -40,7 +40,7 @@ def test_an_image_deleted_by_another_writer_is_never_returned(
 
 
 def test_search_by_photo_over_http_decodes_reduced(engine: Engine, embedder, cifar_train: Dataset, tmp_path: Path) -> None:
-    ingest(Dataset("cifar10", balanced(cifar_train.samples, 50)), embedder, engine, 10**7, progress=False)
+    fill(engine, embedder, cifar_train.samples, 50)
     settings = make_settings(tmp_path, engine, auth_mode="off")
     photo = photo_jpeg(768, 576)
     with TestClient(create_app(service=SearchService(settings, engine, embedder))) as client:

@@ -6,21 +6,11 @@ from sqlalchemy import Engine
 
 from backend.core.search_params import SearchParams
 from backend.services.search import SearchService
-from backend.storage import catalogue, vector_reader
-from backend.storage.engine import session_scope
 
 # Chance is 0.10 (10 balanced categories). Lite0 ImageNet features reach ~0.70 on a 5,000-image
 # catalogue; with 60 images per category we measured 0.63 here, so 0.50 leaves room for noise
 # while failing on anything broken (random weights measure ~0.2, wrong scaling ~0.3).
 MIN_PRECISION_AT_10 = 0.50
-
-
-@pytest.fixture(scope="module")
-def stored(catalogue_engine: Engine, embedder):
-    with session_scope(catalogue_engine) as session:
-        vectors = vector_reader.load_vectors(session, embedder.model_id)
-        names = {cid: name for name, cid in catalogue.category_ids(session).items()}
-    return vectors, names
 
 
 def brute_force(query: np.ndarray, vectors: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -38,7 +28,7 @@ def test_precision_at_10_well_above_chance(service: SearchService, query_vectors
 
 
 def test_exact_search_equals_numpy_top_k(service: SearchService, stored, query_vectors) -> None:
-    vectors, _ = stored
+    vectors = stored.vectors
     queries, _ = query_vectors
     results = service.search_vectors(queries[:25], SearchParams(limit=20, top_categories=3, use_prototypes=False))
     for q, result in zip(queries[:25], results, strict=True):
@@ -57,7 +47,7 @@ def test_exact_search_equals_numpy_top_k(service: SearchService, stored, query_v
 
 @pytest.mark.parametrize("top", [1, 2, 3, 5])
 def test_two_stage_is_restricted_to_top_categories(service: SearchService, stored, query_vectors, top: int) -> None:
-    vectors, names = stored
+    vectors, names = stored.vectors, stored.names
     queries, _ = query_vectors
     results = service.search_vectors(queries, SearchParams(limit=10, top_categories=top, use_prototypes=True))
     sizes = {names[c]: int(n) for c, n in zip(*np.unique(vectors.category_ids, return_counts=True), strict=True)}

@@ -1,10 +1,8 @@
 """URL lists and downloads against a real HTTP server on 127.0.0.1 serving real CIFAR-10 images: 404s,
 non-images, oversized bodies and redirects; private addresses refused unless allowed, on every hop."""
 
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -12,6 +10,7 @@ from backend.core.errors import InvalidInput
 from backend.sources import urls
 from backend.sources.datasets import load_cifar10
 from backend.sources.urls import FetchFailed, FetchLimits, UrlRefused, blocked, fetch, parse_url_list
+from tests.utils.http_images import Reply, serving
 from tests.utils.settings import CIFAR_SUBSET
 
 ALLOW = FetchLimits(allow_private=True, timeout_s=5)
@@ -20,56 +19,20 @@ ALLOW = FetchLimits(allow_private=True, timeout_s=5)
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
     image = load_cifar10(CIFAR_SUBSET, "test")[0].load()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            routes = {
-                "/cat.png": (200, image, {}),
-                "/page.html": (200, b"<html>not an image</html>" * 10, {}),
-                "/huge.png": (200, image + b"\0" * 200_000, {}),
-                "/lying.png": (200, image, {"Content-Length": str(10**9)}),
-                "/hop": (302, b"", {"Location": "/cat.png"}),
-                "/loop": (302, b"", {"Location": "/loop"}),
-                "/to-file": (302, b"", {"Location": "file:///etc/passwd"}),
-            }
-            if self.path in ("/trickle-body", "/trickle-headers"):
-                self.trickle(image)
-                return
-            status, body, headers = routes.get(self.path, (404, b"missing", {}))
-            self.send_response(status)
-            headers.setdefault("Content-Length", str(len(body)))
-            for key, value in headers.items():
-                self.send_header(key, value)
-            self.end_headers()
-            if body and headers["Content-Length"] == str(len(body)):
-                self.wfile.write(body)
-
-        def trickle(self, image: bytes) -> None:
-            """A byte a second: of the body, or of header lines (each read alone would be in time)."""
-            try:
-                if self.path == "/trickle-headers":
-                    self.wfile.write(b"HTTP/1.1 200 OK\r\n")
-                    for n in range(60):
-                        self.wfile.write(f"X-Slow-{n}: 1\r\n".encode())
-                        self.wfile.flush()
-                        time.sleep(1)
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(image)))
-                self.end_headers()
-                for byte in image[:60]:
-                    self.wfile.write(bytes([byte]))
-                    self.wfile.flush()
-                    time.sleep(1)
-            except OSError:
-                pass  # the client gave up: what the test wants
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
+    routes = {
+        "/cat.png": image,
+        "/page.html": b"<html>not an image</html>" * 10,
+        "/huge.png": image + b"\0" * 200_000,
+        "/lying.png": Reply(image, headers={"Content-Length": str(10**9)}),
+        "/hop": Reply(status=302, headers={"Location": "/cat.png"}),
+        "/loop": Reply(status=302, headers={"Location": "/loop"}),
+        "/to-file": Reply(status=302, headers={"Location": "file:///etc/passwd"}),
+        # A byte a second: of the body, or of header lines first (each read alone would be in time).
+        "/trickle-body": Reply(image, trickle_s=1),
+        "/trickle-headers": Reply(image, trickle_s=1, slow_headers=60),
+    }
+    with serving(routes) as url:
+        yield url
 
 
 def test_an_image_downloads_and_redirects_are_followed(server: str) -> None:

@@ -9,13 +9,13 @@ from sqlalchemy import Engine
 
 from backend.core.search_params import SearchParams
 from backend.imaging import decode_image
-from backend.ingest.populate import ingest
 from backend.services.assembly import Services
 from backend.services.keys import list_keys
 from backend.services.search import SearchService
-from backend.sources.datasets import Dataset, balanced
+from backend.sources.datasets import Dataset
 from backend.storage import catalogue, change_log
 from backend.storage.engine import session_scope
+from tests.utils.catalogue import fill
 from tests.utils.cli import run_cli
 from tests.utils.settings import make_settings
 
@@ -44,7 +44,7 @@ def test_backup_restores_an_identical_catalogue(
     databases, embedder, cifar_train: Dataset, cifar_queries: Dataset, tmp_path: Path
 ) -> None:
     engine = databases.new()
-    ingest(Dataset("cifar10", balanced(cifar_train.samples, 80)), embedder, engine, 10**7, progress=False)
+    fill(engine, embedder, cifar_train.samples, 80)
     data = tmp_path / "data"
     assert _cli(engine, data, "api-key", "create", "--name", "ops", "--scope", "admin").returncode == 0
     service = SearchService(make_settings(data, engine), engine, embedder)
@@ -62,7 +62,7 @@ def test_backup_restores_an_identical_catalogue(
     ids = [h[0] for h in before["search"][:2]]
     for image_id in ids:
         Services.around(service).writes.delete(image_id)
-    ingest(Dataset("cifar10", balanced(cifar_train.samples[80:], 20)), embedder, engine, 10**7, progress=False)
+    fill(engine, embedder, cifar_train.samples[80:], 20)
     service.cache.refresh()
     service.cache.save()
     assert _snapshot(service, query) != before
@@ -86,7 +86,7 @@ def test_backup_restores_an_identical_catalogue(
 
 def test_a_failed_restore_changes_nothing(databases, embedder, cifar_train: Dataset, tmp_path: Path) -> None:
     engine = databases.new()
-    ingest(Dataset("cifar10", balanced(cifar_train.samples, 20)), embedder, engine, 10**7, progress=False)
+    fill(engine, embedder, cifar_train.samples, 20)
     broken = tmp_path / "broken.dump"
     assert _cli(engine, tmp_path, "backup", str(broken)).returncode == 0
     broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])  # truncated: the archive lists, the data fails
