@@ -1,0 +1,135 @@
+"""The large-catalogue tier (issue 29): a real server over ≥ 100k stored vectors, seeded once per session.
+
+Every read that a page polls must answer within a bound that does not grow with the catalogue, also right
+after an upload, and 16 concurrent readers must neither fail nor make the server's memory grow. Select it
+with `-m large`, leave it out with `-m "not large"`; LARGE_CATALOGUE_SIZE changes the size (≥ 100k counts).
+"""
+
+import os
+import statistics
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import httpx
+import psutil
+import pytest
+from sqlalchemy import Engine
+
+from backend.embedding.registry import model_id
+from backend.sources.datasets import load_cifar10
+from benchmarks.harness import clustered, seed_vectors
+from tests.utils.server import RunningServer, running_server
+from tests.utils.settings import CIFAR_SUBSET, make_settings
+
+pytestmark = pytest.mark.large
+
+SIZE = int(os.environ.get("LARGE_CATALOGUE_SIZE", "100000"))
+STATUS_BOUND_S = 0.1  # median of a few calls: the issue asks ≤ 20 ms; loose for a busy 2-core machine
+READ_BOUND_S = 1.5  # any one read (the issue asks ≤ 50 ms p99 at 1M; today /map takes seconds at 100k)
+READERS = 16
+
+
+@dataclass
+class Large:
+    engine: Engine
+    server: RunningServer
+    uploads: Iterator[bytes]
+
+    def rss(self) -> int:
+        process = psutil.Process(self.server.process.pid)
+        return process.memory_info().rss + sum(c.memory_info().rss for c in process.children(recursive=True))
+
+    def upload(self) -> None:
+        answer = httpx.post(f"{self.server.url}/upload", files={"file": ("u.png", next(self.uploads))}, timeout=60)
+        assert answer.status_code == 201, answer.text
+
+
+@pytest.fixture(scope="session")
+def large(databases, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Large]:
+    engine = databases.new()
+    data = tmp_path_factory.mktemp("large")
+    model = model_id(make_settings(data))
+    started = time.perf_counter()
+    x, labels, _ = clustered(SIZE, seed=29, n_queries=1)
+    seed_vectors(engine, model, x, labels)
+    del x
+    print(f"\nseeded {SIZE} vectors in {time.perf_counter() - started:.1f} s")
+    env = {
+        **os.environ,
+        "DATABASE_URL": engine.url.render_as_string(hide_password=False),
+        "DATA_DIR": str(data),
+        "AUTH_MODE": "off",
+        "SERVE_WORKER": "false",
+        "FAISS_INDEX_TYPE": "flat",  # the service around the index is under test; flat builds fastest
+        "INDEX_REFRESH_SECONDS": "1",
+        "DB_TIMEOUT_SECONDS": "2",  # low: a read that scans the catalogue fails instead of taking its time
+    }
+    images = (s.load() for s in load_cifar10(CIFAR_SUBSET, "test"))
+    with running_server(env, start_timeout_s=600) as server:
+        yield Large(engine, server, images)
+    engine.dispose()
+
+
+def _timed_get(url: str) -> tuple[int, float]:
+    started = time.perf_counter()
+    answer = httpx.get(url, timeout=60)
+    return answer.status_code, time.perf_counter() - started
+
+
+def _assert_reads_bounded(large: Large, when: str) -> None:
+    base = large.server.url
+    statuses = [_timed_get(f"{base}/status") for _ in range(5)]
+    assert all(code == 200 for code, _ in statuses), (when, statuses)
+    assert statistics.median(s for _, s in statuses) <= STATUS_BOUND_S, (when, "/status", statuses)
+    for path in ("/categories", "/map", "/duplicates?limit=20"):
+        code, seconds = _timed_get(base + path)
+        assert code == 200, (when, path, code, large.server.log()[-3000:])
+        assert seconds <= READ_BOUND_S, (when, path, f"{seconds:.2f} s")
+
+
+def test_status_counts_the_whole_catalogue(large: Large) -> None:
+    body = httpx.get(f"{large.server.url}/status", timeout=60).json()
+    assert body["database"]["images"] >= SIZE
+    assert sum(c["images"] for c in body["database"]["categories"]) >= SIZE
+
+
+def test_every_polled_read_is_bounded_cold_and_after_an_upload(large: Large) -> None:
+    _assert_reads_bounded(large, "cold")
+    _assert_reads_bounded(large, "again")
+    large.upload()
+    _assert_reads_bounded(large, "after an upload")
+
+
+def test_concurrent_readers_neither_fail_nor_grow_the_server(large: Large) -> None:
+    base = large.server.url
+    for path in ("/map", "/status"):  # each served once: the idle figure includes what is kept
+        assert httpx.get(base + path, timeout=60).status_code == 200
+    idle = large.rss()
+    large.upload()  # the catalogue changed: what was kept is stale, so every reader might want to compute
+    peak = idle
+    done = threading.Event()
+
+    def watch() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, large.rss())
+            time.sleep(0.05)
+
+    def read(k: int) -> list[int]:
+        with httpx.Client(base_url=base, timeout=60) as client:
+            return [client.get("/map" if (k + j) % 2 else "/status").status_code for j in range(6)]
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(READERS) as pool:
+            codes = [c for cs in pool.map(read, range(READERS)) for c in cs]
+    finally:
+        done.set()
+        watcher.join()
+    failed = [c for c in codes if not 200 <= c < 300]
+    assert not failed, (len(failed), large.server.log()[-3000:])
+    assert peak <= 1.2 * idle, f"server RSS {idle / 2**20:.0f} MB idle, {peak / 2**20:.0f} MB with {READERS} readers"
