@@ -3,6 +3,7 @@ near-duplicate groups, the prototype gallery and the 2-D map. The last three are
 (`core.single_flight`: concurrent readers wait for that computation or get the last result, so memory does not
 grow with their number) and kept until the catalogue changes; the map is never waited for once one exists."""
 
+import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ from backend.services.catalogue_views import CatalogueMap, GalleryRow
 from backend.services.search import SearchService
 from backend.storage import catalogue
 from backend.storage.engine import session_scope
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -178,6 +181,17 @@ class Catalogue:
         )
 
     # --- the map (issue 29: a kept sample, refreshed in the background; no request waits once one exists) ---
+
+    def prepare_map(self) -> None:
+        """Make the first map in the background (MAP_POINTS vectors), so that no reader waits for it."""
+
+        def first() -> None:
+            try:
+                self._current_map()
+            except Exception:  # the first reader tries again
+                log.exception("the first catalogue map failed")
+
+        threading.Thread(target=first, name="first catalogue map", daemon=True).start()
 
     def _current_map(self) -> Kept[CatalogueMap]:
         search, settings = self._search, self._search.settings

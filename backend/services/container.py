@@ -34,6 +34,7 @@ class Services:
         jobs that ended while we were down; start the in-process worker (SERVE_WORKER)."""
         one_blas_thread()
         self.search.load()
+        self.catalogue.prepare_map()
         self.jobs.open()
         self.jobs.sweep_files()
         if self.settings.serve_worker:

@@ -6,9 +6,11 @@ with `-m large`, leave it out with `-m "not large"`; LARGE_CATALOGUE_SIZE change
 """
 
 import os
+import re
 import statistics
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,8 +29,10 @@ from tests.utils.settings import CIFAR_SUBSET, make_settings
 pytestmark = pytest.mark.large
 
 SIZE = int(os.environ.get("LARGE_CATALOGUE_SIZE", "100000"))
-STATUS_BOUND_S = 0.1  # median of a few calls: the issue asks ≤ 20 ms; loose for a busy 2-core machine
-READ_BOUND_S = 1.5  # any one read (the issue asks ≤ 50 ms p99 at 1M; today /map takes seconds at 100k)
+# Server-side times. The issue asks /status ≤ 20 ms and /map ≤ 50 ms p99 at 1M (the benchmark's job); these
+# bounds are loose for a shared 2-core machine, and still far below what counting or reading every vector takes.
+STATUS_BOUND_S = 0.2  # median of 5 calls (main: 3.4-8.7 s at 100k)
+READ_BOUND_S = 1.5  # any one read (main: /map 500 after its statement timeout)
 READERS = 16
 
 
@@ -73,19 +77,24 @@ def large(databases, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Large
     engine.dispose()
 
 
-def _timed_get(url: str) -> tuple[int, float]:
-    started = time.perf_counter()
-    answer = httpx.get(url, timeout=60)
-    return answer.status_code, time.perf_counter() - started
+def _timed_get(server: RunningServer, path: str) -> tuple[int, float]:
+    """The answer's status and the seconds the server took (its access log: the client's own time on a
+    busy machine says more about the machine than the server)."""
+    rid = uuid.uuid4().hex[:16]
+    code = httpx.get(server.url + path, headers={"X-Request-ID": rid}, timeout=60).status_code
+    deadline = time.monotonic() + 5
+    while not (found := re.search(rf"{rid} GET \S+ \d+ ([\d.]+) ms", server.log())) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert found, f"request {rid} not in the server's log"
+    return code, float(found.group(1)) / 1000
 
 
 def _assert_reads_bounded(large: Large, when: str) -> None:
-    base = large.server.url
-    statuses = [_timed_get(f"{base}/status") for _ in range(5)]
+    statuses = [_timed_get(large.server, "/status") for _ in range(5)]
     assert all(code == 200 for code, _ in statuses), (when, statuses)
     assert statistics.median(s for _, s in statuses) <= STATUS_BOUND_S, (when, "/status", statuses)
     for path in ("/categories", "/map", "/duplicates?limit=20"):
-        code, seconds = _timed_get(base + path)
+        code, seconds = _timed_get(large.server, path)
         assert code == 200, (when, path, code, large.server.log()[-3000:])
         assert seconds <= READ_BOUND_S, (when, path, f"{seconds:.2f} s")
 
