@@ -189,6 +189,12 @@ def _update_prototypes(session: Session, model: str, category_ids: Sequence[int]
     session.flush()
 
 
+def add_to_prototypes(session: Session, model: str, category_ids: Sequence[int], vectors: np.ndarray) -> None:
+    """Fold given-label vectors stored by another path (`bulk_load`) into their prototype sums; the caller
+    holds the change log's lock."""
+    _update_prototypes(session, model, category_ids, vectors, sign=1)
+
+
 def get_image(session: Session, image_id: int) -> Image:
     image = session.get(Image, image_id)
     if image is None:
