@@ -70,6 +70,9 @@ def large(databases, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Large
         "FAISS_INDEX_TYPE": "flat",  # the service around the index is under test; flat builds fastest
         "INDEX_REFRESH_SECONDS": "1",
         "DB_TIMEOUT_SECONDS": "2",  # low: a read that scans the catalogue fails instead of taking its time
+        # Stage 1's learned rankers would train once in the background on all 100k labels (about 0.5 GB, a
+        # core for a while): one bounded job, not the readers' doing, so it is left out of these figures.
+        "STAGE1": "prototype",
     }
     images = (s.load() for s in load_cifar10(CIFAR_SUBSET, "test"))
     with running_server(env, start_timeout_s=600) as server:
@@ -89,11 +92,12 @@ def _timed_get(server: RunningServer, path: str) -> tuple[int, float]:
     return code, float(found.group(1)) / 1000
 
 
-def _assert_reads_bounded(large: Large, when: str) -> None:
-    statuses = [_timed_get(large.server, "/status") for _ in range(5)]
-    assert all(code == 200 for code, _ in statuses), (when, statuses)
-    assert statistics.median(s for _, s in statuses) <= STATUS_BOUND_S, (when, "/status", statuses)
-    for path in ("/categories", "/map", "/duplicates?limit=20"):
+def _assert_reads_bounded(large: Large, when: str, paths: tuple[str, ...]) -> None:
+    if "/status" in paths:
+        statuses = [_timed_get(large.server, "/status") for _ in range(5)]
+        assert all(code == 200 for code, _ in statuses), (when, statuses)
+        assert statistics.median(s for _, s in statuses) <= STATUS_BOUND_S, (when, "/status", statuses)
+    for path in (p for p in paths if p != "/status"):
         code, seconds = _timed_get(large.server, path)
         assert code == 200, (when, path, code, large.server.log()[-3000:])
         assert seconds <= READ_BOUND_S, (when, path, f"{seconds:.2f} s")
@@ -106,16 +110,27 @@ def test_status_counts_the_whole_catalogue(large: Large) -> None:
 
 
 def test_every_polled_read_is_bounded_cold_and_after_an_upload(large: Large) -> None:
-    _assert_reads_bounded(large, "cold")
-    _assert_reads_bounded(large, "again")
+    paths = ("/status", "/categories", "/map")
+    _assert_reads_bounded(large, "cold", paths)
+    _assert_reads_bounded(large, "again", paths)
     large.upload()
-    _assert_reads_bounded(large, "after an upload")
+    _assert_reads_bounded(large, "after an upload", paths)
+
+
+def test_the_duplicates_page_is_bounded_cold_and_after_an_upload(large: Large) -> None:
+    """Fails until the near-duplicate links are kept in the database (issue 29 item 1, branch scale-db)."""
+    _assert_reads_bounded(large, "cold", ("/duplicates?limit=20",))
+    _assert_reads_bounded(large, "again", ("/duplicates?limit=20",))
+    large.upload()
+    _assert_reads_bounded(large, "after an upload", ("/duplicates?limit=20",))
 
 
 def test_concurrent_readers_neither_fail_nor_grow_the_server(large: Large) -> None:
     base = large.server.url
+    large.upload()  # warm: the model's first inference and the index's first addition allocate for good
     for path in ("/map", "/status"):  # each served once: the idle figure includes what is kept
         assert httpx.get(base + path, timeout=60).status_code == 200
+    time.sleep(3)  # a map refresh started by the reads above has finished
     idle = large.rss()
     large.upload()  # the catalogue changed: what was kept is stale, so every reader might want to compute
     peak = idle
@@ -139,6 +154,7 @@ def test_concurrent_readers_neither_fail_nor_grow_the_server(large: Large) -> No
     finally:
         done.set()
         watcher.join()
+    print(f"\nserver RSS {idle / 2**20:.0f} MB idle, {peak / 2**20:.0f} MB at most with {READERS} readers ({len(codes)} reads)")
     failed = [c for c in codes if not 200 <= c < 300]
     assert not failed, (len(failed), large.server.log()[-3000:])
     assert peak <= 1.2 * idle, f"server RSS {idle / 2**20:.0f} MB idle, {peak / 2**20:.0f} MB with {READERS} readers"
