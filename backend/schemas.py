@@ -324,8 +324,10 @@ class MapPoint(BaseModel):
 
 
 class MapOut(BaseModel):
-    points: list[MapPoint]  # an evenly spread sample of at most MAP_POINTS stored images
+    points: list[MapPoint]  # a uniform sample of at most MAP_POINTS stored images
     explained: list[float]  # share of the variance along x and y
+    as_of_seq: int  # the catalogue's change number this map reflects
+    age_seconds: float  # since it was made (a stale map is refreshed in the background)
 
 
 class Position(BaseModel):

@@ -19,9 +19,8 @@ from sqlalchemy.engine import URL, make_url
 from backend.core.config import Settings
 from backend.core.vectors import l2_normalise
 from backend.embedding import quantize
-from backend.imaging import ImageBytes
 from backend.sources.datasets import Dataset, balanced, find_cifar10, load_cifar10
-from backend.storage import catalogue
+from backend.storage import bulk_load, catalogue
 from backend.storage.engine import session_scope
 
 DIM = 1280
@@ -144,15 +143,16 @@ class TempDatabase:
 
 
 def seed_vectors(engine: Engine, model: str, x: np.ndarray, labels: np.ndarray, first: int = 0, chunk: int = 5000) -> None:
-    """Store vectors as images of categories c0..c9 through `catalogue.add_images` (prototype sums included).
-    The images carry no pixels: only their vectors matter to the index. `first` keeps hashes unique."""
+    """Store vectors as images of categories c0..c9 with their prototype sums, by binary COPY through
+    `storage.bulk_load` (every trigger runs as for `catalogue.add_images`). The images carry no pixels: only
+    their vectors matter to the index. `first` keeps hashes unique."""
     with session_scope(engine) as s:
         cats = catalogue.ensure_categories(s, [f"c{i}" for i in range(N_CATEGORIES)])
+    category_of = np.array([cats[f"c{i}"] for i in range(N_CATEGORIES)], dtype=np.int64)
+    copying = bulk_load.copy_engine(engine)
     for start in range(0, len(x), chunk):
         stop = min(len(x), start + chunk)
-        items = [
-            catalogue.NewImage(ImageBytes(b"", f"{first + i:064x}", "PNG", 1, 1), cats[f"c{labels[i]}"], label_given=True)
-            for i in range(start, stop)
-        ]
-        with session_scope(engine) as s:
-            catalogue.add_images(s, model, items, x[start:stop])
+        shas = [f"{first + i:064x}" for i in range(start, stop)]
+        with session_scope(copying) as s:
+            bulk_load.add_vectors(s, model, shas, category_of[labels[start:stop]], x[start:stop])
+    copying.dispose()

@@ -106,7 +106,8 @@ const Views = {
       legend.appendChild(chip);
     }
     const share = data.explained.map((e) => `${Math.round(e * 100)} %`).join(" and ");
-    $("map-note").textContent = `${data.points.length} images; the two axes hold ${share} of the spread (PCA). Click a point for more like it.`;
+    const age = Math.round(data.age_seconds);
+    $("map-note").textContent = `${data.points.length} images (a sample of the catalogue, drawn ${age} s ago); the two axes hold ${share} of the spread (PCA). Click a point for more like it.`;
     this.drawMap();
   },
 

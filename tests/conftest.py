@@ -37,6 +37,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "db: needs a PostgreSQL server (embedded or TEST_DATABASE_URL)")
     config.addinivalue_line("markers", "model: loads the real embedding weights")
     config.addinivalue_line("markers", "browser: drives Chromium")
+    config.addinivalue_line("markers", "large: the large-catalogue tier (a server over >= 100k seeded vectors)")
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

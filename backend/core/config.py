@@ -128,6 +128,13 @@ class Settings(BaseSettings):
     url_concurrency: int = Field(4, ge=1, le=64)  # downloads at once in one chunk
     # Downloads of private, loopback, link-local and reserved addresses are refused (SSRF) unless this is set.
     allow_private_urls: bool = False
+    # The catalogue map (/map): at most MAP_POINTS images, a uniform sample kept by the database as images come
+    # and go; its axes are refitted once MAP_REFIT_CHANGES changes (change numbers) arrived since the last fit.
+    # A request is served the last map at once; a stale one is refreshed in the background, at most every
+    # MAP_REFRESH_SECONDS.
+    map_points: int = Field(2000, ge=10, le=100_000)
+    map_refit_changes: int = Field(1000, ge=1)
+    map_refresh_seconds: float = Field(2.0, ge=0)
     # Cosine at or above which a stored image counts as a near-duplicate (measured: backend/evaluation/duplicates.py).
     near_duplicate_threshold: float = Field(0.91, ge=0.5, le=1.0)
 

@@ -50,6 +50,7 @@ class Services:
         jobs that ended while we were down; start the in-process worker (SERVE_WORKER)."""
         one_blas_thread()
         self.lifecycle.load()
+        self.catalogue.prepare_map()
         self.jobs.open_for_work()
         if self.settings.serve_worker:
             self.worker = self.jobs.worker(self.search.cache)

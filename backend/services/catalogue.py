@@ -1,17 +1,20 @@
 """Reading the catalogue for the API: image bytes and thumbnails, image facts, categories and their pages,
-near-duplicate groups, the prototype gallery and the 2-D map (the last three kept until the catalogue changes)."""
+near-duplicate groups, the prototype gallery and the 2-D map. The last three are computed one at a time
+(`core.single_flight`: concurrent readers wait for that computation or get the last result, so memory does not
+grow with their number) and kept until the catalogue changes; the map is never waited for once one exists."""
 
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
 
 import numpy as np
 from PIL import Image as PILImage
 from sqlalchemy import Engine
 
 from backend.core.errors import NotFound
+from backend.core.single_flight import Kept, SingleFlight
 from backend.imaging import make_thumbnail
 from backend.schemas import (
     CategoryOut,
@@ -31,12 +34,12 @@ from backend.schemas import (
 from backend.search import near_duplicates
 from backend.search.near_duplicates import Group
 from backend.services import catalogue_views
-from backend.services.catalogue_views import CatalogueMap
+from backend.services.catalogue_views import CatalogueMap, GalleryRow
 from backend.services.index_lifecycle import IndexLifecycle
 from backend.storage import catalogue
 from backend.storage.engine import session_scope
 
-T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -69,24 +72,6 @@ class _ThumbnailCache:
                 self._items.popitem(last=False)
 
 
-class _PerState:
-    """One value per catalogue state (and whatever else the key holds), computed again when it changes."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._key: object = None
-        self._value: object = None
-
-    def get(self, key: object, make: Callable[[], T]) -> T:
-        with self._lock:
-            if self._key == key:
-                return self._value  # type: ignore[return-value]
-        value = make()  # outside the lock: concurrent callers may both compute, neither waits on the other
-        with self._lock:
-            self._key, self._value = key, value
-        return value
-
-
 class Catalogue:
     """Every catalogue read a route makes, over the database and the live index."""
 
@@ -95,8 +80,9 @@ class Catalogue:
         self._live = live  # the index kept current: its state keys what is computed once per state
         self._embed = embed
         self._thumbnails = _ThumbnailCache()
-        self._groups = _PerState()
-        self._map = _PerState()
+        self._groups: SingleFlight[list[Group]] = SingleFlight("duplicate groups")
+        self._gallery: SingleFlight[list[GalleryRow]] = SingleFlight("gallery")
+        self._map: SingleFlight[CatalogueMap] = SingleFlight("catalogue map")
 
     # --- images ------------------------------------------------------------------------------
 
@@ -182,7 +168,9 @@ class Catalogue:
     def gallery(self, per_category: int) -> Gallery:
         """Per category, the stored images nearest its prototype."""
         names = self.category_names()
-        rows = catalogue_views.gallery(self._engine, self._live.cache, self._live.model, per_category)
+        live = self._live
+        key = (live.sync_index(), live.model, per_category)
+        rows = self._gallery.get(key, lambda: catalogue_views.gallery(self._engine, live.cache, live.model, per_category))
         return Gallery(
             categories=[
                 GalleryCategory(
@@ -196,22 +184,43 @@ class Catalogue:
             ]
         )
 
-    def _current_map(self) -> CatalogueMap:
-        live = self._live
-        key = (live.sync_index(), live.model)
-        return self._map.get(key, lambda: catalogue_views.catalogue_map(self._engine, live.model))
+    # --- the map: a kept sample, refreshed in the background; no request waits once one exists ---
+
+    def prepare_map(self) -> None:
+        """Make the first map in the background (MAP_POINTS vectors), so that no reader waits for it."""
+
+        def first() -> None:
+            try:
+                self._current_map()
+            except Exception:  # the first reader tries again
+                log.exception("the first catalogue map failed")
+
+        threading.Thread(target=first, name="first catalogue map", daemon=True).start()
+
+    def _current_map(self) -> Kept[CatalogueMap]:
+        live, settings = self._live, self._live.settings
+
+        def make() -> CatalogueMap:
+            last = self._map.kept  # the axes to keep while they are young enough
+            previous = last.value if last is not None else None
+            return catalogue_views.catalogue_map(
+                self._engine, live.model, settings.map_points, previous, settings.map_refit_changes
+            )
+
+        return self._map.latest((live.sync_index(), live.model), make, settings.map_refresh_seconds)
 
     def catalogue_map(self) -> MapOut:
-        """The catalogue projected to 2-D, computed once per catalogue state."""
+        """The catalogue's sample projected to 2-D: the last map made, with its age."""
         names = self.category_names()
-        made = self._current_map()
+        kept = self._current_map()
+        made = kept.value
         points = [
             MapPoint(image_id=int(i), category=names.get(int(c)), x=float(x), y=float(y))
             for i, c, (x, y) in zip(made.ids, made.category_ids, made.xy, strict=True)
         ]
-        return MapOut(points=points, explained=made.explained)
+        return MapOut(points=points, explained=made.explained, as_of_seq=made.as_of_seq, age_seconds=kept.age_seconds)
 
     def place(self, image: PILImage.Image) -> Position:
         """Where a query image falls on the map."""
-        x, y = self._current_map().place(self._embed([image]))[0]
+        x, y = self._current_map().value.place(self._embed([image]))[0]
         return Position(x=float(x), y=float(y))

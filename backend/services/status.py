@@ -21,8 +21,9 @@ from backend.storage.engine import location, session_scope
 
 
 def build_status(settings: Settings, engine: Engine, embedder: Embedder, cache: LiveIndex, stage1: Stage1) -> Status:
-    with session_scope(engine) as session:
+    with session_scope(engine, snapshot=True) as session:  # counts kept by triggers: no row is counted here
         counts = catalogue.category_counts(session)
+        images = catalogue.image_count(session)
         models = dict(catalogue.model_ids(session))
     return Status(
         model=ModelStatus(
@@ -35,7 +36,7 @@ def build_status(settings: Settings, engine: Engine, embedder: Embedder, cache: 
         ),
         database=DatabaseStatus(
             server=location(settings, engine),
-            images=sum(c[2] for c in counts),
+            images=images,
             vectors_for_model=models.get(embedder.model_id, 0),
             vectors_by_model=models,
             categories=[CategoryCount(id=cid, name=name, images=n, labelled=given) for cid, name, n, given in counts],

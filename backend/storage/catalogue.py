@@ -17,7 +17,7 @@ from backend.core.text import echo, echo_list
 from backend.core.vectors import SUM_DTYPE, VECTOR_DTYPE, PrototypeMatrix, category_sums
 from backend.imaging import ImageBytes
 from backend.storage.change_log import lock_changes
-from backend.storage.schema import Category, Embedding, Image, Prototype
+from backend.storage.schema import Category, CategoryImageCount, Embedding, Image, ModelVectorCount, Prototype
 
 
 @dataclass(frozen=True)
@@ -59,19 +59,24 @@ def category_by_name(session: Session, name: str) -> Category:
 
 
 def category_counts(session: Session) -> list[tuple[int, str, int, int]]:
-    """(id, name, images, images with a given label) per category; counts rows, never bytes."""
+    """(id, name, images, images with a given label) per category, from the counts the triggers keep
+    (migration 0008): one row per category read, whatever the catalogue's size."""
     query = (
         select(
             Category.id,
             Category.name,
-            func.count(Image.id),
-            func.count(Image.id).filter(Image.label_given),
+            func.coalesce(CategoryImageCount.images, 0),
+            func.coalesce(CategoryImageCount.labelled, 0),
         )
-        .outerjoin(Image, Image.category_id == Category.id)
-        .group_by(Category.id)
+        .outerjoin(CategoryImageCount, CategoryImageCount.category_id == Category.id)
         .order_by(Category.name)
     )
     return [tuple(row) for row in session.execute(query)]  # type: ignore[misc]
+
+
+def image_count(session: Session) -> int:
+    """Every stored image, with or without a category (kept by triggers)."""
+    return int(session.scalar(select(func.coalesce(func.sum(CategoryImageCount.images), 0))) or 0)
 
 
 # --- images and embeddings ------------------------------------------------------------------------
@@ -184,6 +189,12 @@ def _update_prototypes(session: Session, model: str, category_ids: Sequence[int]
     session.flush()
 
 
+def add_to_prototypes(session: Session, model: str, category_ids: Sequence[int], vectors: np.ndarray) -> None:
+    """Fold given-label vectors stored by another path (`bulk_load`) into their prototype sums; the caller
+    holds the change log's lock."""
+    _update_prototypes(session, model, category_ids, vectors, sign=1)
+
+
 def get_image(session: Session, image_id: int) -> Image:
     image = session.get(Image, image_id)
     if image is None:
@@ -272,7 +283,9 @@ def rebuild_prototypes(session: Session, model: str) -> int:
 
 
 def model_ids(session: Session) -> list[tuple[str, int]]:
-    return [tuple(r) for r in session.execute(select(Embedding.model, func.count()).group_by(Embedding.model))]  # type: ignore[misc]
+    """(model, stored vectors) for every model with vectors, from the counts the triggers keep."""
+    query = select(ModelVectorCount.model, ModelVectorCount.vectors).where(ModelVectorCount.vectors > 0)
+    return [(model, int(n)) for model, n in session.execute(query.order_by(ModelVectorCount.model))]
 
 
 def category_page(session: Session, category_id: int, offset: int, limit: int) -> Sequence[Image]:

@@ -10,6 +10,7 @@ from sqlalchemy import (
     DateTime,
     FetchedValue,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     SmallInteger,
@@ -71,6 +72,9 @@ class Embedding(Base):
     # Change number, set by a trigger in commit order (migration 0002): index caches follow it.
     seq: Mapped[int] = mapped_column(BigInteger, server_default=FetchedValue(), server_onupdate=FetchedValue())
 
+    # The map's sample: the images of smallest hash, read along this index (migration 0008).
+    __table_args__ = (Index("ix_embeddings_map_sample", "model", func.hashint8(image_id), "image_id"),)
+
 
 class Prototype(Base):
     """Running sum and count of the given-label embeddings of one category, for one model."""
@@ -94,6 +98,25 @@ class DeletedEmbedding(Base):
     model: Mapped[str] = mapped_column(String(128))
     image_id: Mapped[int] = mapped_column(BigInteger)
     deleted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class CategoryImageCount(Base):
+    """Images and given labels per category (0: no category), kept by triggers with every write (migration 0008)."""
+
+    __tablename__ = "category_image_counts"
+
+    category_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    images: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    labelled: Mapped[int] = mapped_column(BigInteger, server_default="0")
+
+
+class ModelVectorCount(Base):
+    """Stored vectors per model, kept by triggers with every write (migration 0008)."""
+
+    __tablename__ = "model_vector_counts"
+
+    model: Mapped[str] = mapped_column(String(128), primary_key=True)
+    vectors: Mapped[int] = mapped_column(BigInteger, server_default="0")
 
 
 class CatalogueMeta(Base):

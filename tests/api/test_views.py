@@ -1,5 +1,6 @@
 """The prototype gallery and the catalogue map over a real database and model, against NumPy."""
 
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -8,6 +9,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 
 from backend.sources.datasets import Dataset
+from backend.storage import vector_reader
+from backend.storage.engine import session_scope
 from tests.utils.app import app_client
 from tests.utils.catalogue import Stored, read_stored, small_catalogue
 
@@ -62,4 +65,28 @@ def test_map_is_the_pca_of_the_embeddings_and_places_queries_on_it(client: TestC
     some = points[17]
     placed = client.post("/map/place", files={"file": ("q.png", client.get(f"/images/{some['image_id']}").content)}).json()
     assert placed["x"] == pytest.approx(some["x"], abs=1e-3) and placed["y"] == pytest.approx(some["y"], abs=1e-3)
-    assert client.get("/map").json() == body  # cached, and the same
+    again = client.get("/map").json()
+    assert again["age_seconds"] >= body["age_seconds"]
+    assert {**again, "age_seconds": 0} == {**body, "age_seconds": 0}  # kept, and the same
+
+
+def test_the_map_is_a_kept_sample_served_at_once_and_refreshed_in_the_background(
+    databases, embedder, cifar_train: Dataset, cifar_queries: Dataset, tmp_path
+) -> None:
+    engine = small_catalogue(databases, embedder, cifar_train, images=60)
+    settings = {"map_points": 40, "map_refresh_seconds": 0, "map_refit_changes": 10**6}
+    with app_client(engine, embedder, tmp_path, **settings) as client:
+        first = client.get("/map").json()
+        with session_scope(engine) as session:
+            sample = vector_reader.map_sample(session, embedder.model_id, 40)
+        assert sorted(p["image_id"] for p in first["points"]) == sample.ids.tolist()  # the database's sample
+        assert first["as_of_seq"] > 0 and first["age_seconds"] < 60
+        upload = client.post("/upload", files={"file": ("u.png", cifar_queries.samples[0].load())})
+        assert upload.status_code == 201, upload.text
+        stale = client.get("/map").json()  # served at once: the last map, while a refresh runs
+        assert stale["as_of_seq"] == first["as_of_seq"] and stale["points"] == first["points"]
+        deadline = time.monotonic() + 30
+        while (fresh := client.get("/map").json())["as_of_seq"] == first["as_of_seq"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert fresh["as_of_seq"] > first["as_of_seq"] and len(fresh["points"]) == 40
+        assert fresh["explained"] == first["explained"]  # the axes kept: fewer than MAP_REFIT_CHANGES changes
