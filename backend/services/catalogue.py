@@ -9,7 +9,7 @@ from typing import TypeVar
 
 from PIL import Image as PILImage
 
-from backend.core.errors import NotFound
+from backend.core.errors import NotFound, Unprocessable
 from backend.imaging import make_thumbnail
 from backend.schemas import (
     CategoryOut,
@@ -27,11 +27,11 @@ from backend.schemas import (
     image_urls,
 )
 from backend.search import near_duplicates
-from backend.search.near_duplicates import Group
 from backend.services import catalogue_views
 from backend.services.catalogue_views import CatalogueMap
 from backend.services.search import SearchService
 from backend.storage import catalogue
+from backend.storage import near_duplicates as link_rows
 from backend.storage.engine import session_scope
 
 T = TypeVar("T")
@@ -85,6 +85,13 @@ class _PerState:
         return value
 
 
+def _shared_category(names: dict[int, str], category_ids: list[int | None]) -> str | None:
+    """The members' category when they share one; None when they lie in several (or none)."""
+    found = set(category_ids)
+    only = found.pop() if len(found) == 1 else None
+    return None if only is None else names.get(only)
+
+
 class Catalogue:
     """Every catalogue read a route makes, over the search service's database and index."""
 
@@ -92,7 +99,6 @@ class Catalogue:
         self._search = search
         self._engine = search.engine
         self._thumbnails = _ThumbnailCache()
-        self._groups = _PerState()
         self._map = _PerState()
 
     # --- images ------------------------------------------------------------------------------
@@ -156,25 +162,32 @@ class Catalogue:
 
     # --- pictures of the catalogue -----------------------------------------------------------
 
-    def duplicate_groups(self, threshold: float) -> list[Group]:
-        """Every group of near-duplicates, largest first, computed once per catalogue state and threshold."""
-        search = self._search
-        key = (search.sync_index(), search.model, threshold)  # current first, so the key names what is searched
-        return self._groups.get(key, lambda: near_duplicates.find_groups(self._engine, search.cache, search.model, threshold))
-
-    def duplicates_page(self, threshold: float, offset: int, limit: int) -> DuplicatesPage:
-        found = self.duplicate_groups(threshold)
+    def duplicates_page(self, threshold: float | None, offset: int, limit: int) -> DuplicatesPage:
+        """A page of the near-duplicate groups kept in the database (largest first), and how far behind the
+        change log their links are: reads the page's rows only, whatever the catalogue's size."""
+        model, cut = self._search.model, self._search.settings.near_duplicate_threshold
+        with session_scope(self._engine, snapshot=True) as session:
+            state = link_rows.state(session, model)
+            kept_at = cut if state is None else state.threshold
+            if threshold is not None and abs(threshold - kept_at) > link_rows.THRESHOLD_EPS:
+                raise Unprocessable(f"threshold: groups are kept at NEAR_DUPLICATE_THRESHOLD={kept_at:g} only, not {threshold:g}")
+            rows = link_rows.group_page(session, model, offset, limit) if state else []
+            as_of = state.links_seq if state else 0
+            behind = link_rows.behind(session, model, as_of, near_duplicates.BEHIND_CAP)
         names = self.category_names()
         page = [
             DuplicateGroup(
-                category=names.get(g.category_id) if g.category_id is not None else None,
-                images=[DuplicateImage(image_id=i, **image_urls(i)) for i in g.image_ids],
+                category=_shared_category(names, [c for _, c in g.members]),
+                images=[DuplicateImage(image_id=i, **image_urls(i)) for i, _ in g.members],
                 min_score=g.min_score,
                 max_score=g.max_score,
             )
-            for g in found[offset : offset + limit]
+            for g in rows
         ]
-        return DuplicatesPage(threshold=threshold, total=len(found), offset=offset, limit=limit, groups=page)
+        total = state.groups if state else 0
+        return DuplicatesPage(
+            threshold=kept_at, total=total, offset=offset, limit=limit, groups=page, as_of_seq=as_of, links_behind=behind
+        )
 
     def gallery(self, per_category: int) -> Gallery:
         """Per category, the stored images nearest its prototype."""
