@@ -279,7 +279,7 @@ class DuplicatesPage(BaseModel):
     limit: int
     groups: list[DuplicateGroup]
     as_of_seq: int  # every image numbered (change log) up to here has its links
-    links_behind: int  # images stored after that, links not searched yet (counted up to 100,000)
+    links_behind: int  # images stored after that, links not searched yet (counted up to 10,000)
 
 
 class JobOut(BaseModel):

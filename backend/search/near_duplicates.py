@@ -32,7 +32,7 @@ from backend.storage.engine import session_scope
 
 NEIGHBOURS = 16  # near-duplicates looked at per image (an upload answers with at most this many)
 QUERY_BATCH = 128  # vectors searched per hold of the index's read lock
-BEHIND_CAP = 100_000  # `links_behind` is counted up to this (a bounded index scan)
+BEHIND_CAP = 10_000  # `links_behind` is counted up to this (a bounded index scan)
 
 
 @dataclass(frozen=True)
