@@ -98,7 +98,7 @@ class UploadLinks:
             raise Conflict(f"near-duplicate of stored images {found}; not stored (on_near_duplicate=refuse)")
 
     def store(self, session: Session, image_id: int) -> None:
-        links_table.add_links(session, self.cache.model, [(image_id, h.image_id, h.score) for h in self.hits])
+        links_table.add_links(session, self.cache.model, self.how.threshold, [(image_id, h.image_id, h.score) for h in self.hits])
 
 
 def link_chunk(cache: IndexCache, how: LinkSearch, limit: int) -> LinkProgress:
@@ -123,7 +123,7 @@ def link_chunk(cache: IndexCache, how: LinkSearch, limit: int) -> LinkProgress:
         links_table.lock_links(session)
         if not links_table.advance(session, model, seen, to):  # another process linked this chunk first
             return LinkProgress(0, 0, seen, behind(engine, model, seen))
-        added = links_table.add_links(session, model, pairs)
+        added = links_table.add_links(session, model, how.threshold, pairs)
         failpoint("near_duplicates.chunk")  # fault tests: killed before this chunk commits
     return LinkProgress(len(seqs), added, to, behind(engine, model, to))
 

@@ -92,9 +92,9 @@ def behind(session: Session, model: str, links_seq: int, cap: int) -> int:
 # --- links arrive: union -----------------------------------------------------------------------------
 
 
-def add_links(session: Session, model: str, links: Iterable[Pair]) -> int:
-    """Store links (either order, repeats and links to images deleted meanwhile dropped) and merge the groups
-    they join. Takes the links' lock; returns how many links were new."""
+def add_links(session: Session, model: str, threshold: float, links: Iterable[Pair]) -> int:
+    """Store links found at `threshold` (either order, repeats and links to images deleted meanwhile dropped)
+    and merge the groups they join. Takes the links' lock; returns how many links were new."""
     best: dict[tuple[int, int], float] = {}
     for a, b, score in links:
         if a != b:
@@ -103,6 +103,7 @@ def add_links(session: Session, model: str, links: Iterable[Pair]) -> int:
     if not best:
         return 0
     lock_links(session)
+    session.execute(insert(NearDuplicateState).values(model=model, threshold=threshold).on_conflict_do_nothing())
     ends = {i for pair in best for i in pair}
     alive = set(session.scalars(select(Image.id).where(Image.id.in_(ends))))
     rows = [{"model": model, "image_a": a, "image_b": b, "score": s} for (a, b), s in sorted(best.items()) if {a, b} <= alive]

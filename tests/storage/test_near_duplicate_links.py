@@ -28,7 +28,7 @@ def ids(databases, embedder, cifar_train: Dataset) -> tuple[Engine, list[int]]:
 
 def link(engine: Engine, *pairs: tuple[int, int, float]) -> int:
     with session_scope(engine) as s:
-        return links_table.add_links(s, MODEL, pairs)
+        return links_table.add_links(s, MODEL, 0.91, pairs)
 
 
 def group_of(engine: Engine, image_id: int) -> int | None:
