@@ -5,6 +5,8 @@ every vector cannot meet."""
 
 import os
 import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -176,3 +178,37 @@ def test_duplicates_page_is_read_from_sql_within_a_statement_timeout(engine: Eng
     assert all([i.image_id for i in g.images] in pairs for g in first.groups + last.groups)
     assert first.groups[0].category is None  # no category
     short.dispose()
+
+
+def test_racing_uploads_keep_groups_consistent_and_the_tick_adds_what_they_missed(
+    engine: Engine, embedder, cifar_train: Dataset, tmp_path: Path
+) -> None:
+    """Six edited copies of two stored images uploaded at once: each upload searched an index without the
+    others, so the copies' links to each other are missing until the tick links them; groups stay the links'
+    components throughout and end as NumPy's."""
+    ingest(Dataset("cifar10", balanced(cifar_train.samples, 60)), embedder, engine, 10**7, progress=False)
+    service = SearchService(make_settings(tmp_path, engine), engine, embedder)
+    service.cache.get()
+    while service.link_duplicates().linked:  # the stored catalogue first
+        pass
+    vectors = stored(engine, service.model)
+    originals = [int(vectors.ids[9]), int(vectors.ids[40])]
+    with session_scope(engine) as s:
+        data = catalogue.image_data(s, originals)
+    uploads = [decode_image(edited(data[o], e), 10**7) for o in originals for e in EDITS]
+    barrier = threading.Barrier(len(uploads))
+
+    def upload(image):  # type: ignore[no-untyped-def]
+        barrier.wait()
+        return service.upload(image, None).image_id
+
+    with ThreadPoolExecutor(len(uploads)) as pool:
+        ids = list(pool.map(upload, uploads))
+    assert len(set(ids)) == len(uploads)
+    check_groups(engine, service.model)
+    while service.link_duplicates().linked:
+        pass
+    groups = check_groups(engine, service.model)
+    assert groups == numpy_groups(stored(engine, service.model), service.settings.near_duplicate_threshold)
+    for o in originals:
+        assert any(o in g and len(set(g) & set(ids)) >= 2 for g in groups)
