@@ -136,7 +136,6 @@ def behind(engine: Engine, model: str, as_of: int) -> int:
 
 def progress(engine: Engine, model: str) -> LinkProgress:
     """How far the links are, without searching anything."""
-    with session_scope(engine, snapshot=True) as session:
-        now = links_table.state(session, model)
-        seq = now.links_seq if now else 0
-        return LinkProgress(0, 0, seq, links_table.behind(session, model, seq, BEHIND_CAP))
+    with session_scope(engine, single_read=True) as session:
+        now, behind_it = links_table.summary(session, model, BEHIND_CAP)
+    return LinkProgress(0, 0, now.links_seq if now else 0, behind_it)

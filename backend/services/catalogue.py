@@ -85,11 +85,10 @@ class _PerState:
         return value
 
 
-def _shared_category(names: dict[int, str], category_ids: list[int | None]) -> str | None:
+def _shared_category(categories: list[str | None]) -> str | None:
     """The members' category when they share one; None when they lie in several (or none)."""
-    found = set(category_ids)
-    only = found.pop() if len(found) == 1 else None
-    return None if only is None else names.get(only)
+    found = set(categories)
+    return found.pop() if len(found) == 1 else None
 
 
 class Catalogue:
@@ -164,29 +163,31 @@ class Catalogue:
 
     def duplicates_page(self, threshold: float | None, offset: int, limit: int) -> DuplicatesPage:
         """A page of the near-duplicate groups kept in the database (largest first), and how far behind the
-        change log their links are: reads the page's rows only, whatever the catalogue's size."""
-        model, cut = self._search.model, self._search.settings.near_duplicate_threshold
-        with session_scope(self._engine, snapshot=True) as session:
-            state = link_rows.state(session, model)
-            kept_at = cut if state is None else state.threshold
+        change log their links are: two statements, the page's rows only, whatever the catalogue's size."""
+        model = self._search.model
+        with session_scope(self._engine, single_read=True) as session:  # each statement consistent on its own
+            state, behind = link_rows.summary(session, model, near_duplicates.BEHIND_CAP)
+            kept_at = self._search.settings.near_duplicate_threshold if state is None else state.threshold
             if threshold is not None and abs(threshold - kept_at) > link_rows.THRESHOLD_EPS:
                 raise Unprocessable(f"threshold: groups are kept at NEAR_DUPLICATE_THRESHOLD={kept_at:g} only, not {threshold:g}")
             rows = link_rows.group_page(session, model, offset, limit) if state else []
-            as_of = state.links_seq if state else 0
-            behind = link_rows.behind(session, model, as_of, near_duplicates.BEHIND_CAP)
-        names = self.category_names()
         page = [
             DuplicateGroup(
-                category=_shared_category(names, [c for _, c in g.members]),
+                category=_shared_category([c for _, c in g.members]),
                 images=[DuplicateImage(image_id=i, **image_urls(i)) for i, _ in g.members],
                 min_score=g.min_score,
                 max_score=g.max_score,
             )
             for g in rows
         ]
-        total = state.groups if state else 0
         return DuplicatesPage(
-            threshold=kept_at, total=total, offset=offset, limit=limit, groups=page, as_of_seq=as_of, links_behind=behind
+            threshold=kept_at,
+            total=state.groups if state else 0,
+            offset=offset,
+            limit=limit,
+            groups=page,
+            as_of_seq=state.links_seq if state else 0,
+            links_behind=behind,
         )
 
     def gallery(self, per_category: int) -> Gallery:

@@ -11,12 +11,12 @@ re-derives the components of its own group only (cost: the group's size and link
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import delete, func, or_, select, text, update
+from sqlalchemy import delete, func, literal, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from backend.core.vectors import StoredVectors
-from backend.storage.schema import Embedding, Image, NearDuplicateState
+from backend.storage.schema import Category, Embedding, Image, NearDuplicateState
 from backend.storage.schema import NearDuplicateGroup as Group
 from backend.storage.schema import NearDuplicateLink as Link
 from backend.storage.schema import NearDuplicateMember as Member
@@ -40,7 +40,7 @@ class GroupRow:
     group_id: int
     min_score: float
     max_score: float
-    members: list[tuple[int, int | None]]  # (image id, category id), ascending ids
+    members: list[tuple[int, str | None]]  # (image id, category name), ascending ids
 
 
 def lock_links(session: Session) -> None:
@@ -81,6 +81,20 @@ def pending(session: Session, model: str, after: int, through: int, limit: int) 
     query = vector_query(model).add_columns(Embedding.seq).where(Embedding.seq > after, Embedding.seq <= through)
     rows = session.execute(query.order_by(Embedding.seq).limit(limit)).all()
     return stored_vectors([r[:3] for r in rows]), [int(r[3]) for r in rows]  # type: ignore[misc]
+
+
+def summary(session: Session, model: str, cap: int) -> tuple[LinkState | None, int]:
+    """The model's state and how many embeddings are behind it (up to `cap`), in one statement."""
+    seq = func.coalesce(select(NearDuplicateState.links_seq).where(NearDuplicateState.model == model).scalar_subquery(), 0)
+    newer = select(Embedding.image_id).where(Embedding.model == model, Embedding.seq > seq).limit(cap).subquery()
+    counted = select(func.count()).select_from(newer).scalar_subquery()
+    row = session.execute(
+        select(NearDuplicateState.threshold, NearDuplicateState.links_seq, NearDuplicateState.groups, counted)
+        .select_from(select(literal(1)).subquery())
+        .outerjoin(NearDuplicateState, NearDuplicateState.model == model)
+    ).one()
+    known = None if row[0] is None else LinkState(float(row[0]), int(row[1]), int(row[2]))
+    return known, int(row[3])
 
 
 def behind(session: Session, model: str, links_seq: int, cap: int) -> int:
@@ -249,22 +263,26 @@ class _Forest:
 
 
 def group_page(session: Session, model: str, offset: int, limit: int) -> list[GroupRow]:
-    """Groups largest first (then strongest link, then id), read through their index: the page's rows only."""
-    page = session.execute(
-        select(Group.group_id, Group.min_score, Group.max_score)
+    """Groups largest first (then strongest link, then id), read through their index, with their members and
+    the members' category names: one statement, the page's rows only."""
+    page = (
+        select(Group.group_id, Group.size, Group.min_score, Group.max_score)
         .where(Group.model == model)
         .order_by(Group.size.desc(), Group.max_score.desc(), Group.group_id)
         .offset(offset)
         .limit(limit)
-    ).all()
-    ids = [int(g) for g, _, _ in page]
-    members: dict[int, list[tuple[int, int | None]]] = {g: [] for g in ids}
-    rows = session.execute(
-        select(Member.group_id, Image.id, Image.category_id)
-        .join(Image, Image.id == Member.image_id)
-        .where(Member.model == model, Member.group_id.in_(ids))
-        .order_by(Image.id)
+        .cte("page")
     )
-    for g, image_id, category_id in rows:
-        members[int(g)].append((int(image_id), category_id))
-    return [GroupRow(int(g), float(lo), float(hi), members[int(g)]) for g, lo, hi in page]
+    rows = session.execute(
+        select(page.c.group_id, page.c.min_score, page.c.max_score, Member.image_id, Category.name)
+        .join(Member, (Member.model == model) & (Member.group_id == page.c.group_id))
+        .join(Image, Image.id == Member.image_id)
+        .outerjoin(Category, Category.id == Image.category_id)
+        .order_by(page.c.size.desc(), page.c.max_score.desc(), page.c.group_id, Member.image_id)
+    )
+    out: list[GroupRow] = []
+    for group_id, lo, hi, image_id, category in rows:
+        if not out or out[-1].group_id != group_id:
+            out.append(GroupRow(int(group_id), float(lo), float(hi), []))
+        out[-1].members.append((int(image_id), category))
+    return out
