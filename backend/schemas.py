@@ -266,18 +266,20 @@ class DuplicateImage(BaseModel):
 
 
 class DuplicateGroup(BaseModel):
-    category: str | None
+    category: str | None  # None: the images lie in more than one category
     images: list[DuplicateImage]  # ascending ids
     min_score: float  # the weakest cosine that joined the group
     max_score: float
 
 
 class DuplicatesPage(BaseModel):
-    threshold: float
+    threshold: float  # the cosine the stored links hold (NEAR_DUPLICATE_THRESHOLD)
     total: int  # groups in the catalogue
     offset: int
     limit: int
     groups: list[DuplicateGroup]
+    as_of_seq: int  # every image numbered (change log) up to here has its links
+    links_behind: int  # images stored after that, links not searched yet (counted up to 10,000)
 
 
 class JobOut(BaseModel):

@@ -175,7 +175,8 @@ const Views = {
     const box = $("duplicates");
     if (offset === 0) box.innerHTML = "";
     $("duplicates-note").textContent =
-      `${page.total} group(s) of images with a cosine of at least ${page.threshold} to another image of their category.`;
+      `${page.total} group(s) of images with a cosine of at least ${page.threshold} to another image` +
+      (page.links_behind ? ` (${page.links_behind} newest image(s) not compared yet).` : ".");
     for (const g of page.groups) {
       const div = document.createElement("div");
       div.className = "dup-group";

@@ -5,6 +5,7 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from backend.cli.catalogue import add_backup_commands, add_catalogue_commands, add_status_command
+from backend.cli.duplicates import add_duplicates_command
 from backend.cli.evaluation import add_benchmark_command, add_evaluate_command
 from backend.cli.keys import add_key_commands
 from backend.cli.search import add_search_command
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_search_command(command)
     add_worker_commands(command)
     add_status_command(command)
+    add_duplicates_command(command)
     add_serve_command(command)
     add_evaluate_command(command)
     add_key_commands(command)

@@ -137,6 +137,9 @@ class Settings(BaseSettings):
     map_refresh_seconds: float = Field(2.0, ge=0)
     # Cosine at or above which a stored image counts as a near-duplicate (measured: backend/evaluation/duplicates.py).
     near_duplicate_threshold: float = Field(0.91, ge=0.5, le=1.0)
+    # Images whose near-duplicate links the server searches per tick when they were stored without (workers,
+    # populate, a catalogue from before the links): `duplicates backfill` does the same from the CLI.
+    near_duplicate_link_chunk: int = Field(1000, ge=1, le=100_000)
 
     # Datasets
     cifar10_dir: Path | None = None

@@ -4,7 +4,8 @@ transaction per batch, retried once without what another writer stored meanwhile
 `backend.ingest.pipeline`). Making the committed images searchable is the caller's next, visible step:
 `LiveIndex.after_write()` in the server."""
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -88,6 +89,24 @@ class Batch:
     items: list[Item] = field(default_factory=list)
     vectors: np.ndarray | None = None
     report: IngestReport = field(default_factory=IngestReport)
+    embed_seconds: float = 0.0
+
+
+class NearDuplicateHook(Protocol):
+    """An upload's near-duplicate check (`backend.search.near_duplicates.UploadLinks`): searched once the
+    image is embedded (it may refuse by raising), stored in the image's own transaction."""
+
+    def check(self, vector: np.ndarray) -> None: ...
+    def store(self, session: Session, image_id: int) -> None: ...
+
+
+@dataclass
+class Uploaded:
+    """What `BatchWriter.upload` did: `item` is None when the bytes were stored already (`report.ids` empty)."""
+
+    report: IngestReport
+    item: Item | None
+    embed_seconds: float
 
 
 class BatchWriter:
@@ -172,22 +191,45 @@ class BatchWriter:
 
     def vectorise(self, batch: Batch) -> Batch:
         """The model's vectors of the batch's items; their pixels are dropped."""
+        start = time.perf_counter()
         if batch.items:
             batch.vectors = self.embedder.embed_pixels(np.stack([it.pixels for it in batch.items if it.pixels is not None]))
         for item in batch.items:
             item.pixels = None
+        batch.embed_seconds += time.perf_counter() - start
         return batch
+
+    # --- an upload: one call ------------------------------------------------------------------------
+
+    def upload(self, image: DecodedImage, category: str | None, description: str | None, near: NearDuplicateHook) -> Uploaded:
+        """One decoded image: de-duplicated by sha256, embedded, checked for near-duplicates (`near` may refuse:
+        nothing is written), then stored with its near-duplicate links in one transaction."""
+        batch = self.unseen(self.decoded(image, category, description))
+        if not batch.items:
+            return Uploaded(batch.report, None, 0.0)
+        self.vectorise(batch)
+        assert batch.vectors is not None
+        near.check(batch.vectors[0])
+
+        def linked(session: Session, ids: list[int]) -> None:
+            for image_id in ids:
+                near.store(session, image_id)
+
+        report = self.write(batch, linked)
+        return Uploaded(report, batch.items[0] if report.ids else None, batch.embed_seconds)
 
     # --- store ----------------------------------------------------------------------------------
 
-    def write(self, batch: Batch) -> IngestReport:
-        """Store the batch in one transaction; if another writer stored some of it meanwhile (a unique
-        violation), drop those and retry once. Returns the batch's whole report; the caller makes the
-        images searchable (`LiveIndex.after_write()`)."""
+    def write(self, batch: Batch, linked: Callable[[Session, list[int]], object] | None = None) -> IngestReport:
+        """Store the batch in one transaction (with `linked`'s writes for the new ids: an upload's near-duplicate
+        links); if another writer stored some of it meanwhile (a unique violation), drop those and retry once.
+        Returns the batch's whole report; the caller makes the images searchable (`LiveIndex.after_write()`)."""
         for attempt in range(2):
             try:
                 with session_scope(self.engine) as session:
                     stored = self.store(session, batch)
+                    if linked is not None and stored.ids:
+                        linked(session, stored.ids)
                 break
             except IntegrityError:
                 if attempt:

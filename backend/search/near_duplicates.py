@@ -2,107 +2,145 @@
 (the threshold and its precision and recall come from `backend.evaluation.duplicates`). Exact duplicates (same
 bytes) are caught earlier, by sha256, and never stored twice.
 
-An upload is compared through the two-stage index (its top categories); the catalogue's groups are found
-through the index too, within each category (each image against the vectors of its own category), joined
-into groups when they share an image (kept until the catalogue changes by `backend.services.catalogue`).
+Links are kept in the database (`backend.storage.near_duplicates`), with their groups, as images arrive:
+- an upload searches the live index before it writes (and may refuse), then stores its links in the image's
+  own transaction (`UploadLinks`, the writer's near-duplicate hook);
+- workers and `populate` hold no index, so the process that does (the server, in its tick; or the CLI's
+  `duplicates backfill`) links every embedding numbered after the watermark, a bounded chunk at a time
+  (`link_chunk`). This is also the backfill of a catalogue stored before the links existed, and it catches the
+  links two concurrent uploads could not see of each other.
+
+The search covers every category, each with the index's own sub-list probing (NPROBE; all of it for flat):
+an edited copy can be labelled (or predicted) into another category than its original, and stage 1's top
+categories would miss it there. It costs the categories' count in probed lists, not a scan of the catalogue.
 """
 
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 from sqlalchemy import Engine
+from sqlalchemy.orm import Session
 
 from backend.core.config import Settings
-from backend.core.search_params import SearchParams
-from backend.core.vectors import StoredVectors
+from backend.core.errors import Conflict
+from backend.core.failpoints import failpoint
+from backend.index.category_index import CategoryIndex
 from backend.search.live_index import LiveIndex
-from backend.search.results import Hit, SearchResult
-from backend.storage import vector_reader
+from backend.search.results import Hit
+from backend.storage import catalogue
+from backend.storage import near_duplicates as links_table
 from backend.storage.engine import session_scope
 
 NEIGHBOURS = 16  # near-duplicates looked at per image (an upload answers with at most this many)
-QUERY_BATCH = 256
+QUERY_BATCH = 128  # vectors searched per hold of the index's read lock
+BEHIND_CAP = 10_000  # `links_behind` is counted up to this (a bounded index scan)
 
 
 @dataclass(frozen=True)
-class Group:
-    category_id: int | None
-    image_ids: list[int]  # ascending
-    min_score: float  # the weakest link that joined the group
-    max_score: float
+class LinkSearch:
+    """How links are searched: the threshold, and the index's probing and re-ranking depth."""
+
+    threshold: float
+    nprobe: int
+    shortlist: int
+
+    @classmethod
+    def of(cls, settings: Settings) -> "LinkSearch":
+        return cls(settings.near_duplicate_threshold, settings.faiss_nprobe, settings.rerank_candidates)
 
 
-class VectorSearch(Protocol):
-    """What an upload's near-duplicates are searched with (the SearchService; a protocol, not an import,
-    so that this module does not depend on the service that calls it)."""
-
-    settings: Settings
-
-    def search_vectors(self, queries: np.ndarray, params: SearchParams) -> list[SearchResult]: ...
-
-
-def of_vector(service: VectorSearch, vector: np.ndarray) -> list[Hit]:
-    """Stored images at or above the threshold, best first (searched in the top categories)."""
-    params = SearchParams(
-        limit=NEIGHBOURS,
-        top_categories=service.settings.default_top_categories,
-        use_prototypes=True,
-        min_score=service.settings.near_duplicate_threshold,
-    )
-    return service.search_vectors(vector.reshape(1, -1), params)[0].results
+@dataclass(frozen=True)
+class LinkProgress:
+    linked: int  # embeddings whose links this step searched
+    links: int  # new links stored
+    as_of_seq: int  # every embedding numbered up to here has its links
+    behind: int  # embeddings numbered after it (counted up to BEHIND_CAP)
 
 
-def find_groups(engine: Engine, cache: LiveIndex, model: str, threshold: float) -> list[Group]:
-    """Every group of near-duplicates among `model`'s vectors, largest first."""
-    with session_scope(engine) as session:
-        stored = vector_reader.load_vectors(session, model)
-    links = _links(cache, stored, threshold)
-    parent: dict[int, int] = {}
-    for a, b, _ in links:
-        _union(parent, a, b)
-    members: dict[int, list[int]] = {}
-    link_scores: dict[int, list[float]] = {}
-    for image_id in parent:
-        members.setdefault(_root(parent, image_id), []).append(image_id)
-    for a, _, score in links:
-        link_scores.setdefault(_root(parent, a), []).append(score)
-    category = dict(zip(stored.ids.tolist(), stored.category_ids.tolist(), strict=True))
-    out = [
-        Group(category.get(root), sorted(ids), min(link_scores[root]), max(link_scores[root])) for root, ids in members.items()
-    ]
-    return sorted(out, key=lambda g: (-len(g.image_ids), -g.max_score, g.image_ids[0]))
+def neighbours(
+    index: CategoryIndex, vectors: np.ndarray, how: LinkSearch, own: np.ndarray | None = None
+) -> list[list[tuple[int, float]]]:
+    """Per vector, the indexed images at or above the threshold, best first, in every category (`own`: each
+    vector's own image id, left out)."""
+    if not len(vectors) or not index.list_of:
+        return [[] for _ in vectors]
+    every = np.asarray(sorted(index.list_of.values()), dtype=np.int64)
+    hits = index.search(vectors, NEIGHBOURS + 1, np.tile(every, (len(vectors), 1)), how.nprobe, how.shortlist)
+    out = []
+    for q, (scores, ids) in enumerate(zip(hits.scores, hits.ids, strict=True)):
+        keep = (ids >= 0) & (scores >= how.threshold)
+        if own is not None:
+            keep &= ids != own[q]
+        out.append([(int(i), float(s)) for i, s in zip(ids[keep], scores[keep], strict=True)][:NEIGHBOURS])
+    return out
 
 
-def _links(cache: LiveIndex, stored: StoredVectors, threshold: float) -> list[tuple[int, int, float]]:
-    """(image, other image, cosine) at or above the threshold, each image searched within its category."""
-    links = []
+def of_vector(cache: LiveIndex, engine: Engine, how: LinkSearch, vector: np.ndarray) -> list[Hit]:
+    """Stored images at or above the threshold, best first (those the database still holds)."""
     with cache.reading() as index:
-        for cid in np.unique(stored.category_ids):
-            if int(cid) not in index.list_of:
-                continue
-            rows = np.flatnonzero(stored.category_ids == cid)
-            own_category = np.full((QUERY_BATCH, 1), index.list_of[int(cid)], dtype=np.int64)
-            for start in range(0, len(rows), QUERY_BATCH):
-                part = rows[start : start + QUERY_BATCH]
-                hits = index.search(stored.vectors[part], NEIGHBOURS + 1, own_category[: len(part)], None)
-                for row, scores, ids in zip(part, hits.scores, hits.ids, strict=True):
-                    me = int(stored.ids[row])
-                    keep = (ids >= 0) & (ids != me) & (scores >= threshold)
-                    links += [(me, int(i), float(s)) for s, i in zip(scores[keep], ids[keep], strict=True)]
-    return links
+        found = neighbours(index, vector.reshape(1, -1), how)[0]
+    with session_scope(engine, single_read=True) as session:
+        meta = catalogue.result_metadata(session, [i for i, _ in found])
+        names = {cid: name for name, cid in catalogue.category_ids(session).items()} if meta else {}
+    kept = [(i, s, *meta[i]) for i, s in found if i in meta]
+    return [
+        Hit(i, None if cid is None else names.get(cid), given, s, rank) for rank, (i, s, cid, given) in enumerate(kept, start=1)
+    ]
 
 
-def _root(parent: dict[int, int], x: int) -> int:
-    while parent.get(x, x) != x:
-        parent[x] = parent.get(parent[x], parent[x])  # path halving
-        x = parent[x]
-    return x
+class UploadLinks:
+    """The upload's near-duplicate hook for `BatchWriter.upload`: searched before the write (refused on
+    request: nothing is written), stored in the image's own transaction."""
+
+    def __init__(self, cache: LiveIndex, engine: Engine, how: LinkSearch, refuse: bool) -> None:
+        self.cache, self.engine, self.how, self.refuse = cache, engine, how, refuse
+        self.hits: list[Hit] = []
+
+    def check(self, vector: np.ndarray) -> None:
+        self.hits = of_vector(self.cache, self.engine, self.how, vector)
+        if self.hits and self.refuse:
+            found = ", ".join(f"{h.image_id} (cosine {h.score:.3f})" for h in self.hits[:5])
+            raise Conflict(f"near-duplicate of stored images {found}; not stored (on_near_duplicate=refuse)")
+
+    def store(self, session: Session, image_id: int) -> None:
+        links_table.add_links(session, self.cache.model, self.how.threshold, [(image_id, h.image_id, h.score) for h in self.hits])
 
 
-def _union(parent: dict[int, int], a: int, b: int) -> None:
-    parent.setdefault(a, a)
-    parent.setdefault(b, b)
-    ra, rb = _root(parent, a), _root(parent, b)
-    if ra != rb:
-        parent[max(ra, rb)] = min(ra, rb)
+def link_chunk(cache: LiveIndex, how: LinkSearch, limit: int) -> LinkProgress:
+    """Link the next `limit` embeddings after the watermark that the live index holds, then move the watermark,
+    in one transaction: a crash loses the chunk's work, never the watermark's truth."""
+    engine, model = cache.engine, cache.model
+    with session_scope(engine) as session:
+        seen = links_table.ensure_state(session, model, how.threshold).links_seq
+    through = cache.seq  # every embedding numbered up to here is in the index (or deleted)
+    with session_scope(engine, single_read=True) as session:
+        stored, seqs = links_table.pending(session, model, seen, through, limit)
+    to = seqs[-1] if len(seqs) == limit else max(seen, through)
+    if to == seen:
+        return LinkProgress(0, 0, seen, behind(engine, model, seen))
+    found: list[list[tuple[int, float]]] = []
+    for start in range(0, len(stored), QUERY_BATCH):  # the index's read lock released between parts: writers go on
+        with cache.reading() as index:
+            part = slice(start, start + QUERY_BATCH)
+            found += neighbours(index, stored.vectors[part], how, own=stored.ids[part])
+    pairs = [(int(me), other, score) for me, near in zip(stored.ids, found, strict=True) for other, score in near]
+    with session_scope(engine) as session:
+        links_table.lock_links(session)
+        if not links_table.advance(session, model, seen, to):  # another process linked this chunk first
+            return LinkProgress(0, 0, seen, behind(engine, model, seen))
+        added = links_table.add_links(session, model, how.threshold, pairs)
+        failpoint("near_duplicates.chunk")  # fault tests: killed before this chunk commits
+    return LinkProgress(len(seqs), added, to, behind(engine, model, to))
+
+
+def behind(engine: Engine, model: str, as_of: int) -> int:
+    """How many embeddings are numbered after `as_of` (not linked yet), up to BEHIND_CAP."""
+    with session_scope(engine, single_read=True) as session:
+        return links_table.behind(session, model, as_of, BEHIND_CAP)
+
+
+def progress(engine: Engine, model: str) -> LinkProgress:
+    """How far the links are, without searching anything."""
+    with session_scope(engine, single_read=True) as session:
+        now, behind_it = links_table.summary(session, model, BEHIND_CAP)
+    return LinkProgress(0, 0, now.links_seq if now else 0, behind_it)

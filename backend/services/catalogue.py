@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image as PILImage
 from sqlalchemy import Engine
 
-from backend.core.errors import NotFound
+from backend.core.errors import NotFound, Unprocessable
 from backend.core.single_flight import Kept, SingleFlight
 from backend.imaging import make_thumbnail
 from backend.schemas import (
@@ -32,11 +32,11 @@ from backend.schemas import (
     image_urls,
 )
 from backend.search import near_duplicates
-from backend.search.near_duplicates import Group
 from backend.services import catalogue_views
 from backend.services.catalogue_views import CatalogueMap, GalleryRow
 from backend.services.index_lifecycle import IndexLifecycle
 from backend.storage import catalogue
+from backend.storage import near_duplicates as link_rows
 from backend.storage.engine import session_scope
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,12 @@ class _ThumbnailCache:
                 self._items.popitem(last=False)
 
 
+def _shared_category(categories: list[str | None]) -> str | None:
+    """The members' category when they share one; None when they lie in several (or none)."""
+    found = set(categories)
+    return found.pop() if len(found) == 1 else None
+
+
 class Catalogue:
     """Every catalogue read a route makes, over the database and the live index."""
 
@@ -80,7 +86,6 @@ class Catalogue:
         self._live = live  # the index kept current: its state keys what is computed once per state
         self._embed = embed
         self._thumbnails = _ThumbnailCache()
-        self._groups: SingleFlight[list[Group]] = SingleFlight("duplicate groups")
         self._gallery: SingleFlight[list[GalleryRow]] = SingleFlight("gallery")
         self._map: SingleFlight[CatalogueMap] = SingleFlight("catalogue map")
 
@@ -145,25 +150,34 @@ class Catalogue:
 
     # --- pictures of the catalogue -----------------------------------------------------------
 
-    def duplicate_groups(self, threshold: float) -> list[Group]:
-        """Every group of near-duplicates, largest first, computed once per catalogue state and threshold."""
-        live = self._live
-        key = (live.sync_index(), live.model, threshold)  # current first, so the key names what is searched
-        return self._groups.get(key, lambda: near_duplicates.find_groups(self._engine, live.cache, live.model, threshold))
-
-    def duplicates_page(self, threshold: float, offset: int, limit: int) -> DuplicatesPage:
-        found = self.duplicate_groups(threshold)
-        names = self.category_names()
+    def duplicates_page(self, threshold: float | None, offset: int, limit: int) -> DuplicatesPage:
+        """A page of the near-duplicate groups kept in the database (largest first), and how far behind the
+        change log their links are: two statements, the page's rows only, whatever the catalogue's size."""
+        model = self._live.model
+        with session_scope(self._engine, single_read=True) as session:  # each statement consistent on its own
+            state, behind = link_rows.summary(session, model, near_duplicates.BEHIND_CAP)
+            kept_at = self._live.settings.near_duplicate_threshold if state is None else state.threshold
+            if threshold is not None and abs(threshold - kept_at) > link_rows.THRESHOLD_EPS:
+                raise Unprocessable(f"threshold: groups are kept at NEAR_DUPLICATE_THRESHOLD={kept_at:g} only, not {threshold:g}")
+            rows = link_rows.group_page(session, model, offset, limit) if state else []
         page = [
             DuplicateGroup(
-                category=names.get(g.category_id) if g.category_id is not None else None,
-                images=[DuplicateImage(image_id=i, **image_urls(i)) for i in g.image_ids],
+                category=_shared_category([c for _, c in g.members]),
+                images=[DuplicateImage(image_id=i, **image_urls(i)) for i, _ in g.members],
                 min_score=g.min_score,
                 max_score=g.max_score,
             )
-            for g in found[offset : offset + limit]
+            for g in rows
         ]
-        return DuplicatesPage(threshold=threshold, total=len(found), offset=offset, limit=limit, groups=page)
+        return DuplicatesPage(
+            threshold=kept_at,
+            total=state.groups if state else 0,
+            offset=offset,
+            limit=limit,
+            groups=page,
+            as_of_seq=state.links_seq if state else 0,
+            links_behind=behind,
+        )
 
     def gallery(self, per_category: int) -> Gallery:
         """Per category, the stored images nearest its prototype."""

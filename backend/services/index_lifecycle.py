@@ -2,15 +2,20 @@
 processes' changes, rebuild, save, and what /status reports. Searching is `SearchService`'s; the index's
 own mechanics (verify, rebuild, follow the change log, locking) are `backend.search.live_index`'s."""
 
+import logging
+
 from sqlalchemy import Engine
 
 from backend.core.config import Settings
 from backend.embedding.embedder import Embedder
 from backend.index.category_index import CategoryIndex
 from backend.schemas import Status
+from backend.search import near_duplicates
 from backend.search.live_index import LiveIndex, prune_change_log
 from backend.search.stage1 import Stage1
 from backend.services.status import build_status
+
+log = logging.getLogger(__name__)
 
 
 class IndexLifecycle:
@@ -36,9 +41,19 @@ class IndexLifecycle:
         self.cache.get()
 
     def refresh(self) -> None:
-        """The server's tick: follow other processes' changes, then let stage 1 check whether to retrain."""
+        """The server's tick: follow other processes' changes, then let stage 1 check whether to retrain, then
+        link a chunk of the images stored without near-duplicate links."""
         self.cache.refresh()
         self.stage1.refresh(self.cache.seq)
+        self.link_duplicates()
+
+    def link_duplicates(self) -> near_duplicates.LinkProgress:
+        """Near-duplicate links for the next chunk of images stored without them (the tick; the backfill)."""
+        how = near_duplicates.LinkSearch.of(self.settings)
+        done = near_duplicates.link_chunk(self.cache, how, self.settings.near_duplicate_link_chunk)
+        if done.linked:
+            log.info("near-duplicate links: %d images linked (%d new links), %d behind", done.linked, done.links, done.behind)
+        return done
 
     def sync_index(self) -> int:
         """Bring the index up to date with the database; the newest change it then reflects."""

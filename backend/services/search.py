@@ -13,7 +13,7 @@ from PIL import Image as PILImage
 from sqlalchemy import Engine
 
 from backend.core.config import Settings
-from backend.core.errors import Conflict, InvalidInput, NotFound
+from backend.core.errors import InvalidInput, NotFound
 from backend.core.search_params import SearchParams
 from backend.embedding.cache import model_cache
 from backend.embedding.embedder import Embedder
@@ -249,31 +249,26 @@ class SearchService:
     def upload(
         self, image: DecodedImage, category: str | None, description: str | None = None, refuse_near_duplicates: bool = False
     ) -> UploadResult:
-        """One image through the batch writer (a named category must exist; none: stage 1 predicts one), then
-        searchable before the answer."""
+        """One image through the batch writer in one call (a named category must exist; none: stage 1 predicts
+        one), its near-duplicate links stored in the same transaction, then searchable before the answer."""
         writer = BatchWriter(
             self.engine, self.embedder, LiveStage1(self.cache, self.stage1), self.settings.max_image_pixels, new_categories=False
         )
-        batch = writer.unseen(writer.decoded(image, category, description))
-        if not batch.items:
-            return self._duplicate(image.sha256)
-        with EMBED_SECONDS.time():
-            vectors = writer.vectorise(batch).vectors
-        assert vectors is not None
-        EMBED_IMAGES.inc()
-        near = near_duplicates.of_vector(self, vectors[0])
-        if near and refuse_near_duplicates:
-            found = ", ".join(f"{h.image_id} (cosine {h.score:.3f})" for h in near[:5])
-            raise Conflict(f"near-duplicate of stored images {found}; not stored (on_near_duplicate=refuse)")
-        report = writer.write(batch)
-        if report.failures:
-            raise InvalidInput(f"{report.failures[0]['reason']} with the upload")
-        if not report.ids:  # the same bytes were stored concurrently
-            return self._duplicate(image.sha256)
+        near = near_duplicates.UploadLinks(
+            self.cache, self.engine, near_duplicates.LinkSearch.of(self.settings), refuse_near_duplicates
+        )
+        done = writer.upload(image, category, description, near)
+        if done.embed_seconds:
+            EMBED_SECONDS.observe(done.embed_seconds)
+            EMBED_IMAGES.inc()
+        if done.item is None:
+            if done.report.failures:
+                raise InvalidInput(f"{done.report.failures[0]['reason']} with the upload")
+            return self._duplicate(image.sha256)  # the same bytes are stored (maybe concurrently)
         self.cache.after_write()  # committed: searchable before the answer
-        item, p = batch.items[0], batch.items[0].prediction
+        item, p = done.item, done.item.prediction
         score, probability = (None, None) if p is None else (p.score, p.probability)
-        return UploadResult(report.ids[0], self._name(item.category_id), p is None, False, score, probability, near)
+        return UploadResult(done.report.ids[0], self._name(item.category_id), p is None, False, score, probability, near.hits)
 
     def _duplicate(self, sha256: str) -> UploadResult:
         with session_scope(self.engine) as session:

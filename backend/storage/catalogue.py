@@ -16,6 +16,7 @@ from backend.core.errors import NotFound, Unprocessable
 from backend.core.text import echo, echo_list
 from backend.core.vectors import SUM_DTYPE, VECTOR_DTYPE, PrototypeMatrix, category_sums
 from backend.imaging import ImageBytes
+from backend.storage import near_duplicates
 from backend.storage.change_log import lock_changes
 from backend.storage.schema import Category, CategoryImageCount, Embedding, Image, ModelVectorCount, Prototype
 
@@ -230,6 +231,7 @@ def delete_image(session: Session, image_id: int) -> Image:
     if image is None:
         raise NotFound(f"image {image_id} not found")
     lock_changes(session)  # before the prototype row locks and the deletion log's trigger
+    near_duplicates.forget_image(session, image_id)  # its links, and its group split where it held it together
     if image.label_given and image.category_id is not None:
         for model, raw in session.execute(select(Embedding.model, Embedding.vector).where(Embedding.image_id == image_id)):
             _update_prototypes(session, model, [image.category_id], np.frombuffer(raw, dtype=VECTOR_DTYPE)[None, :], sign=-1)

@@ -9,6 +9,7 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     FetchedValue,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -210,3 +211,45 @@ class Stage1Model(Base):
     heldout: Mapped[dict] = mapped_column(JSONB)
     train_seconds: Mapped[dict] = mapped_column(JSONB)
     trained_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class NearDuplicateLink(Base):
+    """Two images of one model at or above the near-duplicate threshold (migration 0007), image_a < image_b."""
+
+    __tablename__ = "near_duplicate_links"
+
+    model: Mapped[str] = mapped_column(String(128), primary_key=True)
+    image_a: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    image_b: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    score: Mapped[float] = mapped_column(Float(24))
+
+
+class NearDuplicateMember(Base):
+    """The group (connected component of the links) of an image that has at least one link."""
+
+    __tablename__ = "near_duplicate_members"
+
+    model: Mapped[str] = mapped_column(String(128), primary_key=True)
+    image_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    group_id: Mapped[int] = mapped_column(BigInteger)
+
+
+class NearDuplicateGroup(Base):
+    __tablename__ = "near_duplicate_groups"
+
+    model: Mapped[str] = mapped_column(String(128), primary_key=True)
+    group_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    size: Mapped[int] = mapped_column(Integer)
+    min_score: Mapped[float] = mapped_column(Float(24))  # the weakest link in the group
+    max_score: Mapped[float] = mapped_column(Float(24))
+
+
+class NearDuplicateState(Base):
+    """Per model: the threshold the links hold, how far along the change log they are, how many groups."""
+
+    __tablename__ = "near_duplicate_state"
+
+    model: Mapped[str] = mapped_column(String(128), primary_key=True)
+    threshold: Mapped[float] = mapped_column(Float(24))
+    links_seq: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    groups: Mapped[int] = mapped_column(Integer, server_default="0")

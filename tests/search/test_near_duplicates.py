@@ -14,6 +14,7 @@ from backend.evaluation import duplicates as duplicate_eval
 from backend.sources.datasets import Dataset
 from tests.utils.app import app_client
 from tests.utils.catalogue import read_stored, small_catalogue
+from tests.utils.near_duplicates import check_groups, edited, numpy_groups, png, wait_until
 from tests.utils.settings import make_settings
 
 # README, "Near-duplicates": at the default threshold, 300 CIFAR-10 test images measured precision 1.000
@@ -34,12 +35,6 @@ def test_threshold_separates_edited_copies_from_look_alikes(cifar_queries: Datas
     assert lower[1] > recall > higher[1]  # a real trade-off: the threshold moves recall
 
 
-def png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, "PNG")
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def engine(databases, embedder, cifar_train: Dataset) -> Engine:
     return small_catalogue(databases, embedder, cifar_train)
@@ -47,7 +42,7 @@ def engine(databases, embedder, cifar_train: Dataset) -> Engine:
 
 @pytest.fixture(scope="module")
 def client(engine: Engine, embedder, tmp_path_factory) -> Iterator[TestClient]:
-    with app_client(engine, embedder, tmp_path_factory.mktemp("dup")) as c:
+    with app_client(engine, embedder, tmp_path_factory.mktemp("dup"), index_refresh_seconds=0.3) as c:
         yield c
 
 
@@ -76,50 +71,42 @@ def test_upload_answers_with_near_duplicates_and_refuses_on_request(client: Test
     assert bad.status_code == 422 and "on_near_duplicate" in bad.json()["detail"]
 
 
-def numpy_groups(vectors, threshold: float) -> list[list[int]]:
-    """Groups of images linked by a within-category cosine at or above the threshold, by brute force."""
-    parent = {int(i): int(i) for i in vectors.ids}
+def linked(client: TestClient) -> dict:
+    """The first /duplicates page once the server's tick has linked every stored image."""
+    page: dict = {}
 
-    def root(x: int) -> int:
-        while parent[x] != x:
-            x = parent[x]
-        return x
+    def caught_up() -> bool:
+        nonlocal page
+        page = client.get("/duplicates?limit=100").json()
+        return page["links_behind"] == 0
 
-    for cid in np.unique(vectors.category_ids):
-        rows = np.flatnonzero(vectors.category_ids == cid)
-        sims = vectors.vectors[rows] @ vectors.vectors[rows].T
-        for a, b in zip(*np.nonzero(np.triu(sims >= threshold, k=1)), strict=True):
-            ra, rb = root(int(vectors.ids[rows[a]])), root(int(vectors.ids[rows[b]]))
-            parent[max(ra, rb)] = min(ra, rb)
-    groups: dict[int, list[int]] = {}
-    for i in parent:
-        groups.setdefault(root(i), []).append(i)
-    return sorted(sorted(g) for g in groups.values() if len(g) > 1)
+    wait_until(caught_up, what="links caught up")
+    return page
 
 
 def test_duplicates_lists_the_groups_numpy_finds_a_page_at_a_time(client: TestClient, engine: Engine, embedder) -> None:
-    stored = read_stored(engine, embedder.model_id)
-    vectors, names = stored.vectors, stored.names
+    """The catalogue came from `populate` (no links): the server's tick links it; uploads link themselves.
+    Groups are what NumPy finds over every pair, across categories."""
+    kept = read_stored(engine, embedder.model_id)
+    vectors, names = kept.vectors, kept.names
     for row in (20, 60):  # two stored images get edited copies of their own
-        original = Image.open(io.BytesIO(client.get(f"/images/{int(vectors.ids[row])}").content)).convert("RGB")
+        original = client.get(f"/images/{int(vectors.ids[row])}").content
         for edit in ("flip", "resize"):
             data = {"category": names[int(vectors.category_ids[row])]}
-            assert (
-                client.post(
-                    "/upload", files={"file": ("e.png", png(duplicate_eval.EDITS[edit](original)))}, data=data
-                ).status_code
-                == 201
-            )
+            assert client.post("/upload", files={"file": ("e.png", edited(original, edit))}, data=data).status_code == 201
     vectors = read_stored(engine, embedder.model_id).vectors
     threshold = client.app.state.services.settings.near_duplicate_threshold
-    everything = client.get("/duplicates?limit=100").json()
+    everything = linked(client)
     got = sorted([i["image_id"] for i in g["images"]] for g in everything["groups"])
-    assert got == numpy_groups(vectors, threshold)
+    assert got == numpy_groups(vectors, threshold) == check_groups(engine, embedder.model_id)
     assert everything["total"] == len(got) >= 2 and everything["threshold"] == threshold
     assert any(int(vectors.ids[20]) in g for g in got) and any(int(vectors.ids[60]) in g for g in got)
     assert all(threshold <= g["min_score"] <= g["max_score"] <= 1.0001 for g in everything["groups"])
+    sizes = [len(g["images"]) for g in everything["groups"]]
+    assert sizes == sorted(sizes, reverse=True)  # largest first
     second = client.get("/duplicates?limit=1&offset=1").json()
     assert second["groups"] == everything["groups"][1:2] and second["total"] == everything["total"]
-    stricter = client.get("/duplicates?threshold=0.99&limit=100").json()
-    assert sorted([i["image_id"] for i in g["images"]] for g in stricter["groups"]) == numpy_groups(vectors, 0.99)
+    assert client.get(f"/duplicates?threshold={threshold}").status_code == 200
+    other = client.get("/duplicates?threshold=0.99")
+    assert other.status_code == 422 and "NEAR_DUPLICATE_THRESHOLD" in other.json()["detail"]  # groups are kept at one
     assert client.get("/duplicates?threshold=0.2").status_code == 422
