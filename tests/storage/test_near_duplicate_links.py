@@ -12,7 +12,7 @@ from backend.storage import catalogue
 from backend.storage import near_duplicates as links_table
 from backend.storage.engine import session_scope
 from backend.storage.schema import Image, NearDuplicateMember
-from tests.utils.app import small_catalogue
+from tests.utils.catalogue import small_catalogue
 from tests.utils.near_duplicates import check_groups
 
 MODEL = "m/links"
