@@ -70,12 +70,6 @@ class EmbeddingModel(ABC):
     def normalise_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """(N, S, S, 3) uint8 -> float32 model input scaling."""
 
-    def normalise_into(self, pixels: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """`normalise_pixels` written into `out` (float32, the same shape), which the caller reuses batch
-        after batch: fresh memory for every batch costs page faults, on a VM more than the arithmetic."""
-        out[...] = self.normalise_pixels(pixels)
-        return out
-
     def preprocess(self, img: Image.Image) -> np.ndarray:
         """RGB image -> (S, S, 3) uint8: the centred square of side min(w, h), resized to S x S.
 

@@ -46,11 +46,6 @@ class EfficientNetLiteModel(EmbeddingModel):
         # The scaling these TF-Lite-derived weights were trained with.
         return (pixels.astype(np.float32) - 127.0) / 128.0
 
-    def normalise_into(self, pixels: np.ndarray, out: np.ndarray) -> np.ndarray:
-        np.subtract(pixels, np.float32(127.0), out=out)
-        out *= np.float32(1 / 128)  # a power of two: exactly the division above
-        return out
-
     def features(self, network: "torch.nn.Module", batch: "torch.Tensor") -> "torch.Tensor":
         import torch.nn.functional as F
 

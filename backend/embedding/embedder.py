@@ -44,7 +44,6 @@ class Embedder:
         self.onnx_dir = onnx_dir
         self._session: Session | None = None
         self._lock = threading.Lock()
-        self._scratch = threading.local()  # each thread's model-input buffer, reused (see `_input_buffer`)
 
     @property
     def name(self) -> str:
@@ -87,21 +86,9 @@ class Embedder:
         step = batch_size or self.batch_size
         out = np.empty((len(pixels), self.dim), dtype=np.float32)
         for start in range(0, len(pixels), step):
-            part = pixels[start : start + step]
-            chunk = self.model.normalise_into(part, self._input_buffer(part.shape))
+            chunk = self.model.normalise_pixels(pixels[start : start + step])
             out[start : start + len(chunk)] = self._session.run(chunk)
         return l2_normalise(out)
-
-    def _input_buffer(self, shape: tuple[int, ...]) -> np.ndarray:
-        """A float32 array of `shape` for the model's input, kept per thread and reused: a batch of 128
-        Lite0 inputs is 77 MB, and allocating it afresh (with the temporaries of the arithmetic) cost more
-        than the int8 model's own time per batch on a 2-core VM."""
-        held: np.ndarray | None = getattr(self._scratch, "buffer", None)
-        size = int(np.prod(shape))
-        if held is None or held.size < size:
-            held = np.empty(size, np.float32)
-            self._scratch.buffer = held
-        return held[:size].reshape(shape)
 
     def embed(self, images: Sequence[Image.Image], batch_size: int | None = None) -> np.ndarray:
         if not images:
