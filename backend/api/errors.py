@@ -65,6 +65,8 @@ def error_responses(*codes: int, ok: dict[int | str, dict[str, Any]] | None = No
         entry: dict[str, Any] = {"description": _DESCRIPTIONS[code]}
         if code != 304:
             entry["model"] = ValidationErrorOut if code == 422 else ErrorOut
+        if code == 503:
+            entry["headers"] = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
         out[code] = entry
     return out
 
