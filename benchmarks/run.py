@@ -3,7 +3,8 @@ benchmark ...`, which forwards here).
 
 Sections: embed (model throughput), precision (int8 against fp32), search (exact vs two-stage latency at
 10k/100k/1M vectors), build (index from the database, and a server following another process's writes
-against a full rebuild), http (POST /search under concurrency), ingest (end to end vs embedding alone).
+against a full rebuild), http (POST /search under concurrency), ingest (end to end vs embedding alone), jobs,
+scale (every endpoint of a real server at N vectors).
 Every database it needs is a throwaway one on an embedded PostgreSQL started once per run.
 """
 
@@ -20,9 +21,9 @@ if __package__ in (None, ""):
 from backend.core.config import Settings, get_settings
 from benchmarks.harness import hardware
 from benchmarks.report import print_report
-from benchmarks.sections import build, embed, http, indexes, ingest, jobs, precision, search
+from benchmarks.sections import build, embed, http, indexes, ingest, jobs, precision, scale, search
 
-SECTIONS = ("embed", "precision", "search", "indexes", "build", "http", "ingest", "jobs")
+SECTIONS = ("embed", "precision", "search", "indexes", "build", "http", "ingest", "jobs", "scale")
 
 
 def run_benchmarks(args: argparse.Namespace, settings: Settings) -> dict:
@@ -40,6 +41,12 @@ def run_benchmarks(args: argparse.Namespace, settings: Settings) -> dict:
         "http": lambda: http.run(settings, args.quick),
         "ingest": lambda: ingest.run(settings, args.quick),
         "jobs": lambda: jobs.run(settings, args.quick),
+        "scale": lambda: scale.run(
+            settings,
+            args.quick,
+            tuple(int(n) for n in (args.scale_sizes or ("2000" if args.quick else "2000,100000")).split(",")),
+            args.scale_database_url,
+        ),
     }
     report["seconds"] = {}  # per section: what keeps --quick under a minute, or not
     for name in SECTIONS:
@@ -61,4 +68,8 @@ if __name__ == "__main__":
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--sections", help="comma-separated subset: " + ",".join(SECTIONS))
     parser.add_argument("--index-sizes", default="real,1M,10M", help="indexes section: comma-separated subset of real,1M,10M")
+    parser.add_argument(
+        "--scale-sizes", help="scale section: catalogue sizes, the first the baseline (2000,100000; --quick 2000)"
+    )
+    parser.add_argument("--scale-database-url", help="scale section: run the largest size on this database (seeded up to it)")
     run_benchmarks(parser.parse_args(), get_settings())

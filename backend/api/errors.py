@@ -11,16 +11,21 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from procrastinate.exceptions import ConnectorException
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 
 from backend.core.errors import AppError
 from backend.core.text import echo
-from backend.storage.engine import DATABASE_ERRORS, database_problem
+from backend.storage.engine import DRIVER_ERRORS, database_problem, is_outage
 from backend.telemetry import DATABASE_ERRORS_TOTAL
 
 log = logging.getLogger(__name__)
+
+# Every 503 says when to try again: a database that is down, frozen or slow usually answers within seconds.
+RETRY_AFTER_S = 5
+RETRY_AFTER = {"Retry-After": str(RETRY_AFTER_S)}
 
 
 class ErrorOut(BaseModel):
@@ -60,6 +65,8 @@ def error_responses(*codes: int, ok: dict[int | str, dict[str, Any]] | None = No
         entry: dict[str, Any] = {"description": _DESCRIPTIONS[code]}
         if code != 304:
             entry["model"] = ValidationErrorOut if code == 422 else ErrorOut
+        if code == 503:
+            entry["headers"] = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
         out[code] = entry
     return out
 
@@ -98,7 +105,8 @@ def _field_errors(exc: RequestValidationError) -> list[FieldError]:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(AppError)
     async def app_error(request: Request, exc: AppError) -> JSONResponse:
-        return JSONResponse({"detail": exc.message}, status_code=exc.status_code)
+        headers = RETRY_AFTER if exc.status_code == 503 else None
+        return JSONResponse({"detail": exc.message}, status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -115,11 +123,15 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse({"detail": str(exc.detail)}, status_code=exc.status_code, headers=headers)
 
     async def database_error(request: Request, exc: Exception) -> JSONResponse:
+        if not is_outage(exc):
+            raise exc  # a bug in our SQL: a 500, logged with its traceback
         problem = database_problem(exc)
         DATABASE_ERRORS_TOTAL.labels("request").inc()
         log.warning("%s %s: database unavailable: %s", request.method, request.url.path, problem)
-        return JSONResponse({"detail": f"database unavailable: {problem}"}, status_code=503)
+        return JSONResponse({"detail": f"database unavailable: {problem}"}, status_code=503, headers=RETRY_AFTER)
 
-    for error in DATABASE_ERRORS:
+    # Whichever driver raised it: SQLAlchemy's wrappers, psycopg2, psycopg 3 (the COPY of bulk reads) and
+    # procrastinate's ConnectorException (deferring a job), which carries the driver's error as its cause.
+    for error in (*DRIVER_ERRORS, ConnectorException):
         if not issubclass(error, AppError):
             app.add_exception_handler(error, database_error)

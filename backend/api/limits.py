@@ -16,6 +16,8 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from backend.api.errors import RETRY_AFTER
+
 log = logging.getLogger(__name__)
 
 
@@ -81,7 +83,7 @@ class RequestBudget:
             raise RuntimeError(f"{scope['method']} {scope['path']}: response not finished within the time budget")
         log.warning("%s %s: no answer within %g s (REQUEST_TIMEOUT_SECONDS)", scope["method"], scope["path"], seconds)
         detail = f"request not answered within {seconds:g} s (REQUEST_TIMEOUT_SECONDS); try again later"
-        await JSONResponse({"detail": detail}, status_code=503)(scope, receive, send)
+        await JSONResponse({"detail": detail}, status_code=503, headers=RETRY_AFTER)(scope, receive, send)
 
     def _forget(self, task: asyncio.Task) -> None:
         self._abandoned.discard(task)

@@ -21,9 +21,10 @@ def cmd_init_db(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def cmd_populate(args: argparse.Namespace, settings: Settings) -> None:
+    from backend.embedding import quantize
     from backend.embedding.cache import model_cache
     from backend.ingest.populate import ingest
-    from backend.sources.datasets import load_dataset
+    from backend.sources.datasets import balanced, load_dataset
     from backend.storage.engine import get_engine
 
     require_schema()
@@ -31,6 +32,7 @@ def cmd_populate(args: argparse.Namespace, settings: Settings) -> None:
     if args.background:  # a catalogue job: any worker (serve's own, `worker` processes) embeds it
         _populate_in_background(args, settings)
         return
+    quantize.keep_calibration(settings, balanced(dataset.samples, quantize.CALIBRATION_IMAGES))  # int8: on these images
     embedder = model_cache.get(settings)
     report = ingest(
         dataset, embedder, get_engine(), settings.max_image_pixels, batch_size=args.batch_size, progress=not args.quiet

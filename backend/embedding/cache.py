@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from backend.core.config import Settings
+from backend.embedding import quantize
 from backend.embedding.embedder import Embedder, create_embedder
 
 # One embedder per model id and runtime: what makes two embedders compute different things.
@@ -62,7 +63,7 @@ class ModelCache:
 def _configuration(settings: Settings, model_name: str | None, overrides: dict[str, Any]) -> tuple:
     """Every setting `create_embedder` reads (calibration's included: the images an int8 id is hashed from)."""
     s = settings
-    calibration = (s.embed_calibration_dir, s.cifar10_dir, s.cache_dir, s.max_upload_size)
+    calibration = (quantize.calibration_dir(s), s.cifar10_dir, s.cache_dir, s.max_upload_size)
     return (
         model_name or s.model_name,
         (s.model_weights, s.image_size, s.embed_precision, s.embed_runtime, s.device, s.embed_batch_size, s.onnx_dir),

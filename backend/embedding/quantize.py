@@ -11,8 +11,9 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -51,11 +52,47 @@ class Calibration:
         return h.hexdigest()[:12]
 
 
+def kept_calibration_dir(settings: Settings) -> Path:
+    """Where `keep_calibration` leaves the sample it took from the first catalogue ingested into DATA_DIR."""
+    return settings.data_dir / "calibration"
+
+
+def calibration_dir(settings: Settings) -> Path | None:
+    """The folder int8 calibrates on: EMBED_CALIBRATION_DIR, else the sample kept from the images ingested
+    first (`keep_calibration`); None: CIFAR-10's train split."""
+    if settings.embed_calibration_dir is not None:
+        return settings.embed_calibration_dir
+    kept = kept_calibration_dir(settings)
+    return kept if kept.is_dir() else None
+
+
+def keep_calibration(settings: Settings, samples: Sequence[Any]) -> Path | None:
+    """For EMBED_PRECISION=int8 without EMBED_CALIBRATION_DIR: copy a sample of the images about to be
+    ingested (`populate --source`; `samples` are datasets' Samples, spread over categories by the caller)
+    into DATA_DIR/calibration once, so int8 calibrates on the catalogue's own images rather than asking for
+    CIFAR-10. Later runs and `serve` on the same DATA_DIR find it, so they name the same model id. None when
+    the calibration is fixed already (a set or kept folder) or there is nothing to take."""
+    if settings.embed_precision != "int8" or calibration_dir(settings) is not None or not samples:
+        return None
+    folder = kept_calibration_dir(settings)
+    partial = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    for i, sample in enumerate(samples[:CALIBRATION_IMAGES]):
+        label = "".join(c if c.isalnum() or c in "-_" else "_" for c in sample.label) or "none"
+        (partial / label).mkdir(parents=True, exist_ok=True)
+        (partial / label / f"{i:04d}{Path(sample.source).suffix.lower() or '.png'}").write_bytes(sample.load())
+    try:
+        partial.rename(folder)  # whole or not at all; a concurrent run that kept one first wins
+    except OSError:
+        shutil.rmtree(partial, ignore_errors=True)
+    log.info("int8 calibrates on %d of the images being ingested, kept in %s", min(len(samples), CALIBRATION_IMAGES), folder)
+    return folder
+
+
 def calibration_for(settings: Settings) -> Calibration:
-    """EMBED_CALIBRATION_DIR (`<category>/<image>` folders, like catalogue imports), else CIFAR-10's train
-    split (CIFAR10_DIR, or downloaded into DATA_DIR as `populate` does): CALIBRATION_IMAGES of them, spread
-    over the categories."""
-    folder = settings.embed_calibration_dir
+    """The folder of `calibration_dir` (`<category>/<image>` folders, like catalogue imports), else CIFAR-10's
+    train split (CIFAR10_DIR, or downloaded into DATA_DIR as `populate` does): CALIBRATION_IMAGES of them,
+    spread over the categories."""
+    folder = calibration_dir(settings)
 
     def load() -> list[tuple[str, bytes]]:
         try:
@@ -66,7 +103,8 @@ def calibration_for(settings: Settings) -> Calibration:
         except InvalidInput as exc:
             raise ConfigurationError(
                 f"EMBED_PRECISION=int8 calibrates on real images, and none could be read: {exc.message} "
-                "(set EMBED_CALIBRATION_DIR to <category>/<image> folders of about 100 catalogue images)"
+                "(set EMBED_CALIBRATION_DIR to <category>/<image> folders of about 100 catalogue images, "
+                "or populate --source a folder first: its images are kept for calibration)"
             ) from exc
         return [(s.source, s.load()) for s in dataset.samples]
 

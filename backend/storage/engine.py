@@ -15,11 +15,12 @@ from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
 
+import psycopg
 import psycopg2
 import psycopg2.extensions
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import URL, ExceptionContext, make_url
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -31,8 +32,31 @@ log = logging.getLogger(__name__)
 # Bulk reads (a full index rebuild's snapshot) stream for longer than one request should wait.
 BULK_TIMEOUT_S = 600.0
 
-# What a stopped, frozen or unreachable database raises, wherever it is used.
-DATABASE_ERRORS = (OperationalError, InterfaceError, PoolTimeout, DatabaseUnavailable)
+# What a stopped, frozen, slow or unreachable database raises, wherever it is used: through SQLAlchemy
+# (psycopg2, wrapped), or straight from psycopg 3 (the bulk COPY of `vector_reader`, the worker's queue).
+DATABASE_ERRORS = (
+    OperationalError,
+    InterfaceError,
+    PoolTimeout,
+    DisconnectionError,
+    DatabaseUnavailable,
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+)
+# Every class a database error may come as, whichever driver or wrapper raised it; `is_outage` tells which
+# of them are the database's trouble (503) rather than a bug in our SQL (500).
+DRIVER_ERRORS = (DBAPIError, PoolTimeout, DisconnectionError, DatabaseUnavailable, psycopg.Error, psycopg2.Error)
+# A mistake in the SQL or the data sent: retrying cannot help, so these stay 500s (and get fixed).
+_BUG_ERRORS = (
+    psycopg.ProgrammingError,
+    psycopg.DataError,
+    psycopg.IntegrityError,
+    psycopg.NotSupportedError,
+    psycopg2.ProgrammingError,
+    psycopg2.DataError,
+    psycopg2.IntegrityError,
+    psycopg2.NotSupportedError,
+)
 
 
 class DatabaseTimeout(psycopg2.OperationalError):
@@ -73,13 +97,36 @@ def _discard_timed_out(context: ExceptionContext) -> None:
         context.is_disconnect = True
 
 
+def _driver_error(exc: BaseException) -> BaseException | None:
+    """The database error in `exc`: itself, the driver's error a SQLAlchemy wrapper holds, or a cause
+    (procrastinate's ConnectorException raises from the driver's); None when there is none."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # causes form a short chain; the bound guards against a cycle
+        if seen is None:
+            return None
+        if isinstance(seen, DBAPIError):
+            return seen.orig if isinstance(seen.orig, psycopg.Error | psycopg2.Error) else seen
+        if isinstance(seen, DRIVER_ERRORS):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether `exc` is the database's trouble (down, frozen, slow, out of connections or resources, a
+    statement cancelled by its timeout), whichever driver raised it: the client should retry (503)."""
+    error = _driver_error(exc)
+    return error is not None and not isinstance(error, _BUG_ERRORS)
+
+
 def database_problem(exc: BaseException) -> str:
     """One line saying what went wrong with the database, for a 503 or a CLI error."""
-    if isinstance(exc, DatabaseUnavailable):
-        return exc.message
-    if isinstance(exc, PoolTimeout):
+    error = _driver_error(exc) or exc
+    if isinstance(error, DatabaseUnavailable):
+        return error.message
+    if isinstance(error, PoolTimeout):
         return "every database connection is busy (the database is slow or not answering)"
-    orig = exc.orig if isinstance(exc, DBAPIError) else exc
+    orig = error.orig if isinstance(error, DBAPIError) and error.orig is not None else error
     lines = [ln.strip() for ln in str(orig).strip().splitlines() if ln.strip()]
     return lines[0] if lines else type(orig).__name__
 

@@ -12,6 +12,7 @@ from backend.embedding.registry import model_id
 from backend.evaluation.precision import compare
 from backend.evaluation.retrieval import Embedded
 from backend.imaging import decode_image
+from backend.sources.datasets import balanced
 from tests.utils.settings import make_settings
 
 # Measured on the CIFAR-10 subset (evaluate --compare-int8, 5085 catalogue images, 1017 queries): query
@@ -82,3 +83,22 @@ def test_int8_without_calibration_images_says_what_to_set(tmp_path) -> None:
         model.model_id  # noqa: B018 - the calibration images name the model
     with pytest.raises(ConfigurationError, match="set EMBED_CALIBRATION_DIR"):
         model_id(settings, precision="int8")
+
+
+def test_int8_calibrates_on_the_images_being_ingested(tmp_path, cifar_train) -> None:
+    """`populate --source` with int8 and no EMBED_CALIBRATION_DIR keeps a spread sample of its own images in
+    DATA_DIR/calibration: no CIFAR10_DIR is asked for, and a later run (or serve) names the same model id."""
+    settings = make_settings(tmp_path, embed_precision="int8").model_copy(update={"cifar10_dir": tmp_path / "no-cifar"})
+    samples = cifar_train.samples
+    assert quantize.keep_calibration(settings.model_copy(update={"embed_precision": "fp32"}), samples) is None
+    kept = quantize.keep_calibration(settings, balanced(samples, quantize.CALIBRATION_IMAGES))
+    assert kept == settings.data_dir / "calibration" and quantize.calibration_dir(settings) == kept
+    files = sorted(kept.rglob("*.*"))
+    assert len(files) == quantize.CALIBRATION_IMAGES
+    assert {f.parent.name for f in files} == {s.label for s in samples}  # spread over every category
+    assert {f.read_bytes() for f in files} <= {s.load() for s in samples}  # the ingested images, as they are
+    calibration = quantize.calibration_for(settings)
+    assert calibration.description == f"folder {kept}" and len(calibration.images) == quantize.CALIBRATION_IMAGES
+    first = model_id(settings, precision="int8")
+    assert quantize.keep_calibration(settings, samples[::-1]) is None  # fixed once kept
+    assert model_id(settings, precision="int8") == first
