@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 from backend.core.vectors import VECTOR_DTYPE, StoredVectors
 from backend.storage.engine import libpq_url
 from backend.storage.schema import Embedding, Image
+from backend.storage.shards import CategorySet
 
 
 def stored_vectors(rows: Sequence[Row[int, int | None, bytes]]) -> StoredVectors:
@@ -31,9 +32,16 @@ def vector_query(model: str) -> Select[int, int | None, bytes]:
     )
 
 
-def load_vectors(session: Session, model: str, sample: tuple[int, int] | None = None, given_only: bool = False) -> StoredVectors:
+def load_vectors(
+    session: Session,
+    model: str,
+    sample: tuple[int, int] | None = None,
+    given_only: bool = False,
+    categories: CategorySet | None = None,
+) -> StoredVectors:
     """`model`'s stored vectors (or a sample, see `stream_vectors`) in memory, by id."""
-    stored = StoredVectors.concat(list(stream_vectors(session, model, sample=sample, given_only=given_only)))
+    parts = stream_vectors(session, model, sample=sample, given_only=given_only, categories=categories)
+    stored = StoredVectors.concat(list(parts))
     order = np.argsort(stored.ids, kind="stable")
     return StoredVectors(stored.ids[order], stored.category_ids[order], stored.vectors[order])
 
@@ -43,12 +51,18 @@ _COPY_TRAILER = b"\xff\xff"
 
 
 def stream_vectors(
-    session: Session, model: str, chunk_rows: int = 50_000, sample: tuple[int, int] | None = None, given_only: bool = False
+    session: Session,
+    model: str,
+    chunk_rows: int = 50_000,
+    sample: tuple[int, int] | None = None,
+    given_only: bool = False,
+    categories: CategorySet | None = None,
 ) -> Iterator[StoredVectors]:
     """`model`'s stored vectors in chunks, read with a binary COPY (no per-row decoding: fixed-size rows
     parsed by NumPy) on a second connection that imports this session's snapshot, so the stream sees
     exactly what the session sees. `sample=(multiplier, cut)`: only ids with id*multiplier % 10000 < cut
-    (`backend.index.sampling.train_sample`'s rule); `given_only`: only images whose label was given (stage 1's training)."""
+    (`backend.index.sampling.train_sample`'s rule); `given_only`: only images whose label was given (stage 1's training);
+    `categories`: only those one cluster group holds."""
     import psycopg
 
     snapshot = session.scalar(text("SELECT pg_export_snapshot()"))
@@ -68,6 +82,11 @@ def stream_vectors(
     )
     where = "e.model = %s" + (" AND i.label_given" if given_only else "")
     where += " AND (e.image_id * %s) %% 10000 < %s" if sample else ""
+    params: list[object] = [model, *(sample or ())]
+    if categories is not None:
+        clause, values = categories.sql("coalesce(i.category_id, -1)")
+        where += f" AND {clause}"
+        params += values
     query = (
         "COPY (SELECT e.image_id, coalesce(i.category_id, -1)::int8, e.vector FROM embeddings e "
         f"JOIN images i ON i.id = e.image_id WHERE {where}) TO STDOUT (FORMAT binary)"
@@ -81,7 +100,7 @@ def stream_vectors(
             conn.execute(f"SET statement_timeout = {round(timeout * 1000)}")
         buffer = bytearray()
         started = False
-        with conn.cursor().copy(query, (model, *sample) if sample else (model,)) as copy:
+        with conn.cursor().copy(query, params) as copy:
             for block in copy:
                 buffer += block
                 if not started and len(buffer) >= len(_COPY_HEADER):
