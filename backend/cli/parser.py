@@ -5,6 +5,7 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from backend.cli.catalogue import add_backup_commands, add_catalogue_commands, add_status_command
+from backend.cli.cluster import add_cluster_command
 from backend.cli.evaluation import add_benchmark_command, add_evaluate_command
 from backend.cli.keys import add_key_commands
 from backend.cli.search import add_search_command
@@ -38,4 +39,5 @@ def build_parser() -> argparse.ArgumentParser:
     add_key_commands(command)
     add_backup_commands(command)
     add_benchmark_command(command)
+    add_cluster_command(command)
     return parser

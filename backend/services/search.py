@@ -28,6 +28,7 @@ from backend.search import near_duplicates, own_image
 from backend.search.live_index import IndexCache, prune_change_log
 from backend.search.results import CategoryScore, Hit, SearchResult, UploadResult
 from backend.search.stage1 import Ranking, Stage1
+from backend.search.stage2 import Stage2, open_stage2
 from backend.services.status import build_status
 from backend.storage import catalogue
 from backend.storage.engine import get_engine, session_scope
@@ -47,10 +48,18 @@ class SearchService:
         self.settings = settings
         self.engine = engine or get_engine()
         self.embedder = embedder or model_cache.get(settings)
-        layout = layout_from_settings(settings, self.embedder.dim)
-        self.cache = IndexCache(self.engine, self.embedder.model_id, self.embedder.dim, settings.index_dir, layout)
+        self.layout = layout_from_settings(settings, self.embedder.dim)
+        self.cache = IndexCache(self.engine, self.embedder.model_id, self.embedder.dim, settings.index_dir, self.layout)
         self.stage1 = Stage1(self.engine, self.embedder.model_id, self.embedder.dim, settings.stage1)
         self._names: dict[int, str] = {}
+        self._stage2: Stage2 | None = None
+
+    @property
+    def stage2(self) -> Stage2:
+        """Who runs stage 2: this process over the live index, or a Ray cluster's shards (RAY_ADDRESS)."""
+        if self._stage2 is None:
+            self._stage2 = open_stage2(self.settings, self.engine, self.model, self.embedder.dim, self.layout)
+        return self._stage2
 
     @property
     def model(self) -> str:
@@ -91,7 +100,8 @@ class SearchService:
             ranking = self.stage1.rank(index, queries)
             t1 = time.perf_counter()
             searched = search_filters.stage_two_categories(ranking.positions, index.list_of, wanted, params)
-            hits = index.search(queries, k, searched, params.nprobe, self.settings.rerank_candidates)
+            stage2 = self.stage2.search(index, queries, k, searched, params.nprobe, self.settings.rerank_candidates)
+            hits = stage2.hits
             outside: list[list[tuple[int, float]]] = [[] for _ in queries]
             if searched is not None and images is not None:
                 probe = own_image.probe_categories(self.stage1, index, queries, ranking, top_categories)
@@ -129,6 +139,7 @@ class SearchService:
                     int(hits.scanned[q]),
                     total,
                     timings,
+                    partial=[self._name(c) or str(c) for c in stage2.left_out[q]],
                 )
             )
         return out
@@ -202,7 +213,7 @@ class SearchService:
             raise InvalidInput(f"{report.failures[0]['reason']} with the upload")
         if not report.ids:  # the same bytes were stored concurrently
             return self._duplicate(image.sha256)
-        self.cache.after_write()  # committed: searchable before the answer
+        self._follow_write()  # committed: searchable before the answer
         item, p = batch.items[0], batch.items[0].prediction
         score, probability = (None, None) if p is None else (p.score, p.probability)
         return UploadResult(report.ids[0], self._name(item.category_id), p is None, False, score, probability, near)
@@ -235,8 +246,13 @@ class SearchService:
         before answering: an acknowledged write is searchable, whatever rebuild runs meanwhile."""
         with session_scope(self.engine) as session:
             result = change(session)
-        self.cache.after_write()
+        self._follow_write()
         return result
+
+    def _follow_write(self) -> None:
+        """This process's index, then stage 2 wherever it runs, reflect what was just committed."""
+        self.cache.after_write()
+        self.stage2.catch_up(self.cache.seq)
 
     # --- the index and the model, for the server's start, tick and stop ----------------------
 
@@ -258,6 +274,7 @@ class SearchService:
         """Load the model and the index (before the first request, or before a CLI status)."""
         self.embedder.load()
         self.cache.get()
+        _ = self.stage2  # a cluster's shards are found or started before the first request
 
     def sync_index(self) -> int:
         """Bring the index up to date with the database; the newest change it then reflects."""
@@ -276,7 +293,7 @@ class SearchService:
 
     def after_write(self) -> None:
         """Another writer in this process (the in-process worker) committed: the index follows."""
-        self.cache.after_write()
+        self._follow_write()
 
     def status(self) -> Status:
-        return build_status(self.settings, self.engine, self.embedder, self.cache, self.stage1)
+        return build_status(self.settings, self.engine, self.embedder, self.cache, self.stage1, self.stage2)
