@@ -12,10 +12,12 @@ from typing import Any
 
 import numpy as np
 import ray
+from ray._private import ray_constants
 from ray.exceptions import RayError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from sqlalchemy import Engine
 
+from backend.cluster.local import SHARD_RESOURCE  # nodes that declare it hold shards; without any, every node does
 from backend.cluster.packing import bin_pack
 from backend.cluster.shard import ShardActor
 from backend.core.config import Settings
@@ -28,7 +30,6 @@ from backend.storage.engine import session_scope
 log = logging.getLogger(__name__)
 
 NAMESPACE = "imsrc"
-SHARD_RESOURCE = "imsrc_shard"  # nodes that declare it hold shards; without any, every node does
 GROUPS_PER_NODE = 2
 PAD = -(2**62)  # no category in this slot (category id -1 is "no category")
 _Shard = ray.remote(ShardActor)
@@ -39,7 +40,10 @@ def connect(address: str) -> None:
     if ray.is_initialized():
         return
     loopback = address.rpartition(":")[0] in ("127.0.0.1", "localhost")
-    extra: dict[str, Any] = {"_node_ip_address": "127.0.0.1"} if loopback else {}
+    extra: dict[str, Any] = {}
+    if loopback:  # Ray would swap a loopback address for the machine's own, where a local cluster does not listen
+        ray_constants.ENABLE_RAY_CLUSTER = False  # its switch for "this machine's address is 127.0.0.1"
+        extra["_node_ip_address"] = "127.0.0.1"
     ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, configure_logging=False, **extra)
 
 
