@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 NAMESPACE = "imsrc"
 GROUPS_PER_NODE = 2
+SLOW_FOR_S = 10.0  # a replica that missed a hedge (dead, restarting, overloaded) is asked last this long
 PAD = -(2**62)  # no category in this slot (category id -1 is "no category")
 _Shard = ray.remote(ShardActor)
 
@@ -64,6 +65,7 @@ class RayStage2:
             catalogue_id = change_log.identity(session).catalogue_id
         self.prefix = f"imsrc-{catalogue_id[:8]}-{re.sub(r'[^A-Za-z0-9]+', '_', model)}"
         self._turn = itertools.count()
+        self._slow_until: dict[tuple[int, int], float] = {}  # (group, replica) that missed a hedge: asked last for a while
         self._lock = threading.Lock()
         self.assignment = self._ensure_assignment()
         self.replicas = self._ensure_actors(self.assignment)
@@ -157,12 +159,13 @@ class RayStage2:
         first = next(self._turn)
         pending: dict[Any, int] = {}
 
+        order = {g: self._order(g, first, start) for g in per_group}
+
         def send(g: int) -> None:
-            replicas = self.replicas[g]
-            if tried[g] < len(replicas):
-                actor = replicas[(first + tried[g]) % len(replicas)]
+            if tried[g] < len(order[g]):
+                r = order[g][tried[g]]
                 tried[g] += 1
-                pending[actor.search.remote(queries, k, per_group[g], nprobe, shortlist)] = g
+                pending[self.replicas[g][r].search.remote(queries, k, per_group[g], nprobe, shortlist)] = g
 
         for g in per_group:
             send(g)
@@ -183,10 +186,17 @@ class RayStage2:
                     send(g)
             if not ready and time.monotonic() >= hedge_at:
                 for g in {g for g in per_group if g not in answers and tried[g] == 1}:
+                    self._slow_until[(g, order[g][0])] = time.monotonic() + SLOW_FOR_S
                     send(g)
         for ref in pending:
             ray.cancel(ref)
         return answers
+
+    def _order(self, g: int, turn: int, now: float) -> list[int]:
+        """The group's replicas in the order to ask them: taking turns, those slow lately last."""
+        n = len(self.replicas[g])
+        turns = [(turn + i) % n for i in range(n)]
+        return sorted(turns, key=lambda r: self._slow_until.get((g, r), 0.0) > now)
 
     # --- following writes, status ----------------------------------------------------------------
 

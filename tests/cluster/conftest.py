@@ -61,7 +61,15 @@ def local_cluster(base_env: dict[str, str], tmp_path_factory: pytest.TempPathFac
     out = cli(["cluster", "up", "--nodes", "3", "--port", str(free_port())], env)
     assert out.returncode == 0, out.stdout + out.stderr
     address = out.stdout.strip().splitlines()[-1]
-    yield {**base_env, "RAY_ADDRESS": address, "SHARD_GROUPS": "3", "SHARD_REPLICAS": "2", "CLUSTER_DATA_DIR": env["DATA_DIR"]}
+    yield {
+        **base_env,
+        "RAY_ADDRESS": address,
+        "SHARD_GROUPS": "3",
+        "SHARD_REPLICAS": "2",
+        # 2 cores shared by several test runs: the deadline is set for this machine's load, not for speed
+        "SHARD_DEADLINE_SECONDS": "4",
+        "CLUSTER_DATA_DIR": env["DATA_DIR"],
+    }
     state = local.read_state(Path(env["DATA_DIR"]))
     if state is not None:  # the last test brings it down itself and checks nothing is left
         cli(["cluster", "down"], env)
