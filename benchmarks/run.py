@@ -3,7 +3,8 @@ benchmark ...`, which forwards here).
 
 Sections: embed (model throughput), precision (int8 against fp32), search (exact vs two-stage latency at
 10k/100k/1M vectors), build (index from the database, and a server following another process's writes
-against a full rebuild), http (POST /search under concurrency), ingest (end to end vs embedding alone).
+against a full rebuild), http (POST /search under concurrency), ingest (end to end vs embedding alone),
+cluster (stage 2 in-process against a 3-node local Ray cluster; needs requirements-cluster.txt).
 Every database it needs is a throwaway one on an embedded PostgreSQL started once per run.
 """
 
@@ -20,9 +21,9 @@ if __package__ in (None, ""):
 from backend.core.config import Settings, get_settings
 from benchmarks.harness import hardware
 from benchmarks.report import print_report
-from benchmarks.sections import build, embed, http, indexes, ingest, jobs, precision, search
+from benchmarks.sections import build, cluster, embed, http, indexes, ingest, jobs, precision, search
 
-SECTIONS = ("embed", "precision", "search", "indexes", "build", "http", "ingest", "jobs")
+SECTIONS = ("embed", "precision", "search", "indexes", "build", "http", "ingest", "jobs", "cluster")
 
 
 def run_benchmarks(args: argparse.Namespace, settings: Settings) -> dict:
@@ -40,6 +41,7 @@ def run_benchmarks(args: argparse.Namespace, settings: Settings) -> dict:
         "http": lambda: http.run(settings, args.quick),
         "ingest": lambda: ingest.run(settings, args.quick),
         "jobs": lambda: jobs.run(settings, args.quick),
+        "cluster": lambda: cluster.run(args.quick),  # needs requirements-cluster.txt
     }
     report["seconds"] = {}  # per section: what keeps --quick under a minute, or not
     for name in SECTIONS:
