@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from backend.core.errors import NotFound
 from backend.core.vectors import StoredVectors
-from backend.storage.schema import CatalogueMeta, DeletedEmbedding, Embedding, Prototype
+from backend.storage.schema import CatalogueMeta, DeletedEmbedding, Embedding, Image, Prototype
 from backend.storage.shards import CategorySet
 from backend.storage.vector_reader import stored_vectors, vector_query
 
@@ -85,9 +85,10 @@ def changes_since(session: Session, model: str, after: int, categories: Category
     now = latest_seq(session, model)
     if now <= after:
         return Changes(after, StoredVectors.empty(), np.empty(0, np.int64), prototypes_changed=False)
-    added = session.execute(vector_query(model).where(Embedding.seq > after).order_by(Embedding.seq)).all()
+    query = vector_query(model).where(Embedding.seq > after)
     if categories is not None:
-        added = [row for row in added if categories.contains(-1 if row[1] is None else row[1])]
+        query = query.where(categories.where(func.coalesce(Image.category_id, -1)))
+    added = session.execute(query.order_by(Embedding.seq)).all()
     removed = session.scalars(
         select(DeletedEmbedding.image_id).where(DeletedEmbedding.model == model, DeletedEmbedding.seq > after)
     ).all()

@@ -5,7 +5,7 @@ commit."""
 
 from dataclasses import dataclass
 
-from sqlalchemy import delete, func, insert, select, text
+from sqlalchemy import ColumnElement, and_, delete, func, insert, or_, select, text
 from sqlalchemy.orm import Session
 
 from backend.storage.schema import ShardAssignment
@@ -27,6 +27,11 @@ class CategorySet:
         if category_id in self.known:
             return category_id in self.owned
         return abs(category_id) % self.groups == self.group
+
+    def where(self, column: ColumnElement[int]) -> ColumnElement[bool]:
+        """The same condition as `contains`, for a query."""
+        new = and_(column.not_in(sorted(self.known)), func.mod(func.abs(column), self.groups) == self.group)
+        return or_(column.in_(sorted(self.owned)), new)
 
     def sql(self, column: str) -> tuple[str, list[object]]:
         """A psycopg (%s) condition on `column` (a category id, -1 for none) and its parameters."""

@@ -15,8 +15,6 @@ from backend.sources.datasets import Dataset, balanced
 from tests.utils.server import free_port
 from tests.utils.settings import CIFAR_SUBSET
 
-pytest.importorskip("ray", reason="the cluster extra (requirements-cluster.txt) is not installed")
-
 CLUSTER_IMAGES = 200  # 20 per CIFAR-10 category: the embedding is what costs here, not the cluster
 
 

@@ -18,6 +18,8 @@ from backend.sources.datasets import Dataset
 from tests.cluster.conftest import cli
 from tests.utils.server import RunningServer, running_server
 
+pytest.importorskip("ray", reason="the cluster extra (requirements-cluster.txt) is not installed")
+
 QUERIES = 50
 
 
