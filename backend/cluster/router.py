@@ -158,7 +158,6 @@ class RayStage2:
         tried = {g: 0 for g in per_group}
         first = next(self._turn)
         pending: dict[Any, int] = {}
-
         order = {g: self._order(g, first, start) for g in per_group}
 
         def send(g: int) -> None:
@@ -175,7 +174,10 @@ class RayStage2:
             if now >= deadline:
                 break
             wait_for = (hedge_at if now < hedge_at else deadline) - now
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=wait_for)
+            # One wake-up when every group answered (a failed call is ready at once too); one at a time while
+            # a group has two replicas asked, the first answer of the two being enough.
+            hedged = len(pending) > len(set(pending.values()))
+            ready, _ = ray.wait(list(pending), num_returns=1 if hedged else len(pending), timeout=wait_for)
             for ref in ready:
                 g = pending.pop(ref)
                 try:
@@ -184,7 +186,10 @@ class RayStage2:
                 except RayError as exc:
                     log.warning("cluster: group %d replica failed (%s); asking another", g, type(exc).__name__)
                     send(g)
-            if not ready and time.monotonic() >= hedge_at:
+            for ref in [ref for ref, g in pending.items() if g in answers]:  # the slower of two replicas
+                del pending[ref]
+                ray.cancel(ref)
+            if time.monotonic() >= hedge_at:
                 for g in {g for g in per_group if g not in answers and tried[g] == 1}:
                     self._slow_until[(g, order[g][0])] = time.monotonic() + SLOW_FOR_S
                     send(g)
