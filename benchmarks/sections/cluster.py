@@ -8,6 +8,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -17,6 +18,9 @@ from backend.search.live_index import IndexCache
 from backend.search.stage2 import InProcessStage2, Stage2
 from benchmarks.harness import DIM, TempDatabase, clustered, percentiles, seed_vectors
 from tests.utils.server import free_port
+
+if TYPE_CHECKING:
+    from backend.cluster.router import RayStage2
 
 MODEL = "synthetic/none/0px"
 TOP = 3
@@ -37,6 +41,22 @@ def _time(stage2: Stage2, index, q: np.ndarray, searched: np.ndarray) -> tuple[d
         list(pool.map(lambda i: stage2.search(index, q[i : i + 1], K, searched[i : i + 1], None, 100), range(len(q))))
         stats["requests_per_s"] = round(len(q) / (time.perf_counter() - t), 1)
     return stats, ids
+
+
+def _noop(stage2: "RayStage2", n: int) -> dict:
+    """What Ray itself costs here: a call that does nothing (catch_up to 0), to one actor and to 3 at once."""
+    import ray
+
+    one, three = [], []
+    actors = [replicas[0] for replicas in stage2.replicas.values()]
+    for _ in range(n):
+        t = time.perf_counter()
+        ray.get(actors[0].catch_up.remote(0))
+        one.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        ray.get([a.catch_up.remote(0) for a in actors])
+        three.append(time.perf_counter() - t)
+    return {"one_p50": percentiles(one)["p50"], "fan_out_3_p50": percentiles(three)["p50"]}
 
 
 def run(quick: bool) -> dict:
@@ -62,14 +82,21 @@ def run(quick: bool) -> dict:
             ray_stage2 = RayStage2(settings, db.engine, MODEL, DIM, IndexLayout())
             shards_s = time.perf_counter() - t
             on_cluster, cluster_ids = _time(ray_stage2, index, q, searched)
+            noop = _noop(ray_stage2, len(q))
         finally:
             local.stop(cluster)
     same = sum(a == b for a, b in zip(inproc_ids, cluster_ids, strict=True))
     result = {"vectors": n, "queries": n_queries, "groups": 3, "in_process": inproc, "cluster": on_cluster}
-    result.update(same_ids=f"{same}/{n_queries}", cluster_up_s=round(up_s, 1), shards_ready_s=round(shards_s, 1))
+    result.update(
+        noop_call_ms=noop, same_ids=f"{same}/{n_queries}", cluster_up_s=round(up_s, 1), shards_ready_s=round(shards_s, 1)
+    )
     print(f"  stage 2, {n:,} vectors, top-{TOP} of 10 categories, k={K}; cluster: 3 nodes, 3 groups", file=sys.stderr)
     for name, r in (("in-process", inproc), ("cluster", on_cluster)):
         line = f"p50 {r['p50']:7.2f} ms  p99 {r['p99']:7.2f} ms  {r['requests_per_s']:8.1f} requests/s (4 threads)"
         print(f"    {name:<11} {line}", file=sys.stderr)
+    print(
+        f"    Ray alone: a no-op call p50 {noop['one_p50']:.2f} ms, to 3 actors at once {noop['fan_out_3_p50']:.2f} ms",
+        file=sys.stderr,
+    )
     print(f"    same ids: {same}/{n_queries}; cluster up {up_s:.1f} s, shards ready {shards_s:.1f} s", file=sys.stderr)
     return result
