@@ -33,6 +33,9 @@ class ShardActor:
     ) -> None:
         from sqlalchemy.engine import make_url
 
+        from backend.index.stage1_models import one_blas_thread
+
+        one_blas_thread()  # as the API server does: concurrent calls, each with one BLAS thread
         self.categories = categories
         self.engine = make_engine(make_url(database_url), db_timeout_s)
         self.cache = IndexCache(self.engine, model, dim, Path(directory), layout, categories)
