@@ -3,6 +3,7 @@
 #   ./setup.sh                 interactive menu
 #   ./setup.sh all [N]         fresh clone -> running server: install, init-db, populate N CIFAR-10 images, index, serve
 #   ./setup.sh install | init-db | populate [N] | build-index | admin-key | serve | worker | test [PYTEST ARGS] | lint | status
+#   ./setup.sh cluster-install   the optional Ray cluster (stage 2 over several machines, docs/cluster.md)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -20,6 +21,13 @@ install() {
   say "installing Python dependencies (torch is large: a few minutes the first time)"
   "$PY" -m pip install -q --upgrade pip
   "$PY" -m pip install -q -r requirements.txt
+}
+
+# Optional: Ray, for stage 2 over a cluster (RAY_ADDRESS, `python -m backend.cli cluster up`); not part of install.
+cluster_install() {
+  ensure_installed
+  say "installing the cluster extra (Ray)"
+  "$PY" -m pip install -q -r requirements-cluster.txt
 }
 
 install_dev() {
@@ -84,6 +92,7 @@ Image similarity search - setup
   9) Create or show the admin API key
   w) Start a catalogue-job worker (more workers ingest faster; any machine that reaches the database)
   b) Back up the database to a file
+  c) Install the cluster extra (Ray: stage 2 over several machines)
   q) Quit
 MENU
     read -r -p "Choice: " choice || exit 0
@@ -99,6 +108,7 @@ MENU
       9) admin_key ;;
       w) cli worker ;;
       b) read -r -p "Backup file? [backup.dump] " f; cli backup "${f:-backup.dump}" ;;
+      c) cluster_install ;;
       q|Q) exit 0 ;;
       *) echo "unknown choice: $choice" ;;
     esac
@@ -110,6 +120,7 @@ shift || true
 case "$cmd" in
   menu) menu ;;
   install) install ;;
+  cluster-install) cluster_install ;;
   init-db) init_db ;;
   populate) populate "$@" ;;
   build-index) build_index ;;

@@ -97,6 +97,9 @@ class SearchResponse(BaseModel):
     vectors_scanned: int
     vectors_total: int
     timings_ms: dict[str, float]
+    # True when a cluster group missed the deadline: the result is the best of the other categories only.
+    partial: bool = False
+    categories_left_out: list[str] = []
 
     @classmethod
     def of(cls, result: SearchResult, params: SearchParams) -> "SearchResponse":
@@ -113,6 +116,8 @@ class SearchResponse(BaseModel):
             vectors_scanned=result.vectors_scanned,
             vectors_total=result.vectors_total,
             timings_ms=result.timings_ms,
+            partial=bool(result.partial),
+            categories_left_out=result.partial,
         )
 
 
@@ -224,12 +229,37 @@ class SearchSettings(BaseModel):
     bounds: dict[str, dict[str, int | float]]
 
 
+class ReplicaStatus(BaseModel):
+    name: str
+    state: str  # ready, building, unreachable, failed: ...
+    node: str | None = None
+    pid: int | None = None
+    vectors: int | None = None
+    seq: int | None = None
+    origin: str | None = None
+
+
+class ShardGroupStatus(BaseModel):
+    group: int
+    categories: list[int]
+    vectors_packed: int  # the categories' vectors when they were packed into groups
+    replicas: list[ReplicaStatus]
+
+
+class Stage2Status(BaseModel):
+    engine: str  # in-process, or ray (RAY_ADDRESS)
+    address: str | None = None
+    epoch: int | None = None
+    groups: list[ShardGroupStatus] = []
+
+
 class Status(BaseModel):
     model: ModelStatus
     database: DatabaseStatus
     index: IndexStatus
     stage1: Stage1Status
     settings: SearchSettings
+    stage2: Stage2Status = Stage2Status(engine="in-process")
 
 
 class StatusOut(Status):

@@ -4,6 +4,7 @@ benchmark ...`, which forwards here).
 Sections: embed (model throughput), precision (int8 against fp32), search (exact vs two-stage latency at
 10k/100k/1M vectors), build (index from the database, and a server following another process's writes
 against a full rebuild), http (POST /search under concurrency), ingest (end to end vs embedding alone), jobs,
+cluster (stage 2 in-process against a 3-node local Ray cluster; needs requirements-cluster.txt),
 scale (every endpoint of a real server at N vectors).
 Every database it needs is a throwaway one on an embedded PostgreSQL started once per run.
 """
@@ -21,9 +22,9 @@ if __package__ in (None, ""):
 from backend.core.config import Settings, get_settings
 from benchmarks.harness import hardware
 from benchmarks.report import print_report
-from benchmarks.sections import build, embed, http, indexes, ingest, jobs, precision, scale, search
+from benchmarks.sections import build, cluster, embed, http, indexes, ingest, jobs, precision, scale, search
 
-SECTIONS = ("embed", "precision", "search", "indexes", "build", "http", "ingest", "jobs", "scale")
+SECTIONS = ("embed", "precision", "search", "indexes", "build", "http", "ingest", "jobs", "cluster", "scale")
 
 
 def run_benchmarks(args: argparse.Namespace, settings: Settings) -> dict:
@@ -47,6 +48,7 @@ def run_benchmarks(args: argparse.Namespace, settings: Settings) -> dict:
             tuple(int(n) for n in (args.scale_sizes or ("2000" if args.quick else "2000,100000")).split(",")),
             args.scale_database_url,
         ),
+        "cluster": lambda: cluster.run(args.quick),  # needs requirements-cluster.txt
     }
     report["seconds"] = {}  # per section: what keeps --quick under a minute, or not
     for name in SECTIONS:

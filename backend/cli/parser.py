@@ -5,6 +5,7 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from backend.cli.catalogue import add_backup_commands, add_catalogue_commands, add_status_command
+from backend.cli.cluster import add_cluster_command
 from backend.cli.duplicates import add_duplicates_command
 from backend.cli.evaluation import add_benchmark_command, add_evaluate_command
 from backend.cli.keys import add_key_commands
@@ -40,4 +41,5 @@ def build_parser() -> argparse.ArgumentParser:
     add_key_commands(command)
     add_backup_commands(command)
     add_benchmark_command(command)
+    add_cluster_command(command)
     return parser

@@ -93,6 +93,15 @@ class Settings(BaseSettings):
     # Deletions stay in the change log this long; an index cache older than that is rebuilt in full.
     change_log_retention_days: float = Field(7.0, gt=0)
 
+    # Cluster (backend/cluster/, docs/cluster.md): unset = stage 2 in this process (the default); `auto` or
+    # host:port = stage 2 on that Ray cluster's shard actors (needs requirements-cluster.txt). SHARD_GROUPS:
+    # category groups (0 = 2 per node with a shard slot); SHARD_REPLICAS: actors per group, on different nodes.
+    ray_address: str | None = None
+    shard_groups: int = Field(0, ge=0, le=1024)
+    shard_replicas: int = Field(2, ge=1, le=16)
+    # A group that has not answered within this long is left out of the result, which is marked partial.
+    shard_deadline_seconds: float = Field(2.0, gt=0, le=60)
+
     # API
     api_host: str = "0.0.0.0"
     api_port: int = Field(8000, ge=1, le=65535)
@@ -151,6 +160,16 @@ class Settings(BaseSettings):
         if name not in MODEL_NAMES:
             raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
         return name
+
+    @field_validator("ray_address")
+    @classmethod
+    def _ray_address(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        host, _, port = value.rpartition(":")
+        if value != "auto" and not (host and port.isdigit()):
+            raise ValueError(f"{value!r}: `auto` or host:port of a Ray cluster's head")
+        return value
 
     @field_validator("faiss_index_type", mode="before")
     @classmethod

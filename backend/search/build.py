@@ -19,6 +19,7 @@ from backend.index.sampling import SAMPLE_MULTIPLIER, sample_cut
 from backend.index.two_stage import TwoStageIndex
 from backend.storage import catalogue, change_log, vector_reader
 from backend.storage.engine import session_scope
+from backend.storage.shards import CategorySet
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +52,11 @@ def build_from_database(
     layout: IndexLayout | None = None,
     in_memory_bytes: int = IN_MEMORY_BUILD_BYTES,
     store_dir: Path | None = None,
+    categories: CategorySet | None = None,
 ) -> Built:
     """A new index from one consistent snapshot of the stored vectors and prototype sums (never re-embeds).
-    `store_dir`: where fastscan spools its re-rank file (in RAM without one)."""
+    `store_dir`: where fastscan spools its re-rank file (in RAM without one); `categories`: only the vectors
+    one cluster group holds (every category keeps its list, empty, so category numbers match the full index)."""
     layout = layout or IndexLayout()
     start = time.perf_counter()
     with session_scope(engine, snapshot=True, bulk=True) as session:
@@ -62,21 +65,27 @@ def build_from_database(
         category_ids = sorted(catalogue.category_ids(session).values())
         prototypes = catalogue.load_prototypes(session, model)
         sizes = catalogue.category_vector_counts(session, model)
+        if categories is not None:
+            sizes = {c: n for c, n in sizes.items() if categories.contains(c)}
         layout = layout.resolved(sum(sizes.values()))  # auto: flat or fastscan by catalogue size
         cls = index_class(layout.kind)
         reading = 0.0
         if sum(sizes.values()) * dim * 4 <= in_memory_bytes:
             t = time.perf_counter()
-            stored = vector_reader.load_vectors(session, model, connections=READ_CONNECTIONS)
+            stored = vector_reader.load_vectors(session, model, connections=READ_CONNECTIONS, categories=categories)
             reading = time.perf_counter() - t
             index = cls.build(model, dim, category_ids, stored, prototypes, layout, store_dir)
         else:
             sample_rule = (SAMPLE_MULTIPLIER, sample_cut(layout.train_fraction(sizes)))
-            sample = vector_reader.load_vectors(session, model, sample_rule) if sample_rule[1] else StoredVectors.empty(dim)
+            sample = (
+                vector_reader.load_vectors(session, model, sample_rule, categories=categories)
+                if sample_rule[1]
+                else StoredVectors.empty(dim)
+            )
             index = cls.train(model, dim, category_ids, layout, sizes, sample, store_dir)
             del sample
             index.set_prototypes(prototypes)
-            chunks = vector_reader.stream_vectors(session, model, CHUNK_ROWS, connections=READ_CONNECTIONS)
+            chunks = vector_reader.stream_vectors(session, model, CHUNK_ROWS, connections=READ_CONNECTIONS, categories=categories)
             while True:
                 t = time.perf_counter()
                 chunk = next(chunks, None)

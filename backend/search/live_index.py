@@ -41,6 +41,7 @@ from backend.search.build import Built, build_from_database
 from backend.search.index_file import NO_FILE, CacheRejected
 from backend.storage import catalogue, change_log, migrate
 from backend.storage.engine import session_scope
+from backend.storage.shards import CategorySet
 from backend.telemetry import INDEX_REFRESHES, INDEX_VECTORS
 
 log = logging.getLogger(__name__)
@@ -63,10 +64,19 @@ def prune_change_log(engine: Engine, keep_days: float) -> int:
 
 
 class LiveIndex:
-    def __init__(self, engine: Engine, model: str, dim: int, directory: Path, layout: IndexLayout | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        model: str,
+        dim: int,
+        directory: Path,
+        layout: IndexLayout | None = None,
+        categories: CategorySet | None = None,
+    ) -> None:
         """The index of `model` under `directory` (its cache file and fastscan's re-rank file), laid out as
-        `layout` asks (auto resolved at each full build)."""
+        `layout` asks (auto resolved at each full build); `categories`: only those one cluster group holds."""
         self.engine, self.model, self.dim, self.directory = engine, model, dim, directory
+        self.categories = categories
         self.layout = layout or IndexLayout()
         self.lock = ReadWriteLock()  # searches read; applying changes and swapping write
         self._apply = threading.Lock()  # one thread at a time moves the seq
@@ -132,7 +142,9 @@ class LiveIndex:
         """A full rebuild from the database, swapped in without losing any change committed meanwhile."""
         with self._build:
             start = time.perf_counter()
-            built = build_from_database(self.engine, self.model, self.dim, self.layout, store_dir=self.directory)
+            built = build_from_database(
+                self.engine, self.model, self.dim, self.layout, store_dir=self.directory, categories=self.categories
+            )
             with self._apply:
                 self._install(built)
             seconds = time.perf_counter() - start
@@ -157,7 +169,7 @@ class LiveIndex:
                 raise CacheRejected(f"built at change {built.seq}, past the database's newest ({identity.issued_seq})")
             if built.seq < identity.deletions_pruned_through:
                 raise CacheRejected(f"deletions after change {built.seq} were pruned from the log")
-            changes = change_log.changes_since(session, self.model, built.seq)
+            changes = change_log.changes_since(session, self.model, built.seq, self.categories)
             reload = changes.prototypes_changed or len(changes.added) > 0 or not built.index.prototypes_set
             prototypes = catalogue.load_prototypes(session, self.model) if reload else None
         index = built.index

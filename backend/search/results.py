@@ -30,6 +30,8 @@ class SearchResult:
     vectors_scanned: int
     vectors_total: int
     timings_ms: dict[str, float] = field(default_factory=dict)
+    # Categories left out because their cluster group missed the deadline (backend/cluster/router.py).
+    partial: list[str] = field(default_factory=list)
 
     @property
     def searched_categories(self) -> list[str]:

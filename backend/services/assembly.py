@@ -34,7 +34,7 @@ class Services:
     @classmethod
     def around(cls, search: SearchService) -> "Services":
         settings, engine, cache = search.settings, search.engine, search.cache
-        lifecycle = IndexLifecycle(settings, engine, search.embedder, cache, search.stage1)
+        lifecycle = IndexLifecycle(settings, engine, search.embedder, cache, search.stage1, lambda: search.stage2)
         return cls(
             settings,
             search,
@@ -42,7 +42,7 @@ class Services:
             Jobs(settings, engine),
             Keys(settings, engine),
             lifecycle,
-            CatalogueWrites(engine, cache, search.model),
+            CatalogueWrites(engine, search.follow_write, search.model),
         )
 
     def start(self) -> None:

@@ -3,6 +3,7 @@ processes' changes, rebuild, save, and what /status reports. Searching is `Searc
 own mechanics (verify, rebuild, follow the change log, locking) are `backend.search.live_index`'s."""
 
 import logging
+from collections.abc import Callable
 
 from sqlalchemy import Engine
 
@@ -13,14 +14,25 @@ from backend.schemas import Status
 from backend.search import near_duplicates
 from backend.search.live_index import LiveIndex, prune_change_log
 from backend.search.stage1 import Stage1
+from backend.search.stage2 import InProcessStage2, Stage2
 from backend.services.status import build_status
 
 log = logging.getLogger(__name__)
 
 
 class IndexLifecycle:
-    def __init__(self, settings: Settings, engine: Engine, embedder: Embedder, cache: LiveIndex, stage1: Stage1) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        embedder: Embedder,
+        cache: LiveIndex,
+        stage1: Stage1,
+        stage2: Callable[[], Stage2] = InProcessStage2,
+    ) -> None:
+        """`stage2`: who runs stage 2 (made on first use: a cluster is only reached when something asks)."""
         self.settings, self.engine, self.embedder, self.cache, self.stage1 = settings, engine, embedder, cache, stage1
+        self.stage2 = stage2
 
     @property
     def model(self) -> str:
@@ -39,6 +51,7 @@ class IndexLifecycle:
         """Load the model and the index (before the first request, or before a CLI status)."""
         self.embedder.load()
         self.cache.get()
+        self.stage2()  # a cluster's shards are found or started before the first request
 
     def refresh(self) -> None:
         """The server's tick: follow other processes' changes, then let stage 1 check whether to retrain, then
@@ -78,4 +91,4 @@ class IndexLifecycle:
         return prune_change_log(self.engine, keep_days)
 
     def status(self) -> Status:
-        return build_status(self.settings, self.engine, self.embedder, self.cache, self.stage1)
+        return build_status(self.settings, self.engine, self.embedder, self.cache, self.stage1, self.stage2())

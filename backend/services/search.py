@@ -27,6 +27,7 @@ from backend.search import near_duplicates, own_image
 from backend.search.live_index import LiveIndex
 from backend.search.results import CategoryScore, Hit, SearchResult, UploadResult
 from backend.search.stage1 import Ranking, Stage1
+from backend.search.stage2 import Stage2, open_stage2
 from backend.storage import catalogue
 from backend.storage.engine import get_engine, session_scope
 from backend.telemetry import EMBED_IMAGES, EMBED_SECONDS, SEARCH_STAGE_SECONDS
@@ -36,19 +37,6 @@ log = logging.getLogger(__name__)
 
 def _ms(seconds: float) -> float:
     return round(seconds * 1000, 3)
-
-
-class Stage2:
-    """Stage 2: the chosen categories' lists searched for the k best. One call, so that a search spread over
-    shards replaces this object and nothing else."""
-
-    def __init__(self, shortlist: int) -> None:
-        self.shortlist = shortlist  # RERANK_CANDIDATES: the codes' best this many are re-scored exactly
-
-    def search(
-        self, index: CategoryIndex, queries: np.ndarray, categories: np.ndarray | None, k: int, nprobe: int | None
-    ) -> SearchHits:
-        return index.search(queries, k, categories, nprobe, self.shortlist)
 
 
 @dataclass
@@ -62,6 +50,7 @@ class _Searched:
     total: int
     category_ids: list[int]
     seconds: dict[str, float]  # "prototypes" (stage 1), "search" (stage 2 and the own-image probe)
+    left_out: list[list[int]]  # per query, categories of shard groups that missed the deadline
 
 
 class SearchService:
@@ -69,11 +58,18 @@ class SearchService:
         self.settings = settings
         self.engine = engine or get_engine()
         self.embedder = embedder or model_cache.get(settings)
-        layout = layout_from_settings(settings, self.embedder.dim)
-        self.cache = LiveIndex(self.engine, self.embedder.model_id, self.embedder.dim, settings.index_dir, layout)
+        self.layout = layout_from_settings(settings, self.embedder.dim)
+        self.cache = LiveIndex(self.engine, self.embedder.model_id, self.embedder.dim, settings.index_dir, self.layout)
         self.stage1 = Stage1(self.engine, self.embedder.model_id, self.embedder.dim, settings.stage1)
-        self.stage2 = Stage2(settings.rerank_candidates)
         self._names: dict[int, str] = {}
+        self._stage2: Stage2 | None = None
+
+    @property
+    def stage2(self) -> Stage2:
+        """Who runs stage 2: this process over the live index, or a Ray cluster's shards (RAY_ADDRESS)."""
+        if self._stage2 is None:
+            self._stage2 = open_stage2(self.settings, self.engine, self.model, self.embedder.dim, self.layout)
+        return self._stage2
 
     @property
     def model(self) -> str:
@@ -137,11 +133,11 @@ class SearchService:
         ranking = self.stage1.rank(index, queries)
         t1 = time.perf_counter()
         chosen = search_filters.stage_two_categories(ranking.positions, index.list_of, wanted, params)
-        hits = self.stage2.search(index, queries, chosen, k, params.nprobe)
+        found = self.stage2.search(index, queries, k, chosen, params.nprobe, self.settings.rerank_candidates)
         outside = self._own_image_probe(index, queries, ranking, chosen, images, params)
         t2 = time.perf_counter()
         seconds = {"prototypes": t1 - t0, "search": t2 - t1}
-        return _Searched(ranking, chosen, hits, outside, index.ntotal, index.category_ids, seconds)
+        return _Searched(ranking, chosen, found.hits, outside, index.ntotal, index.category_ids, seconds, found.left_out)
 
     def _own_image_probe(
         self,
@@ -199,6 +195,7 @@ class SearchService:
             int(searched.hits.scanned[q]),
             searched.total,
             timings,
+            partial=[self._name(c) or str(c) for c in searched.left_out[q]],
         )
 
     def stage1_ranking(self, images: list[PILImage.Image]) -> tuple[list[list[CategoryScore]], dict[str, float]]:
@@ -265,7 +262,7 @@ class SearchService:
             if done.report.failures:
                 raise InvalidInput(f"{done.report.failures[0]['reason']} with the upload")
             return self._duplicate(image.sha256)  # the same bytes are stored (maybe concurrently)
-        self.cache.after_write()  # committed: searchable before the answer
+        self.follow_write()  # committed: searchable before the answer
         item, p = done.item, done.item.prediction
         score, probability = (None, None) if p is None else (p.score, p.probability)
         return UploadResult(done.report.ids[0], self._name(item.category_id), p is None, False, score, probability, near.hits)
@@ -274,3 +271,8 @@ class SearchService:
         with session_scope(self.engine) as session:
             stored = catalogue.get_image(session, catalogue.existing_by_sha(session, [sha256])[sha256])
             return UploadResult(stored.id, self._name(stored.category_id), stored.label_given, duplicate=True)
+
+    def follow_write(self) -> None:
+        """This process's index, then stage 2 wherever it runs, reflect what was just committed."""
+        self.cache.after_write()
+        self.stage2.catch_up(self.cache.seq)

@@ -12,15 +12,19 @@ from backend.schemas import (
     ModelStatus,
     RefreshStatus,
     SearchSettings,
+    Stage2Status,
     Status,
 )
 from backend.search.live_index import LiveIndex
 from backend.search.stage1 import Stage1
+from backend.search.stage2 import Stage2
 from backend.storage import catalogue
 from backend.storage.engine import location, session_scope
 
 
-def build_status(settings: Settings, engine: Engine, embedder: Embedder, cache: LiveIndex, stage1: Stage1) -> Status:
+def build_status(
+    settings: Settings, engine: Engine, embedder: Embedder, cache: LiveIndex, stage1: Stage1, stage2: Stage2 | None = None
+) -> Status:
     with session_scope(engine, snapshot=True) as session:  # counts kept by triggers: no row is counted here
         counts = catalogue.category_counts(session)
         images = catalogue.image_count(session)
@@ -49,6 +53,7 @@ def build_status(settings: Settings, engine: Engine, embedder: Embedder, cache: 
             bounds=search_params.bounds(),
         ),
         stage1=stage1.status(),
+        stage2=Stage2Status(engine=stage2.engine if stage2 else "in-process", **((stage2.status() if stage2 else None) or {})),
     )
 
 

@@ -7,7 +7,6 @@ from typing import TypeVar
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from backend.search.live_index import LiveIndex
 from backend.storage import catalogue
 from backend.storage.engine import session_scope
 from backend.storage.schema import Image
@@ -16,8 +15,10 @@ T = TypeVar("T")
 
 
 class CatalogueWrites:
-    def __init__(self, engine: Engine, cache: LiveIndex, model: str) -> None:
-        self.engine, self.cache, self.model = engine, cache, model
+    def __init__(self, engine: Engine, follow: Callable[[], None], model: str) -> None:
+        """`follow`: brings whatever answers searches up to date with a committed write (the live index, and a
+        cluster's shards when stage 2 runs there)."""
+        self.engine, self.follow, self.model = engine, follow, model
 
     def delete(self, image_id: int) -> Image:
         return self._write(lambda session: catalogue.delete_image(session, image_id))
@@ -30,5 +31,5 @@ class CatalogueWrites:
         before answering: an acknowledged write is searchable, whatever rebuild runs meanwhile."""
         with session_scope(self.engine) as session:
             result = change(session)
-        self.cache.after_write()
+        self.follow()
         return result

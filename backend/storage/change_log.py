@@ -11,7 +11,8 @@ from sqlalchemy.orm import Session
 
 from backend.core.errors import NotFound
 from backend.core.vectors import StoredVectors
-from backend.storage.schema import CatalogueMeta, DeletedEmbedding, Embedding, Prototype
+from backend.storage.schema import CatalogueMeta, DeletedEmbedding, Embedding, Image, Prototype
+from backend.storage.shards import CategorySet
 from backend.storage.vector_reader import stored_vectors, vector_query
 
 # The change numbers are handed out under this transaction-level advisory lock (see migration 0002). A
@@ -77,13 +78,17 @@ def latest_seq(session: Session, model: str) -> int:
     return int(session.scalar(select(func.coalesce(func.greatest(*newest), 0))) or 0)
 
 
-def changes_since(session: Session, model: str, after: int) -> Changes:
+def changes_since(session: Session, model: str, after: int, categories: CategorySet | None = None) -> Changes:
     """Everything `model`'s index must apply to move from change number `after` to the newest. Read in one
-    snapshot (a REPEATABLE READ session), so `seq` is exactly the state these changes lead to."""
+    snapshot (a REPEATABLE READ session), so `seq` is exactly the state these changes lead to. `categories`:
+    only the vectors one cluster group holds (every removal is listed: removing an absent id does nothing)."""
     now = latest_seq(session, model)
     if now <= after:
         return Changes(after, StoredVectors.empty(), np.empty(0, np.int64), prototypes_changed=False)
-    added = session.execute(vector_query(model).where(Embedding.seq > after).order_by(Embedding.seq)).all()
+    query = vector_query(model).where(Embedding.seq > after)
+    if categories is not None:
+        query = query.where(categories.where(func.coalesce(Image.category_id, -1)))
+    added = session.execute(query.order_by(Embedding.seq)).all()
     removed = session.scalars(
         select(DeletedEmbedding.image_id).where(DeletedEmbedding.model == model, DeletedEmbedding.seq > after)
     ).all()

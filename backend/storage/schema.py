@@ -131,6 +131,19 @@ class CatalogueMeta(Base):
     deletions_pruned_through: Mapped[int] = mapped_column(BigInteger, server_default="0")
 
 
+class ShardAssignment(Base):
+    """Which category group holds each category in the cluster (backend/cluster/), per epoch: routers use the
+    newest epoch; an older one is kept while its actors drain."""
+
+    __tablename__ = "shard_assignments"
+
+    epoch: Mapped[int] = mapped_column(Integer, primary_key=True)
+    category_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    group_no: Mapped[int] = mapped_column(Integer)
+    vectors: Mapped[int] = mapped_column(BigInteger)  # the category's vectors when it was packed
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
 class ApiKey(Base):
     """An API key: its public prefix, a SHA-256 of the whole key (the key itself is never stored), its scopes."""
 

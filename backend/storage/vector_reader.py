@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from backend.core.vectors import VECTOR_DTYPE, StoredVectors
 from backend.storage.engine import libpq_url
 from backend.storage.schema import Embedding, Image
+from backend.storage.shards import CategorySet
 
 
 def stored_vectors(rows: Sequence[Row[int, int | None, bytes]]) -> StoredVectors:
@@ -52,10 +53,15 @@ def map_sample(session: Session, model: str, points: int) -> StoredVectors:
 
 
 def load_vectors(
-    session: Session, model: str, sample: tuple[int, int] | None = None, given_only: bool = False, connections: int = 1
+    session: Session,
+    model: str,
+    sample: tuple[int, int] | None = None,
+    given_only: bool = False,
+    connections: int = 1,
+    categories: CategorySet | None = None,
 ) -> StoredVectors:
     """`model`'s stored vectors (or a sample, see `stream_vectors`) in memory, by id."""
-    parts = stream_vectors(session, model, sample=sample, given_only=given_only, connections=connections)
+    parts = stream_vectors(session, model, sample=sample, given_only=given_only, connections=connections, categories=categories)
     stored = StoredVectors.concat(list(parts))
     order = np.argsort(stored.ids, kind="stable")
     return StoredVectors(stored.ids[order], stored.category_ids[order], stored.vectors[order])
@@ -84,13 +90,15 @@ def stream_vectors(
     sample: tuple[int, int] | None = None,
     given_only: bool = False,
     connections: int = 1,
+    categories: CategorySet | None = None,
 ) -> Iterator[StoredVectors]:
     """`model`'s stored vectors in chunks, read with a binary COPY (no per-row decoding: fixed-size rows
     parsed by NumPy) on a second connection that imports this session's snapshot, so the stream sees
     exactly what the session sees. `sample=(multiplier, cut)`: only ids with id*multiplier % 10000 < cut
     (`backend.index.sampling.train_sample`'s rule); `given_only`: only images whose label was given (stage 1's training).
     `connections` > 1: that many COPYs at once, each over a share of the id range, all in the same snapshot
-    (the database de-TOASTs and sends on several cores); chunks then come in no particular order."""
+    (the database de-TOASTs and sends on several cores); chunks then come in no particular order.
+    `categories`: only those one cluster group holds."""
     snapshot = session.scalar(text("SELECT pg_export_snapshot()"))
     dim = session.scalar(select(Embedding.dim).where(Embedding.model == model).limit(1))
     if dim is None:
@@ -98,6 +106,10 @@ def stream_vectors(
     where = "e.model = %s" + (" AND i.label_given" if given_only else "")
     where += " AND (e.image_id * %s) %% 10000 < %s" if sample else ""
     params: tuple[object, ...] = (model, *sample) if sample else (model,)
+    if categories is not None:
+        clause, values = categories.sql("coalesce(i.category_id, -1)")
+        where += f" AND {clause}"
+        params = (*params, *values)
     ranges = _id_ranges(session, model, connections)
     url = libpq_url(session.get_bind().engine)
     timeout = getattr(session.connection().connection.dbapi_connection, "timeout_s", None)

@@ -16,10 +16,19 @@ MODEL = "m/test/8px"
 
 
 def test_migrations_create_schema_at_head(engine: Engine) -> None:
-    assert migrate.current_revision(engine) == migrate.head_revision() == "0008"
+    assert migrate.current_revision(engine) == migrate.head_revision() == "0009"
     tables = set(inspect(engine).get_table_names())
-    assert {"categories", "images", "embeddings", "prototypes", "catalogue_meta", "deleted_embeddings", "api_keys"} <= tables
-    assert migrate.upgrade(engine) == "0008"  # idempotent
+    assert {
+        "categories",
+        "images",
+        "embeddings",
+        "prototypes",
+        "catalogue_meta",
+        "deleted_embeddings",
+        "api_keys",
+        "shard_assignments",
+    } <= tables
+    assert migrate.upgrade(engine) == "0009"  # idempotent
 
 
 def add(engine: Engine, n: int, category: str = "a", seed: int = 0) -> list[int]:

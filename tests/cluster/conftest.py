@@ -1,0 +1,73 @@
+"""A real 3-node Ray cluster on loopback (`cluster up`), a real catalogue in PostgreSQL, real servers."""
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine
+
+from backend.core.config import PROJECT_ROOT
+from backend.sources.datasets import Dataset, balanced
+from tests.utils.server import free_port
+from tests.utils.settings import CIFAR_SUBSET
+
+CLUSTER_IMAGES = 200  # 20 per CIFAR-10 category: the embedding is what costs here, not the cluster
+
+
+def cli(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "backend.cli", *args], cwd=PROJECT_ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout, check=False)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cluster_engine(databases, embedder, cifar_train: Dataset) -> Engine:
+    from backend.ingest.populate import ingest
+
+    engine = databases.new()
+    report = ingest(Dataset("cifar10", balanced(cifar_train.samples, CLUSTER_IMAGES)), embedder, engine, 10**7, progress=False)
+    assert report.added == CLUSTER_IMAGES
+    return engine
+
+
+@pytest.fixture(scope="module")
+def base_env(cluster_engine: Engine, embedder, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """What every process of the test shares: the database, one DATA_DIR (job files, the ONNX graph)."""
+    data = tmp_path_factory.mktemp("data")
+    shutil.copytree(embedder.onnx_dir, data / "cache" / "onnx")
+    return {
+        **os.environ,
+        "DATABASE_URL": cluster_engine.url.render_as_string(hide_password=False),
+        "DATA_DIR": str(data),
+        "CIFAR10_DIR": str(CIFAR_SUBSET),
+        "AUTH_MODE": "off",
+        "INDEX_REFRESH_SECONDS": "0.3",
+        "SERVE_WORKER": "false",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+
+
+@pytest.fixture(scope="module")
+def local_cluster(base_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """`cluster up --nodes 3`; yields the env of a process that uses it; `cluster down` afterwards."""
+    from backend.cluster import local
+
+    env = {**base_env, "DATA_DIR": str(tmp_path_factory.mktemp("cluster"))}
+    out = cli(["cluster", "up", "--nodes", "3", "--port", str(free_port())], env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    address = out.stdout.strip().splitlines()[-1]
+    yield {
+        **base_env,
+        "RAY_ADDRESS": address,
+        "SHARD_GROUPS": "3",
+        "SHARD_REPLICAS": "2",
+        # 2 cores shared by several test runs: the deadline is set for this machine's load, not for speed
+        "SHARD_DEADLINE_SECONDS": "4",
+        "CLUSTER_DATA_DIR": env["DATA_DIR"],
+    }
+    state = local.read_state(Path(env["DATA_DIR"]))
+    if state is not None:  # the last test brings it down itself and checks nothing is left
+        cli(["cluster", "down"], env)
