@@ -20,7 +20,7 @@ LAYERS: list[set[str]] = [
     {"sources"},  # datasets, URLs, archives, query images
     {"embedding"},
     {"search"},  # what serves a query from the database's truth
-    {"ingest"},
+    {"ingest", "cluster"},  # the writer; stage 2 over a Ray cluster (shards hold a restricted live index)
     {"jobs", "evaluation"},
     {"schemas"},  # the HTTP and CLI JSON shapes
     {"services"},

@@ -3,17 +3,11 @@ cluster's shard actors (RAY_ADDRESS, backend/cluster/). The service ranks catego
 hands stage 2 the category numbers to search; whichever runs it answers the same hits."""
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
-from backend.core.config import Settings
 from backend.index.category_index import CategoryIndex, SearchHits
-
-if TYPE_CHECKING:
-    from sqlalchemy import Engine
-
-    from backend.index.layout import IndexLayout
 
 
 @dataclass(frozen=True)
@@ -57,11 +51,3 @@ class InProcessStage2:
 
     def close(self) -> None:
         pass
-
-
-def open_stage2(settings: Settings, engine: "Engine", model: str, dim: int, layout: "IndexLayout") -> Stage2:
-    if not settings.ray_address:
-        return InProcessStage2()
-    from backend.cluster.router import RayStage2  # Ray is an optional extra (requirements-cluster.txt)
-
-    return RayStage2(settings, engine, model, dim, layout)

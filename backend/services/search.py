@@ -19,7 +19,7 @@ from backend.embedding.cache import model_cache
 from backend.embedding.embedder import Embedder
 from backend.imaging import DecodedImage
 from backend.index.category_index import CategoryIndex, SearchHits
-from backend.index.layout import layout_from_settings
+from backend.index.layout import IndexLayout, layout_from_settings
 from backend.ingest.categories import LiveStage1
 from backend.ingest.writer import BatchWriter
 from backend.search import filters as search_filters
@@ -27,12 +27,21 @@ from backend.search import near_duplicates, own_image
 from backend.search.live_index import LiveIndex
 from backend.search.results import CategoryScore, Hit, SearchResult, UploadResult
 from backend.search.stage1 import Ranking, Stage1
-from backend.search.stage2 import Stage2, open_stage2
+from backend.search.stage2 import InProcessStage2, Stage2
 from backend.storage import catalogue
 from backend.storage.engine import get_engine, session_scope
 from backend.telemetry import EMBED_IMAGES, EMBED_SECONDS, SEARCH_STAGE_SECONDS
 
 log = logging.getLogger(__name__)
+
+
+def open_stage2(settings: Settings, engine: Engine, model: str, dim: int, layout: IndexLayout) -> Stage2:
+    """Who runs stage 2: this process (RAY_ADDRESS unset) or a Ray cluster's shard actors."""
+    if not settings.ray_address:
+        return InProcessStage2()
+    from backend.cluster.router import RayStage2  # Ray is an optional extra (requirements-cluster.txt)
+
+    return RayStage2(settings, engine, model, dim, layout)
 
 
 def _ms(seconds: float) -> float:
