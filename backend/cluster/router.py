@@ -19,7 +19,7 @@ from sqlalchemy import Engine
 
 from backend.cluster.local import SHARD_RESOURCE  # nodes that declare it hold shards; without any, every node does
 from backend.cluster.packing import bin_pack
-from backend.cluster.shard import ShardActor
+from backend.cluster.shard import ShardActor, ShardAnswer, pack, unpack
 from backend.core.config import Settings
 from backend.index.category_index import CategoryIndex, SearchHits
 from backend.index.layout import IndexLayout
@@ -150,13 +150,14 @@ class RayStage2:
 
     def _ask(
         self, per_group: dict[int, np.ndarray | None], queries: np.ndarray, k: int, nprobe: int | None, shortlist: int
-    ) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    ) -> dict[int, ShardAnswer]:
         """Each group's answer from one replica; the next replica is asked too when the first fails or has
         not answered within a quarter of the deadline. Groups with no answer by the deadline are missing."""
         start = time.monotonic()
         deadline, hedge_at = start + self.settings.shard_deadline_seconds, start + self.settings.shard_deadline_seconds / 4
         tried = {g: 0 for g in per_group}
         first = next(self._turn)
+        requests = {g: pack((queries, k, cats, nprobe, shortlist)) for g, cats in per_group.items()}
         pending: dict[Any, int] = {}
         order = {g: self._order(g, first, start) for g in per_group}
 
@@ -164,11 +165,11 @@ class RayStage2:
             if tried[g] < len(order[g]):
                 r = order[g][tried[g]]
                 tried[g] += 1
-                pending[self.replicas[g][r].search.remote(queries, k, per_group[g], nprobe, shortlist)] = g
+                pending[self.replicas[g][r].search.remote(requests[g])] = g
 
         for g in per_group:
             send(g)
-        answers: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        answers: dict[int, ShardAnswer] = {}
         while pending and len(answers) < len(per_group):
             now = time.monotonic()
             if now >= deadline:
@@ -182,7 +183,7 @@ class RayStage2:
                 g = pending.pop(ref)
                 try:
                     if g not in answers:
-                        answers[g] = ray.get(ref)
+                        answers[g] = unpack(ray.get(ref))
                 except RayError as exc:
                     log.warning("cluster: group %d replica failed (%s); asking another", g, type(exc).__name__)
                     send(g)
@@ -234,7 +235,7 @@ class RayStage2:
         """The actors are detached: they outlive this server and serve the next one."""
 
 
-def _merge(answers: list[tuple[np.ndarray, np.ndarray, np.ndarray]], n: int, k: int) -> SearchHits:
+def _merge(answers: list[ShardAnswer], n: int, k: int) -> SearchHits:
     """The k best of every group's k best, by exact score."""
     if not answers:
         return SearchHits(np.full((n, k), -np.inf, np.float32), np.full((n, k), -1, np.int64), np.zeros(n, np.int64))
