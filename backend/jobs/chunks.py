@@ -9,10 +9,10 @@ only while they write. An item without a category gets stage 1's prediction from
 (`StoredPrototypes`: a worker has no index), stored as predicted."""
 
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
@@ -30,18 +30,16 @@ from backend.storage.engine import session_scope
 from backend.storage.jobs import FINAL, MAX_FAILURES, delete_chunk_items, finish_if_done, load_chunk, lock_chunk_mark, lookup
 from backend.storage.schema import CatalogueJobItem
 
-if TYPE_CHECKING:
-    from backend.search.live_index import LiveIndex
-
 log = logging.getLogger("backend.jobs")
 
 
 class ChunkRunner:
-    """What a worker holds between chunks: settings, engine and, in serve's own worker, the index cache that
-    makes a chunk's images searchable at once. Models come from the process's one model cache."""
+    """What a worker holds between chunks: settings, engine and, in serve's own worker, the server's
+    `after_write` (its index, then stage 2 wherever it runs, follow the commit), which makes a chunk's images
+    searchable at once. Models come from the process's one model cache."""
 
-    def __init__(self, settings: Settings, engine: Engine, cache: "LiveIndex | None" = None) -> None:
-        self.settings, self.engine, self.cache = settings, engine, cache
+    def __init__(self, settings: Settings, engine: Engine, after_write: Callable[[], None] | None = None) -> None:
+        self.settings, self.engine, self.after_write = settings, engine, after_write
 
     def embedder(self, model_name: str | None = None) -> Embedder:
         """The settings' model (None), or the one a re-embedding job names: from the process's model cache,
@@ -53,8 +51,8 @@ class ChunkRunner:
     def run(self, job_id: int, chunk: int) -> IngestReport | None:
         """The chunk's report; None when it was done already or its job had ended."""
         report = ingest_chunk(self.settings, self.engine, self, job_id, chunk)
-        if report is not None and report.added and self.cache is not None:
-            self.cache.after_write()  # committed: now searchable in this server
+        if report is not None and report.added and self.after_write is not None:
+            self.after_write()  # committed: now searchable in this server, and on its cluster's shards
         return report
 
 

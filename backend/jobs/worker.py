@@ -4,16 +4,14 @@ thread (SERVE_WORKER), which makes each committed chunk searchable in its server
 import asyncio
 import logging
 import threading
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 from sqlalchemy import Engine
 
 from backend.core.config import Settings
 from backend.jobs.chunks import ChunkRunner
 from backend.jobs.queue import worker_app, worker_options
-
-if TYPE_CHECKING:
-    from backend.search.live_index import LiveIndex
 
 log = logging.getLogger("backend.jobs")
 
@@ -30,8 +28,8 @@ class WorkerThread:
     """`serve`'s in-process worker (SERVE_WORKER): procrastinate's worker on an event loop of its own thread,
     so that `./setup.sh all` needs no second process; stopped with the server."""
 
-    def __init__(self, settings: Settings, engine: Engine, cache: "LiveIndex | None" = None) -> None:
-        self.runner = ChunkRunner(settings, engine, cache)
+    def __init__(self, settings: Settings, engine: Engine, after_write: Callable[[], None] | None = None) -> None:
+        self.runner = ChunkRunner(settings, engine, after_write)
         self.concurrency = settings.worker_concurrency
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self._run, name="catalogue-worker", daemon=True)

@@ -53,7 +53,7 @@ class Services:
         self.catalogue.prepare_map()
         self.jobs.open_for_work()
         if self.settings.serve_worker:
-            self.worker = self.jobs.worker(self.search.cache)
+            self.worker = self.jobs.worker(self.search.follow_write)
             self.worker.start()
 
     def stop(self) -> None:

@@ -3,7 +3,7 @@ watch, cancel; the queue, staging resumption and the in-process worker around `b
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import procrastinate
 from sqlalchemy import Engine
@@ -11,9 +11,6 @@ from sqlalchemy import Engine
 from backend import jobs
 from backend.core.config import Settings
 from backend.schemas import JobOut
-
-if TYPE_CHECKING:
-    from backend.search.live_index import LiveIndex
 
 
 def job_out(job: Any) -> JobOut:
@@ -79,9 +76,10 @@ class Jobs:
         """Run chunks in this process until SIGINT/SIGTERM (the `worker` command)."""
         jobs.run_worker(self.settings, self._engine, concurrency)
 
-    def worker(self, cache: "LiveIndex") -> jobs.WorkerThread:
-        """An in-process worker (not started) that makes each chunk it commits searchable in `cache` at once."""
-        return jobs.WorkerThread(self.settings, self._engine, cache)
+    def worker(self, after_write: Callable[[], None]) -> jobs.WorkerThread:
+        """An in-process worker (not started) that calls `after_write` after each chunk it commits: the
+        server's index and stage 2 (its cluster's shards too) then find the chunk's images at once."""
+        return jobs.WorkerThread(self.settings, self._engine, after_write)
 
     # --- one job ---------------------------------------------------------------------------------
 
