@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from backend.sources.datasets import Dataset
-from tests.cluster.conftest import cli
+from tests.cluster.conftest import CLUSTER_IMAGES, cli
 from tests.utils.server import RunningServer, running_server
 
 pytest.importorskip("ray", reason="the cluster extra (requirements-cluster.txt) is not installed")
@@ -58,7 +58,7 @@ def test_status_shows_the_groups_and_their_replicas(cluster_server: RunningServe
         assert replicas[0]["vectors"] == replicas[1]["vectors"] == group["vectors_packed"]
         held += group["categories"]
     assert len(held) == len(set(held)) == 10  # every CIFAR category in exactly one group
-    assert sum(g["vectors_packed"] for g in stage2["groups"]) == 200
+    assert sum(g["vectors_packed"] for g in stage2["groups"]) == CLUSTER_IMAGES
 
 
 def test_the_cluster_answers_the_same_ids_as_an_in_process_server(
