@@ -59,18 +59,24 @@ def rebalance(fleet: ShardFleet, groups: int | None, timeout_s: float, retire: b
 
 
 def retire_when_due(fleet: ShardFleet, active: int, say: Callable[[str], None]) -> int:
-    """Wait until `active` has been active for the grace period, then retire the older epochs (unless a
-    router did first); the actors killed here."""
+    """Wait until `active` has been active for the grace period, then retire the older epochs (a router may
+    do it first: then wait for it); the actors killed here."""
+    killed = 0
     while True:
         with session_scope(fleet.db) as session:
             seen = shards.epochs(session)
-        if seen.active != active or not seen.draining:
-            return 0  # a newer epoch took over, or the routers retired the old ones already
+        if seen.active != active:
+            say(f"epoch {seen.active} is active now: the old epochs are left to its rebalancer and the servers")
+            return killed
+        if not seen.draining:
+            say(f"old epochs retired ({killed} actors killed here, the rest by a server); cache directories removed")
+            return killed
         left = fleet.settings.shard_grace_seconds - seen.active_for_s
-        if left <= 0:
-            break
-        say(f"old epochs {list(seen.draining)} are retired in {left:.0f}s (SHARD_GRACE_SECONDS)")
-        time.sleep(min(left, 10.0))
-    killed = fleet.retire(seen.draining, active)
-    say(f"epochs {list(seen.draining)} retired: {killed} actors killed, their cache directories removed")
-    return killed
+        if left > 0:
+            say(f"old epochs {list(seen.draining)} are retired in {left:.0f}s (SHARD_GRACE_SECONDS)")
+            time.sleep(min(left, 10.0))
+            continue
+        done = fleet.retire(seen.draining, active)
+        killed += done
+        if not done:  # another process holds the retirement, or there was nothing left to kill
+            time.sleep(1.0)
