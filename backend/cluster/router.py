@@ -76,11 +76,18 @@ class RayStage2:
         return self.fleet.name(epoch, group, replica)
 
     def _follow_epochs(self) -> None:
+        failing = False
         while not self._stop.wait(EPOCH_CHECK_S):
             try:
                 self.follow_epochs()
-            except Exception:  # the database or the cluster away for a while: searches go on from this epoch
-                log.exception("cluster: following the epochs failed; retrying")
+            except Exception as exc:  # the database or the cluster away for a while: searches go on from this epoch
+                if not failing:  # one line when it starts failing, one when it recovers
+                    log.warning("cluster: following the epochs failed (%s: %s); retrying", type(exc).__name__, exc)
+                failing = True
+                continue
+            if failing:
+                log.warning("cluster: following the epochs resumed")
+            failing = False
 
     def follow_epochs(self) -> None:
         """Switch to a newer active epoch (a rebalance made it); once it has been active for the grace
