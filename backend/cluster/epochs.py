@@ -145,7 +145,8 @@ class ShardFleet:
             if not shards.claim_retirement(session):
                 return 0
             handles: list[Any] = []
-            for name in ray.util.list_named_actors():
+            named = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == NAMESPACE]
+            for name in named:
                 if any(name.startswith(f"{self.prefix}-e{e}-g") for e in epochs):
                     try:
                         handles.append(ray.get_actor(name, namespace=NAMESPACE))

@@ -69,7 +69,8 @@ def retire_when_due(fleet: ShardFleet, active: int, say: Callable[[str], None]) 
             say(f"epoch {seen.active} is active now: the old epochs are left to its rebalancer and the servers")
             return killed
         if not seen.draining:
-            say(f"old epochs retired ({killed} actors killed here, the rest by a server); cache directories removed")
+            by = f"{killed} actors killed" if killed else "by a server"
+            say(f"old epochs retired ({by}); their cache directories removed")
             return killed
         left = fleet.settings.shard_grace_seconds - seen.active_for_s
         if left > 0:

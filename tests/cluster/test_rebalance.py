@@ -95,18 +95,19 @@ def test_rebalancing_from_2_to_3_groups_under_queries_leaves_no_gap(
         rebalance = subprocess.Popen([sys.executable, "-m", "backend.cli", "cluster", "rebalance", "--groups", "3"],
                                      cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True)  # fmt: skip
-        seen_pending = False
+        seen_pending, started = False, time.monotonic()
         while rebalance.poll() is None:  # /status shows the epoch being built while it is
             seen_pending |= stage2(cluster_server)["pending_epoch"] == 2
             time.sleep(0.5)
         out = rebalance.stdout.read() if rebalance.stdout else ""
         assert rebalance.returncode == 0, out
         assert "epoch 2 active" in out and "old epochs retired" in out, out
-        queries_during_rebalance = len(answered)
+        queries_during_rebalance, rebalance_s = len(answered), time.monotonic() - started
         time.sleep(3)  # and queries on the new epoch alone, the old one gone
     finally:
         stop.set()
         querying.join()
+    print(f"\n{out}{queries_during_rebalance} queries during the {rebalance_s:.0f}s rebalance, {len(answered)} in all")
     assert seen_pending
     assert problems == [] and queries_during_rebalance >= 20 and len(answered) > queries_during_rebalance
 
