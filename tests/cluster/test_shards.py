@@ -108,3 +108,24 @@ def test_a_rebalance_epoch_builds_then_wins_or_loses_and_old_epochs_retire(engin
     with session_scope(engine) as s:
         assert shards.epochs(s).draining == () and shards.newest(s).epoch == 3
         assert shards.claim_retirement(s)
+
+
+def test_epochs_stored_before_0010_are_kept_the_newest_active(engine: Engine) -> None:
+    from alembic import command
+    from sqlalchemy import text
+
+    from backend.storage import migrate
+
+    config = migrate._config()
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0009")
+    with engine.begin() as conn:  # two epochs in the old table alone
+        conn.execute(text("INSERT INTO shard_assignments (epoch, category_id, group_no, vectors) VALUES "
+                          "(1, 1, 0, 5), (1, 2, 1, 7), (2, 1, 1, 5), (2, 2, 0, 7)"))  # fmt: skip
+    migrate.upgrade(engine)
+    with session_scope(engine) as s:
+        seen = shards.epochs(s)
+        current = shards.newest(s)
+    assert (seen.active, seen.pending, seen.draining) == (2, None, ())
+    assert current.group_of == {1: 1, 2: 0} and current.groups == 2 and current.replicas is None
