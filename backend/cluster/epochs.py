@@ -153,7 +153,8 @@ class ShardFleet:
                     except ValueError:  # gone meanwhile
                         continue
             drops: list[Any] = [h.drop.remote() for h in handles]
-            ray.wait(drops, num_returns=len(drops), timeout=DROP_TIMEOUT_S)
+            if drops:
+                ray.wait(drops, num_returns=len(drops), timeout=DROP_TIMEOUT_S)
             for h in handles:
                 try:
                     ray.kill(h)
