@@ -249,7 +249,8 @@ class ShardGroupStatus(BaseModel):
 class Stage2Status(BaseModel):
     engine: str  # in-process, or ray (RAY_ADDRESS)
     address: str | None = None
-    epoch: int | None = None
+    epoch: int | None = None  # the active epoch: the one this server's searches use
+    pending_epoch: int | None = None  # a newer epoch a rebalance is building
     groups: list[ShardGroupStatus] = []
 
 

@@ -1,57 +1,35 @@
-"""Stage 2 on a Ray cluster, as the API server sees it: the group assignment (made once, kept in PostgreSQL),
-the shard actors (found by name, created where missing), and each query sent only to the groups holding its
+"""Stage 2 on a Ray cluster, as the API server sees it: the group assignment (kept in PostgreSQL per epoch;
+a newer active epoch, made by a rebalance, is followed within seconds), the shard actors (found by name,
+created where missing, epochs.py), and each query sent only to the groups holding its
 top categories — one replica each, the other one too when the first is slow or fails — merged by exact score.
 A group with no answer by SHARD_DEADLINE_SECONDS is left out and the result says so (partial), never a 500."""
 
 import itertools
 import logging
-import re
 import threading
 import time
 from typing import Any
 
 import numpy as np
 import ray
-from ray._private import ray_constants
 from ray.exceptions import RayError
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from sqlalchemy import Engine
 
-from backend.cluster.local import SHARD_RESOURCE  # nodes that declare it hold shards; without any, every node does
+from backend.cluster.epochs import Epoch, ShardFleet, connect, default_groups
 from backend.cluster.packing import bin_pack
-from backend.cluster.shard import ShardActor, ShardAnswer, pack, unpack
+from backend.cluster.shard import ShardAnswer, pack, unpack
 from backend.core.config import Settings
 from backend.index.category_index import CategoryIndex, SearchHits
 from backend.index.layout import IndexLayout
 from backend.search.stage2 import Stage2Hits
-from backend.storage import catalogue, change_log, shards
+from backend.storage import catalogue, shards
 from backend.storage.engine import session_scope
 
 log = logging.getLogger(__name__)
 
-NAMESPACE = "imsrc"
-GROUPS_PER_NODE = 2
 SLOW_FOR_S = 10.0  # a replica that missed a hedge (dead, restarting, overloaded) is asked last this long
 PAD = -(2**62)  # no category in this slot (category id -1 is "no category")
-_Shard = ray.remote(ShardActor)
-
-
-def connect(address: str) -> None:
-    """Join the cluster as a driver (no resources of ours); on loopback every socket of ours stays there."""
-    if ray.is_initialized():
-        return
-    loopback = address.rpartition(":")[0] in ("127.0.0.1", "localhost")
-    extra: dict[str, Any] = {}
-    if loopback:  # Ray would swap a loopback address for the machine's own, where a local cluster does not listen
-        ray_constants.ENABLE_RAY_CLUSTER = False  # its switch for "this machine's address is 127.0.0.1"
-        extra["_node_ip_address"] = "127.0.0.1"
-    ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, configure_logging=False, **extra)
-
-
-def shard_nodes() -> list[dict[str, Any]]:
-    """Alive nodes with a shard slot (all alive nodes where none declares one), in a stable order."""
-    alive = sorted((n for n in ray.nodes() if n["Alive"]), key=lambda n: n["NodeID"])
-    return [n for n in alive if n["Resources"].get(SHARD_RESOURCE)] or alive
+EPOCH_CHECK_S = 1.0  # how often a router looks for a newer active epoch (SHARD_GRACE_SECONDS must exceed it)
 
 
 class RayStage2:
@@ -59,97 +37,111 @@ class RayStage2:
 
     def __init__(self, settings: Settings, engine: Engine, model: str, dim: int, layout: IndexLayout) -> None:
         assert settings.ray_address
-        self.settings, self.db, self.model, self.dim, self.layout = settings, engine, model, dim, layout
+        self.settings, self.db = settings, engine
         connect(settings.ray_address)
-        with session_scope(engine) as session:
-            catalogue_id = change_log.identity(session).catalogue_id
-        self.prefix = f"imsrc-{catalogue_id[:8]}-{re.sub(r'[^A-Za-z0-9]+', '_', model)}"
+        self.fleet = ShardFleet.of(settings, engine, model, dim, layout)
         self._turn = itertools.count()
         self._slow_until: dict[tuple[int, int], float] = {}  # (group, replica) that missed a hedge: asked last for a while
         self._lock = threading.Lock()
-        self.assignment = self._ensure_assignment()
-        self.replicas = self._ensure_actors(self.assignment)
+        self._written = 0  # this server's newest write: a new epoch catches up to it before it is used
+        self.epoch = self.fleet.start(self._ensure_assignment())  # replaced whole when a newer epoch is active
+        self._stop = threading.Event()
+        self._follower = threading.Thread(target=self._follow_epochs, name="follow-epochs", daemon=True)
+        self._follower.start()
 
     # --- the groups and their actors ---------------------------------------------------------------
 
+    @property
+    def assignment(self) -> shards.Assignment:
+        return self.epoch.assignment
+
+    @property
+    def replicas(self) -> dict[int, list[Any]]:
+        return self.epoch.replicas
+
     def _ensure_assignment(self) -> shards.Assignment:
+        """The newest active epoch; the first server to start packs the first one."""
         with session_scope(self.db) as session:
             current = shards.newest(session)
             if current.epoch:
                 return current
-            groups = self.settings.shard_groups or GROUPS_PER_NODE * len(shard_nodes())
+            groups = default_groups(self.settings)
             vectors = {c: 0 for c in catalogue.category_ids(session).values()}
-            vectors.update(catalogue.category_vector_counts(session, self.model))
-            made = shards.store(session, bin_pack(vectors, groups), vectors, expected_epoch=0)
+            vectors.update(catalogue.category_vector_counts(session, self.fleet.model))
+            packed = bin_pack(vectors, groups)
+            made = shards.store(session, packed, vectors, 0, groups, self.settings.shard_replicas)
         log.info("cluster: epoch %d, %d categories in %d groups", made.epoch, len(made.group_of), made.groups)
         return made
 
     def actor_name(self, epoch: int, group: int, replica: int) -> str:
-        return f"{self.prefix}-e{epoch}-g{group}-r{replica}"
+        return self.fleet.name(epoch, group, replica)
 
-    def _ensure_actors(self, assignment: shards.Assignment) -> dict[int, list[Any]]:
-        """Each group's SHARD_REPLICAS actors, created where missing (replicas of a group on different nodes
-        while there are enough), then waited for: each builds its part of the index before it answers."""
-        nodes, r_count = shard_nodes(), self.settings.shard_replicas
-        resources = {SHARD_RESOURCE: 1} if any(n["Resources"].get(SHARD_RESOURCE) for n in nodes) else {}
-        url = self.db.url.render_as_string(hide_password=False)
-        out: dict[int, list[Any]] = {}
-        for g in range(assignment.groups):
-            out[g] = []
-            for r in range(r_count):
-                node = nodes[(g * r_count + r) % len(nodes)]
-                directory = self.settings.index_dir / "shards" / f"{self.prefix}-e{assignment.epoch}-g{g}-r{r}"
-                handle = _Shard.options(
-                    name=self.actor_name(assignment.epoch, g, r),
-                    namespace=NAMESPACE,
-                    lifetime="detached",
-                    get_if_exists=True,
-                    max_restarts=-1,
-                    max_task_retries=-1,
-                    max_concurrency=4,
-                    num_cpus=0,
-                    resources=resources,
-                    scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=True),
-                ).remote(
-                    url,
-                    self.settings.db_timeout_seconds,
-                    self.model,
-                    self.dim,
-                    self.layout,
-                    str(directory),
-                    assignment.categories(g),
-                    max(0.2, self.settings.index_refresh_seconds or 1.0),
-                )
-                out[g].append(handle)
-        ray.get([h.info.remote() for hs in out.values() for h in hs], timeout=300)
-        return out
+    def _follow_epochs(self) -> None:
+        failing = False
+        while not self._stop.wait(EPOCH_CHECK_S):
+            try:
+                self.follow_epochs()
+            except Exception as exc:  # the database or the cluster away for a while: searches go on from this epoch
+                if not failing:  # one line when it starts failing, one when it recovers
+                    log.warning("cluster: following the epochs failed (%s: %s); retrying", type(exc).__name__, exc)
+                failing = True
+                continue
+            if failing:
+                log.warning("cluster: following the epochs resumed")
+            failing = False
+
+    def follow_epochs(self) -> None:
+        """Switch to a newer active epoch (a rebalance made it); once it has been active for the grace
+        period, retire the older ones (every router may, one at a time; the rebalancer does too)."""
+        with session_scope(self.db) as session:
+            seen = shards.epochs(session)
+        if seen.active > self.epoch.number:
+            self._switch(seen.active)
+        if seen.draining and seen.active == self.epoch.number and seen.active_for_s >= self.settings.shard_grace_seconds:
+            self.fleet.retire(seen.draining, seen.active)
+
+    def _switch(self, number: int) -> None:
+        """The new epoch's replicas (built and caught up by the rebalancer), brought up to this server's own
+        writes, then swapped in as one object: searches under way finish on the old epoch."""
+        with session_scope(self.db) as session:
+            assignment = shards.newest(session, number)
+        new = self.fleet.start(assignment)
+        while True:
+            written = self._written
+            self.fleet.catch_up(new, written, self.settings.shard_deadline_seconds * 2)
+            with self._lock:
+                if self._written == written:  # no write of ours since: nothing the new epoch could miss
+                    self.epoch, self._slow_until = new, {}
+                    break
+        log.info("cluster: now on epoch %d (%d groups)", new.number, assignment.groups)
 
     # --- searching ------------------------------------------------------------------------------
 
     def search(
         self, index: CategoryIndex, queries: np.ndarray, k: int, searched: np.ndarray | None, nprobe: int | None, shortlist: int
     ) -> Stage2Hits:
-        per_group = self._split(index, searched, len(queries))
-        answers = self._ask(per_group, queries, k, nprobe, shortlist)
+        ep = self.epoch  # one epoch for the whole search: a switch meanwhile does not mix two epochs' groups
+        per_group = self._split(ep, index, searched, len(queries))
+        answers = self._ask(ep, per_group, queries, k, nprobe, shortlist)
         left_out: list[list[int]] = [[] for _ in queries]
         for g, cats in per_group.items():
             if g not in answers:
                 for q in range(len(queries)):
-                    row = self.assignment.categories(g).owned if cats is None else cats[q][cats[q] != PAD].tolist()
+                    row = ep.assignment.categories(g).owned if cats is None else cats[q][cats[q] != PAD].tolist()
                     left_out[q] += sorted(int(c) for c in row)
         return Stage2Hits(_merge(list(answers.values()), len(queries), k), left_out)
 
-    def _split(self, index: CategoryIndex, searched: np.ndarray | None, n: int) -> dict[int, np.ndarray | None]:
+    def _split(self, ep: Epoch, index: CategoryIndex, searched: np.ndarray | None, n: int) -> dict[int, np.ndarray | None]:
         """Per group that holds any of the queries' categories, those categories (ids, PAD elsewhere)."""
         if searched is None:
-            return {g: None for g in range(self.assignment.groups)}
+            return {g: None for g in range(ep.assignment.groups)}
         ids = np.asarray(index.category_ids, dtype=np.int64)
         cats = np.where(searched >= 0, ids[np.clip(searched, 0, None)] if len(ids) else PAD, PAD)
-        group = np.vectorize(self.assignment.group_for, otypes=[np.int64])(cats) if cats.size else cats
+        group = np.vectorize(ep.assignment.group_for, otypes=[np.int64])(cats) if cats.size else cats
         return {int(g): np.where((group == g) & (cats != PAD), cats, PAD) for g in np.unique(group[cats != PAD])}
 
     def _ask(
-        self, per_group: dict[int, np.ndarray | None], queries: np.ndarray, k: int, nprobe: int | None, shortlist: int
+        self, ep: Epoch, per_group: dict[int, np.ndarray | None], queries: np.ndarray, k: int, nprobe: int | None, shortlist: int
     ) -> dict[int, ShardAnswer]:
         """Each group's answer from one replica; the next replica is asked too when the first fails or has
         not answered within a quarter of the deadline. Groups with no answer by the deadline are missing."""
@@ -159,13 +151,13 @@ class RayStage2:
         first = next(self._turn)
         requests = {g: pack((queries, k, cats, nprobe, shortlist)) for g, cats in per_group.items()}
         pending: dict[Any, int] = {}
-        order = {g: self._order(g, first, start) for g in per_group}
+        order = {g: self._order(len(ep.replicas[g]), g, first, start) for g in per_group}
 
         def send(g: int) -> None:
             if tried[g] < len(order[g]):
                 r = order[g][tried[g]]
                 tried[g] += 1
-                pending[self.replicas[g][r].search.remote(requests[g])] = g
+                pending[ep.replicas[g][r].search.remote(requests[g])] = g
 
         for g in per_group:
             send(g)
@@ -198,9 +190,8 @@ class RayStage2:
             ray.cancel(ref)
         return answers
 
-    def _order(self, g: int, turn: int, now: float) -> list[int]:
-        """The group's replicas in the order to ask them: taking turns, those slow lately last."""
-        n = len(self.replicas[g])
+    def _order(self, n: int, g: int, turn: int, now: float) -> list[int]:
+        """The group's `n` replicas in the order to ask them: taking turns, those slow lately last."""
         turns = [(turn + i) % n for i in range(n)]
         return sorted(turns, key=lambda r: self._slow_until.get((g, r), 0.0) > now)
 
@@ -209,12 +200,18 @@ class RayStage2:
     def catch_up(self, seq: int) -> None:
         """Every replica applies the change log up to `seq` before the writer answers (read-your-writes); a
         replica that is restarting builds from the database anyway."""
-        refs = [h.catch_up.remote(seq) for hs in self.replicas.values() for h in hs]
+        with self._lock:  # a switch to a newer epoch under way catches that one up to `seq` as well
+            self._written = max(self._written, seq)
+            ep = self.epoch
+        refs = [h.catch_up.remote(seq) for hs in ep.replicas.values() for h in hs]
         ray.wait(refs, num_returns=len(refs), timeout=self.settings.shard_deadline_seconds * 2)
 
     def status(self) -> dict[str, Any]:
+        ep = self.epoch
+        with session_scope(self.db) as session:
+            pending = shards.epochs(session).pending
         groups = []
-        for g, handles in self.replicas.items():
+        for g, handles in ep.replicas.items():
             refs = [h.info.remote() for h in handles]
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=2)
             replicas = []
@@ -225,14 +222,15 @@ class RayStage2:
                         info = ray.get(ref)
                     except RayError as exc:
                         info = {"state": f"failed: {type(exc).__name__}"}
-                replicas.append({"name": self.actor_name(self.assignment.epoch, g, r), **info})
-            owned = sorted(self.assignment.categories(g).owned)
-            packed = sum(self.assignment.vectors.get(c, 0) for c in owned)
+                replicas.append({"name": self.actor_name(ep.number, g, r), **info})
+            owned = sorted(ep.assignment.categories(g).owned)
+            packed = sum(ep.assignment.vectors.get(c, 0) for c in owned)
             groups.append({"group": g, "categories": owned, "vectors_packed": packed, "replicas": replicas})
-        return {"address": self.settings.ray_address, "epoch": self.assignment.epoch, "groups": groups}
+        return {"address": self.settings.ray_address, "epoch": ep.number, "pending_epoch": pending, "groups": groups}
 
     def close(self) -> None:
         """The actors are detached: they outlive this server and serve the next one."""
+        self._stop.set()
 
 
 def _merge(answers: list[ShardAnswer], n: int, k: int) -> SearchHits:

@@ -5,6 +5,7 @@ its categories itself, so no vector travels through Ray on ingest. Restarted by 
 import logging
 import os
 import pickle
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -59,7 +60,8 @@ class ShardActor:
         self.state = "ready"
         self.started = time.time()
         self._stop = threading.Event()
-        threading.Thread(target=self._follow, args=(refresh_s,), name="follow-change-log", daemon=True).start()
+        self._follower = threading.Thread(target=self._follow, args=(refresh_s,), name="follow-change-log", daemon=True)
+        self._follower.start()
 
     def _follow(self, every_s: float) -> None:
         """Other writers' changes (workers, other API servers) within `every_s`, without being asked."""
@@ -103,3 +105,10 @@ class ShardActor:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def drop(self) -> None:
+        """Retiring (an older epoch's replica, killed next): stop following, then remove the cache directory
+        on this node, which nothing else would ever read again."""
+        self._stop.set()
+        self._follower.join(timeout=30)
+        shutil.rmtree(self.cache.directory, ignore_errors=True)

@@ -101,6 +101,9 @@ class Settings(BaseSettings):
     shard_replicas: int = Field(2, ge=1, le=16)
     # A group that has not answered within this long is left out of the result, which is marked partial.
     shard_deadline_seconds: float = Field(2.0, gt=0, le=60)
+    # After a rebalance, the old epoch's actors are killed once the new epoch has been active this long:
+    # every router has switched (they look every second) and searches under way on the old one have ended.
+    shard_grace_seconds: float = Field(30.0, ge=0, le=86400)
 
     # API
     api_host: str = "0.0.0.0"

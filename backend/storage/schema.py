@@ -7,6 +7,7 @@ from sqlalchemy import (
     ARRAY,
     BigInteger,
     Boolean,
+    CheckConstraint,
     DateTime,
     FetchedValue,
     Float,
@@ -142,6 +143,22 @@ class ShardAssignment(Base):
     group_no: Mapped[int] = mapped_column(Integer)
     vectors: Mapped[int] = mapped_column(BigInteger)  # the category's vectors when it was packed
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class ShardEpoch(Base):
+    """One epoch of the cluster's assignment (migration 0010): building (a rebalance makes its replicas),
+    active (routers use the newest active one; older active ones drain), retired (their actors are gone)."""
+
+    __tablename__ = "shard_epochs"
+    __table_args__ = (CheckConstraint("state IN ('building', 'active', 'retired')", name="ck_shard_epochs_state"),)
+
+    epoch: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    groups: Mapped[int] = mapped_column(Integer)
+    replicas: Mapped[int | None] = mapped_column(Integer)  # NULL: stored before 0010 (the server's SHARD_REPLICAS)
+    state: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    activated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    retired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class ApiKey(Base):

@@ -1,17 +1,21 @@
-"""The cluster's category groups in the database (table shard_assignments, migration 0009): which group holds
-each category, per epoch. A category created after the newest epoch belongs to group |id| mod groups, by the
-same rule in SQL (`CategorySet.sql`) and in Python (`CategorySet.contains`). Functions take a Session and never
-commit."""
+"""The cluster's category groups in the database: which group holds each category, per epoch (table
+shard_assignments, migration 0009), and each epoch's state (table shard_epochs, migration 0010): `building`
+while a rebalance makes its replicas, `active` once they are caught up (routers use the newest active epoch;
+an older active one drains), `retired` when its actors are gone. Epochs only grow. A category created after
+an epoch was packed belongs to group |id| mod groups, by the same rule in SQL (`CategorySet.sql`) and in
+Python (`CategorySet.contains`). Functions take a Session and never commit."""
 
 from dataclasses import dataclass
 
-from sqlalchemy import ColumnElement, and_, delete, func, insert, or_, select, text
+from sqlalchemy import ColumnElement, and_, func, insert, or_, select, text, update
 from sqlalchemy.orm import Session
 
-from backend.storage.schema import ShardAssignment
+from backend.storage.schema import ShardAssignment, ShardEpoch
 
 # New epochs are written under this transaction-level advisory lock, so two servers starting at once agree.
 ASSIGNMENT_LOCK = 7305104230
+RETIRE_LOCK = 7305104231  # one retirer at a time (routers and rebalancers all try)
+BUILDING, ACTIVE, RETIRED = "building", "active", "retired"
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,8 @@ class Assignment:
     groups: int
     group_of: dict[int, int]  # category id -> group
     vectors: dict[int, int]  # category id -> vectors when packed
+    replicas: int | None = None  # actors per group; None: not stored (the server's SHARD_REPLICAS)
+    state: str = ACTIVE
 
     def categories(self, group: int) -> CategorySet:
         owned = frozenset(c for c, g in self.group_of.items() if g == group)
@@ -55,32 +61,96 @@ class Assignment:
         return abs(category_id) % self.groups if got is None else got
 
 
+@dataclass(frozen=True)
+class Epochs:
+    """What a router checks every few seconds, in one query over the epochs not retired."""
+
+    active: int  # the newest active epoch (0: none)
+    active_for_s: float  # since it became active
+    pending: int | None  # a newer epoch being built
+    draining: tuple[int, ...]  # older epochs not retired yet (superseded, or abandoned while building)
+
+
+def epochs(session: Session) -> Epochs:
+    age = func.extract("epoch", func.now() - ShardEpoch.activated_at)
+    rows = session.execute(select(ShardEpoch.epoch, ShardEpoch.state, age).where(ShardEpoch.state != RETIRED)).all()
+    active = max((e for e, state, _ in rows if state == ACTIVE), default=0)
+    active_for = next((float(a) for e, _, a in rows if e == active), 0.0)
+    pending = max((e for e, state, _ in rows if state == BUILDING and e > active), default=None)
+    return Epochs(active, active_for, pending, tuple(sorted(e for e, _, _ in rows if e < active)))
+
+
 def newest(session: Session, epoch: int | None = None) -> Assignment:
-    """The assignment of `epoch` (default the newest); epoch 0 with no groups when none is stored."""
+    """The assignment of `epoch` (default the newest active one); epoch 0 with no groups when none is stored."""
     if epoch is None:
-        epoch = session.scalar(select(func.max(ShardAssignment.epoch))) or 0
+        epoch = session.scalar(select(func.max(ShardEpoch.epoch)).where(ShardEpoch.state == ACTIVE)) or 0
+    meta = session.get(ShardEpoch, epoch)
+    if meta is None:
+        return Assignment(0, 0, {}, {})
     rows = session.execute(
         select(ShardAssignment.category_id, ShardAssignment.group_no, ShardAssignment.vectors).where(
             ShardAssignment.epoch == epoch
         )
     ).all()
-    groups = 1 + max((g for _, g, _ in rows), default=-1)
-    return Assignment(int(epoch), groups, {c: g for c, g, _ in rows}, {c: n for c, _, n in rows})
+    group_of, vectors = {c: g for c, g, _ in rows}, {c: n for c, _, n in rows}
+    return Assignment(int(epoch), meta.groups, group_of, vectors, meta.replicas, meta.state)
 
 
-def store(session: Session, group_of: dict[int, int], vectors: dict[int, int], expected_epoch: int) -> Assignment:
-    """A new epoch holding `group_of`, unless another writer stored one after `expected_epoch`: then that one."""
+def newest_epoch(session: Session) -> int:
+    """The newest epoch in any state (0: none), what a new epoch's `expected_epoch` is."""
+    return session.scalar(select(func.max(ShardEpoch.epoch))) or 0
+
+
+def store(
+    session: Session,
+    group_of: dict[int, int],
+    vectors: dict[int, int],
+    expected_epoch: int,
+    groups: int | None = None,
+    replicas: int | None = None,
+    state: str = ACTIVE,
+) -> Assignment:
+    """A new epoch holding `group_of` in `groups` groups (default: as many as it uses), unless another writer
+    stored an epoch after `expected_epoch`: then the newest one, in whatever state it is."""
     session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": ASSIGNMENT_LOCK})
-    current = newest(session)
-    if current.epoch != expected_epoch:
-        return current
-    epoch = current.epoch + 1
+    current = newest_epoch(session)
+    if current != expected_epoch:
+        return newest(session, current)
+    epoch = current + 1
+    groups = groups or 1 + max(group_of.values(), default=0)
+    activated = func.now() if state == ACTIVE else None
+    session.add(ShardEpoch(epoch=epoch, groups=groups, replicas=replicas, state=state, activated_at=activated))
+    session.flush()
     rows = [{"epoch": epoch, "category_id": c, "group_no": g, "vectors": vectors.get(c, 0)} for c, g in group_of.items()]
     if rows:
         session.execute(insert(ShardAssignment), rows)
     return newest(session, epoch)
 
 
-def forget_before(session: Session, epoch: int) -> int:
-    """Drop the epochs older than `epoch` (their actors are gone)."""
-    return int(session.execute(delete(ShardAssignment).where(ShardAssignment.epoch < epoch)).rowcount)  # type: ignore[attr-defined]
+def activate(session: Session, epoch: int) -> bool:
+    """Make a building epoch active, unless a newer epoch was stored meanwhile (that one wins). True when
+    `epoch` is active afterwards."""
+    session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": ASSIGNMENT_LOCK})
+    if newest_epoch(session) != epoch:
+        return False
+    session.execute(
+        update(ShardEpoch)
+        .where(ShardEpoch.epoch == epoch, ShardEpoch.state == BUILDING)
+        .values(state=ACTIVE, activated_at=func.now())
+    )
+    return session.scalar(select(ShardEpoch.state).where(ShardEpoch.epoch == epoch)) == ACTIVE
+
+
+def retired(session: Session, epochs: list[int]) -> None:
+    """Mark `epochs` retired (their actors are gone); never the newest active epoch or a newer one."""
+    active = select(func.max(ShardEpoch.epoch)).where(ShardEpoch.state == ACTIVE).scalar_subquery()
+    session.execute(
+        update(ShardEpoch)
+        .where(ShardEpoch.epoch.in_(epochs), ShardEpoch.epoch < active, ShardEpoch.state != RETIRED)
+        .values(state=RETIRED, retired_at=func.now())
+    )
+
+
+def claim_retirement(session: Session) -> bool:
+    """Whether this transaction may retire epochs now (no other one is at it); held until it ends."""
+    return bool(session.scalar(text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": RETIRE_LOCK}))

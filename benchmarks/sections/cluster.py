@@ -35,7 +35,8 @@ def _paths(stage2: "RayStage2", index, q: np.ndarray, searched: np.ndarray) -> d
     import ray
 
     inproc = InProcessStage2()
-    groups = [list(stage2._split(index, searched[i : i + 1], 1)) for i in range(len(searched))]
+    ids = index.category_ids
+    groups = [sorted({stage2.assignment.group_for(int(ids[c])) for c in row if c >= 0}) for row in searched]
     one = stage2.replicas[0][0]
     return {
         "in_process": lambda i: inproc.search(index, q[i : i + 1], K, searched[i : i + 1], None, 100),

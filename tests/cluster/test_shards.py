@@ -83,3 +83,49 @@ def _ids(cache: LiveIndex) -> list[int]:
         if n:
             out += faiss.rev_swig_ptr(index.ivf.invlists.get_ids(lst), n).tolist()
     return out
+
+
+def test_a_rebalance_epoch_builds_then_wins_or_loses_and_old_epochs_retire(engine: Engine) -> None:
+    with session_scope(engine) as s:
+        first = shards.store(s, {1: 0, 2: 1}, {1: 5, 2: 7}, expected_epoch=0, groups=2, replicas=2)
+        building = shards.store(s, {1: 0, 2: 1, 3: 2}, {}, expected_epoch=1, groups=3, replicas=2, state=shards.BUILDING)
+    assert (first.epoch, first.state, building.epoch, building.state) == (1, shards.ACTIVE, 2, shards.BUILDING)
+    with session_scope(engine) as s:
+        seen = shards.epochs(s)
+        assert (seen.active, seen.pending, seen.draining) == (1, 2, ())
+        assert shards.newest(s).epoch == 1  # routers stay on the active epoch while the new one builds
+        lost = shards.store(s, {1: 1}, {}, expected_epoch=1, state=shards.BUILDING)  # a second rebalancer, late
+        assert lost.epoch == 2 and lost.groups == 3  # it gets the winner's epoch, not a new one
+        later = shards.store(s, {1: 0}, {}, expected_epoch=2, groups=4, state=shards.BUILDING)
+    with session_scope(engine) as s:
+        assert not shards.activate(s, 2)  # a newer epoch was stored: epoch 2 loses
+        assert shards.activate(s, later.epoch) and shards.activate(s, later.epoch)  # idempotent
+    with session_scope(engine) as s:
+        seen = shards.epochs(s)
+        assert (seen.active, seen.pending, seen.draining) == (3, None, (1, 2)) and seen.active_for_s < 60
+        assert shards.newest(s).groups == 4  # the group count is stored, even for groups left empty
+        shards.retired(s, [1, 2, 3])  # never the active epoch
+    with session_scope(engine) as s:
+        assert shards.epochs(s).draining == () and shards.newest(s).epoch == 3
+        assert shards.claim_retirement(s)
+
+
+def test_epochs_stored_before_0010_are_kept_the_newest_active(engine: Engine) -> None:
+    from alembic import command
+    from sqlalchemy import text
+
+    from backend.storage import migrate
+
+    config = migrate._config()
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0009")
+    with engine.begin() as conn:  # two epochs in the old table alone
+        conn.execute(text("INSERT INTO shard_assignments (epoch, category_id, group_no, vectors) VALUES "
+                          "(1, 1, 0, 5), (1, 2, 1, 7), (2, 1, 1, 5), (2, 2, 0, 7)"))  # fmt: skip
+    migrate.upgrade(engine)
+    with session_scope(engine) as s:
+        seen = shards.epochs(s)
+        current = shards.newest(s)
+    assert (seen.active, seen.pending, seen.draining) == (2, None, ())
+    assert current.group_of == {1: 1, 2: 0} and current.groups == 2 and current.replicas is None

@@ -16,7 +16,7 @@ MODEL = "m/test/8px"
 
 
 def test_migrations_create_schema_at_head(engine: Engine) -> None:
-    assert migrate.current_revision(engine) == migrate.head_revision() == "0009"
+    assert migrate.current_revision(engine) == migrate.head_revision() == "0010"
     tables = set(inspect(engine).get_table_names())
     assert {
         "categories",
@@ -27,8 +27,9 @@ def test_migrations_create_schema_at_head(engine: Engine) -> None:
         "deleted_embeddings",
         "api_keys",
         "shard_assignments",
+        "shard_epochs",
     } <= tables
-    assert migrate.upgrade(engine) == "0009"  # idempotent
+    assert migrate.upgrade(engine) == "0010"  # idempotent
 
 
 def add(engine: Engine, n: int, category: str = "a", seed: int = 0) -> list[int]:
