@@ -208,7 +208,7 @@ def train_rankers(ids: np.ndarray, category_ids: np.ndarray, vectors: np.ndarray
     hold = heldout_mask(ids)
     if hold.all() or not hold.any():
         hold = np.zeros(len(x), bool)
-    # one copy of the training rows, shared by every ranker (a copy each held 3x the labels' vectors at once)
+    # one copy of the training rows, shared by every ranker (not one copy per ranker)
     xt, yt, xc, yc = x[~hold], y[~hold], x[hold], y[hold]
     n_cat = len(cats)
     seconds = {}
