@@ -7,10 +7,13 @@ from backend.cli.argtypes import int_in
 from backend.cli.common import Command, require_schema
 from backend.core.config import Settings
 from backend.core.errors import AppError
+from backend.core.memory import limit_malloc_arenas
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
     import uvicorn
+
+    limit_malloc_arenas()  # before the request, job and ONNX Runtime threads start
 
     from backend.api.security import check_auth_mode
 
@@ -35,6 +38,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> None:
     from backend.services.assembly import run_worker_process
     from backend.storage.engine import get_engine
 
+    limit_malloc_arenas()
     require_schema()
     concurrency = args.concurrency or settings.worker_concurrency
     print(f"worker: {concurrency} chunk(s) at a time; Ctrl-C stops it", flush=True)
@@ -45,6 +49,7 @@ def cmd_jobs(args: argparse.Namespace, settings: Settings) -> None:
     from backend.services.jobs import Jobs
     from backend.storage.engine import get_engine
 
+    limit_malloc_arenas()
     require_schema()
     jobs = Jobs(settings, get_engine())
     if args.action != "list" and args.id is None:

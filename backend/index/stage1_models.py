@@ -208,32 +208,33 @@ def train_rankers(ids: np.ndarray, category_ids: np.ndarray, vectors: np.ndarray
     hold = heldout_mask(ids)
     if hold.all() or not hold.any():
         hold = np.zeros(len(x), bool)
-    train, check = ~hold, hold
+    # one copy of the training rows, shared by every ranker (not one copy per ranker)
+    xt, yt, xc, yc = x[~hold], y[~hold], x[hold], y[hold]
     n_cat = len(cats)
     seconds = {}
     start = time.perf_counter()
-    protos = PrototypeMatrix.of(y[train], x[train])
+    protos = PrototypeMatrix.of(yt, xt)
     proto_matrix = np.zeros((n_cat, x.shape[1]), np.float32)
     proto_matrix[protos.category_ids] = protos.vectors
     seconds["prototype"] = time.perf_counter() - start
     start = time.perf_counter()
-    centroids = Centroids.fit(x[train], y[train], n_cat)
+    centroids = Centroids.fit(xt, yt, n_cat)
     seconds["centroids"] = time.perf_counter() - start
     start = time.perf_counter()
     with threadpool_limits(1, user_api="blas"):  # small products: threads only wait on each other (20x slower, measured)
-        classifier = LinearSoftmax.train(x[train], y[train], n_cat)
+        classifier = LinearSoftmax.train(xt, yt, n_cat)
     seconds["classifier"] = time.perf_counter() - start
     logits = {
-        "prototype": prototype_logits(proto_matrix, x[check]),
-        "centroids": centroids.logits(x[check]),
-        "classifier": classifier.logits(x[check]),
+        "prototype": prototype_logits(proto_matrix, xc),
+        "centroids": centroids.logits(xc),
+        "classifier": classifier.logits(xc),
     }
     return Trained(
         cats,
         classifier,
         centroids,
-        {r: fit_temperature(z, y[check]) for r, z in logits.items()},
-        {r: _accuracy(z, y[check]) for r, z in logits.items()},
+        {r: fit_temperature(z, yc) for r, z in logits.items()},
+        {r: _accuracy(z, yc) for r, z in logits.items()},
         seconds,
         len(x),
     )

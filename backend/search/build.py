@@ -98,12 +98,13 @@ def build_from_database(
 
 
 def _log_rate(vectors: int, seconds: float, reading: float) -> None:
+    """`reading`: the time the build waited for the next chunk while the COPYs ran beside it (not a read rate:
+    a build whose own work is slower than the reads waits for them only at the start)."""
     log.info(
-        "index built from the database: %d vectors in %.1fs (%.0f vectors/s; reading %.1fs, %.0f vectors/s over %d connections)",
+        "index built from the database: %d vectors in %.1fs (%.0f vectors/s; waited %.1fs for the reads, %d connections)",
         vectors,
         seconds,
         vectors / max(seconds, 1e-9),
         reading,
-        vectors / max(reading, 1e-9),
         READ_CONNECTIONS,
     )

@@ -207,6 +207,8 @@ class LiveIndex:
         if self._index is None:
             self.get()
             return RefreshReport("full" if self.origin.startswith("rebuilt") else "none", reason=self.origin)
+        if self.is_current():  # the idle tick: one statement, no snapshot, no lock
+            return RefreshReport("none")
         try:
             added, removed = self._advance()
         except CacheRejected as exc:
@@ -223,11 +225,16 @@ class LiveIndex:
         return report
 
     def is_current(self) -> bool:
-        if self._index is None or self._identity is None:
+        """Whether the live index reflects every committed change (one statement; False before a load)."""
+        if self._index is None:
             return False
-        with session_scope(self.engine, snapshot=True) as session:
-            same = change_log.identity(session).catalogue_id == self._identity.catalogue_id
-            return same and change_log.latest_seq(session, self.model) == self._seq
+        with session_scope(self.engine, single_read=True) as session:
+            return self.current_at(change_log.head(session, self.model))
+
+    def current_at(self, head: change_log.Head) -> bool:
+        """Whether the live index reflects `head`, read by the caller. Takes no lock: never waits on a refresh."""
+        identity, seq = self._identity, self._seq
+        return self._index is not None and identity is not None and (head.catalogue_id, head.seq) == (identity.catalogue_id, seq)
 
     # --- the cache file -----------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from pydantic import BaseModel
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
+from backend.core.memory import release_freed_memory
 from backend.index.category_index import CategoryIndex
 from backend.index.sampling import SAMPLE_MODULUS, SAMPLE_MULTIPLIER
 from backend.index.stage1_models import Centroids, LinearSoftmax, Trained, softmax, train_rankers
@@ -116,6 +117,8 @@ class Stage1:
                 sample = (SAMPLE_MULTIPLIER, cut) if cut < SAMPLE_MODULUS else None
                 labelled = vector_reader.load_vectors(session, self.model, sample, given_only=True)
             trained = train_rankers(labelled.ids, labelled.category_ids, labelled.vectors)
+            del labelled
+            release_freed_memory()  # the labels' vectors and training copies: back to the system, not kept
             with session_scope(self.engine) as session:
                 _store(session, self.model, self.dim, change, trained)
             self.use(trained, change, None)

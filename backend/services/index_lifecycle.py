@@ -33,6 +33,7 @@ class IndexLifecycle:
         """`stage2`: who runs stage 2 (made on first use: a cluster is only reached when something asks)."""
         self.settings, self.engine, self.embedder, self.cache, self.stage1 = settings, engine, embedder, cache, stage1
         self.stage2 = stage2
+        self._links_through = -1  # the index's seq at which the last link step found nothing left to link
 
     @property
     def model(self) -> str:
@@ -62,8 +63,13 @@ class IndexLifecycle:
 
     def link_duplicates(self) -> near_duplicates.LinkProgress:
         """Near-duplicate links for the next chunk of images stored without them (the tick; the backfill)."""
+        seq = self.cache.seq
+        if seq == self._links_through:  # nothing stored since links caught up with the index: no query at all
+            return near_duplicates.LinkProgress(0, 0, seq, 0)
         how = near_duplicates.LinkSearch.of(self.settings)
         done = near_duplicates.link_chunk(self.cache, how, self.settings.near_duplicate_link_chunk)
+        if done.as_of_seq >= seq:  # links can go no further than the index: caught up until it moves
+            self._links_through = seq
         if done.linked:
             log.info("near-duplicate links: %d images linked (%d new links), %d behind", done.linked, done.links, done.behind)
         return done

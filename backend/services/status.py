@@ -18,17 +18,18 @@ from backend.schemas import (
 from backend.search.live_index import LiveIndex
 from backend.search.stage1 import Stage1
 from backend.search.stage2 import Stage2
-from backend.storage import catalogue
 from backend.storage.engine import location, session_scope
+from backend.storage.status_counts import status_counts
 
 
 def build_status(
     settings: Settings, engine: Engine, embedder: Embedder, cache: LiveIndex, stage1: Stage1, stage2: Stage2 | None = None
 ) -> Status:
-    with session_scope(engine, snapshot=True) as session:  # counts kept by triggers: no row is counted here
-        counts = catalogue.category_counts(session)
-        images = catalogue.image_count(session)
-        models = dict(catalogue.model_ids(session))
+    # One statement: counts kept by triggers (no row is counted here) and the head the index is compared with.
+    # No lock of the live index is taken, so a refresh or a link tick never holds /status up.
+    with session_scope(engine, single_read=True) as session:
+        read = status_counts(session, embedder.model_id)
+    counts, images, models = read.categories, read.images, read.models
     return Status(
         model=ModelStatus(
             id=embedder.model_id,
@@ -45,7 +46,7 @@ def build_status(
             vectors_by_model=models,
             categories=[CategoryCount(id=cid, name=name, images=n, labelled=given) for cid, name, n, given in counts],
         ),
-        index=index_status(settings, cache),
+        index=index_status(settings, cache, cache.current_at(read.head)),
         settings=SearchSettings(
             use_prototype_filtering=settings.use_prototype_filtering,
             default_top_categories=settings.default_top_categories,
@@ -57,7 +58,7 @@ def build_status(
     )
 
 
-def index_status(settings: Settings, cache: LiveIndex) -> IndexStatus:
+def index_status(settings: Settings, cache: LiveIndex, current: bool) -> IndexStatus:
     index = cache.loaded
     last = cache.last_refresh
     return IndexStatus(
@@ -69,7 +70,7 @@ def index_status(settings: Settings, cache: LiveIndex) -> IndexStatus:
         origin=cache.origin,
         vectors=index.ntotal if index else 0,
         categories=len(index.category_ids) if index else 0,
-        current=cache.is_current(),
+        current=current,
         seq=cache.seq,
         memory_bytes=cache.memory_bytes(),
         refreshes=dict(cache.refreshes),

@@ -225,6 +225,15 @@ def image_data(session: Session, ids: Iterable[int]) -> dict[int, bytes]:
     return {int(i): bytes(raw) for i, raw in session.execute(select(Image.id, Image.data).where(Image.id.in_(ids)))}
 
 
+def image_ids_after(session: Session, after: int) -> list[int]:
+    """Ids of the images stored after image `after` (ids only grow), oldest first."""
+    return list(session.scalars(select(Image.id).where(Image.id > after).order_by(Image.id)))
+
+
+def newest_image_id(session: Session) -> int:
+    return int(session.scalar(select(func.max(Image.id))) or 0)
+
+
 def delete_image(session: Session, image_id: int) -> Image:
     """Delete an image, its embeddings (all models) and its share of the prototype sums."""
     image = session.scalars(select(Image).where(Image.id == image_id).with_for_update(of=Image)).first()

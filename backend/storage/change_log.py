@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import numpy as np
-from sqlalchemy import delete, func, select, text, update
+from sqlalchemy import ColumnElement, String, cast, delete, func, select, text, update
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -70,12 +70,36 @@ def _system_identifier(session: Session) -> str | None:
 def latest_seq(session: Session, model: str) -> int:
     """The newest change number that concerns `model`'s index: three index look-ups. Pruned deletions
     count as reflected, since a snapshot reflects every change committed before it."""
+    return int(session.scalar(select(latest_seq_column(model))) or 0)
+
+
+def latest_seq_column(model: str) -> ColumnElement[int]:
+    """`latest_seq` as a column, to be read in the same statement as other things."""
     newest = [
         select(func.max(table.seq)).where(table.model == model).scalar_subquery()
         for table in (Embedding, DeletedEmbedding, Prototype)
     ]
     newest.append(select(CatalogueMeta.deletions_pruned_through).scalar_subquery())
-    return int(session.scalar(select(func.coalesce(func.greatest(*newest), 0))) or 0)
+    return func.coalesce(func.greatest(*newest), 0)
+
+
+def catalogue_id_column() -> ColumnElement[str]:
+    return select(cast(CatalogueMeta.catalogue_id, String)).where(CatalogueMeta.id == 1).scalar_subquery()
+
+
+@dataclass(frozen=True)
+class Head:
+    """Which catalogue, and its newest change for one model: enough to tell an index that is current."""
+
+    catalogue_id: str | None
+    seq: int
+
+
+def head(session: Session, model: str) -> Head:
+    """The catalogue's id and `latest_seq`, in one statement (one round trip, consistent on its own): what an
+    idle refresh tick reads before deciding there is nothing to do."""
+    row = session.execute(select(catalogue_id_column(), latest_seq_column(model))).one()
+    return Head(None if row[0] is None else str(row[0]), int(row[1] or 0))
 
 
 def changes_since(session: Session, model: str, after: int, categories: CategorySet | None = None) -> Changes:

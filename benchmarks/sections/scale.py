@@ -22,13 +22,13 @@ from pathlib import Path
 
 import httpx
 import psutil
-from sqlalchemy import text
+from sqlalchemy import Engine, text
 from sqlalchemy.engine import URL, make_url
 
 from backend.core.config import Settings
 from backend.embedding.registry import model_id
-from backend.storage import migrate
-from backend.storage.engine import make_engine
+from backend.storage import catalogue, migrate
+from backend.storage.engine import make_engine, session_scope
 from benchmarks.harness import TempDatabase, cifar_samples, hardware, percentiles
 from benchmarks.sections import scale_seed
 from tests.utils.server import RunningServer, running_server
@@ -214,6 +214,17 @@ def under_load(server: RunningServer, endpoints: dict[str, str], uploads: Upload
     }
 
 
+def remove_added(engine: Engine, seeded_through: int) -> int:
+    """Delete what the run added (uploads, the job's images), so a kept database holds N vectors again and the
+    next run's uploads and job are new images, not duplicates answered by their sha256 alone."""
+    with session_scope(engine) as session:
+        added = catalogue.image_ids_after(session, seeded_through)
+    for image_id in added:
+        with session_scope(engine) as session:
+            catalogue.delete_image(session, image_id)
+    return len(added)
+
+
 def one_size(settings: Settings, url: URL, n: int, quick: bool) -> dict:
     """Seed, then every measurement of the module's docstring, at n vectors."""
     engine = make_engine(url, 3600)  # VACUUM ANALYZE of a 1M catalogue outlasts DB_TIMEOUT_SECONDS
@@ -222,9 +233,10 @@ def one_size(settings: Settings, url: URL, n: int, quick: bool) -> dict:
     seeded = scale_seed.seed(engine, settings, model, n, progress=True)
     with engine.connect() as conn:  # fresh statistics: the planner sees the catalogue as it is
         conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("VACUUM ANALYZE"))
-    engine.dispose()
     repeats = 5 if quick else 10
     row: dict = {"vectors": n, "seed": seeded}
+    with session_scope(engine) as session:
+        seeded_through = catalogue.newest_image_id(session)
     with tempfile.TemporaryDirectory(prefix="imsrc-scale-") as tmp:
         env = server_env(settings, url, Path(tmp) / "data")
         uploads = Uploads(settings, 200)
@@ -244,6 +256,8 @@ def one_size(settings: Settings, url: URL, n: int, quick: bool) -> dict:
         with running_server(env, start_timeout_s=3600) as server:
             row["ready_from_cache_s"] = round(wait_ready(server, started), 2)
             row["origin"] = next((ln for ln in server.log().splitlines() if "loaded from cache" in ln), "")[-160:]
+    row["removed_after"] = remove_added(engine, seeded_through)
+    engine.dispose()
     print(
         f"  scale {n:,}: ready from cache {row['ready_from_cache_s']} s; search p50 {row['search']['p50']} ms; upload "
         f"p50 {row['upload']['p50']} p99 {row['upload']['p99']} ms; under load {row['under_load']['non_2xx'] or 'all 2xx'}, "
