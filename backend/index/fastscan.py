@@ -327,7 +327,7 @@ class FastScanIndex(CategoryLists):
 
     def memory_bytes(self) -> int:
         """Packed codes, list ids, the row arrays, centroids, prototypes and the rows not yet in the file."""
-        codes = sum(-(-int(s) // BLOCK) * self.packer.block_size for s in self._sizes)
+        codes = int((-(-self._sizes.astype(np.int64) // BLOCK)).sum()) * self.packer.block_size  # numpy: /status reads it
         rows = self.row_ids.nbytes + self.row_list.nbytes + self.vectors.tail.nbytes
         return codes + 8 * self.ntotal + rows + (len(self.centroids) + len(self.category_ids)) * self.dim * 4
 

@@ -12,6 +12,9 @@ the labels changed since. A row that fails them is not used (prototype ranks mea
 """
 
 import logging
+import os
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Literal, get_args
@@ -21,6 +24,7 @@ from pydantic import BaseModel
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
+from backend.core.config import PROJECT_ROOT
 from backend.core.memory import release_freed_memory
 from backend.index.category_index import CategoryIndex
 from backend.index.sampling import SAMPLE_MODULUS, SAMPLE_MULTIPLIER
@@ -36,7 +40,10 @@ Stage1Kind = Literal["prototype", "centroids", "classifier", "auto"]
 STAGE1_KINDS: tuple[str, ...] = get_args(Stage1Kind)
 MIN_LABELS_PER_CATEGORY = 10  # fewer given labels in any labelled category: nothing is trained (prototype)
 RETRAIN_FRACTION = 0.1  # labels added or removed since training, as a share of those trained on
-MAX_TRAIN_LABELS = 200_000  # a larger catalogue trains on a fixed sample of its given labels
+MAX_TRAIN_LABELS = 100_000  # a larger catalogue trains on a fixed sample of its given labels (512 MB of vectors)
+TRAIN_DATABASE_ENV = "IMSRC_STAGE1_DATABASE_URL"  # where `retrain_apart`'s child reads and stores (not in its argv)
+TRAIN_TIMEOUT_S = 3600
+TRAINED = "trained"  # the child's last line when it stored a ranker (else: why not)
 UNKNOWN_LOGIT = -1e4  # a category a learned ranker has not seen (new since training) ranks last
 F32 = np.dtype("<f4")
 
@@ -104,26 +111,36 @@ class Stage1:
     # --- training -------------------------------------------------------------------------------
 
     def retrain(self) -> str:
-        """Train on the given labels of one snapshot and store the result (replacing the old row)."""
+        """Train on the given labels of one snapshot and store the result (replacing the old row), here."""
         with self._training:
-            with session_scope(self.engine, snapshot=True, bulk=True) as session:
-                change = change_log.latest_seq(session, self.model)
-                lacking = _too_few_labels(session, self.model)
-                if lacking is not None:
-                    self.use(None, None, lacking)
-                    return self.reason
-                total = int(catalogue.load_prototypes(session, self.model).counts.sum())
-                cut = min(SAMPLE_MODULUS, -(-MAX_TRAIN_LABELS * SAMPLE_MODULUS // total))
-                sample = (SAMPLE_MULTIPLIER, cut) if cut < SAMPLE_MODULUS else None
-                labelled = vector_reader.load_vectors(session, self.model, sample, given_only=True)
-            trained = train_rankers(labelled.ids, labelled.category_ids, labelled.vectors)
-            del labelled
-            release_freed_memory()  # the labels' vectors and training copies: back to the system, not kept
-            with session_scope(self.engine) as session:
-                _store(session, self.model, self.dim, change, trained)
-            self.use(trained, change, None)
-            log.info("stage 1 for %s trained on %d labels at change %d: %s", self.model, trained.labels, change, trained.heldout)
-            return self.reason
+            lacking = train_and_store(self.engine, self.model, self.dim)
+            return self._after_training(lacking)
+
+    def retrain_apart(self) -> str:
+        """The same in a child process: the server's background retrain. Its training loop holds the GIL in
+        many small steps, which stalled every request thread of the server (a 10-statement `/status` took
+        120-140 ms instead of 7 while it ran at 1M vectors), and its peak memory, the labels' vectors, ends
+        with the child."""
+        with self._training:
+            assert self.engine is not None
+            env = {**os.environ, TRAIN_DATABASE_ENV: self.engine.url.render_as_string(hide_password=False)}
+            done = subprocess.run(
+                [sys.executable, "-m", "backend.search.stage1_train", self.model, str(self.dim)],
+                cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, check=False, timeout=TRAIN_TIMEOUT_S,
+            )  # fmt: skip
+            if done.returncode != 0:
+                log.error("stage 1 training (child process) failed: %s", done.stderr[-2000:])
+                return self.reason
+            lines = done.stdout.strip().splitlines()
+            return self._after_training(lines[-1] if lines and lines[-1] != TRAINED else None)
+
+    def _after_training(self, lacking: str | None) -> str:
+        if lacking is not None:
+            self.use(None, None, lacking)
+        else:
+            self.load()
+            log.info("stage 1 for %s: %s (%s labels)", self.model, self.reason, self.trained.labels if self.trained else 0)
+        return self.reason
 
     def refresh(self, seq: int) -> None:
         """Re-check the stored row when the catalogue moved (labels changed, another process retrained);
@@ -137,7 +154,7 @@ class Stage1:
             with session_scope(self.engine) as session:
                 lacking = _too_few_labels(session, self.model)
             if lacking is None:
-                threading.Thread(target=self.retrain, name="stage1-retrain", daemon=True).start()
+                threading.Thread(target=self.retrain_apart, name="stage1-retrain", daemon=True).start()
 
     # --- ranking --------------------------------------------------------------------------------
 
@@ -188,6 +205,27 @@ class Stage1:
             heldout=trained.heldout if trained else {},
             train_seconds=trained.train_seconds if trained else {},
         )
+
+
+def train_and_store(engine: Engine | None, model: str, dim: int) -> str | None:
+    """Train every ranker on the given labels of one snapshot (a fixed sample of at most MAX_TRAIN_LABELS)
+    and store them; why nothing could be trained instead, or None."""
+    with session_scope(engine, snapshot=True, bulk=True) as session:
+        change = change_log.latest_seq(session, model)
+        lacking = _too_few_labels(session, model)
+        if lacking is not None:
+            return lacking
+        total = int(catalogue.load_prototypes(session, model).counts.sum())
+        cut = min(SAMPLE_MODULUS, -(-MAX_TRAIN_LABELS * SAMPLE_MODULUS // total))
+        sample = (SAMPLE_MULTIPLIER, cut) if cut < SAMPLE_MODULUS else None
+        labelled = vector_reader.load_vectors(session, model, sample, given_only=True)
+    trained = train_rankers(labelled.ids, labelled.category_ids, labelled.vectors, consume=True)
+    del labelled
+    release_freed_memory()  # the labels' vectors and training copies: back to the system, not kept
+    with session_scope(engine) as session:
+        _store(session, model, dim, change, trained)
+    log.info("stage 1 for %s trained on %d labels at change %d: %s", model, trained.labels, change, trained.heldout)
+    return None
 
 
 # --- the stored row -------------------------------------------------------------------------------

@@ -48,6 +48,13 @@ def server_env(settings: Settings, url: URL, data_dir: Path) -> dict[str, str]:
     }
 
 
+def anon_mb(pid: int) -> float:
+    """The server's resident memory less its file-backed pages (the mapped re-rank file, the libraries): its
+    heap, what readers and jobs could make grow; mapped file pages are the page cache's to drop."""
+    proc = psutil.Process(pid)
+    return sum(p.memory_info().rss - p.memory_info().shared for p in (proc, *proc.children(recursive=True))) / 2**20
+
+
 def rss_mb(pid: int) -> float:
     """The server's resident memory (its own process; the job worker runs inside it)."""
     proc = psutil.Process(pid)
@@ -159,12 +166,12 @@ def job_folder(settings: Settings, root: Path, n: int) -> Path:
 def under_load(server: RunningServer, endpoints: dict[str, str], uploads: Uploads, folder: Path, limit_s: float) -> dict:
     """READERS threads cycling through every GET endpoint and one uploader, while a folder job runs."""
     pid = server.process.pid
-    idle = rss_mb(pid)
+    idle, idle_anon = rss_mb(pid), anon_mb(pid)
     stop = threading.Event()
     answers: Counter[str] = Counter()
     failures: Counter[str] = Counter()
     lock = threading.Lock()
-    peak = [idle]
+    peak = [idle, idle_anon]
 
     def reader(offset: int) -> None:
         names = list(endpoints)
@@ -196,7 +203,7 @@ def under_load(server: RunningServer, endpoints: dict[str, str], uploads: Upload
             t.start()
         state = job
         while time.perf_counter() - start < limit_s and state["state"] in ("queued", "running"):
-            peak[0] = max(peak[0], rss_mb(pid))
+            peak = [max(peak[0], rss_mb(pid)), max(peak[1], anon_mb(pid))]
             time.sleep(0.2)
             state = http.get(f"/jobs/{job['id']}").json()
         job_s = time.perf_counter() - start
@@ -211,6 +218,9 @@ def under_load(server: RunningServer, endpoints: dict[str, str], uploads: Upload
         "rss_idle_mb": round(idle),
         "rss_peak_mb": round(peak[0]),
         "rss_peak_over_idle": round(peak[0] / idle, 2),
+        "anon_idle_mb": round(idle_anon),
+        "anon_peak_mb": round(peak[1]),
+        "anon_peak_over_idle": round(peak[1] / idle_anon, 2),
     }
 
 
@@ -261,7 +271,8 @@ def one_size(settings: Settings, url: URL, n: int, quick: bool) -> dict:
     print(
         f"  scale {n:,}: ready from cache {row['ready_from_cache_s']} s; search p50 {row['search']['p50']} ms; upload "
         f"p50 {row['upload']['p50']} p99 {row['upload']['p99']} ms; under load {row['under_load']['non_2xx'] or 'all 2xx'}, "
-        f"RSS {row['under_load']['rss_idle_mb']} -> {row['under_load']['rss_peak_mb']} MB",
+        f"RSS {row['under_load']['rss_idle_mb']} -> {row['under_load']['rss_peak_mb']} MB (without mapped files "
+        f"{row['under_load']['anon_idle_mb']} -> {row['under_load']['anon_peak_mb']} MB)",
         file=sys.stderr,
     )
     return row

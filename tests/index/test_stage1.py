@@ -9,7 +9,7 @@ from sqlalchemy import Engine, select, update
 
 from backend.core.vectors import PrototypeMatrix, StoredVectors
 from backend.imaging import ImageBytes
-from backend.index.stage1_models import heldout_mask, softmax, train_rankers
+from backend.index.stage1_models import _keep_rows, heldout_mask, softmax, train_rankers
 from backend.index.two_stage import TwoStageIndex
 from backend.search.stage1 import MIN_LABELS_PER_CATEGORY, RETRAIN_FRACTION, Stage1
 from backend.storage import catalogue, change_log, vector_reader
@@ -177,3 +177,24 @@ def test_a_stored_ranker_that_does_not_fit_is_not_used(catalogue_engine: Engine,
         session.execute(update(Stage1Model).values(trained_change=0, category_ids=[1, 2]))
     older = Stage1(engine, embedder.model_id, embedder.dim, "classifier")
     assert older.ranker == "prototype" and "not trained on" in older.reason
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 8192])
+def test_training_rows_moved_in_place_equal_a_copy(chunk: int) -> None:
+    """`train_rankers(consume=True)` moves the training rows to the front of the caller's array instead of
+    copying them: the same rows, in the same order, across chunk boundaries."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((1000, 16)).astype(np.float32)
+    keep = np.flatnonzero(rng.random(1000) > 0.1)
+    expected = x[keep].copy()
+    moved = _keep_rows(x, keep, chunk)
+    assert np.shares_memory(moved, x)
+    np.testing.assert_array_equal(moved, expected)
+
+
+def test_consuming_the_labels_trains_the_same_rankers(catalogue_vectors: StoredVectors) -> None:
+    copy = train_rankers(catalogue_vectors.ids, catalogue_vectors.category_ids, catalogue_vectors.vectors)
+    vectors = catalogue_vectors.vectors.astype(np.float32, copy=True)
+    consumed = train_rankers(catalogue_vectors.ids, catalogue_vectors.category_ids, vectors, consume=True)
+    assert consumed.heldout == copy.heldout
+    np.testing.assert_array_equal(consumed.classifier.weights, copy.classifier.weights)
