@@ -23,7 +23,7 @@ from tests.utils.settings import CIFAR_SUBSET
 
 pytest.importorskip("ray", reason="the cluster extra (requirements-cluster.txt) is not installed")
 
-GRACE_S = 8  # above the routers' 1 s epoch check and the 4 s deadline of a search under way
+GRACE_S = 10  # at least the routers' 1 s epoch check plus twice the 4 s deadline (the config requires it)
 QUERIES = 20  # distinct query images, asked in turn (every other one over all 10 categories)
 
 
