@@ -4,11 +4,14 @@ while a rebalance makes its replicas, `active` once they are caught up (routers 
 an older active one drains), `retired` when its actors are gone. Epochs only grow. A category created after
 an epoch was packed belongs to group |id| mod groups, by the same rule in SQL (`CategorySet.sql`) and in
 Python (`CategorySet.contains`). Each router reports the epoch it searches on (table shard_routers); older
-epochs are retired only below the lowest one reported lately. Functions take a Session and never commit."""
+epochs are retired only below the lowest one reported lately. Functions take a Session and never commit (the retirement claim
+takes the Engine: it holds a lock, not a transaction)."""
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
-from sqlalchemy import ColumnElement, and_, delete, func, insert, or_, select, text, update
+from sqlalchemy import ColumnElement, Engine, and_, delete, func, insert, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
@@ -172,6 +175,14 @@ def retired(session: Session, epochs: list[int]) -> None:
     )
 
 
-def claim_retirement(session: Session) -> bool:
-    """Whether this transaction may retire epochs now (no other one is at it); held until it ends."""
-    return bool(session.scalar(text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": RETIRE_LOCK}))
+@contextmanager
+def retirement_claimed(engine: Engine) -> Iterator[bool]:
+    """Whether this process may retire epochs now (no other one is at it), held for the block: a session-level
+    advisory lock on a connection in autocommit, so that no transaction stays open through the actors' waits."""
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        claimed = bool(conn.scalar(text("SELECT pg_try_advisory_lock(:key)"), {"key": RETIRE_LOCK}))
+        try:
+            yield claimed
+        finally:
+            if claimed:
+                conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": RETIRE_LOCK})

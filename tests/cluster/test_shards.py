@@ -120,7 +120,10 @@ def test_a_rebalance_epoch_builds_then_wins_or_loses_and_old_epochs_retire(engin
         shards.retired(s, [1, 2, 3])  # never the active epoch
     with session_scope(engine) as s:
         assert shards.epochs(s).draining == () and shards.newest(s).epoch == 3
-        assert shards.claim_retirement(s)
+    with shards.retirement_claimed(engine) as claimed, shards.retirement_claimed(engine) as again:
+        assert claimed and not again  # one retirer at a time
+    with shards.retirement_claimed(engine) as claimed:
+        assert claimed  # released at the end of the block
 
 
 def test_epochs_stored_before_0010_are_kept_the_newest_active(engine: Engine) -> None:
