@@ -20,6 +20,7 @@ from backend.cluster.epochs import Epoch, ShardFleet, connect, default_groups
 from backend.cluster.packing import bin_pack
 from backend.cluster.shard import ShardAnswer, pack, unpack
 from backend.core.config import SHARD_EPOCH_CHECK_S, Settings
+from backend.core.errors import AppError
 from backend.index.category_index import CategoryIndex, SearchHits
 from backend.index.layout import IndexLayout
 from backend.search.stage2 import Stage2Hits
@@ -64,18 +65,23 @@ class RayStage2:
         return self.epoch.replicas
 
     def _ensure_assignment(self) -> shards.Assignment:
-        """The newest active epoch; the first server to start packs the first one."""
-        with session_scope(self.db) as session:
-            current = shards.newest(session)
-            if current.epoch:
-                return current
-            groups = default_groups(self.settings)
-            vectors = {c: 0 for c in catalogue.category_ids(session).values()}
-            vectors.update(catalogue.category_vector_counts(session, self.fleet.model))
-            packed = bin_pack(vectors, groups)
-            made = shards.store(session, packed, vectors, 0, groups, self.settings.shard_replicas)
-        log.info("cluster: epoch %d, %d categories in %d groups", made.epoch, len(made.group_of), made.groups)
-        return made
+        """The newest active epoch; the first server to start packs the first one, active at once (after any
+        epoch stored but never activated: a rebalance interrupted before any server ran)."""
+        for _ in range(3):
+            with session_scope(self.db) as session:
+                current = shards.newest(session)
+                if current.epoch:
+                    return current
+                groups = default_groups(self.settings)
+                vectors = {c: 0 for c in catalogue.category_ids(session).values()}
+                vectors.update(catalogue.category_vector_counts(session, self.fleet.model))
+                packed = bin_pack(vectors, groups)
+                expected = shards.newest_epoch(session)
+                made = shards.store(session, packed, vectors, expected, groups, self.settings.shard_replicas)
+            if made.state == shards.ACTIVE:  # ours, or another server's stored meanwhile
+                log.info("cluster: epoch %d, %d categories in %d groups", made.epoch, len(made.group_of), made.groups)
+                return made
+        raise AppError("no active cluster epoch: new epochs kept being stored while this server started")
 
     def actor_name(self, epoch: int, group: int, replica: int) -> str:
         return self.fleet.name(epoch, group, replica)
