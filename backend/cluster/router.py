@@ -43,7 +43,9 @@ class RayStage2:
         connect(settings.ray_address)
         self.fleet = ShardFleet.of(settings, engine, model, dim, layout)
         self._turn = itertools.count()
-        self._slow_until: dict[tuple[int, int], float] = {}  # (group, replica) that missed a hedge: asked last for a while
+        # (epoch, group, replica) that missed a hedge: asked last for a while. The epoch in the key: searches
+        # of the old epoch still under way after a switch do not mark the new epoch's replicas.
+        self._slow_until: dict[tuple[int, int, int], float] = {}
         self._lock = threading.Lock()
         self._written = 0  # this server's newest write: a new epoch catches up to it before it is used
         self._incoming: Epoch | None = None  # an epoch being switched to: writes catch it up too
@@ -127,7 +129,7 @@ class RayStage2:
             self.fleet.catch_up(new, written, self.settings.shard_deadline_seconds * 2)
             with self._lock:
                 old = self.epoch.number
-                self.epoch, self._incoming = new, None
+                self.epoch, self._incoming, self._slow_until = new, None, {}
         finally:
             self._incoming = None
         self._left = (old, time.monotonic() + self.settings.shard_deadline_seconds)
@@ -169,7 +171,7 @@ class RayStage2:
         first = next(self._turn)
         requests = {g: pack((queries, k, cats, nprobe, shortlist)) for g, cats in per_group.items()}
         pending: dict[Any, int] = {}
-        order = {g: self._order(len(ep.replicas[g]), g, first, start) for g in per_group}
+        order = {g: self._order(ep.number, len(ep.replicas[g]), g, first, start) for g in per_group}
 
         def send(g: int) -> None:
             if tried[g] < len(order[g]):
@@ -202,16 +204,16 @@ class RayStage2:
                 ray.cancel(ref)
             if time.monotonic() >= hedge_at:
                 for g in {g for g in per_group if g not in answers and tried[g] == 1}:
-                    self._slow_until[(g, order[g][0])] = time.monotonic() + SLOW_FOR_S
+                    self._slow_until[(ep.number, g, order[g][0])] = time.monotonic() + SLOW_FOR_S
                     send(g)
         for ref in pending:
             ray.cancel(ref)
         return answers
 
-    def _order(self, n: int, g: int, turn: int, now: float) -> list[int]:
+    def _order(self, epoch: int, n: int, g: int, turn: int, now: float) -> list[int]:
         """The group's `n` replicas in the order to ask them: taking turns, those slow lately last."""
         turns = [(turn + i) % n for i in range(n)]
-        return sorted(turns, key=lambda r: self._slow_until.get((g, r), 0.0) > now)
+        return sorted(turns, key=lambda r: self._slow_until.get((epoch, g, r), 0.0) > now)
 
     # --- following writes, status ----------------------------------------------------------------
 
