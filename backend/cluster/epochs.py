@@ -16,12 +16,14 @@ from ray._private import ray_constants
 from ray.exceptions import RayError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from sqlalchemy import Engine
+from sqlalchemy.orm import Session
 
 from backend.cluster.local import SHARD_RESOURCE  # nodes that declare it hold shards; without any, every node does
+from backend.cluster.packing import bin_pack
 from backend.cluster.shard import PROTOCOL, ShardActor
 from backend.core.config import Settings
 from backend.index.layout import IndexLayout
-from backend.storage import change_log, shards
+from backend.storage import catalogue, change_log, shards
 from backend.storage.engine import session_scope
 
 log = logging.getLogger(__name__)
@@ -91,6 +93,12 @@ class ShardFleet:
     @property
     def shard_dir(self) -> Path:
         return self.settings.index_dir / "shards"
+
+    def packing(self, session: Session, groups: int) -> tuple[dict[int, int], dict[int, int]]:
+        """Every category packed into `groups` groups by its vectors of this model now, and those counts."""
+        vectors = {c: 0 for c in catalogue.category_ids(session).values()}
+        vectors.update(catalogue.category_vector_counts(session, self.model))
+        return bin_pack(vectors, groups), vectors
 
     def replicas_of(self, assignment: shards.Assignment) -> int:
         return assignment.replicas or self.settings.shard_replicas

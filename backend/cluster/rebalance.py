@@ -13,9 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from backend.cluster.epochs import ShardFleet, default_groups
-from backend.cluster.packing import bin_pack
 from backend.core.errors import AppError
-from backend.storage import catalogue, change_log, shards
+from backend.storage import change_log, shards
 from backend.storage.engine import session_scope
 
 
@@ -36,9 +35,7 @@ def rebalance(fleet: ShardFleet, groups: int | None, timeout_s: float, retire: b
     start = time.monotonic()
     with session_scope(fleet.db) as session:
         old = shards.newest(session).epoch
-        vectors = {c: 0 for c in catalogue.category_ids(session).values()}
-        vectors.update(catalogue.category_vector_counts(session, fleet.model))
-        packed = bin_pack(vectors, groups)
+        packed, vectors = fleet.packing(session, groups)
         expected = shards.newest_epoch(session)
         made = shards.store(session, packed, vectors, expected, groups, fleet.settings.shard_replicas, shards.BUILDING)
     if made.state != shards.BUILDING or made.group_of != packed or made.groups != groups:

@@ -17,14 +17,13 @@ from ray.exceptions import RayError
 from sqlalchemy import Engine
 
 from backend.cluster.epochs import Epoch, ShardFleet, connect, default_groups
-from backend.cluster.packing import bin_pack
 from backend.cluster.shard import ShardAnswer, pack, unpack
 from backend.core.config import SHARD_EPOCH_CHECK_S, Settings
 from backend.core.errors import AppError
 from backend.index.category_index import CategoryIndex, SearchHits
 from backend.index.layout import IndexLayout
 from backend.search.stage2 import Stage2Hits
-from backend.storage import catalogue, shards
+from backend.storage import shards
 from backend.storage.engine import session_scope
 
 log = logging.getLogger(__name__)
@@ -75,9 +74,7 @@ class RayStage2:
                 if current.epoch:
                     return current
                 groups = default_groups(self.settings)
-                vectors = {c: 0 for c in catalogue.category_ids(session).values()}
-                vectors.update(catalogue.category_vector_counts(session, self.fleet.model))
-                packed = bin_pack(vectors, groups)
+                packed, vectors = self.fleet.packing(session, groups)
                 expected = shards.newest_epoch(session)
                 made = shards.store(session, packed, vectors, expected, groups, self.settings.shard_replicas)
             if made.state == shards.ACTIVE:  # ours, or another server's stored meanwhile
