@@ -16,12 +16,14 @@ from ray._private import ray_constants
 from ray.exceptions import RayError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from sqlalchemy import Engine
+from sqlalchemy.orm import Session
 
 from backend.cluster.local import SHARD_RESOURCE  # nodes that declare it hold shards; without any, every node does
-from backend.cluster.shard import ShardActor
+from backend.cluster.packing import bin_pack
+from backend.cluster.shard import PROTOCOL, ShardActor
 from backend.core.config import Settings
 from backend.index.layout import IndexLayout
-from backend.storage import change_log, shards
+from backend.storage import catalogue, change_log, shards
 from backend.storage.engine import session_scope
 
 log = logging.getLogger(__name__)
@@ -75,13 +77,14 @@ class ShardFleet:
     model: str
     dim: int
     layout: IndexLayout
-    prefix: str  # imsrc-<catalogue>-<model>: actor names and cache directories start with it
+    prefix: str  # imsrc-p<protocol>-<catalogue>-<model>: actor names and cache directories start with it
 
     @classmethod
     def of(cls, settings: Settings, db: Engine, model: str, dim: int, layout: IndexLayout) -> "ShardFleet":
         with session_scope(db) as session:
             catalogue_id = change_log.identity(session).catalogue_id
-        prefix = f"imsrc-{catalogue_id[:8]}-{re.sub(r'[^A-Za-z0-9]+', '_', model)}"
+        # The protocol version in the name: actors left by an older release (other methods) are never reused.
+        prefix = f"imsrc-p{PROTOCOL}-{catalogue_id[:8]}-{re.sub(r'[^A-Za-z0-9]+', '_', model)}"
         return cls(settings, db, model, dim, layout, prefix)
 
     def name(self, epoch: int, group: int, replica: int) -> str:
@@ -90,6 +93,12 @@ class ShardFleet:
     @property
     def shard_dir(self) -> Path:
         return self.settings.index_dir / "shards"
+
+    def packing(self, session: Session, groups: int) -> tuple[dict[int, int], dict[int, int]]:
+        """Every category packed into `groups` groups by its vectors of this model now, and those counts."""
+        vectors = {c: 0 for c in catalogue.category_ids(session).values()}
+        vectors.update(catalogue.category_vector_counts(session, self.model))
+        return bin_pack(vectors, groups), vectors
 
     def replicas_of(self, assignment: shards.Assignment) -> int:
         return assignment.replicas or self.settings.shard_replicas
@@ -139,28 +148,27 @@ class ShardFleet:
     def retire(self, epochs: Sequence[int], active: int) -> int:
         """Kill the actors of `epochs` (older than the `active` one), each dropping its cache directory first;
         mark the epochs retired; remove what is left on this machine of every directory of an epoch older
-        than `active`. One process at a time does it (routers and the rebalancer may all try); the number
-        of actors killed."""
-        with session_scope(self.db) as session:
-            if not shards.claim_retirement(session):
+        than `active`. One process at a time does it (routers and the rebalancer may all try), holding no
+        transaction through the Ray waits; the number of actors killed."""
+        with shards.retirement_claimed(self.db) as claimed:
+            if not claimed:
                 return 0
-            handles: list[Any] = []
-            named = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == NAMESPACE]
-            for name in named:
-                if any(name.startswith(f"{self.prefix}-e{e}-g") for e in epochs):
-                    try:
-                        handles.append(ray.get_actor(name, namespace=NAMESPACE))
-                    except ValueError:  # gone meanwhile
-                        continue
-            drops: list[Any] = [h.drop.remote() for h in handles]
+            handles = self._actors_of(epochs)
+            drops: list[Any] = []
+            for h in handles:
+                try:
+                    drops.append(h.drop.remote())
+                except (AttributeError, RayError):  # an actor of another release, or gone: killed anyway
+                    continue
             if drops:
                 ray.wait(drops, num_returns=len(drops), timeout=DROP_TIMEOUT_S)
             for h in handles:
                 try:
                     ray.kill(h)
-                except RayError:
+                except (AttributeError, RayError, ValueError):
                     continue
-            shards.retired(session, list(epochs))
+            with session_scope(self.db) as session:
+                shards.retired(session, list(epochs))
         # A replica that was dead or restarting did not drop its own directory, nor did epochs' replicas
         # that were killed by hand.
         for directory in self.shard_dir.glob(f"{self.prefix}-e*-g*"):
@@ -169,3 +177,15 @@ class ShardFleet:
                 shutil.rmtree(directory, ignore_errors=True)
         log.info("cluster: epochs %s retired, %d actors killed", list(epochs), len(handles))
         return len(handles)
+
+    def _actors_of(self, epochs: Sequence[int]) -> list[Any]:
+        """Handles of the named actors of `epochs` that exist now."""
+        handles: list[Any] = []
+        named = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == NAMESPACE]
+        for name in named:
+            if any(name.startswith(f"{self.prefix}-e{e}-g") for e in epochs):
+                try:
+                    handles.append(ray.get_actor(name, namespace=NAMESPACE))
+                except ValueError:  # gone meanwhile
+                    continue
+        return handles

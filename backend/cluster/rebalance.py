@@ -1,8 +1,8 @@
 """Rebalancing (`cluster rebalance`): the categories packed again by their vector counts over a new number of
 groups and the shard nodes there are now, stored as a new epoch that is `building`; its replicas started and
 built, then caught up to the change log's newest change; the epoch made active. Routers switch to it within
-a second or two while the old epoch still answers; once the new epoch has been active SHARD_GRACE_SECONDS,
-the old epoch's actors are killed and their cache directories removed.
+a second or two while the old epoch still answers; once the new epoch has been active SHARD_GRACE_SECONDS
+and every server seen lately reports it, the old epoch's actors are killed and their cache directories removed.
 
 Two rebalancers at once: the one that stores its epoch first wins; the other stops with an error (or, when it
 asked for the same packing, waits for that epoch with it). An epoch stored later than one being built makes
@@ -13,9 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from backend.cluster.epochs import ShardFleet, default_groups
-from backend.cluster.packing import bin_pack
 from backend.core.errors import AppError
-from backend.storage import catalogue, change_log, shards
+from backend.storage import change_log, shards
 from backend.storage.engine import session_scope
 
 
@@ -36,9 +35,7 @@ def rebalance(fleet: ShardFleet, groups: int | None, timeout_s: float, retire: b
     start = time.monotonic()
     with session_scope(fleet.db) as session:
         old = shards.newest(session).epoch
-        vectors = {c: 0 for c in catalogue.category_ids(session).values()}
-        vectors.update(catalogue.category_vector_counts(session, fleet.model))
-        packed = bin_pack(vectors, groups)
+        packed, vectors = fleet.packing(session, groups)
         expected = shards.newest_epoch(session)
         made = shards.store(session, packed, vectors, expected, groups, fleet.settings.shard_replicas, shards.BUILDING)
     if made.state != shards.BUILDING or made.group_of != packed or made.groups != groups:
@@ -61,7 +58,7 @@ def rebalance(fleet: ShardFleet, groups: int | None, timeout_s: float, retire: b
 def retire_when_due(fleet: ShardFleet, active: int, say: Callable[[str], None]) -> int:
     """Wait until `active` has been active for the grace period, then retire the older epochs (a router may
     do it first: then wait for it); the actors killed here."""
-    killed = 0
+    killed, told = 0, False
     while True:
         with session_scope(fleet.db) as session:
             seen = shards.epochs(session)
@@ -77,7 +74,13 @@ def retire_when_due(fleet: ShardFleet, active: int, say: Callable[[str], None]) 
             say(f"old epochs {list(seen.draining)} are retired in {left:.0f}s (SHARD_GRACE_SECONDS)")
             time.sleep(min(left, 10.0))
             continue
-        done = fleet.retire(seen.draining, active)
+        if not seen.retirable:  # a server still searches on an old epoch (its switch under way or stalled)
+            if not told:
+                say(f"old epochs {list(seen.draining)}: waiting for every server to switch to epoch {active}")
+            told = True
+            time.sleep(2.0)
+            continue
+        done = fleet.retire(seen.retirable, active)
         killed += done
         if not done:  # another process holds the retirement, or there was nothing left to kill
             time.sleep(1.0)

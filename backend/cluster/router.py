@@ -8,6 +8,7 @@ import itertools
 import logging
 import threading
 import time
+import uuid
 from typing import Any
 
 import numpy as np
@@ -16,20 +17,20 @@ from ray.exceptions import RayError
 from sqlalchemy import Engine
 
 from backend.cluster.epochs import Epoch, ShardFleet, connect, default_groups
-from backend.cluster.packing import bin_pack
 from backend.cluster.shard import ShardAnswer, pack, unpack
-from backend.core.config import Settings
+from backend.core.config import SHARD_EPOCH_CHECK_S, Settings
+from backend.core.errors import AppError
 from backend.index.category_index import CategoryIndex, SearchHits
 from backend.index.layout import IndexLayout
 from backend.search.stage2 import Stage2Hits
-from backend.storage import catalogue, shards
+from backend.storage import shards
 from backend.storage.engine import session_scope
 
 log = logging.getLogger(__name__)
 
 SLOW_FOR_S = 10.0  # a replica that missed a hedge (dead, restarting, overloaded) is asked last this long
 PAD = -(2**62)  # no category in this slot (category id -1 is "no category")
-EPOCH_CHECK_S = 1.0  # how often a router looks for a newer active epoch (SHARD_GRACE_SECONDS must exceed it)
+SWITCH_START_S = 120.0  # finding a new epoch's replicas (built already); under shards.ROUTER_SEEN_S
 
 
 class RayStage2:
@@ -41,10 +42,15 @@ class RayStage2:
         connect(settings.ray_address)
         self.fleet = ShardFleet.of(settings, engine, model, dim, layout)
         self._turn = itertools.count()
-        self._slow_until: dict[tuple[int, int], float] = {}  # (group, replica) that missed a hedge: asked last for a while
+        # (epoch, group, replica) that missed a hedge: asked last for a while. The epoch in the key: searches
+        # of the old epoch still under way after a switch do not mark the new epoch's replicas.
+        self._slow_until: dict[tuple[int, int, int], float] = {}
         self._lock = threading.Lock()
         self._written = 0  # this server's newest write: a new epoch catches up to it before it is used
+        self._incoming: Epoch | None = None  # an epoch being switched to: writes catch it up too
+        self.router_id = uuid.uuid4().hex  # reported with the epoch searched on (shard_routers)
         self.epoch = self.fleet.start(self._ensure_assignment())  # replaced whole when a newer epoch is active
+        self._left: tuple[int, float] = (self.epoch.number, 0.0)  # the epoch searched on before, until when
         self._stop = threading.Event()
         self._follower = threading.Thread(target=self._follow_epochs, name="follow-epochs", daemon=True)
         self._follower.start()
@@ -60,25 +66,28 @@ class RayStage2:
         return self.epoch.replicas
 
     def _ensure_assignment(self) -> shards.Assignment:
-        """The newest active epoch; the first server to start packs the first one."""
-        with session_scope(self.db) as session:
-            current = shards.newest(session)
-            if current.epoch:
-                return current
-            groups = default_groups(self.settings)
-            vectors = {c: 0 for c in catalogue.category_ids(session).values()}
-            vectors.update(catalogue.category_vector_counts(session, self.fleet.model))
-            packed = bin_pack(vectors, groups)
-            made = shards.store(session, packed, vectors, 0, groups, self.settings.shard_replicas)
-        log.info("cluster: epoch %d, %d categories in %d groups", made.epoch, len(made.group_of), made.groups)
-        return made
+        """The newest active epoch; the first server to start packs the first one, active at once (after any
+        epoch stored but never activated: a rebalance interrupted before any server ran)."""
+        for _ in range(3):
+            with session_scope(self.db) as session:
+                current = shards.newest(session)
+                if current.epoch:
+                    return current
+                groups = default_groups(self.settings)
+                packed, vectors = self.fleet.packing(session, groups)
+                expected = shards.newest_epoch(session)
+                made = shards.store(session, packed, vectors, expected, groups, self.settings.shard_replicas)
+            if made.state == shards.ACTIVE:  # ours, or another server's stored meanwhile
+                log.info("cluster: epoch %d, %d categories in %d groups", made.epoch, len(made.group_of), made.groups)
+                return made
+        raise AppError("no active cluster epoch: new epochs kept being stored while this server started")
 
     def actor_name(self, epoch: int, group: int, replica: int) -> str:
         return self.fleet.name(epoch, group, replica)
 
     def _follow_epochs(self) -> None:
         failing = False
-        while not self._stop.wait(EPOCH_CHECK_S):
+        while not self._stop.wait(SHARD_EPOCH_CHECK_S):
             try:
                 self.follow_epochs()
             except Exception as exc:  # the database or the cluster away for a while: searches go on from this epoch
@@ -91,28 +100,36 @@ class RayStage2:
             failing = False
 
     def follow_epochs(self) -> None:
-        """Switch to a newer active epoch (a rebalance made it); once it has been active for the grace
-        period, retire the older ones (every router may, one at a time; the rebalancer does too)."""
+        """Report the epoch searched on; switch to a newer active epoch (a rebalance made it); once it has
+        been active for the grace period and no router seen lately is on an older one, retire the older ones
+        (every router may, one at a time; the rebalancer does too)."""
+        old, until = self._left  # searches under way on the epoch left last end within a deadline
+        on = old if time.monotonic() < until else self.epoch.number
         with session_scope(self.db) as session:
+            shards.router_seen(session, self.router_id, on)
             seen = shards.epochs(session)
         if seen.active > self.epoch.number:
             self._switch(seen.active)
-        if seen.draining and seen.active == self.epoch.number and seen.active_for_s >= self.settings.shard_grace_seconds:
-            self.fleet.retire(seen.draining, seen.active)
+        if seen.retirable and seen.active == self.epoch.number and seen.active_for_s >= self.settings.shard_grace_seconds:
+            self.fleet.retire(seen.retirable, seen.active)
 
     def _switch(self, number: int) -> None:
         """The new epoch's replicas (built and caught up by the rebalancer), brought up to this server's own
-        writes, then swapped in as one object: searches under way finish on the old epoch."""
+        writes, then swapped in as one object: searches under way finish on the old epoch. Writes from the
+        moment it is incoming catch it up themselves (`catch_up`), so one catch-up here covers the rest."""
         with session_scope(self.db) as session:
             assignment = shards.newest(session, number)
-        new = self.fleet.start(assignment)
-        while True:
-            written = self._written
+        new = self.fleet.start(assignment, timeout_s=SWITCH_START_S)
+        with self._lock:
+            self._incoming, written = new, self._written
+        try:
             self.fleet.catch_up(new, written, self.settings.shard_deadline_seconds * 2)
             with self._lock:
-                if self._written == written:  # no write of ours since: nothing the new epoch could miss
-                    self.epoch, self._slow_until = new, {}
-                    break
+                old = self.epoch.number
+                self.epoch, self._incoming, self._slow_until = new, None, {}
+        finally:
+            self._incoming = None
+        self._left = (old, time.monotonic() + self.settings.shard_deadline_seconds)
         log.info("cluster: now on epoch %d (%d groups)", new.number, assignment.groups)
 
     # --- searching ------------------------------------------------------------------------------
@@ -151,7 +168,7 @@ class RayStage2:
         first = next(self._turn)
         requests = {g: pack((queries, k, cats, nprobe, shortlist)) for g, cats in per_group.items()}
         pending: dict[Any, int] = {}
-        order = {g: self._order(len(ep.replicas[g]), g, first, start) for g in per_group}
+        order = {g: self._order(ep.number, len(ep.replicas[g]), g, first, start) for g in per_group}
 
         def send(g: int) -> None:
             if tried[g] < len(order[g]):
@@ -184,26 +201,26 @@ class RayStage2:
                 ray.cancel(ref)
             if time.monotonic() >= hedge_at:
                 for g in {g for g in per_group if g not in answers and tried[g] == 1}:
-                    self._slow_until[(g, order[g][0])] = time.monotonic() + SLOW_FOR_S
+                    self._slow_until[(ep.number, g, order[g][0])] = time.monotonic() + SLOW_FOR_S
                     send(g)
         for ref in pending:
             ray.cancel(ref)
         return answers
 
-    def _order(self, n: int, g: int, turn: int, now: float) -> list[int]:
+    def _order(self, epoch: int, n: int, g: int, turn: int, now: float) -> list[int]:
         """The group's `n` replicas in the order to ask them: taking turns, those slow lately last."""
         turns = [(turn + i) % n for i in range(n)]
-        return sorted(turns, key=lambda r: self._slow_until.get((g, r), 0.0) > now)
+        return sorted(turns, key=lambda r: self._slow_until.get((epoch, g, r), 0.0) > now)
 
     # --- following writes, status ----------------------------------------------------------------
 
     def catch_up(self, seq: int) -> None:
         """Every replica applies the change log up to `seq` before the writer answers (read-your-writes); a
         replica that is restarting builds from the database anyway."""
-        with self._lock:  # a switch to a newer epoch under way catches that one up to `seq` as well
+        with self._lock:  # an epoch being switched to is caught up to `seq` as well
             self._written = max(self._written, seq)
-            ep = self.epoch
-        refs = [h.catch_up.remote(seq) for hs in ep.replicas.values() for h in hs]
+            epochs = [self.epoch] if self._incoming is None else [self.epoch, self._incoming]
+        refs = [h.catch_up.remote(seq) for ep in epochs for hs in ep.replicas.values() for h in hs]
         ray.wait(refs, num_returns=len(refs), timeout=self.settings.shard_deadline_seconds * 2)
 
     def status(self) -> dict[str, Any]:
@@ -229,8 +246,15 @@ class RayStage2:
         return {"address": self.settings.ray_address, "epoch": ep.number, "pending_epoch": pending, "groups": groups}
 
     def close(self) -> None:
-        """The actors are detached: they outlive this server and serve the next one."""
+        """The actors are detached: they outlive this server and serve the next one. This router no longer
+        holds back the retirement of the epoch it was on."""
         self._stop.set()
+        self._follower.join(timeout=SHARD_EPOCH_CHECK_S + 2 * self.settings.shard_deadline_seconds + 5)
+        try:
+            with session_scope(self.db) as session:
+                shards.router_gone(session, self.router_id)
+        except Exception as exc:  # the database away: the row ages out after shards.ROUTER_SEEN_S
+            log.warning("cluster: could not remove this router's row (%s)", exc)
 
 
 def _merge(answers: list[ShardAnswer], n: int, k: int) -> SearchHits:

@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 ShardAnswer = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
+# The actors' interface version, part of their names (epochs.py): bump it when a method's signature changes.
+PROTOCOL = 2
+
+
 def pack(value: object) -> bytes:
     """The bytes of a request or an answer; only Ray's own processes exchange them, as Ray pickles anyway."""
     return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)

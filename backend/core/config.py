@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from backend.core.embedding_models import DEFAULT_MODEL, MODEL_NAMES
@@ -24,6 +24,7 @@ from backend.core.search_params import (
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DB_TIMEOUT_DEFAULT_S = 5.0
+SHARD_EPOCH_CHECK_S = 1.0  # how often a cluster router looks for a newer active epoch
 
 
 class Settings(BaseSettings):
@@ -101,8 +102,9 @@ class Settings(BaseSettings):
     shard_replicas: int = Field(2, ge=1, le=16)
     # A group that has not answered within this long is left out of the result, which is marked partial.
     shard_deadline_seconds: float = Field(2.0, gt=0, le=60)
-    # After a rebalance, the old epoch's actors are killed once the new epoch has been active this long:
-    # every router has switched (they look every second) and searches under way on the old one have ended.
+    # After a rebalance, the old epoch's actors are killed once the new epoch has been active this long and
+    # every live router reports the new one; at least one epoch check plus two deadlines (a search under way
+    # on the old epoch, and the router's catch-up of the new one), checked below.
     shard_grace_seconds: float = Field(30.0, ge=0, le=86400)
 
     # API
@@ -156,6 +158,16 @@ class Settings(BaseSettings):
     # Datasets
     cifar10_dir: Path | None = None
     fashion_mnist_dir: Path = Path("/usr/share/datasets/fashion-mnist")
+
+    @model_validator(mode="after")
+    def _grace_outlasts_a_switch(self) -> "Settings":
+        least = SHARD_EPOCH_CHECK_S + 2 * self.shard_deadline_seconds
+        if self.shard_grace_seconds < least:
+            raise ValueError(
+                f"SHARD_GRACE_SECONDS={self.shard_grace_seconds:g} must be at least {least:g} (one epoch check "
+                "plus twice SHARD_DEADLINE_SECONDS): routers must have switched before the old epoch is killed"
+            )
+        return self
 
     @field_validator("model_name")
     @classmethod

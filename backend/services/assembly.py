@@ -60,6 +60,7 @@ class Services:
         if self.worker is not None:
             self.worker.stop()
         self.jobs.close()
+        self.search.close()
         try:
             self.lifecycle.save_index()  # the next start loads it and applies only later changes
         except OSError as exc:

@@ -80,6 +80,11 @@ class SearchService:
             self._stage2 = open_stage2(self.settings, self.engine, self.model, self.embedder.dim, self.layout)
         return self._stage2
 
+    def close(self) -> None:
+        """Stage 2's own threads stopped (a cluster router's epoch follower), when it was opened."""
+        if self._stage2 is not None:
+            self._stage2.close()
+
     @property
     def model(self) -> str:
         return self.embedder.model_id

@@ -134,7 +134,7 @@ class CatalogueMeta(Base):
 
 class ShardAssignment(Base):
     """Which category group holds each category in the cluster (backend/cluster/), per epoch: routers use the
-    newest epoch; an older one is kept while its actors drain."""
+    newest active epoch; an older one is kept while its actors drain."""
 
     __tablename__ = "shard_assignments"
 
@@ -159,6 +159,17 @@ class ShardEpoch(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     activated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     retired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ShardRouter(Base):
+    """A server routing searches to the cluster (migration 0010): the epoch it searches on, reported about once
+    a second; an epoch is retired only once no router seen lately is still on it."""
+
+    __tablename__ = "shard_routers"
+
+    router_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    epoch: Mapped[int] = mapped_column(Integer)
+    seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
 class ApiKey(Base):

@@ -3,19 +3,27 @@ shard_assignments, migration 0009), and each epoch's state (table shard_epochs, 
 while a rebalance makes its replicas, `active` once they are caught up (routers use the newest active epoch;
 an older active one drains), `retired` when its actors are gone. Epochs only grow. A category created after
 an epoch was packed belongs to group |id| mod groups, by the same rule in SQL (`CategorySet.sql`) and in
-Python (`CategorySet.contains`). Functions take a Session and never commit."""
+Python (`CategorySet.contains`). Each router reports the epoch it searches on (table shard_routers); older
+epochs are retired only below the lowest one reported lately. Functions take a Session and never commit (the retirement claim
+takes the Engine: it holds a lock, not a transaction)."""
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
-from sqlalchemy import ColumnElement, and_, func, insert, or_, select, text, update
+from sqlalchemy import ColumnElement, Engine, and_, delete, func, insert, or_, select, text, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
-from backend.storage.schema import ShardAssignment, ShardEpoch
+from backend.storage.schema import ShardAssignment, ShardEpoch, ShardRouter
 
 # New epochs are written under this transaction-level advisory lock, so two servers starting at once agree.
 ASSIGNMENT_LOCK = 7305104230
 RETIRE_LOCK = 7305104231  # one retirer at a time (routers and rebalancers all try)
 BUILDING, ACTIVE, RETIRED = "building", "active", "retired"
+# A router not seen this long is taken for gone (crashed): its epoch no longer holds back retirement. Longer
+# than a router's epoch switch may block its reports (the start and catch-up of the new epoch's replicas).
+ROUTER_SEEN_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -69,6 +77,7 @@ class Epochs:
     active_for_s: float  # since it became active
     pending: int | None  # a newer epoch being built
     draining: tuple[int, ...]  # older epochs not retired yet (superseded, or abandoned while building)
+    retirable: tuple[int, ...] = ()  # those of `draining` below every epoch a router seen lately reports
 
 
 def epochs(session: Session) -> Epochs:
@@ -77,7 +86,22 @@ def epochs(session: Session) -> Epochs:
     active = max((e for e, state, _ in rows if state == ACTIVE), default=0)
     active_for = next((float(a) for e, _, a in rows if e == active), 0.0)
     pending = max((e for e, state, _ in rows if state == BUILDING and e > active), default=None)
-    return Epochs(active, active_for, pending, tuple(sorted(e for e, _, _ in rows if e < active)))
+    draining = tuple(sorted(e for e, _, _ in rows if e < active))
+    lately = func.now() - func.make_interval(0, 0, 0, 0, 0, 0, ROUTER_SEEN_S)
+    lowest = session.scalar(select(func.min(ShardRouter.epoch)).where(ShardRouter.seen_at > lately))
+    in_use = active if lowest is None else min(active, lowest)
+    return Epochs(active, active_for, pending, draining, tuple(e for e in draining if e < in_use))
+
+
+def router_seen(session: Session, router_id: str, epoch: int) -> None:
+    """Router `router_id` searches on `epoch` now."""
+    row = pg_insert(ShardRouter).values(router_id=router_id, epoch=epoch, seen_at=func.now())
+    session.execute(row.on_conflict_do_update(index_elements=[ShardRouter.router_id], set_=dict(epoch=epoch, seen_at=func.now())))
+
+
+def router_gone(session: Session, router_id: str) -> None:
+    """Router `router_id` stopped: its epoch holds nothing back any more."""
+    session.execute(delete(ShardRouter).where(ShardRouter.router_id == router_id))
 
 
 def newest(session: Session, epoch: int | None = None) -> Assignment:
@@ -151,6 +175,14 @@ def retired(session: Session, epochs: list[int]) -> None:
     )
 
 
-def claim_retirement(session: Session) -> bool:
-    """Whether this transaction may retire epochs now (no other one is at it); held until it ends."""
-    return bool(session.scalar(text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": RETIRE_LOCK}))
+@contextmanager
+def retirement_claimed(engine: Engine) -> Iterator[bool]:
+    """Whether this process may retire epochs now (no other one is at it), held for the block: a session-level
+    advisory lock on a connection in autocommit, so that no transaction stays open through the actors' waits."""
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        claimed = bool(conn.scalar(text("SELECT pg_try_advisory_lock(:key)"), {"key": RETIRE_LOCK}))
+        try:
+            yield claimed
+        finally:
+            if claimed:
+                conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": RETIRE_LOCK})

@@ -97,11 +97,16 @@ def run(quick: bool) -> dict:
             t = time.perf_counter()
             ray_stage2 = RayStage2(settings, db.engine, MODEL, DIM, IndexLayout())
             shards_s = time.perf_counter() - t
-            same = sum(
-                a == b
-                for a, b in zip(_ids(InProcessStage2(), index, q, searched), _ids(ray_stage2, index, q, searched), strict=True)
-            )
-            stats = _time(_paths(ray_stage2, index, q, searched), n_queries, rounds)
+            try:
+                same = sum(
+                    a == b
+                    for a, b in zip(
+                        _ids(InProcessStage2(), index, q, searched), _ids(ray_stage2, index, q, searched), strict=True
+                    )
+                )
+                stats = _time(_paths(ray_stage2, index, q, searched), n_queries, rounds)
+            finally:
+                ray_stage2.close()  # its epoch follower polls the temporary database, dropped next
         finally:
             ray.shutdown()  # before the cluster goes: a driver left connected is ended by Ray 60 s later
             local.stop(cluster)

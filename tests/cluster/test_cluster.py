@@ -16,6 +16,7 @@ import pytest
 
 from backend.sources.datasets import Dataset
 from tests.cluster.conftest import CLUSTER_IMAGES, cli
+from tests.utils.images import reencoded
 from tests.utils.server import RunningServer, running_server
 
 pytest.importorskip("ray", reason="the cluster extra (requirements-cluster.txt) is not installed")
@@ -44,17 +45,6 @@ def search(url: str, image: bytes, **params: object) -> dict:
 
 def ids(result: dict) -> list[int]:
     return [h["image_id"] for h in result["results"]]
-
-
-def copy_of(image: bytes) -> bytes:
-    """The same pixels in other bytes: found only through stage 2's hits (the shards' when use_prototypes is
-    false), where the same bytes would be found by their hash in the database, shards or not."""
-    from PIL import Image
-
-    out = io.BytesIO()
-    Image.open(io.BytesIO(image)).save(out, "PNG", compress_level=1)
-    assert out.getvalue() != image
-    return out.getvalue()
 
 
 def test_status_shows_the_groups_and_their_replicas(cluster_server: RunningServer) -> None:
@@ -127,7 +117,7 @@ def test_an_upload_is_found_through_the_cluster_and_by_another_server_within_2_s
     stored, uploaded = r.json()["image_id"], time.monotonic()
     first = search(cluster_server.url, image, use_prototypes="false")
     assert ids(first)[0] == stored and time.monotonic() - uploaded < 2
-    assert ids(search(cluster_server.url, copy_of(image), use_prototypes="false"))[0] == stored  # from the shards
+    assert ids(search(cluster_server.url, reencoded(image), use_prototypes="false"))[0] == stored  # from the shards
     while ids(search(plain_server.url, image))[:1] != [stored]:
         assert time.monotonic() - uploaded < 2, "the other server did not see the upload within 2 s"
         time.sleep(0.05)
@@ -169,7 +159,7 @@ def test_two_servers_and_a_worker_see_each_others_writes_and_deletes(
     for s in samples:  # the worker's writes: on both servers, the cluster's shards following the change log
         for url in (cluster_server.url, plain_server.url):
             deadline = time.monotonic() + 5
-            while (top := search(url, copy_of(s.load()), use_prototypes="false"))["results"][0]["score"] < 0.9999:
+            while (top := search(url, reencoded(s.load()), use_prototypes="false"))["results"][0]["score"] < 0.9999:
                 assert time.monotonic() < deadline, f"{url} did not see the worker's image"
                 time.sleep(0.1)
             found.setdefault(s.source, set()).add(top["results"][0]["image_id"])

@@ -2,17 +2,19 @@
 group's categories (built from the database and following the change log) against the full index."""
 
 import uuid
+from datetime import timedelta
 from pathlib import Path
 
 import faiss
 import numpy as np
-from sqlalchemy import Engine
+from sqlalchemy import Engine, func, update
 
 from backend.cluster.packing import bin_pack
 from backend.imaging import ImageBytes
 from backend.search.live_index import LiveIndex
 from backend.storage import catalogue, shards
 from backend.storage.engine import session_scope
+from backend.storage.schema import ShardRouter
 
 MODEL, DIM = "synthetic/none/0px", 64
 
@@ -102,12 +104,26 @@ def test_a_rebalance_epoch_builds_then_wins_or_loses_and_old_epochs_retire(engin
         assert shards.activate(s, later.epoch) and shards.activate(s, later.epoch)  # idempotent
     with session_scope(engine) as s:
         seen = shards.epochs(s)
-        assert (seen.active, seen.pending, seen.draining) == (3, None, (1, 2)) and seen.active_for_s < 60
+        assert (seen.active, seen.pending, seen.draining, seen.retirable) == (3, None, (1, 2), (1, 2))
+        assert seen.active_for_s < 60
         assert shards.newest(s).groups == 4  # the group count is stored, even for groups left empty
+        shards.router_seen(s, "a", 3)
+        shards.router_seen(s, "b", 1)  # a server whose switch is under way: epoch 1 is not retired yet
+        assert shards.epochs(s).retirable == ()
+        shards.router_seen(s, "b", 2)
+        assert shards.epochs(s).retirable == (1,)
+        s.execute(update(ShardRouter).where(ShardRouter.router_id == "b").values(seen_at=func.now() - timedelta(hours=1)))
+        assert shards.epochs(s).retirable == (1, 2)  # a router not seen lately is taken for gone
+        shards.router_seen(s, "b", 2)
+        shards.router_gone(s, "b")
+        assert shards.epochs(s).retirable == (1, 2)
         shards.retired(s, [1, 2, 3])  # never the active epoch
     with session_scope(engine) as s:
         assert shards.epochs(s).draining == () and shards.newest(s).epoch == 3
-        assert shards.claim_retirement(s)
+    with shards.retirement_claimed(engine) as claimed, shards.retirement_claimed(engine) as again:
+        assert claimed and not again  # one retirer at a time
+    with shards.retirement_claimed(engine) as claimed:
+        assert claimed  # released at the end of the block
 
 
 def test_epochs_stored_before_0010_are_kept_the_newest_active(engine: Engine) -> None:
@@ -129,3 +145,12 @@ def test_epochs_stored_before_0010_are_kept_the_newest_active(engine: Engine) ->
         current = shards.newest(s)
     assert (seen.active, seen.pending, seen.draining) == (2, None, ())
     assert current.group_of == {1: 1, 2: 0} and current.groups == 2 and current.replicas is None
+
+    with session_scope(engine) as s:  # an epoch never activated is not kept when going back to 0009
+        shards.store(s, {1: 0, 2: 0}, {}, expected_epoch=2, groups=1, state=shards.BUILDING)
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0009")
+        left = conn.execute(text("SELECT DISTINCT epoch FROM shard_assignments ORDER BY epoch")).scalars().all()
+    migrate.upgrade(engine)
+    assert left == [1, 2]
