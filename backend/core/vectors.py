@@ -62,9 +62,14 @@ class PrototypeMatrix:
         return cls.from_sums(*category_sums(category_ids, vectors))
 
 
+SUM_CHUNK = 8192  # rows (84 MB of float64 at 1,280-d); stage 1 sums 90,000 labels: 920 MB at once before
+
+
 def category_sums(category_ids: np.ndarray, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(categories, float64 sums, counts) of `vectors` grouped by category, categories ascending."""
     cats, inverse, counts = np.unique(np.asarray(category_ids, dtype=np.int64), return_inverse=True, return_counts=True)
     sums = np.zeros((len(cats), vectors.shape[1] if vectors.ndim == 2 else 0), dtype=SUM_DTYPE)
-    np.add.at(sums, inverse, np.asarray(vectors, dtype=SUM_DTYPE))
+    for start in range(0, len(inverse), SUM_CHUNK):  # a float64 copy a chunk at a time, not of every row at once
+        part = slice(start, start + SUM_CHUNK)
+        np.add.at(sums, inverse[part], np.asarray(vectors[part], dtype=SUM_DTYPE))
     return cats, sums, counts.astype(np.int64)

@@ -61,10 +61,25 @@ def load_vectors(
     categories: CategorySet | None = None,
 ) -> StoredVectors:
     """`model`'s stored vectors (or a sample, see `stream_vectors`) in memory, by id."""
-    parts = stream_vectors(session, model, sample=sample, given_only=given_only, connections=connections, categories=categories)
-    stored = StoredVectors.concat(list(parts))
-    order = np.argsort(stored.ids, kind="stable")
-    return StoredVectors(stored.ids[order], stored.category_ids[order], stored.vectors[order])
+    parts = list(
+        stream_vectors(session, model, sample=sample, given_only=given_only, connections=connections, categories=categories)
+    )
+    if not parts:
+        return StoredVectors.concat(parts)
+    ids = np.concatenate([p.ids for p in parts])
+    order = np.argsort(ids, kind="stable")
+    place = np.empty_like(order)
+    place[order] = np.arange(len(order))  # each streamed row's place in id order
+    vectors = np.empty((len(ids), parts[0].vectors.shape[1]), parts[0].vectors.dtype)
+    category_ids = np.concatenate([p.category_ids for p in parts])[order]
+    start = 0
+    parts.reverse()
+    while parts:  # each chunk copied into place, then let go: twice the vectors at the peak, not three times
+        part = parts.pop()
+        vectors[place[start : start + len(part)]] = part.vectors
+        start += len(part)
+        del part
+    return StoredVectors(ids[order], category_ids, vectors)
 
 
 _COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + b"\x00" * 8  # signature, flags 0, no header extension
