@@ -117,10 +117,10 @@ class Stage1:
             return self._after_training(lacking)
 
     def retrain_apart(self) -> str:
-        """The same in a child process: the server's background retrain. Its training loop holds the GIL in
-        many small steps, which stalled every request thread of the server (a 10-statement `/status` took
-        120-140 ms instead of 7 while it ran at 1M vectors), and its peak memory, the labels' vectors, ends
-        with the child."""
+        """The same in a child process: the server's background retrain. Its peak memory, the labels'
+        vectors (about 1 GB at MAX_TRAIN_LABELS), ends with the child instead of staying in the server's heap,
+        and its training loop, thousands of small GIL-holding steps, no longer competes with the server's
+        request threads for the GIL."""
         with self._training:
             assert self.engine is not None
             env = {**os.environ, TRAIN_DATABASE_ENV: self.engine.url.render_as_string(hide_password=False)}
