@@ -29,7 +29,7 @@ from backend.core.memory import release_freed_memory
 from backend.index.category_index import CategoryIndex
 from backend.index.sampling import SAMPLE_MODULUS, SAMPLE_MULTIPLIER
 from backend.index.stage1_models import Centroids, LinearSoftmax, Trained, softmax, train_rankers
-from backend.storage import catalogue, change_log, vector_reader
+from backend.storage import catalogue, change_log, jobs, vector_reader
 from backend.storage import stage1 as stage1_rows
 from backend.storage.engine import session_scope
 from backend.storage.schema import Stage1Model
@@ -144,8 +144,9 @@ class Stage1:
 
     def refresh(self, seq: int) -> None:
         """Re-check the stored row when the catalogue moved (labels changed, another process retrained);
-        retrain in the background when it is missing or stale and every labelled category has labels
-        enough. Called by the server's refresh tick with the index's seq."""
+        retrain in the background when it is missing or stale, every labelled category has labels enough
+        and no catalogue job is running (prototypes rank meanwhile). Called by the server's refresh tick with
+        the index's seq."""
         if self.setting == "prototype" or self._training.locked() or seq == self._checked_at:
             return
         self._checked_at = seq
@@ -153,7 +154,10 @@ class Stage1:
         if self.trained is None:
             with session_scope(self.engine) as session:
                 lacking = _too_few_labels(session, self.model)
-            if lacking is None:
+                ingesting = lacking is None and jobs.a_job_is_running(session)
+            if ingesting:  # labels keep arriving: train once the job has ended, not on a moving target meanwhile
+                self._checked_at = -1  # so the next tick checks again even when nothing else changes
+            elif lacking is None:
                 threading.Thread(target=self.retrain_apart, name="stage1-retrain", daemon=True).start()
 
     # --- ranking --------------------------------------------------------------------------------

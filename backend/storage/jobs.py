@@ -10,7 +10,7 @@ from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, Select, cast, delete, func, literal, select, text, update
+from sqlalchemy import Engine, Select, cast, delete, exists, func, literal, select, text, update
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
@@ -190,6 +190,11 @@ def unfinished_jobs(session: Session) -> list[tuple[int, dict]]:
             select(CatalogueJob.id, CatalogueJob.params).where(CatalogueJob.state.not_in(FINAL))
         )
     ]
+
+
+def a_job_is_running(session: Session) -> bool:
+    """Whether any catalogue job is running now (on any worker, any machine)."""
+    return bool(session.scalar(select(exists().where(CatalogueJob.state == "running"))))
 
 
 def staged_image_ids(session: Session, job_id: int) -> set[int]:

@@ -12,7 +12,7 @@ from backend.imaging import ImageBytes
 from backend.index.stage1_models import _keep_rows, heldout_mask, softmax, train_rankers
 from backend.index.two_stage import TwoStageIndex
 from backend.search.stage1 import MIN_LABELS_PER_CATEGORY, RETRAIN_FRACTION, Stage1
-from backend.storage import catalogue, change_log, vector_reader
+from backend.storage import catalogue, change_log, jobs, vector_reader
 from backend.storage.engine import session_scope
 from backend.storage.schema import Image, Stage1Model
 from tests.utils.catalogue import Stored
@@ -161,6 +161,28 @@ def test_retraining_follows_label_changes(catalogue_engine: Engine, engine: Engi
     assert stage1.trained.labels == 400 - (int(RETRAIN_FRACTION * 400) + 5)
     other.load()
     assert other.trained is not None and other.trained_change == stage1.trained_change
+
+
+def test_a_stale_ranker_is_retrained_once_the_running_catalogue_job_has_ended(
+    catalogue_engine: Engine, engine: Engine, embedder
+) -> None:
+    """While a catalogue job runs, labels keep arriving: the tick waits for it to end (prototypes rank meanwhile),
+    then retrains although nothing else changed."""
+    copy_catalogue(catalogue_engine, engine, embedder.model_id, given=40)
+    stage1 = Stage1(engine, embedder.model_id, embedder.dim, "auto")
+    job = jobs.create_job(engine, "folder", embedder.model_id, {}, None, None)
+    with session_scope(engine) as session:
+        jobs.lookup(session, job, lock=True).state = "running"
+        seq = change_log.latest_seq(session, embedder.model_id)
+    stage1.refresh(seq)
+    assert not [t for t in threading.enumerate() if t.name == "stage1-retrain"]
+    assert stage1.trained is None and stage1.ranker == "prototype"
+    with session_scope(engine) as session:
+        jobs.lookup(session, job, lock=True).state = "succeeded"
+    stage1.refresh(seq)  # the same seq: the job's end alone starts it
+    for thread in [t for t in threading.enumerate() if t.name == "stage1-retrain"]:
+        thread.join(timeout=120)
+    assert stage1.trained is not None and stage1.trained.labels == 400
 
 
 def test_a_stored_ranker_that_does_not_fit_is_not_used(catalogue_engine: Engine, engine: Engine, embedder) -> None:
