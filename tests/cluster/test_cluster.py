@@ -47,6 +47,18 @@ def ids(result: dict) -> list[int]:
     return [h["image_id"] for h in result["results"]]
 
 
+def same_stage1(*servers: RunningServer, timeout_s: float = 180) -> None:
+    """Wait until every server ranks with the same trained stage 1: each trains (or loads) it in the background
+    after start, and a server still ranking by prototype picks other top categories than one that has it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        states = [httpx.get(f"{s.url}/status", timeout=30).json()["stage1"] for s in servers]
+        if states[0]["trained_change"] is not None and len({(st["ranker"], st["trained_change"]) for st in states}) == 1:
+            return
+        assert time.monotonic() < deadline, f"the servers' stage 1 differ: {states}"
+        time.sleep(0.5)
+
+
 def test_status_shows_the_groups_and_their_replicas(cluster_server: RunningServer) -> None:
     stage2 = httpx.get(f"{cluster_server.url}/status", timeout=30).json()["stage2"]
     assert stage2["engine"] == "ray" and stage2["epoch"] >= 1
@@ -66,6 +78,7 @@ def test_the_cluster_answers_the_same_ids_as_an_in_process_server(
     cluster_server: RunningServer, plain_server: RunningServer, cifar_queries: Dataset
 ) -> None:
     assert httpx.get(f"{plain_server.url}/status", timeout=30).json()["stage2"]["engine"] == "in-process"
+    same_stage1(cluster_server, plain_server)
     for i, sample in enumerate(cifar_queries.samples[:QUERIES]):
         image = sample.load()
         for params in ({}, {"use_prototypes": "false"})[: 1 + (i % 5 == 0)]:  # every 5th also over every category
