@@ -6,9 +6,10 @@ write that changes what an index must apply takes the change log's lock first (`
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-from sqlalchemy import delete, func, select
+from sqlalchemy import Select, delete, func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -59,25 +60,29 @@ def category_by_name(session: Session, name: str) -> Category:
     return category
 
 
+def category_count_columns() -> tuple[Any, ...]:
+    """(id, name, images, images with a given label) of a category joined to its kept counts (migration 0008)."""
+    return Category.id, Category.name, func.coalesce(CategoryImageCount.images, 0), func.coalesce(CategoryImageCount.labelled, 0)
+
+
 def category_counts(session: Session) -> list[tuple[int, str, int, int]]:
     """(id, name, images, images with a given label) per category, from the counts the triggers keep
     (migration 0008): one row per category read, whatever the catalogue's size."""
     query = (
-        select(
-            Category.id,
-            Category.name,
-            func.coalesce(CategoryImageCount.images, 0),
-            func.coalesce(CategoryImageCount.labelled, 0),
-        )
+        select(*category_count_columns())
         .outerjoin(CategoryImageCount, CategoryImageCount.category_id == Category.id)
         .order_by(Category.name)
     )
-    return [tuple(row) for row in session.execute(query)]  # type: ignore[misc]
+    return [tuple(row) for row in session.execute(query)]
+
+
+def counted_images() -> Select[tuple[int]]:
+    """Every stored image, with or without a category, from the counts the triggers keep."""
+    return select(func.coalesce(func.sum(CategoryImageCount.images), 0))
 
 
 def image_count(session: Session) -> int:
-    """Every stored image, with or without a category (kept by triggers)."""
-    return int(session.scalar(select(func.coalesce(func.sum(CategoryImageCount.images), 0))) or 0)
+    return int(session.scalar(counted_images()) or 0)
 
 
 # --- images and embeddings ------------------------------------------------------------------------

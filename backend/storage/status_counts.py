@@ -8,6 +8,7 @@ from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.orm import Session
 
+from backend.storage import catalogue
 from backend.storage.change_log import Head, catalogue_id_column, latest_seq_column
 from backend.storage.schema import Category, CategoryImageCount, ModelVectorCount
 
@@ -22,16 +23,14 @@ class StatusCounts:
 
 def status_counts(session: Session, model: str) -> StatusCounts:
     """Every count `/status` shows and `model`'s head, read in one statement."""
-    row = func.json_build_array(
-        Category.id, Category.name, func.coalesce(CategoryImageCount.images, 0), func.coalesce(CategoryImageCount.labelled, 0)
-    )
+    row = func.json_build_array(*catalogue.category_count_columns())
     categories = (
         select(func.coalesce(func.json_agg(aggregate_order_by(row, Category.name)), func.json_build_array()))
         .select_from(Category)
         .outerjoin(CategoryImageCount, CategoryImageCount.category_id == Category.id)
         .scalar_subquery()
     )
-    images = select(func.coalesce(func.sum(CategoryImageCount.images), 0)).scalar_subquery()
+    images = catalogue.counted_images().scalar_subquery()
     models = (
         select(func.coalesce(func.json_object_agg(ModelVectorCount.model, ModelVectorCount.vectors), func.json_build_object()))
         .where(ModelVectorCount.vectors > 0)
