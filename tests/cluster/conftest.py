@@ -12,7 +12,7 @@ from sqlalchemy import Engine
 
 from backend.core.config import PROJECT_ROOT
 from backend.sources.datasets import Dataset, balanced, load_cifar10
-from tests.utils.server import free_port
+from tests.utils.server import RunningServer, free_port, running_server
 from tests.utils.settings import CIFAR_SUBSET
 
 CLUSTER_IMAGES = 1_000  # 100 per CIFAR-10 category, as the cluster is specified for; embedding them costs a minute or two
@@ -73,3 +73,10 @@ def local_cluster(base_env: dict[str, str], tmp_path_factory: pytest.TempPathFac
     state = local.read_state(Path(env["DATA_DIR"]))
     if state is not None:  # the last test brings it down itself and checks nothing is left
         cli(["cluster", "down"], env)
+
+
+@pytest.fixture(scope="module")
+def plain_server(base_env: dict[str, str]) -> Iterator[RunningServer]:
+    """An in-process server (no RAY_ADDRESS) on the same database: the ids the cluster must answer."""
+    with running_server(base_env) as server:
+        yield server

@@ -30,13 +30,6 @@ def cluster_server(local_cluster: dict[str, str]) -> Iterator[RunningServer]:
         yield server
 
 
-@pytest.fixture(scope="module")
-def plain_server(base_env: dict[str, str]) -> Iterator[RunningServer]:
-    """An in-process server (no RAY_ADDRESS) on the same database."""
-    with running_server(base_env) as server:
-        yield server
-
-
 def search(url: str, image: bytes, **params: object) -> dict:
     r = httpx.post(f"{url}/search", params={"limit": 10, **params}, files={"file": ("q.png", image)}, timeout=30)
     assert r.status_code == 200, r.text

@@ -37,13 +37,6 @@ def cluster_server(env: dict[str, str]) -> Iterator[RunningServer]:
         yield server
 
 
-@pytest.fixture(scope="module")
-def plain_server(base_env: dict[str, str]) -> Iterator[RunningServer]:
-    """An in-process server (no RAY_ADDRESS) on the same database: the ids every query must answer."""
-    with running_server(base_env) as server:
-        yield server
-
-
 def ask(http: httpx.Client, image: bytes, i: int) -> httpx.Response:
     params = {"limit": 10, "top_categories": 10 if i % 2 else 3}
     return http.post("/search", params=params, files={"file": ("q.png", image)})
