@@ -1,7 +1,9 @@
-"""The C heap of a long-running process: how many malloc arenas it keeps, and giving freed memory back."""
+"""The heap of a long-running process: how many malloc arenas it keeps, giving freed memory back, and keeping
+Python's cyclic garbage collector off the objects that live as long as the process."""
 
 import ctypes
 import ctypes.util
+import gc
 import os
 
 _LIBC = ctypes.util.find_library("c")
@@ -36,3 +38,13 @@ def limit_malloc_arenas(arenas: int = SERVER_ARENAS) -> None:
     except (OSError, AttributeError):  # not glibc
         return
     mallopt(M_ARENA_MAX, arenas)
+
+
+def freeze_startup_objects() -> None:
+    """Collect once, then move every object alive after start-up (the imported libraries, the model, the
+    index's Python side: about 340,000 of them) to the collector's permanent generation, so that no later
+    full collection walks them again. Without it, the first full collection after start-up took 120-400 ms
+    in whichever request allocated at that moment (one /status of the first ten, measured at 2k and 1M
+    vectors), and every later one as long again."""
+    gc.collect()
+    gc.freeze()

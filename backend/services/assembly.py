@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from sqlalchemy import Engine
 
 from backend.core.config import Settings
+from backend.core.memory import freeze_startup_objects
 from backend.index.stage1_models import one_blas_thread
 from backend.jobs import WorkerThread
 from backend.services.catalogue import Catalogue
@@ -55,6 +56,7 @@ class Services:
         if self.settings.serve_worker:
             self.worker = self.jobs.worker(self.search.follow_write)
             self.worker.start()
+        freeze_startup_objects()  # before the first request, not during it
 
     def stop(self) -> None:
         if self.worker is not None:
