@@ -58,7 +58,7 @@ class _Searched:
     outside: list[list[tuple[int, float]]]  # per query, own-image candidates outside those categories
     total: int
     category_ids: list[int]
-    seconds: dict[str, float]  # "prototypes" (stage 1), "search" (stage 2 and the own-image probe)
+    seconds: dict[str, float]  # "prototypes" (stage 1), "search" (stage 2), "own_image" (its probe)
     left_out: list[list[int]]  # per query, categories of shard groups that missed the deadline
 
 
@@ -148,9 +148,9 @@ class SearchService:
         t1 = time.perf_counter()
         chosen = search_filters.stage_two_categories(ranking.positions, index.list_of, wanted, params)
         found = self.stage2.search(index, queries, k, chosen, params.nprobe, self.settings.rerank_candidates)
-        outside = self._own_image_probe(index, queries, ranking, chosen, images, params)
         t2 = time.perf_counter()
-        seconds = {"prototypes": t1 - t0, "search": t2 - t1}
+        outside = self._own_image_probe(index, queries, ranking, chosen, images, params)
+        seconds = {"prototypes": t1 - t0, "search": t2 - t1, "own_image": time.perf_counter() - t2}
         return _Searched(ranking, chosen, found.hits, outside, index.ntotal, index.category_ids, seconds, found.left_out)
 
     def _own_image_probe(

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import numpy as np
 import psutil
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import URL, make_url
@@ -144,12 +145,25 @@ def endpoint_latencies(http: httpx.Client, endpoints: dict[str, str], uploads: U
 
 
 def search_and_upload(http: httpx.Client, settings: Settings, uploads: Uploads, repeats: int) -> dict:
+    """Search p50 over 40 queries (20 images twice) and where its time goes (the server's own per-stage
+    timings, p50 of each); upload latency."""
     queries = [s.load() for s in cifar_samples(settings, 20, "test").samples]
     http.post("/search", files={"file": ("q.png", queries[0])})  # warm-up
-    search = [timed(lambda q=q: http.post("/search?limit=10", files={"file": ("q.png", q)})) for q in queries * 2]
+    answers: list[httpx.Response] = []
+
+    def search(q: bytes) -> httpx.Response:
+        answers.append(http.post("/search?limit=10", files={"file": ("q.png", q)}))
+        return answers[-1]
+
+    timings = [timed(lambda q=q: search(q)) for q in queries * 2]
+    stages: dict[str, list[float]] = {}
+    for answer in answers:
+        for stage, ms in answer.json().get("timings_ms", {}).items() if answer.status_code == 200 else ():
+            stages.setdefault(stage, []).append(ms)
     upload = [timed(lambda: uploads.one(http)) for _ in range(repeats)]
     return {
-        "search": summary([s for s, _ in search], [c for _, c in search]),
+        "search": summary([s for s, _ in timings], [c for _, c in timings]),
+        "search_stages_p50_ms": {stage: round(float(np.median(ms)), 2) for stage, ms in stages.items()},
         "upload": summary([s for s, _ in upload], [c for _, c in upload]),
     }
 
@@ -269,7 +283,8 @@ def one_size(settings: Settings, url: URL, n: int, quick: bool) -> dict:
     row["removed_after"] = remove_added(engine, seeded_through)
     engine.dispose()
     print(
-        f"  scale {n:,}: ready from cache {row['ready_from_cache_s']} s; search p50 {row['search']['p50']} ms; upload "
+        f"  scale {n:,}: ready from cache {row['ready_from_cache_s']} s; search p50 {row['search']['p50']} ms "
+        f"(server's stages p50 {row['search_stages_p50_ms']}); upload "
         f"p50 {row['upload']['p50']} p99 {row['upload']['p99']} ms; under load {row['under_load']['non_2xx'] or 'all 2xx'}, "
         f"RSS {row['under_load']['rss_idle_mb']} -> {row['under_load']['rss_peak_mb']} MB (without mapped files "
         f"{row['under_load']['anon_idle_mb']} -> {row['under_load']['anon_peak_mb']} MB)",
