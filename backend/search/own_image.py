@@ -2,7 +2,8 @@
 
 Stage 2 searches only the top-C categories, so a stored image whose category stage 1 ranks lower would
 be missed by its own copy. Beside stage 2:
-- the query's bytes: a stored image with the same SHA-256 comes first (its stored vector gives the score);
+- the query's bytes: a stored image with the same SHA-256 comes first (its stored vector gives the score),
+  and nothing below is done for that query;
 - near copies (resized, re-encoded): the categories of the query's globally nearest sub-centroids (stage 1's
   `centroids`) and the next category by stage 1 are probed for a few hits. Those
   and the best hits inside are candidates; one whose 16x16 grey thumbnail matches the query's (mean absolute
@@ -19,7 +20,7 @@ from PIL import Image as PILImage
 from sqlalchemy.orm import Session
 
 from backend.index.category_index import CategoryIndex, SearchHits
-from backend.search.stage1 import Ranking, Stage1
+from backend.search.stage1 import Stage1
 from backend.storage import catalogue
 
 PROBE_SUB_CENTROIDS = 8  # nearest sub-centroids whose categories are probed beside the top-C ...
@@ -44,13 +45,46 @@ def query_images(images: list[PILImage.Image], sha256s: list[str] | None) -> lis
     return [QueryImage(sha256s[i] if sha256s else None, thumbnail(image)) for i, image in enumerate(images)]
 
 
-def probe_categories(stage1: Stage1, index: CategoryIndex, queries: np.ndarray, ranking: Ranking, top: int) -> np.ndarray:
-    """(n, P) index categories to probe for each query beyond its top `top` ones (-1: none)."""
-    nearest = ranking.positions[:, top : top + PROBE_BY_RANK]
+def same_bytes(session: Session, model: str, queries: np.ndarray, images: list[QueryImage]) -> list[tuple[int, float] | None]:
+    """Per query, the stored image with the query's very bytes and its cosine score (its stored vector . the
+    query), in one statement; None where there is none (or it has no `model` vector)."""
+    stored = catalogue.stored_copies(session, (im.sha256 for im in images if im.sha256), model)
+    out: list[tuple[int, float] | None] = []
+    for query, image in zip(queries, images, strict=True):
+        copy = stored.get(image.sha256 or "")
+        out.append(None if copy is None or copy[1] is None else (copy[0], float(copy[1] @ query)))
+    return out
+
+
+def probe_outside(
+    stage1: Stage1,
+    index: CategoryIndex,
+    queries: np.ndarray,
+    positions: np.ndarray,
+    top: int,
+    nprobe: int | None,
+    need: list[bool],
+) -> list[list[tuple[int, float]]]:
+    """For the queries that `need` it (no stored copy of their bytes), the CANDIDATES nearest (id, score) in
+    the categories `probe_categories` picks outside their top `top`; [] for the others."""
+    rows = [q for q, wanted in enumerate(need) if wanted]
+    out: list[list[tuple[int, float]]] = [[] for _ in queries]
+    if not rows:
+        return out
+    probe = probe_categories(stage1, index, queries[rows], positions[rows], top)
+    for q, found in zip(rows, nearest_outside(index, queries[rows], probe, nprobe), strict=True):
+        out[q] = found
+    return out
+
+
+def probe_categories(stage1: Stage1, index: CategoryIndex, queries: np.ndarray, positions: np.ndarray, top: int) -> np.ndarray:
+    """(n, P) index categories to probe for each query beyond its top `top` ones by stage 1 (`positions`, best
+    first; -1: none)."""
+    nearest = positions[:, top : top + PROBE_BY_RANK]
     by_centroid = stage1.nearest_categories(index, queries, PROBE_SUB_CENTROIDS)
     if by_centroid is not None:
         nearest = np.concatenate([nearest, by_centroid], axis=1)
-    searched = ranking.positions[:, :top]
+    searched = positions[:, :top]
     outside = (nearest[:, :, None] != searched[:, None, :]).all(axis=2)
     return np.where(outside, nearest, -1)
 
@@ -69,23 +103,24 @@ def nearest_outside(
 
 def results(
     session: Session,
-    model: str,
     queries: np.ndarray,
     hits: SearchHits,
     exclude: int | None,
     outside: list[list[tuple[int, float]]],
     images: list[QueryImage] | None,
+    same: list[tuple[int, float] | None],
     limit: int,
 ) -> list[list[tuple[int, float]]]:
-    """Each query's (id, score) results: stage 2's hits (without `exclude`), its own image first if it has one."""
+    """Each query's (id, score) results: stage 2's hits (without `exclude`), its own image first if it has one
+    (`same`: the stored copy of its bytes, from `same_bytes`)."""
     found = [
         [(int(i), float(s)) for s, i in zip(scores, ids, strict=True) if i >= 0 and i != exclude]
         for scores, ids in zip(hits.scores, hits.ids, strict=True)
     ]
-    own: list[tuple[int, float] | None] = [None] * len(queries)
+    own = list(same)
     if images is not None:
         candidates = [f[:CANDIDATES] + o for f, o in zip(found, outside, strict=True)]
-        own = find_own(session, model, queries, images, candidates)
+        own = find_own(session, images, candidates, same)
     return [own_first(f, o, limit) for f, o in zip(found, own, strict=True)]
 
 
@@ -97,21 +132,19 @@ def own_first(hits: list[tuple[int, float]], own: tuple[int, float] | None, limi
 
 
 def find_own(
-    session: Session, model: str, queries: np.ndarray, images: list[QueryImage], candidates: list[list[tuple[int, float]]]
+    session: Session, images: list[QueryImage], candidates: list[list[tuple[int, float]]], same: list[tuple[int, float] | None]
 ) -> list[tuple[int, float] | None]:
-    """For each query, the stored image it is a copy of, with its cosine score: the same bytes, else the
-    best-scoring candidate whose thumbnail matches (None when there is neither)."""
-    shas = [im.sha256 for im in images if im.sha256]
-    check = {i for cands in candidates for i, score in cands if score >= NEAR_COPY_MIN_COSINE}
-    same = catalogue.existing_by_sha(session, shas)
-    vectors = {i: catalogue.image_vector(session, i, model) for i in same.values()}
-    data = catalogue.image_data(session, check)
-    stored_thumbnails = {i: _stored_thumbnail(raw) for i, raw in data.items()}
+    """For each query, the stored image it is a copy of, with its cosine score: the same bytes (`same`), else
+    the best-scoring candidate whose thumbnail matches (None when there is neither). Only the candidates of
+    queries without a stored copy of their bytes are read and compared."""
+    check = {
+        i for cands, s in zip(candidates, same, strict=True) if s is None for i, score in cands if score >= NEAR_COPY_MIN_COSINE
+    }
+    stored_thumbnails = {i: _stored_thumbnail(raw) for i, raw in catalogue.image_data(session, check).items()}
     out: list[tuple[int, float] | None] = []
-    for query, image, cands in zip(queries, images, candidates, strict=True):
-        vector = vectors.get(same.get(image.sha256 or "", -1))
-        if vector is not None:
-            out.append((same[image.sha256 or ""], float(vector @ query)))
+    for image, cands, copy in zip(images, candidates, same, strict=True):
+        if copy is not None:
+            out.append(copy)
             continue
         matches = [
             (i, score)

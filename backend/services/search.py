@@ -55,7 +55,6 @@ class _Searched:
     ranking: Ranking
     categories: np.ndarray | None  # per query, the category numbers stage 2 searched; None: all
     hits: SearchHits
-    outside: list[list[tuple[int, float]]]  # per query, own-image candidates outside those categories
     total: int
     category_ids: list[int]
     seconds: dict[str, float]  # "prototypes" (stage 1), "search" (stage 2), "own_image" (its probe)
@@ -124,66 +123,68 @@ class SearchService:
         k = search_filters.depth(params, 1 if exclude is not None else 0)
         wanted = search_filters.category_filter(self.engine, params.categories)
         with self.cache.reading() as index:
-            searched = self._search_index(index, queries, params, wanted, k, images)
+            searched = self._search_index(index, queries, params, wanted, k)
         t = time.perf_counter()
-        ranked, meta = self._fetch(queries, searched.hits, exclude, searched.outside, images, k)
-        searched.seconds["fetch"] = time.perf_counter() - t
+        ranked, meta = self._fetch(queries, searched, exclude, images, params, k)
+        searched.seconds["fetch"] = time.perf_counter() - t - searched.seconds.get("own_image", 0.0)
         n = len(queries)
         for stage, seconds in searched.seconds.items():
             SEARCH_STAGE_SECONDS.labels(stage).observe(seconds / n)
         return [self._page(searched, q, ranked[q], meta, params) for q in range(n)]
 
     def _search_index(
-        self,
-        index: CategoryIndex,
-        queries: np.ndarray,
-        params: SearchParams,
-        wanted: list[int] | None,
-        k: int,
-        images: list[own_image.QueryImage] | None,
+        self, index: CategoryIndex, queries: np.ndarray, params: SearchParams, wanted: list[int] | None, k: int
     ) -> _Searched:
-        """Under the index's read lock: rank, choose, search, and the own-image probe."""
+        """Under the index's read lock: rank (stage 1), choose the categories, search them (stage 2)."""
         t0 = time.perf_counter()
         ranking = self.stage1.rank(index, queries)
         t1 = time.perf_counter()
         chosen = search_filters.stage_two_categories(ranking.positions, index.list_of, wanted, params)
         found = self.stage2.search(index, queries, k, chosen, params.nprobe, self.settings.rerank_candidates)
-        t2 = time.perf_counter()
-        outside = self._own_image_probe(index, queries, ranking, chosen, images, params)
-        seconds = {"prototypes": t1 - t0, "search": t2 - t1, "own_image": time.perf_counter() - t2}
-        return _Searched(ranking, chosen, found.hits, outside, index.ntotal, index.category_ids, seconds, found.left_out)
-
-    def _own_image_probe(
-        self,
-        index: CategoryIndex,
-        queries: np.ndarray,
-        ranking: Ranking,
-        chosen: np.ndarray | None,
-        images: list[own_image.QueryImage] | None,
-        params: SearchParams,
-    ) -> list[list[tuple[int, float]]]:
-        """A stored image's nearest candidates in categories stage 2 did not search (none when it searched all)."""
-        if chosen is None or images is None:
-            return [[] for _ in queries]
-        probe = own_image.probe_categories(self.stage1, index, queries, ranking, params.top_categories)
-        return own_image.nearest_outside(index, queries, probe, params.nprobe)
+        seconds = {"prototypes": t1 - t0, "search": time.perf_counter() - t1}
+        return _Searched(ranking, chosen, found.hits, index.ntotal, index.category_ids, seconds, found.left_out)
 
     def _fetch(
         self,
         queries: np.ndarray,
-        hits: SearchHits,
+        searched: _Searched,
         exclude: int | None,
-        outside: list[list[tuple[int, float]]],
         images: list[own_image.QueryImage] | None,
+        params: SearchParams,
         k: int,
     ) -> tuple[list[list[tuple[int, float]]], dict]:
         """Per query the ranked (id, score) pairs with a stored image first, and the rows' category and label."""
         # One connection, no transaction: each SELECT is consistent on its own, and the last one, the
         # database's word on which hits still exist, is what a result may show.
         with session_scope(self.engine, single_read=True) as session:
-            ranked = own_image.results(session, self.model, queries, hits, exclude, outside, images, k)
+            same: list[tuple[int, float] | None] = [None] * len(queries)
+            if images:
+                same = own_image.same_bytes(session, self.model, queries, images)
+            t = time.perf_counter()
+            outside = self._own_image_probe(queries, searched, images, params, same)
+            searched.seconds["own_image"] = time.perf_counter() - t
+            ranked = own_image.results(session, queries, searched.hits, exclude, outside, images, same, k)
             meta = catalogue.result_metadata(session, {i for hits_q in ranked for i, _ in hits_q})
         return ranked, meta
+
+    def _own_image_probe(
+        self,
+        queries: np.ndarray,
+        searched: _Searched,
+        images: list[own_image.QueryImage] | None,
+        params: SearchParams,
+        same: list[tuple[int, float] | None],
+    ) -> list[list[tuple[int, float]]]:
+        """A stored image's nearest candidates in categories stage 2 did not search, for the queries whose bytes
+        are not stored (none when stage 2 searched every category)."""
+        need = [copy is None for copy in same]
+        if searched.categories is None or images is None or not any(need):
+            return [[] for _ in queries]
+        with self.cache.reading() as index:
+            if index.category_ids != searched.category_ids:  # rebuilt meanwhile: stage 1's numbers mean others now
+                return [[] for _ in queries]
+            positions = searched.ranking.positions
+            return own_image.probe_outside(self.stage1, index, queries, positions, params.top_categories, params.nprobe, need)
 
     def _page(
         self, searched: _Searched, q: int, ranked: list[tuple[int, float]], meta: dict, params: SearchParams

@@ -95,6 +95,19 @@ def existing_by_sha(session: Session, shas: Iterable[str]) -> dict[str, int]:
     return dict(session.execute(select(Image.sha256, Image.id).where(Image.sha256.in_(shas))).all())
 
 
+def stored_copies(session: Session, shas: Iterable[str], model: str) -> dict[str, tuple[int, np.ndarray | None]]:
+    """sha256 -> (the stored image with those bytes, its `model` vector or None), in one statement."""
+    shas = list(set(shas))
+    if not shas:
+        return {}
+    on = (Embedding.image_id == Image.id) & (Embedding.model == model)
+    query = select(Image.sha256, Image.id, Embedding.vector).outerjoin(Embedding, on).where(Image.sha256.in_(shas))
+    return {
+        sha: (image_id, None if raw is None else np.frombuffer(raw, dtype=VECTOR_DTYPE))
+        for sha, image_id, raw in session.execute(query)
+    }
+
+
 def add_images(session: Session, model: str, items: Sequence[NewImage], vectors: np.ndarray) -> list[int]:
     """Insert images with their embeddings and fold given labels into the prototype sums."""
     rows = [
