@@ -64,6 +64,7 @@ class Stage1Status(BaseModel):
     labels: int | None
     heldout: dict[str, dict[str, float]]
     train_seconds: dict[str, float]
+    training: bool = False  # a retrain is running in the background now (prototypes or the old ranker rank meanwhile)
 
 
 class Stage1:
@@ -208,6 +209,7 @@ class Stage1:
             labels=trained.labels if trained else None,
             heldout=trained.heldout if trained else {},
             train_seconds=trained.train_seconds if trained else {},
+            training=self._training.locked(),
         )
 
 

@@ -173,15 +173,27 @@ def timed_searches(http: httpx.Client, queries: list[bytes]) -> dict:
     }
 
 
+def stage1_settled(http: httpx.Client, limit_s: float = 600) -> float:
+    """Seconds until no stage-1 retrain runs in the background. The uploads above can start one (at 2,000
+    images, 90 labels are enough); it shares the CPUs with the queries (on 2 cores even in the idle class:
+    query embedding measured 11 ms against 8 ms), so searches are timed after it, at every size alike."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < limit_s and http.get("/status").json()["stage1"].get("training"):
+        time.sleep(0.5)
+    return round(time.perf_counter() - start, 1)
+
+
 def search_and_upload(http: httpx.Client, settings: Settings, uploads: Uploads, repeats: int) -> dict:
     """Search p50 with NOVEL_QUERIES images never stored nor searched before (each once), and with 20 stored
     ones (uploaded above; twice each: their bytes find the stored copy); upload latency."""
     stored = [s.load() for s in cifar_samples(settings, 20, "test").samples]
     http.post("/search", files={"file": ("q.png", stored[0])})  # the route's first call (not a query's cache)
+    settled_s = stage1_settled(http)
     novel = timed_searches(http, novel_queries(settings, NOVEL_QUERIES))
     again = timed_searches(http, stored * 2)
     upload = [timed(lambda: uploads.one(http)) for _ in range(repeats)]
     return {
+        "waited_for_stage1_training_s": settled_s,
         "search": novel,
         "search_stored": again,
         "upload": summary([s for s, _ in upload], [c for _, c in upload]),
