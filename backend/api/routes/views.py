@@ -2,7 +2,7 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Response
 
 from backend.api.deps import CatalogueDep, SearchDep, SettingsDep
 from backend.api.errors import error_responses
@@ -25,9 +25,9 @@ def gallery(
 
 
 @router.get("/map", response_model=MapOut, dependencies=[guard(Access.SEARCH)], responses=error_responses())
-def catalogue_map(catalogue: CatalogueDep) -> MapOut:
+def catalogue_map(catalogue: CatalogueDep) -> Response:
     """The catalogue projected to 2-D (PCA of the embeddings), computed once per catalogue state."""
-    return catalogue.catalogue_map()
+    return Response(catalogue.catalogue_map_json(), media_type="application/json")
 
 
 @router.post(
