@@ -21,7 +21,8 @@ EMBED_SECONDS = Histogram(
 EMBED_IMAGES = Counter("imsrc_embedded_images_total", "Images embedded for searches and uploads")
 SEARCH_STAGE_SECONDS = Histogram(
     "imsrc_search_stage_seconds",
-    "Time per search stage and query: prototypes (stage 1), search (stage 2, FAISS), fetch (result metadata)",
+    "Time per search stage and query: prototypes (stage 1), search (stage 2, FAISS), own_image (the probe for a"
+    " stored image's near copy, when it runs), fetch (result metadata)",
     ["stage"],
     buckets=_FAST,
 )

@@ -48,3 +48,9 @@ def freeze_startup_objects() -> None:
     vectors), and every later one as long again."""
     gc.collect()
     gc.freeze()
+
+
+def unfreeze_startup_objects() -> None:
+    """Undo `freeze_startup_objects` as the server stops: frozen objects are never collected, so an app
+    started and stopped in one process (tests start many) would otherwise leave its garbage for good."""
+    gc.unfreeze()

@@ -27,7 +27,8 @@ PROBE_SUB_CENTROIDS = 8  # nearest sub-centroids whose categories are probed bes
 PROBE_BY_RANK = 1  # ... with the next category by stage 1
 CANDIDATES = 5  # hits inside and outside the searched categories checked as near copies
 # Sub-lists the probe scans (at most; fewer when the request's nprobe is lower): a near copy lies in the lists
-# nearest the query. At 1M vectors the probe took 0.50 ms with 32 lists, 0.23 ms with 8 (one query, warm);
+# nearest the query. At 1M vectors its search took 0.50 ms with 32 lists, 0.23 ms with 8 (one query, warm;
+# choosing the categories, 0.22 ms more);
 # 120 CIFAR-10 images stored there, searched by re-encoded and 40-pixel JPEG copies with top_categories=1,
 # came first 120/120 with 32 and with 8 lists, 119 and 116/120 with 4.
 PROBE_LISTS = 8

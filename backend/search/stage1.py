@@ -64,7 +64,7 @@ class Stage1Status(BaseModel):
     labels: int | None
     heldout: dict[str, dict[str, float]]
     train_seconds: dict[str, float]
-    training: bool = False  # a retrain is running in the background now (prototypes or the old ranker rank meanwhile)
+    training: bool = False  # a retrain is running now (prototypes or the old ranker rank meanwhile)
 
 
 class Stage1:
@@ -125,10 +125,14 @@ class Stage1:
         with self._training:
             assert self.engine is not None
             env = {**os.environ, TRAIN_DATABASE_ENV: self.engine.url.render_as_string(hide_password=False)}
-            done = subprocess.run(
-                [sys.executable, "-m", "backend.search.stage1_train", self.model, str(self.dim)],
-                cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, check=False, timeout=TRAIN_TIMEOUT_S,
-            )  # fmt: skip
+            try:
+                done = subprocess.run(
+                    [sys.executable, "-m", "backend.search.stage1_train", self.model, str(self.dim)],
+                    cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, check=False, timeout=TRAIN_TIMEOUT_S,
+                )  # fmt: skip
+            except subprocess.TimeoutExpired:  # the idle class may starve it on a server busy for an hour
+                log.error("stage 1 training (child process) stopped after %d s, unfinished", TRAIN_TIMEOUT_S)
+                return self.reason
             if done.returncode != 0:
                 log.error("stage 1 training (child process) failed: %s", done.stderr[-2000:])
                 return self.reason

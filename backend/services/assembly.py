@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from sqlalchemy import Engine
 
 from backend.core.config import Settings
-from backend.core.memory import freeze_startup_objects
+from backend.core.memory import freeze_startup_objects, unfreeze_startup_objects
 from backend.index.stage1_models import one_blas_thread
 from backend.jobs import WorkerThread
 from backend.services.catalogue import Catalogue
@@ -59,6 +59,7 @@ class Services:
         freeze_startup_objects()  # before the first request, not during it
 
     def stop(self) -> None:
+        unfreeze_startup_objects()  # what start-up froze may be collected again (a test's app, a stopped server)
         if self.worker is not None:
             self.worker.stop()
         self.jobs.close()

@@ -241,7 +241,7 @@ class Catalogue:
             ]
             cached = self._map_json = (made, named, _MAP_POINTS.dump_json(points))
         rest = MapOut(points=[], explained=made.explained, as_of_seq=made.as_of_seq, age_seconds=kept.age_seconds)
-        return rest.model_dump_json().encode().replace(b'"points":[]', b'"points":' + cached[2], 1)
+        return b'{"points":' + cached[2] + b"," + rest.model_dump_json(exclude={"points"}).encode()[1:]
 
     def place(self, image: PILImage.Image) -> Position:
         """Where a query image falls on the map."""

@@ -55,9 +55,10 @@ class _Searched:
     ranking: Ranking
     categories: np.ndarray | None  # per query, the category numbers stage 2 searched; None: all
     hits: SearchHits
+    outside: list[list[tuple[int, float]]]  # per query, own-image candidates outside those categories
     total: int
     category_ids: list[int]
-    seconds: dict[str, float]  # "prototypes" (stage 1), "search" (stage 2), "own_image" (its probe)
+    seconds: dict[str, float]  # "prototypes" (stage 1), "search" (stage 2), "own_image" (its probe, when it ran)
     left_out: list[list[int]]  # per query, categories of shard groups that missed the deadline
 
 
@@ -122,27 +123,51 @@ class SearchService:
         """`images`: the query images, so that a stored image finds itself first (backend/search/own_image.py)."""
         k = search_filters.depth(params, 1 if exclude is not None else 0)
         wanted = search_filters.category_filter(self.engine, params.categories)
+        same = self._stored_copies(queries, images)  # before the lock: no connection is held waiting for it
         with self.cache.reading() as index:
-            searched = self._search_index(index, queries, params, wanted, k)
+            searched = self._search_index(index, queries, params, wanted, k, images, same)
         t = time.perf_counter()
-        ranked, meta = self._fetch(queries, searched, exclude, images, params, k)
-        searched.seconds["fetch"] = time.perf_counter() - t - searched.seconds.get("own_image", 0.0)
+        ranked, meta = self._fetch(queries, searched, exclude, images, same, k)
+        searched.seconds["fetch"] = time.perf_counter() - t
         n = len(queries)
         for stage, seconds in searched.seconds.items():
             SEARCH_STAGE_SECONDS.labels(stage).observe(seconds / n)
-        return [self._page(searched, q, ranked[q], meta, params) for q in range(n)]
+        allowed = None if wanted is None else set(wanted)  # an own image outside a category filter is not shown
+        return [self._page(searched, q, ranked[q], meta, params, allowed) for q in range(n)]
+
+    def _stored_copies(self, queries: np.ndarray, images: list[own_image.QueryImage] | None) -> list[tuple[int, float] | None]:
+        """Per query, the stored image with its very bytes and its score (`own_image.same_bytes`)."""
+        if not images or not any(im.sha256 for im in images):
+            return [None] * len(queries)
+        with session_scope(self.engine, single_read=True) as session:
+            return own_image.same_bytes(session, self.model, queries, images)
 
     def _search_index(
-        self, index: CategoryIndex, queries: np.ndarray, params: SearchParams, wanted: list[int] | None, k: int
+        self,
+        index: CategoryIndex,
+        queries: np.ndarray,
+        params: SearchParams,
+        wanted: list[int] | None,
+        k: int,
+        images: list[own_image.QueryImage] | None,
+        same: list[tuple[int, float] | None],
     ) -> _Searched:
-        """Under the index's read lock: rank (stage 1), choose the categories, search them (stage 2)."""
+        """Under the index's read lock: rank (stage 1), choose the categories, search them (stage 2), and the
+        own-image probe for the queries whose bytes are not stored."""
         t0 = time.perf_counter()
         ranking = self.stage1.rank(index, queries)
         t1 = time.perf_counter()
         chosen = search_filters.stage_two_categories(ranking.positions, index.list_of, wanted, params)
         found = self.stage2.search(index, queries, k, chosen, params.nprobe, self.settings.rerank_candidates)
-        seconds = {"prototypes": t1 - t0, "search": time.perf_counter() - t1}
-        return _Searched(ranking, chosen, found.hits, index.ntotal, index.category_ids, seconds, found.left_out)
+        t2 = time.perf_counter()
+        seconds = {"prototypes": t1 - t0, "search": t2 - t1}
+        outside: list[list[tuple[int, float]]] = [[] for _ in queries]
+        need = [copy is None for copy in same]
+        if chosen is not None and images is not None and any(need):  # stage 2 left categories out
+            top, positions = params.top_categories, ranking.positions
+            outside = own_image.probe_outside(self.stage1, index, queries, positions, top, params.nprobe, need)
+            seconds["own_image"] = time.perf_counter() - t2
+        return _Searched(ranking, chosen, found.hits, outside, index.ntotal, index.category_ids, seconds, found.left_out)
 
     def _fetch(
         self,
@@ -150,51 +175,35 @@ class SearchService:
         searched: _Searched,
         exclude: int | None,
         images: list[own_image.QueryImage] | None,
-        params: SearchParams,
+        same: list[tuple[int, float] | None],
         k: int,
     ) -> tuple[list[list[tuple[int, float]]], dict]:
         """Per query the ranked (id, score) pairs with a stored image first, and the rows' category and label."""
         # One connection, no transaction: each SELECT is consistent on its own, and the last one, the
         # database's word on which hits still exist, is what a result may show.
         with session_scope(self.engine, single_read=True) as session:
-            same: list[tuple[int, float] | None] = [None] * len(queries)
-            if images:
-                same = own_image.same_bytes(session, self.model, queries, images)
-            t = time.perf_counter()
-            outside = self._own_image_probe(queries, searched, images, params, same)
-            searched.seconds["own_image"] = time.perf_counter() - t
-            ranked = own_image.results(session, queries, searched.hits, exclude, outside, images, same, k)
+            ranked = own_image.results(session, queries, searched.hits, exclude, searched.outside, images, same, k)
             meta = catalogue.result_metadata(session, {i for hits_q in ranked for i, _ in hits_q})
         return ranked, meta
 
-    def _own_image_probe(
-        self,
-        queries: np.ndarray,
-        searched: _Searched,
-        images: list[own_image.QueryImage] | None,
-        params: SearchParams,
-        same: list[tuple[int, float] | None],
-    ) -> list[list[tuple[int, float]]]:
-        """A stored image's nearest candidates in categories stage 2 did not search, for the queries whose bytes
-        are not stored (none when stage 2 searched every category)."""
-        need = [copy is None for copy in same]
-        if searched.categories is None or images is None or not any(need):
-            return [[] for _ in queries]
-        with self.cache.reading() as index:
-            if index.category_ids != searched.category_ids:  # rebuilt meanwhile: stage 1's numbers mean others now
-                return [[] for _ in queries]
-            positions = searched.ranking.positions
-            return own_image.probe_outside(self.stage1, index, queries, positions, params.top_categories, params.nprobe, need)
-
     def _page(
-        self, searched: _Searched, q: int, ranked: list[tuple[int, float]], meta: dict, params: SearchParams
+        self,
+        searched: _Searched,
+        q: int,
+        ranked: list[tuple[int, float]],
+        meta: dict,
+        params: SearchParams,
+        allowed: set[int] | None,
     ) -> SearchResult:
-        """Query q's page of hits that still exist, its ranked categories and its share of the timings."""
+        """Query q's page of hits that still exist (in the `allowed` categories, when a filter names them), its
+        ranked categories and its share of the timings."""
         ids = np.asarray([i for i, _ in ranked], dtype=np.int64)
         scores = np.asarray([sc for _, sc in ranked], dtype=np.float32)
         results = [
             Hit(image_id, self._name(meta[image_id][0]), meta[image_id][1], score, rank)
-            for rank, image_id, score in search_filters.page(scores, ids, lambda i: i in meta, params)
+            for rank, image_id, score in search_filters.page(
+                scores, ids, lambda i: i in meta and (allowed is None or meta[i][0] in allowed), params
+            )
         ]
         cats = searched.categories
         chosen = set(cats[q].tolist()) if cats is not None else set(range(len(searched.category_ids)))

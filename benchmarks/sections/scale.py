@@ -178,13 +178,17 @@ def timed_searches(http: httpx.Client, queries: list[bytes]) -> dict:
     }
 
 
-def stage1_settled(http: httpx.Client, limit_s: float = 600) -> float:
+def stage1_settled(http: httpx.Client, tick_s: float, limit_s: float = 600) -> float:
     """Seconds until no stage-1 retrain runs in the background. The uploads above can start one (at 2,000
     images, 90 labels are enough); it shares the CPUs with the queries (on 2 cores even in the idle class:
-    query embedding measured 11 ms against 8 ms), so searches are timed after it, at every size alike."""
+    query embedding measured 11 ms against 8 ms), so searches are timed after it, at every size alike. A
+    retrain starts on the server's tick, so "none" must hold on two answers a tick apart (one after the last
+    write's tick, one after a retrain that the end of another could start)."""
     start = time.perf_counter()
-    while time.perf_counter() - start < limit_s and http.get("/status").json()["stage1"].get("training"):
-        time.sleep(0.5)
+    quiet = 0
+    while time.perf_counter() - start < limit_s and quiet < 2:
+        time.sleep(tick_s + 0.5)
+        quiet = 0 if http.get("/status").json()["stage1"].get("training") else quiet + 1
     return round(time.perf_counter() - start, 1)
 
 
@@ -193,7 +197,7 @@ def search_and_upload(http: httpx.Client, settings: Settings, uploads: Uploads, 
     ones (uploaded above; twice each: their bytes find the stored copy); upload latency."""
     stored = [s.load() for s in cifar_samples(settings, 20, "test").samples]
     http.post("/search", files={"file": ("q.png", stored[0])})  # the route's first call (not a query's cache)
-    settled_s = stage1_settled(http)
+    settled_s = stage1_settled(http, settings.index_refresh_seconds)
     novel = timed_searches(http, novel_queries(settings, NOVEL_QUERIES))
     again = timed_searches(http, stored * 2)
     upload = [timed(lambda: uploads.one(http)) for _ in range(repeats)]
