@@ -84,3 +84,18 @@ def test_other_queries_stay_in_the_searched_categories(service: SearchService, c
     params = SearchParams(limit=10, top_categories=1, use_prototypes=True)
     for result in service.search([i.rgb for i in images], params, [i.sha256 for i in images]):
         assert {h.category for h in result.results} == set(result.searched_categories)
+
+
+def test_a_category_filter_keeps_the_own_image_out_when_it_names_other_categories(service: SearchService, misranked) -> None:
+    """Searched by its own bytes with `categories` naming others only, a stored image is not shown: every
+    result lies in the named categories."""
+    (image_id, data, category), *_ = misranked
+    others = sorted({c for _, _, c in misranked if c != category})[:2]
+    image = decode_image(data, 10**7)
+    params = SearchParams(limit=10, top_categories=1, use_prototypes=True, categories=others)
+    (result,) = service.search([image.rgb], params, [image.sha256])
+    assert image_id not in {h.image_id for h in result.results}
+    assert result.results and {h.category for h in result.results} <= set(others)
+    named = SearchParams(limit=10, top_categories=1, use_prototypes=True, categories=[category, *others])
+    (result,) = service.search([image.rgb], named, [image.sha256])
+    assert result.results[0].image_id == image_id  # its own category named: first again
