@@ -28,9 +28,8 @@ PROBE_BY_RANK = 1  # ... with the next category by stage 1
 CANDIDATES = 5  # hits inside and outside the searched categories checked as near copies
 # Sub-lists the probe scans (at most; fewer when the request's nprobe is lower): a near copy lies in the lists
 # nearest the query. At 1M vectors its search took 0.50 ms with 32 lists, 0.23 ms with 8 (one query, warm;
-# choosing the categories, 0.22 ms more);
-# 120 CIFAR-10 images stored there, searched by re-encoded and 40-pixel JPEG copies with top_categories=1,
-# came first 120/120 with 32 and with 8 lists, 119 and 116/120 with 4.
+# choosing the categories takes 0.22 ms more). 120 CIFAR-10 images stored there, searched by re-encoded and
+# 40-pixel JPEG copies with top_categories=1, came first 120/120 with 32 and with 8 lists, 119 and 116 with 4.
 PROBE_LISTS = 8
 NEAR_COPY_MIN_COSINE = 0.6  # below this a hit is not checked (re-encoded 32-pixel images measured >= 0.6)
 NEAR_COPY_MAX_DIFF = 0.015  # mean absolute difference of 16x16 grey thumbnails (pixels in 0..1)
@@ -143,9 +142,8 @@ def find_own(
     """For each query, the stored image it is a copy of, with its cosine score: the same bytes (`same`), else
     the best-scoring candidate whose thumbnail matches (None when there is neither). Only the candidates of
     queries without a stored copy of their bytes are read and compared."""
-    check = {
-        i for cands, s in zip(candidates, same, strict=True) if s is None for i, score in cands if score >= NEAR_COPY_MIN_COSINE
-    }
+    unmatched = [cands for cands, copy in zip(candidates, same, strict=True) if copy is None]
+    check = {i for cands in unmatched for i, score in cands if score >= NEAR_COPY_MIN_COSINE}
     stored_thumbnails = {i: _stored_thumbnail(raw) for i, raw in catalogue.image_data(session, check).items()}
     out: list[tuple[int, float] | None] = []
     for image, cands, copy in zip(images, candidates, same, strict=True):
